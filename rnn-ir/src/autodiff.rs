@@ -1,0 +1,328 @@
+//! Reverse-mode automatic differentiation: a forward step graph in, its backward step graph out.
+//!
+//! The backward graph takes
+//! - `Cotangent(role)` for every output of the forward graph (the gradient flowing into the new
+//!   state from the next step, or into `y_t` from the loss),
+//! - `Saved(v)` for every forward value `v` a local derivative needs (the program keeps these
+//!   from the forward pass; parameters and constants are referred to directly),
+//!
+//! and returns `ParamGrad(p)` for every parameter (this step's contribution; the program sums
+//! them over time), `InputGrad` and `StateGrad(k)` (the gradient carried to the previous step).
+//! BPTT is this graph run backwards in time with the `StateGrad` outputs fed to the next call's
+//! `Cotangent(State)` inputs.
+//!
+//! The walk is micrograd's: visit the forward values in reverse topological order (the reverse of
+//! the arena), and for each value with a gradient add each argument's local contribution into that
+//! argument's gradient. Values that do not depend on any input (constants) get no gradient.
+
+use crate::error::IrError;
+use crate::ir::{Graph, Op, OutRole, Role, Shape, Value};
+use std::collections::HashMap;
+
+struct Builder<'f> {
+    f: &'f Graph,
+    b: Graph,
+    saved: HashMap<Value, Value>,
+    adj: Vec<Option<Value>>,
+    /// Gradients of slices of a value, `(start, len, gradient)`, assembled when it is visited.
+    slices: Vec<Vec<(usize, usize, Value)>>,
+}
+
+impl Builder<'_> {
+    /// The backward graph's handle on forward value `v`.
+    fn saved(&mut self, v: Value) -> Value {
+        if let Some(&s) = self.saved.get(&v) {
+            return s;
+        }
+        let d = self.f.data(v);
+        let s = match d.op {
+            Op::Input(Role::Param(p)) => {
+                self.b.input_value(Role::Param(p), d.shape, d.name.clone())
+            }
+            Op::Const(bits) => self.b.constant(f32::from_bits(bits), d.shape),
+            _ => self.b.input_value(Role::Saved(v), d.shape, d.name.clone()),
+        };
+        self.saved.insert(v, s);
+        s
+    }
+
+    fn push(&mut self, op: Op, args: &[Value]) -> Result<Value, IrError> {
+        self.b.push(op, args)
+    }
+
+    fn one(&mut self) -> Value {
+        self.b.constant(1.0, Shape::Scalar)
+    }
+
+    /// Adds gradient `g` into the gradient of forward value `v`, summing over rows first where
+    /// `v` was broadcast (a bias used on every row).
+    fn accumulate(&mut self, v: Value, g: Value) -> Result<(), IrError> {
+        let target = self.f.shape(v);
+        let g = match (self.b.shape(g), target) {
+            (s, t) if s == t => g,
+            (Shape::Batch(n), Shape::Vector(m)) if n == m => self.push(Op::SumRows, &[g])?,
+            (s, t) => {
+                return Err(IrError::new(
+                    Some(v),
+                    self.f.data(v).op,
+                    format!(
+                        "autodiff: gradient of shape {s} cannot flow into a value of shape {t}"
+                    ),
+                ));
+            }
+        };
+        self.adj[v.index()] = Some(match self.adj[v.index()] {
+            None => g,
+            Some(prev) => self.push(Op::Add, &[prev, g])?,
+        });
+        Ok(())
+    }
+
+    fn zeros(&mut self, shape: Shape) -> Value {
+        self.b.constant(0.0, shape)
+    }
+
+    /// Turns the gradients of the slices of `v` into gradients of `v`: slices that do not
+    /// overlap are joined, gaps filled with zeros, into one concat (the four gates of an LSTM
+    /// give `concat(di, df, dg, do)`); overlapping ones make further concats that are added.
+    fn assemble_slices(&mut self, v: Value) -> Result<(), IrError> {
+        let mut pieces = std::mem::take(&mut self.slices[v.index()]);
+        pieces.sort_by_key(|&(start, _, _)| start);
+        let shape = self.f.shape(v);
+        while !pieces.is_empty() {
+            let (mut parts, mut rest, mut end) = (Vec::new(), Vec::new(), 0);
+            for (start, len, g) in pieces {
+                if start < end {
+                    rest.push((start, len, g));
+                    continue;
+                }
+                if start > end {
+                    parts.push(self.zeros(shape.with_features(start - end)));
+                }
+                parts.push(g);
+                end = start + len;
+            }
+            if end < shape.features() {
+                parts.push(self.zeros(shape.with_features(shape.features() - end)));
+            }
+            let g = if parts.len() == 1 {
+                parts[0]
+            } else {
+                self.push(Op::Concat, &parts)?
+            };
+            self.accumulate(v, g)?;
+            pieces = rest;
+        }
+        Ok(())
+    }
+}
+
+/// The backward step graph of forward step graph `f` (see the module doc for its interface).
+pub fn backward(f: &Graph) -> Result<Graph, IrError> {
+    // needs[v]: whether v depends on an input, i.e. whether a gradient with respect to it means
+    // anything.
+    let mut needs = vec![false; f.len()];
+    for v in f.iter() {
+        let d = f.data(v);
+        needs[v.index()] = match d.op {
+            Op::Input(_) => true,
+            Op::Const(_) => false,
+            _ => d.args.iter().any(|a| needs[a.index()]),
+        };
+    }
+    let mut b = Graph::new();
+    b.params = f.params.clone();
+    b.states = f.states.clone();
+    b.input_size = f.input_size;
+    let mut cx = Builder {
+        f,
+        b,
+        saved: HashMap::new(),
+        adj: vec![None; f.len()],
+        slices: vec![Vec::new(); f.len()],
+    };
+
+    let mut outputs = f.outputs.clone();
+    outputs.sort_by_key(|o| o.role);
+    for o in &outputs {
+        if needs[o.value.index()] {
+            let name = format!("d({})", f.out_role_name(o.role));
+            let c =
+                cx.b.input_value(Role::Cotangent(o.role), f.shape(o.value), Some(name));
+            cx.accumulate(o.value, c)?;
+        }
+    }
+
+    for v in f.iter().rev() {
+        cx.assemble_slices(v)?;
+        let Some(dv) = cx.adj[v.index()] else {
+            continue;
+        };
+        let d = f.data(v);
+        let args = d.args.clone();
+        let need = |i: usize| needs[args[i].index()];
+        match d.op {
+            Op::Input(_) | Op::Const(_) => {}
+            // y = x·wᵀ:  dw = dyᵀ·x,  dx = dy·w
+            Op::MatMul => {
+                if need(0) {
+                    let x = cx.saved(args[1]);
+                    let g = cx.push(Op::OuterSum, &[dv, x])?;
+                    cx.accumulate(args[0], g)?;
+                }
+                if need(1) {
+                    let w = cx.saved(args[0]);
+                    let g = cx.push(Op::MatMulT, &[w, dv])?;
+                    cx.accumulate(args[1], g)?;
+                }
+            }
+            // y = d·w:  dd = dy·wᵀ,  dw = dᵀ·dy
+            Op::MatMulT => {
+                if need(0) {
+                    let dd = cx.saved(args[1]);
+                    let g = cx.push(Op::OuterSum, &[dd, dv])?;
+                    cx.accumulate(args[0], g)?;
+                }
+                if need(1) {
+                    let w = cx.saved(args[0]);
+                    let g = cx.push(Op::MatMul, &[w, dv])?;
+                    cx.accumulate(args[1], g)?;
+                }
+            }
+            // W = dᵀ·x:  dd = x·dWᵀ,  dx = d·dW
+            Op::OuterSum => {
+                if need(0) {
+                    let x = cx.saved(args[1]);
+                    let g = cx.push(Op::MatMul, &[dv, x])?;
+                    cx.accumulate(args[0], g)?;
+                }
+                if need(1) {
+                    let dd = cx.saved(args[0]);
+                    let g = cx.push(Op::MatMulT, &[dv, dd])?;
+                    cx.accumulate(args[1], g)?;
+                }
+            }
+            // y = Σ_rows d:  dd = dy on every row
+            Op::SumRows => {
+                let g = cx.push(Op::Broadcast, &[dv])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = v on every row:  dv = Σ_rows dy
+            Op::Broadcast => {
+                let g = cx.push(Op::SumRows, &[dv])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = a + b:  da = dy,  db = dy
+            Op::Add => {
+                for i in 0..2 {
+                    if need(i) {
+                        cx.accumulate(args[i], dv)?;
+                    }
+                }
+            }
+            // y = a - b:  da = dy,  db = -dy
+            Op::Sub => {
+                if need(0) {
+                    cx.accumulate(args[0], dv)?;
+                }
+                if need(1) {
+                    let g = cx.push(Op::Neg, &[dv])?;
+                    cx.accumulate(args[1], g)?;
+                }
+            }
+            // y = a * b:  da = dy * b,  db = dy * a
+            Op::Mul => {
+                for i in 0..2 {
+                    if need(i) {
+                        let other = cx.saved(args[1 - i]);
+                        let g = cx.push(Op::Mul, &[dv, other])?;
+                        cx.accumulate(args[i], g)?;
+                    }
+                }
+            }
+            // y = -a:  da = -dy
+            Op::Neg => {
+                let g = cx.push(Op::Neg, &[dv])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = σ(a):  da = dy * y * (1 - y)
+            Op::Sigmoid => {
+                let y = cx.saved(v);
+                let one = cx.one();
+                let one_minus = cx.push(Op::Sub, &[one, y])?;
+                let local = cx.push(Op::Mul, &[y, one_minus])?;
+                let g = cx.push(Op::Mul, &[dv, local])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = tanh(a):  da = dy * (1 - y²)
+            Op::Tanh => {
+                let y = cx.saved(v);
+                let one = cx.one();
+                let y2 = cx.push(Op::Mul, &[y, y])?;
+                let local = cx.push(Op::Sub, &[one, y2])?;
+                let g = cx.push(Op::Mul, &[dv, local])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = max(a, 0):  da = dy * [a > 0]
+            Op::Relu => {
+                let a = cx.saved(args[0]);
+                let step = cx.push(Op::Step, &[a])?;
+                let g = cx.push(Op::Mul, &[dv, step])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = [a > 0] is piecewise constant: its derivative is zero wherever it exists.
+            Op::Step => {}
+            // y = a[s..s+n]:  da = [0 .. 0, dy, 0 .. 0], assembled with the other slices of `a`
+            Op::Slice { start, len } => {
+                cx.slices[args[0].index()].push((start as usize, len as usize, dv));
+            }
+            // y = [a₁, a₂, ...]:  daᵢ = dy[offsetᵢ .. offsetᵢ + nᵢ]
+            Op::Concat => {
+                let mut offset = 0;
+                for (i, &a) in args.iter().enumerate() {
+                    let n = f.shape(a).features();
+                    if need(i) {
+                        let g = if n == f.shape(v).features() {
+                            dv
+                        } else {
+                            cx.b.slice(dv, offset, n)?
+                        };
+                        cx.accumulate(a, g)?;
+                    }
+                    offset += n;
+                }
+            }
+        }
+    }
+
+    // Every parameter, the input and every state gets a gradient output, zero where nothing flows.
+    let find = |role: Role| f.input(role).and_then(|v| cx.adj[v.index()]);
+    let mut results = Vec::new();
+    for (p, info) in f.params.iter().enumerate() {
+        results.push((
+            OutRole::ParamGrad(p as u32),
+            find(Role::Param(p as u32)),
+            info.shape,
+        ));
+    }
+    results.push((
+        OutRole::InputGrad,
+        find(Role::Input),
+        Shape::Batch(f.input_size),
+    ));
+    for (k, (_, n)) in f.states.iter().enumerate() {
+        results.push((
+            OutRole::StateGrad(k as u32),
+            find(Role::State(k as u32)),
+            Shape::Batch(*n),
+        ));
+    }
+    for (role, g, shape) in results {
+        let g = match g {
+            Some(g) => g,
+            None => cx.zeros(shape),
+        };
+        cx.b.set_output(role, g);
+    }
+    Ok(cx.b)
+}

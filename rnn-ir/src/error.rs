@@ -1,0 +1,222 @@
+//! Errors: one enum for everything a user can get wrong, grouped by kind. Each message names the
+//! thing at fault (tensor, argument, value) and the expected and found values.
+
+use crate::ir::{Op, Value};
+use std::fmt;
+
+/// An ill-formed IR graph: the value and op at fault and what is wrong.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IrError {
+    /// The offending value, when there is one.
+    pub value: Option<Value>,
+    /// The op being built or checked.
+    pub op: Op,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl IrError {
+    /// An error about `op` (defining `value`, if known).
+    pub fn new(value: Option<Value>, op: Op, message: impl Into<String>) -> Self {
+        IrError {
+            value,
+            op,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for IrError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.value {
+            Some(v) => write!(f, "{v} = {}: {}", self.op.mnemonic(), self.message),
+            None => write!(f, "{}: {}", self.op.mnemonic(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for IrError {}
+
+/// One parse error, with the place in the source it points at.
+#[derive(Clone, Debug)]
+pub struct Diagnostic {
+    /// A sentence saying what was expected.
+    pub message: String,
+    /// 1-based line of the offending token (0 when unknown).
+    pub line: usize,
+    /// 1-based column of the offending token (0 when unknown).
+    pub column: usize,
+    /// The span, for macros to point `compile_error!` at the user's token.
+    pub span: proc_macro2::Span,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "{}:{}: {}", self.line, self.column, self.message)
+        } else {
+            write!(f, "{}", self.message)
+        }
+    }
+}
+
+/// Everything that can go wrong in `rnn-ir`.
+#[derive(Debug)]
+pub enum Error {
+    // --- declarations ---
+    /// The declaration does not parse; every mistake found is listed.
+    Parse(Vec<Diagnostic>),
+    /// The declaration parses but describes no valid model (a size of zero, an unknown option).
+    Spec(String),
+    /// A graph failed verification; this is a bug in a pass or in the lowering.
+    Ir(IrError),
+
+    // --- weight files ---
+    /// A weight file is not a readable safetensors file (truncated, corrupted header).
+    WeightFile(String),
+    /// A tensor the model needs is not in the weights.
+    MissingTensor {
+        /// The PyTorch name.
+        name: String,
+        /// The shape it must have.
+        expected: Vec<usize>,
+    },
+    /// The weights hold a tensor the model has no use for (a misspelt name, another model's file).
+    UnexpectedTensor {
+        /// The name found.
+        name: String,
+    },
+    /// A tensor has the wrong shape.
+    TensorShape {
+        /// The tensor or argument.
+        name: String,
+        /// The shape required.
+        expected: Vec<usize>,
+        /// The shape found.
+        found: Vec<usize>,
+    },
+    /// A tensor has the wrong element type.
+    TensorDtype {
+        /// The tensor or argument.
+        name: String,
+        /// The element type required.
+        expected: String,
+        /// The element type found.
+        found: String,
+    },
+    /// The weights do not describe a model this cell can be (e.g. 3 gates asked of an LSTM).
+    WeightsMismatch(String),
+
+    // --- run-time arguments ---
+    /// An `.npy` file is malformed or of the wrong type.
+    Npy(String),
+    /// An input holds NaN or infinity.
+    NonFinite {
+        /// The argument.
+        name: String,
+        /// The flat index of the first bad element.
+        index: usize,
+        /// The bad element.
+        found: f32,
+    },
+    /// A sequence length is zero, negative or longer than the input.
+    Length {
+        /// The batch element.
+        index: usize,
+        /// The length given.
+        found: i64,
+        /// The largest length allowed (the input's time steps).
+        max: usize,
+    },
+    /// An argument is inconsistent with the model or with the other arguments.
+    Argument(String),
+    /// Reading or writing a file failed.
+    Io {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+fn dims(s: &[usize]) -> String {
+    let parts: Vec<String> = s.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Parse(diags) => {
+                let lines: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
+                write!(f, "{}", lines.join("; "))
+            }
+            Error::Spec(m) => write!(f, "invalid model: {m}"),
+            Error::Ir(e) => write!(f, "invalid IR (a compiler bug): {e}"),
+            Error::WeightFile(m) => write!(f, "not a valid safetensors file: {m}"),
+            Error::MissingTensor { name, expected } => {
+                write!(
+                    f,
+                    "missing tensor `{name}` (expected shape {})",
+                    dims(expected)
+                )
+            }
+            Error::UnexpectedTensor { name } => {
+                write!(
+                    f,
+                    "unexpected tensor `{name}`: the model has no parameter of that name"
+                )
+            }
+            Error::TensorShape {
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "`{name}` has shape {}, expected {}",
+                dims(found),
+                dims(expected)
+            ),
+            Error::TensorDtype {
+                name,
+                expected,
+                found,
+            } => {
+                write!(f, "`{name}` has dtype {found}, expected {expected}")
+            }
+            Error::WeightsMismatch(m) => write!(f, "weights do not fit the model: {m}"),
+            Error::Npy(m) => write!(f, "{m}"),
+            Error::NonFinite { name, index, found } => {
+                write!(
+                    f,
+                    "`{name}` holds {found} at flat index {index}; inputs must be finite"
+                )
+            }
+            Error::Length { index, found, max } => write!(
+                f,
+                "`lengths[{index}]` is {found}, expected a length in 1..={max} (the input's time steps)"
+            ),
+            Error::Argument(m) => write!(f, "{m}"),
+            Error::Io { path, source } => write!(f, "{path}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            Error::Ir(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<IrError> for Error {
+    fn from(e: IrError) -> Self {
+        Error::Ir(e)
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,569 @@
+//! The step IR: one time step of one recurrent cell as a graph of SSA values.
+//!
+//! A [`Graph`] is an arena of values. Each [`Value`] is a `u32` index into that arena (printed
+//! `v3`), defined exactly once by one [`Op`] applied to earlier values, so the arena order is a
+//! topological order and a graph cannot hold a cycle. Indices are cheap to copy, to compare and to
+//! use as keys in side tables (`Vec` indexed by value), which is how every pass and the
+//! interpreter keep per-value facts; nothing holds a reference into the graph.
+//!
+//! Every value has a static [`Shape`]. A recurrent step works on a batch of rows whose count is
+//! only known when the step runs, so batched values have the shape `Batch(n)`: `rows × n` at run
+//! time. Parameters and values computed from parameters alone are unbatched (`Vector`, `Matrix`).
+//!
+//! The roles of a graph's inputs and outputs ([`Role`], [`OutRole`]) say what they mean to the
+//! sequence-level [`Program`](crate::program::Program): a parameter, the step's input `x_t`, the
+//! previous recurrent state, or (in a backward graph) a saved forward value or the gradient flowing
+//! into a forward output.
+
+mod print;
+mod verify;
+
+pub use verify::verify;
+
+use crate::error::IrError;
+use std::fmt;
+
+/// An SSA value: an index into its graph's arena, printed `v{index}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Value(u32);
+
+impl Value {
+    /// The value with arena index `index`.
+    pub fn new(index: usize) -> Self {
+        Value(u32::try_from(index).expect("graph larger than u32::MAX values"))
+    }
+    /// The arena index of this value.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+/// The static shape of a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shape {
+    /// A single number, broadcast against any shape (only constants have it).
+    Scalar,
+    /// An unbatched vector of `n` elements (a bias, a peephole weight).
+    Vector(usize),
+    /// An unbatched `rows × cols` matrix (a weight), PyTorch layout `(out, in)`.
+    Matrix(usize, usize),
+    /// `n` features for each row of the batch: `rows × n` at run time.
+    Batch(usize),
+}
+
+impl Shape {
+    /// Whether the value has one row per batch element.
+    pub fn is_batched(self) -> bool {
+        matches!(self, Shape::Batch(_))
+    }
+    /// The length of the leading feature axis: `n` for vectors and batches, rows for matrices.
+    pub fn features(self) -> usize {
+        match self {
+            Shape::Scalar => 1,
+            Shape::Vector(n) | Shape::Batch(n) => n,
+            Shape::Matrix(r, _) => r,
+        }
+    }
+    /// The same kind of shape with the leading feature axis set to `n`.
+    pub fn with_features(self, n: usize) -> Shape {
+        match self {
+            Shape::Scalar => Shape::Scalar,
+            Shape::Vector(_) => Shape::Vector(n),
+            Shape::Batch(_) => Shape::Batch(n),
+            Shape::Matrix(_, c) => Shape::Matrix(n, c),
+        }
+    }
+    /// Elements per row (batched) or in total (unbatched).
+    pub fn row_len(self) -> usize {
+        match self {
+            Shape::Scalar => 1,
+            Shape::Vector(n) | Shape::Batch(n) => n,
+            Shape::Matrix(r, c) => r * c,
+        }
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Shape::Scalar => write!(f, "scalar"),
+            Shape::Vector(n) => write!(f, "[{n}]"),
+            Shape::Matrix(r, c) => write!(f, "[{r}, {c}]"),
+            Shape::Batch(n) => write!(f, "batch[{n}]"),
+        }
+    }
+}
+
+/// What an input value stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Parameter number `p` of the graph's parameter table.
+    Param(u32),
+    /// The step's input `x_t`.
+    Input,
+    /// Recurrent state number `k` as it was before this step.
+    State(u32),
+    /// (Backward graphs) the value `v` of the forward graph at this step.
+    Saved(Value),
+    /// (Backward graphs) the gradient flowing into the forward output with this role.
+    Cotangent(OutRole),
+}
+
+/// What an output value stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OutRole {
+    /// Recurrent state number `k` after this step.
+    State(u32),
+    /// The step's output `y_t`.
+    Output,
+    /// (Backward graphs) this step's contribution to the gradient of parameter `p`; summed over time.
+    ParamGrad(u32),
+    /// (Backward graphs) the gradient of the step's input `x_t`.
+    InputGrad,
+    /// (Backward graphs) the gradient of recurrent state `k` as it was before this step.
+    StateGrad(u32),
+}
+
+/// An operation. Element-wise binary ops broadcast `Scalar` against anything and `Vector(n)`
+/// against `Batch(n)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// A graph input.
+    Input(Role),
+    /// The constant `f32::from_bits(bits)`, filling the value's shape.
+    Const(u32),
+    /// `[w: Matrix(o, i), x: Batch(i)] -> Batch(o)`: `x · wᵀ`, PyTorch's `Linear`.
+    MatMul,
+    /// `[w: Matrix(o, i), d: Batch(o)] -> Batch(i)`: `d · w`.
+    MatMulT,
+    /// `[d: Batch(o), x: Batch(i)] -> Matrix(o, i)`: `dᵀ · x`, summed over the rows.
+    OuterSum,
+    /// `[d: Batch(n)] -> Vector(n)`: the sum over the rows.
+    SumRows,
+    /// `[v: Vector(n)] -> Batch(n)`: `v` repeated on every row.
+    Broadcast,
+    /// Element-wise `a + b`.
+    Add,
+    /// Element-wise `a - b`.
+    Sub,
+    /// Element-wise `a * b`.
+    Mul,
+    /// Element-wise `-a`.
+    Neg,
+    /// Element-wise `1 / (1 + exp(-a))`.
+    Sigmoid,
+    /// Element-wise `tanh(a)`.
+    Tanh,
+    /// Element-wise `max(a, 0)`.
+    Relu,
+    /// Element-wise `1` where `a > 0`, else `0`: the derivative of `relu`.
+    Step,
+    /// Features `start .. start + len` of the leading feature axis.
+    Slice {
+        /// First feature taken.
+        start: u32,
+        /// Number of features taken.
+        len: u32,
+    },
+    /// The arguments joined along the leading feature axis.
+    Concat,
+}
+
+impl Op {
+    /// The mnemonic used by the printer.
+    pub fn mnemonic(&self) -> &'static str {
+        match self {
+            Op::Input(_) => "input",
+            Op::Const(_) => "const",
+            Op::MatMul => "matmul",
+            Op::MatMulT => "matmul_t",
+            Op::OuterSum => "outer_sum",
+            Op::SumRows => "sum_rows",
+            Op::Broadcast => "broadcast",
+            Op::Add => "add",
+            Op::Sub => "sub",
+            Op::Mul => "mul",
+            Op::Neg => "neg",
+            Op::Sigmoid => "sigmoid",
+            Op::Tanh => "tanh",
+            Op::Relu => "relu",
+            Op::Step => "step",
+            Op::Slice { .. } => "slice",
+            Op::Concat => "concat",
+        }
+    }
+
+    /// Whether the op sums over the rows of a batch (and so mixes batch elements and time steps).
+    pub fn is_reduction(&self) -> bool {
+        matches!(self, Op::OuterSum | Op::SumRows)
+    }
+
+    /// Whether `op(a, b) == op(b, a)`.
+    pub fn is_commutative(&self) -> bool {
+        matches!(self, Op::Add | Op::Mul)
+    }
+
+    /// The shape of `self` applied to arguments of shapes `args`, or why it is ill-typed.
+    pub fn infer(&self, args: &[Shape]) -> Result<Shape, String> {
+        let arity = |n: usize| {
+            if args.len() == n {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{}` takes {n} argument(s), found {}",
+                    self.mnemonic(),
+                    args.len()
+                ))
+            }
+        };
+        match *self {
+            Op::Input(_) | Op::Const(_) => {
+                arity(0)?;
+                Err("inputs and constants carry their shape; it is not inferred".into())
+            }
+            Op::MatMul => {
+                arity(2)?;
+                match (args[0], args[1]) {
+                    (Shape::Matrix(o, i), Shape::Batch(n)) if i == n => Ok(Shape::Batch(o)),
+                    (a, b) => Err(format!("matmul needs [o, i] @ batch[i], found {a} @ {b}")),
+                }
+            }
+            Op::MatMulT => {
+                arity(2)?;
+                match (args[0], args[1]) {
+                    (Shape::Matrix(o, i), Shape::Batch(n)) if o == n => Ok(Shape::Batch(i)),
+                    (a, b) => Err(format!(
+                        "matmul_t needs [o, i] and batch[o], found {a} and {b}"
+                    )),
+                }
+            }
+            Op::OuterSum => {
+                arity(2)?;
+                match (args[0], args[1]) {
+                    (Shape::Batch(o), Shape::Batch(i)) => Ok(Shape::Matrix(o, i)),
+                    (a, b) => Err(format!("outer_sum needs two batches, found {a} and {b}")),
+                }
+            }
+            Op::SumRows => {
+                arity(1)?;
+                match args[0] {
+                    Shape::Batch(n) => Ok(Shape::Vector(n)),
+                    a => Err(format!("sum_rows needs a batch, found {a}")),
+                }
+            }
+            Op::Broadcast => {
+                arity(1)?;
+                match args[0] {
+                    Shape::Vector(n) => Ok(Shape::Batch(n)),
+                    a => Err(format!("broadcast needs a vector, found {a}")),
+                }
+            }
+            Op::Add | Op::Sub | Op::Mul => {
+                arity(2)?;
+                broadcast(args[0], args[1]).ok_or_else(|| {
+                    format!(
+                        "`{}` cannot combine shapes {} and {}",
+                        self.mnemonic(),
+                        args[0],
+                        args[1]
+                    )
+                })
+            }
+            Op::Neg | Op::Sigmoid | Op::Tanh | Op::Relu | Op::Step => {
+                arity(1)?;
+                Ok(args[0])
+            }
+            Op::Slice { start, len } => {
+                arity(1)?;
+                let (start, len) = (start as usize, len as usize);
+                let a = args[0];
+                if a == Shape::Scalar {
+                    return Err("cannot slice a scalar".into());
+                }
+                if len == 0 || start + len > a.features() {
+                    return Err(format!(
+                        "slice {start}..{} is out of range for {a}",
+                        start + len
+                    ));
+                }
+                Ok(a.with_features(len))
+            }
+            Op::Concat => {
+                if args.is_empty() {
+                    return Err("concat needs at least one argument".into());
+                }
+                let first = args[0];
+                if first == Shape::Scalar {
+                    return Err("cannot concatenate scalars".into());
+                }
+                let mut total = 0;
+                for &a in args {
+                    if a.with_features(0) != first.with_features(0) {
+                        return Err(format!("concat cannot join {first} and {a}"));
+                    }
+                    total += a.features();
+                }
+                Ok(first.with_features(total))
+            }
+        }
+    }
+}
+
+/// The shape of an element-wise combination of `a` and `b`, if they broadcast.
+pub fn broadcast(a: Shape, b: Shape) -> Option<Shape> {
+    match (a, b) {
+        _ if a == b => Some(a),
+        (Shape::Scalar, s) | (s, Shape::Scalar) => Some(s),
+        (Shape::Vector(n), Shape::Batch(m)) | (Shape::Batch(m), Shape::Vector(n)) if n == m => {
+            Some(Shape::Batch(n))
+        }
+        _ => None,
+    }
+}
+
+/// One value's definition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValueData {
+    /// The op defining the value.
+    pub op: Op,
+    /// Its arguments; each is an earlier value of the same graph.
+    pub args: Vec<Value>,
+    /// Its static shape, which `op.infer` of the argument shapes must give (inputs and constants
+    /// state theirs).
+    pub shape: Shape,
+    /// A name for printing (the DSL variable or gate it came from); no meaning to the semantics.
+    pub name: Option<String>,
+}
+
+/// A parameter of a cell: a name local to the cell (`weight_ih`) and its shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamInfo {
+    /// The local name; the program adds the layer and direction suffixes.
+    pub name: String,
+    /// The shape (`Vector` or `Matrix`).
+    pub shape: Shape,
+}
+
+/// One output of a graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Output {
+    /// What it stands for.
+    pub role: OutRole,
+    /// The value returned.
+    pub value: Value,
+}
+
+/// One step of a recurrent cell (or its backward step) as an SSA graph.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Graph {
+    /// The arena: `values[i]` defines `Value(i)`; arguments always precede their users.
+    pub values: Vec<ValueData>,
+    /// The parameter table indexed by `Role::Param(p)`; each entry's shape matches its input's.
+    pub params: Vec<ParamInfo>,
+    /// The graph's results; roles are unique.
+    pub outputs: Vec<Output>,
+    /// The size of each recurrent state, indexed by `Role::State(k)`, and its name.
+    pub states: Vec<(String, usize)>,
+    /// The number of features of the step input `x_t` (`Role::Input` has shape `Batch(input_size)`).
+    pub input_size: usize,
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number of values.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether the graph has no values.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The definition of `v`.
+    pub fn data(&self, v: Value) -> &ValueData {
+        &self.values[v.index()]
+    }
+
+    /// The shape of `v`.
+    pub fn shape(&self, v: Value) -> Shape {
+        self.values[v.index()].shape
+    }
+
+    /// All values in arena (topological) order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = Value> + '_ {
+        (0..self.values.len()).map(Value::new)
+    }
+
+    /// The value output with `role`, if any.
+    pub fn output(&self, role: OutRole) -> Option<Value> {
+        self.outputs
+            .iter()
+            .find(|o| o.role == role)
+            .map(|o| o.value)
+    }
+
+    /// The input value with `role`, if any.
+    pub fn input(&self, role: Role) -> Option<Value> {
+        self.iter().find(|&v| self.data(v).op == Op::Input(role))
+    }
+
+    /// Appends a value with an explicit shape, without checks (passes that copy verified
+    /// values use it; everything else goes through [`Graph::push`]).
+    pub fn push_raw(
+        &mut self,
+        op: Op,
+        args: Vec<Value>,
+        shape: Shape,
+        name: Option<String>,
+    ) -> Value {
+        self.values.push(ValueData {
+            op,
+            args,
+            shape,
+            name,
+        });
+        Value::new(self.values.len() - 1)
+    }
+
+    /// Appends `op(args)`, inferring and checking its shape.
+    pub fn push(&mut self, op: Op, args: &[Value]) -> Result<Value, IrError> {
+        for &a in args {
+            if a.index() >= self.values.len() {
+                return Err(IrError::new(
+                    None,
+                    op,
+                    format!("argument {a} is not defined"),
+                ));
+            }
+        }
+        let shapes: Vec<Shape> = args.iter().map(|&a| self.shape(a)).collect();
+        let shape = op.infer(&shapes).map_err(|m| IrError::new(None, op, m))?;
+        Ok(self.push_raw(op, args.to_vec(), shape, None))
+    }
+
+    /// Declares parameter `name` of `shape` and returns its input value.
+    pub fn param(&mut self, name: &str, shape: Shape) -> Value {
+        let p = self.params.len() as u32;
+        self.params.push(ParamInfo {
+            name: name.to_string(),
+            shape,
+        });
+        self.push_raw(
+            Op::Input(Role::Param(p)),
+            vec![],
+            shape,
+            Some(name.to_string()),
+        )
+    }
+
+    /// Declares recurrent state `name` of `size` features and returns its previous value.
+    pub fn state(&mut self, name: &str, size: usize) -> Value {
+        let k = self.states.len() as u32;
+        self.states.push((name.to_string(), size));
+        self.push_raw(
+            Op::Input(Role::State(k)),
+            vec![],
+            Shape::Batch(size),
+            Some(name.to_string()),
+        )
+    }
+
+    /// Declares the step input `x_t` of `size` features and returns it.
+    pub fn x(&mut self, size: usize) -> Value {
+        self.input_size = size;
+        self.push_raw(
+            Op::Input(Role::Input),
+            vec![],
+            Shape::Batch(size),
+            Some("x".into()),
+        )
+    }
+
+    /// An input with `role` and `shape` (parameters and states are declared with
+    /// [`Graph::param`] and [`Graph::state`]).
+    pub fn input_value(&mut self, role: Role, shape: Shape, name: Option<String>) -> Value {
+        self.push_raw(Op::Input(role), vec![], shape, name)
+    }
+
+    /// The constant `c` filling `shape`.
+    pub fn constant(&mut self, c: f32, shape: Shape) -> Value {
+        self.push_raw(Op::Const(c.to_bits()), vec![], shape, None)
+    }
+
+    /// Marks `value` as the output with `role`.
+    pub fn set_output(&mut self, role: OutRole, value: Value) {
+        self.outputs.retain(|o| o.role != role);
+        self.outputs.push(Output { role, value });
+    }
+
+    /// Names `value` for printing.
+    pub fn set_name(&mut self, value: Value, name: &str) {
+        self.values[value.index()].name = Some(name.to_string());
+    }
+
+    /// For each value, the values that use it, in arena order.
+    pub fn users(&self) -> Vec<Vec<Value>> {
+        let mut users = vec![Vec::new(); self.values.len()];
+        for v in self.iter() {
+            for &a in &self.data(v).args {
+                if users[a.index()].last() != Some(&v) {
+                    users[a.index()].push(v);
+                }
+            }
+        }
+        users
+    }
+}
+
+/// Shorthands for building graphs; each checks shapes like [`Graph::push`].
+impl Graph {
+    /// `x · wᵀ`.
+    pub fn matmul(&mut self, w: Value, x: Value) -> Result<Value, IrError> {
+        self.push(Op::MatMul, &[w, x])
+    }
+    /// `a + b`.
+    pub fn add(&mut self, a: Value, b: Value) -> Result<Value, IrError> {
+        self.push(Op::Add, &[a, b])
+    }
+    /// `a - b`.
+    pub fn sub(&mut self, a: Value, b: Value) -> Result<Value, IrError> {
+        self.push(Op::Sub, &[a, b])
+    }
+    /// `a * b`.
+    pub fn mul(&mut self, a: Value, b: Value) -> Result<Value, IrError> {
+        self.push(Op::Mul, &[a, b])
+    }
+    /// `sigmoid(a)`.
+    pub fn sigmoid(&mut self, a: Value) -> Result<Value, IrError> {
+        self.push(Op::Sigmoid, &[a])
+    }
+    /// `tanh(a)`.
+    pub fn tanh(&mut self, a: Value) -> Result<Value, IrError> {
+        self.push(Op::Tanh, &[a])
+    }
+    /// `relu(a)`.
+    pub fn relu(&mut self, a: Value) -> Result<Value, IrError> {
+        self.push(Op::Relu, &[a])
+    }
+    /// Features `start .. start + len` of `a`.
+    pub fn slice(&mut self, a: Value, start: usize, len: usize) -> Result<Value, IrError> {
+        self.push(
+            Op::Slice {
+                start: start as u32,
+                len: len as u32,
+            },
+            &[a],
+        )
+    }
+}

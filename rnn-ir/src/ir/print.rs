@@ -1,0 +1,102 @@
+//! The printer: a stable, deterministic text form of a graph, one value per line in arena
+//! order, optionally tagged with the time-loop phase each value runs in.
+//!
+//! ```text
+//! v4 = matmul v2, v0 : batch[28]          ; pre  gates_x
+//! ```
+//! Values are printed `v{index}`, shapes as `[r, c]`, `[n]` or `batch[n]`. The output depends on
+//! nothing but the graph, so snapshots of it are stable.
+
+use super::{Graph, Op, OutRole, Role};
+use crate::passes::hoist::Phase;
+use std::fmt::{self, Write};
+
+impl Graph {
+    /// The role as printed: `param weight_ih`, `x`, `state h`, `saved v3`, `d(state h)`.
+    pub fn role_name(&self, role: Role) -> String {
+        match role {
+            Role::Param(p) => match self.params.get(p as usize) {
+                Some(info) => format!("param {}", info.name),
+                None => format!("param #{p}"),
+            },
+            Role::Input => "x".into(),
+            Role::State(k) => format!("state {}", self.state_name(k)),
+            Role::Saved(v) => format!("saved {v}"),
+            Role::Cotangent(o) => format!("d({})", self.out_role_name(o)),
+        }
+    }
+
+    /// The output role as printed: `state h`, `output`, `grad weight_ih`, `grad x`, `grad state h`.
+    pub fn out_role_name(&self, role: OutRole) -> String {
+        match role {
+            OutRole::State(k) => format!("state {}", self.state_name(k)),
+            OutRole::Output => "output".into(),
+            OutRole::ParamGrad(p) => match self.params.get(p as usize) {
+                Some(info) => format!("grad {}", info.name),
+                None => format!("grad param #{p}"),
+            },
+            OutRole::InputGrad => "grad x".into(),
+            OutRole::StateGrad(k) => format!("grad state {}", self.state_name(k)),
+        }
+    }
+
+    fn state_name(&self, k: u32) -> String {
+        self.states
+            .get(k as usize)
+            .map_or_else(|| format!("#{k}"), |(n, _)| n.clone())
+    }
+
+    /// The graph as text, each value tagged with its phase when `phases` is given.
+    pub fn to_text(&self, phases: Option<&[Phase]>) -> String {
+        let mut out = String::new();
+        for v in self.iter() {
+            let d = self.data(v);
+            let mut line = format!("  {v} = ");
+            match d.op {
+                Op::Input(role) => line.push_str(&self.role_name(role)),
+                Op::Const(bits) => {
+                    let _ = write!(line, "const {:?}", f32::from_bits(bits));
+                }
+                Op::Slice { start, len } => {
+                    let _ = write!(line, "slice {} [{start}..{}]", d.args[0], start + len);
+                }
+                op => {
+                    line.push_str(op.mnemonic());
+                    for (i, a) in d.args.iter().enumerate() {
+                        line.push_str(if i == 0 { " " } else { ", " });
+                        let _ = write!(line, "{a}");
+                    }
+                }
+            }
+            let _ = write!(line, " : {}", d.shape);
+            let phase = phases.map(|p| p[v.index()].name());
+            let name = d.name.as_deref().filter(|_| !matches!(d.op, Op::Input(_)));
+            if phase.is_some() || name.is_some() {
+                while line.len() < 44 {
+                    line.push(' ');
+                }
+                line.push(';');
+                if let Some(p) = phase {
+                    let _ = write!(line, " {p:<4}");
+                }
+                if let Some(n) = name {
+                    let _ = write!(line, " {n}");
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        let mut outputs: Vec<_> = self.outputs.clone();
+        outputs.sort_by_key(|o| o.role);
+        for o in outputs {
+            let _ = writeln!(out, "  return {} = {}", self.out_role_name(o.role), o.value);
+        }
+        out
+    }
+}
+
+impl fmt::Display for Graph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_text(None))
+    }
+}

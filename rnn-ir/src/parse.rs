@@ -1,0 +1,696 @@
+//! The DSL parser, on `proc_macro2` tokens, shared by `.rnn` files and the macros.
+//!
+//! # Grammar
+//! ```text
+//! model    := kind [Name] '{' item ((',' | ';') item)* [',' | ';'] '}'
+//! kind     := 'rnn' | 'lstm' | 'gru' | 'cell'
+//! item     := setting | param | state | output | equation
+//! setting  := key ':' (integer | 'true' | 'false' | identifier)
+//! param    := 'param' name ':' '[' dim (',' dim)? ']'        (cell only)
+//! state    := 'state' name [':' dim]                          (cell only; default size `hidden`)
+//! output   := 'output' name                                   (cell only; default the first state)
+//! equation := name '=' expr                                   (cell only)
+//! dim      := dterm ('+' dterm)* ;  dterm := datom ('*' datom)* ;
+//! datom    := integer | 'input' | 'hidden' | '(' dim ')'
+//! expr     := term (('+' | '-') term)* ;  term := unary (('*' | '@') unary)* ;
+//! unary    := '-' unary | atom ;  atom := number | name | name '(' expr (',' expr)* ')' | '(' expr ')'
+//! ```
+//! Settings: `input`, `hidden` (required), `layers`, `bidirectional`, `bias`, `batch_first`,
+//! `proj` (LSTM), `reset: after | before` (GRU), `nonlinearity: tanh | relu` (rnn),
+//! `bias_convention: two | one`. In a `cell`, `x` is the step input; naming a state on the left
+//! of `=` gives its next value, and later equations see the new value.
+//!
+//! ```text
+//! lstm Encoder { input: 128, hidden: 256, layers: 2, bidirectional: true }
+//! cell Elman { input: 4, hidden: 8,
+//!     param W_xh: [hidden, input], param W_hh: [hidden, hidden], param b: [hidden],
+//!     state h,
+//!     h = relu(W_hh @ h + W_xh @ x + b) }
+//! ```
+//! Every mistake is reported, each at its token, with what was expected.
+
+use crate::error::{Diagnostic, Error};
+use crate::spec::{
+    BiasConvention, BinOp, CellKind, CustomCell, CustomParam, Dim, Expr, GruReset, ModelSpec,
+};
+use proc_macro2::{Delimiter, Span, TokenStream, TokenTree};
+use std::str::FromStr;
+
+/// Parses a model declaration from source text (a `.rnn` file).
+pub fn parse_str(source: &str) -> Result<ModelSpec, Error> {
+    let tokens = TokenStream::from_str(source).map_err(|e| {
+        let start = e.span().start();
+        Error::Parse(vec![Diagnostic {
+            message: format!("cannot tokenize the declaration: {e}"),
+            line: start.line,
+            column: start.column + 1,
+            span: e.span(),
+        }])
+    })?;
+    parse_model(tokens)
+}
+
+/// Parses `kind [Name] { items }`.
+pub fn parse_model(tokens: TokenStream) -> Result<ModelSpec, Error> {
+    let mut p = Parser::new(tokens, Span::call_site());
+    let spec = p.model();
+    p.finish(spec)
+}
+
+/// Parses the braced body of a declaration whose kind (`rnn`, `lstm`, `gru`, `cell`) and name
+/// the caller has already read (the macros read `pub struct Name` themselves).
+pub fn parse_body(
+    kind: &str,
+    kind_span: Span,
+    name: Option<String>,
+    body: TokenStream,
+) -> Result<ModelSpec, Error> {
+    let mut p = Parser::new(body.clone(), kind_span);
+    let spec = p.body(kind, kind_span, name, body);
+    p.finish(spec)
+}
+
+fn diag(span: Span, message: impl Into<String>) -> Diagnostic {
+    let start = span.start();
+    Diagnostic {
+        message: message.into(),
+        line: start.line,
+        column: start.column + 1,
+        span,
+    }
+}
+
+struct Parser {
+    tokens: Vec<TokenTree>,
+    pos: usize,
+    end_span: Span,
+    errors: Vec<Diagnostic>,
+}
+
+type PResult<T> = Result<T, ()>;
+
+impl Parser {
+    fn new(tokens: TokenStream, end_span: Span) -> Self {
+        Parser {
+            tokens: tokens.into_iter().collect(),
+            pos: 0,
+            end_span,
+            errors: Vec::new(),
+        }
+    }
+
+    fn finish(self, spec: Option<ModelSpec>) -> Result<ModelSpec, Error> {
+        match spec {
+            Some(spec) if self.errors.is_empty() => Ok(spec),
+            _ => Err(Error::Parse(self.errors)),
+        }
+    }
+
+    fn peek(&self) -> Option<&TokenTree> {
+        self.tokens.get(self.pos)
+    }
+
+    fn span(&self) -> Span {
+        self.peek().map_or(self.end_span, |t| t.span())
+    }
+
+    fn error<T>(&mut self, span: Span, message: impl Into<String>) -> PResult<T> {
+        self.errors.push(diag(span, message));
+        Err(())
+    }
+
+    fn describe(&self) -> String {
+        match self.peek() {
+            None => "the end of the declaration".into(),
+            Some(t) => format!("`{t}`"),
+        }
+    }
+
+    fn is_punct(&self, c: char) -> bool {
+        matches!(self.peek(), Some(TokenTree::Punct(p)) if p.as_char() == c)
+    }
+
+    fn eat_punct(&mut self, c: char) -> bool {
+        let hit = self.is_punct(c);
+        if hit {
+            self.pos += 1;
+        }
+        hit
+    }
+
+    fn require_punct(&mut self, c: char, context: &str) -> PResult<()> {
+        if self.eat_punct(c) {
+            return Ok(());
+        }
+        let found = self.describe();
+        self.error(
+            self.span(),
+            format!("expected `{c}` {context}, found {found}"),
+        )
+    }
+
+    fn ident(&mut self, what: &str) -> PResult<(String, Span)> {
+        if let Some(TokenTree::Ident(i)) = self.peek() {
+            let r = (i.to_string(), i.span());
+            self.pos += 1;
+            return Ok(r);
+        }
+        let found = self.describe();
+        self.error(self.span(), format!("expected {what}, found {found}"))
+    }
+
+    fn group(&mut self, delim: Delimiter, what: &str) -> PResult<(TokenStream, Span)> {
+        if let Some(TokenTree::Group(g)) = self.peek()
+            && g.delimiter() == delim
+        {
+            let r = (g.stream(), g.span());
+            self.pos += 1;
+            return Ok(r);
+        }
+        let found = self.describe();
+        self.error(self.span(), format!("expected {what}, found {found}"))
+    }
+
+    fn model(&mut self) -> Option<ModelSpec> {
+        let (kind, kind_span) = self
+            .ident("a model kind: `rnn`, `lstm`, `gru` or `cell`")
+            .ok()?;
+        if !matches!(kind.as_str(), "rnn" | "lstm" | "gru" | "cell") {
+            let _ = self.error::<()>(
+                kind_span,
+                format!("unknown model kind `{kind}`: expected `rnn`, `lstm`, `gru` or `cell`"),
+            );
+            return None;
+        }
+        let name = match self.peek() {
+            Some(TokenTree::Ident(_)) => Some(self.ident("a name").ok()?.0),
+            _ => None,
+        };
+        let (body, _) = self
+            .group(Delimiter::Brace, "`{` opening the declaration's body")
+            .ok()?;
+        if let Some(t) = self.peek() {
+            let span = t.span();
+            let _ = self.error::<()>(span, "unexpected tokens after the declaration's `}`");
+        }
+        let mut inner = Parser::new(body.clone(), kind_span);
+        let spec = inner.body(&kind, kind_span, name, body);
+        self.errors.append(&mut inner.errors);
+        spec
+    }
+
+    /// Parses the items of a body (self holds the body's tokens).
+    fn body(
+        &mut self,
+        kind: &str,
+        kind_span: Span,
+        name: Option<String>,
+        _body: TokenStream,
+    ) -> Option<ModelSpec> {
+        let mut b = BodyBuilder::default();
+        while self.peek().is_some() {
+            if self.item(kind, &mut b).is_err() {
+                // Resynchronise at the next separator so that later mistakes are reported too.
+                while self.peek().is_some() && !self.is_punct(',') && !self.is_punct(';') {
+                    self.pos += 1;
+                }
+            }
+            if self.peek().is_some() && !self.eat_punct(',') && !self.eat_punct(';') {
+                let found = self.describe();
+                let _ = self.error::<()>(
+                    self.span(),
+                    format!("expected `,` or `;` between items, found {found}"),
+                );
+                while self.peek().is_some() && !self.is_punct(',') && !self.is_punct(';') {
+                    self.pos += 1;
+                }
+                self.pos += 1;
+            }
+        }
+        self.build(kind, kind_span, name, b)
+    }
+
+    fn item(&mut self, kind: &str, b: &mut BodyBuilder) -> PResult<()> {
+        let (word, span) = self.ident(
+            "a setting (`hidden: 256`), or in a `cell` a `param`, `state`, `output` or equation",
+        )?;
+        let custom_only = |p: &mut Parser, what: &str| {
+            if kind != "cell" {
+                return p.error(
+                    span,
+                    format!("{what} are only allowed in `cell` declarations; `{kind}` is a standard cell"),
+                );
+            }
+            Ok(())
+        };
+        match word.as_str() {
+            "param" if matches!(self.peek(), Some(TokenTree::Ident(_))) => {
+                custom_only(self, "parameters")?;
+                let (name, nspan) = self.ident("a parameter name")?;
+                self.require_punct(':', "after the parameter name")?;
+                let (dims, dspan) = self.group(
+                    Delimiter::Bracket,
+                    "`[` starting the parameter's shape, e.g. `[hidden, input]`",
+                )?;
+                let mut dp = Parser::new(dims, dspan);
+                let mut shape = Vec::new();
+                while dp.peek().is_some() {
+                    shape.push(dp.dim()?);
+                    if dp.peek().is_some() {
+                        dp.require_punct(',', "between dimensions")?;
+                    }
+                }
+                self.errors.append(&mut dp.errors);
+                if shape.is_empty() || shape.len() > 2 {
+                    return self.error(
+                        dspan,
+                        "a parameter has one dimension (a vector) or two (a matrix `[out, in]`)",
+                    );
+                }
+                if let Some(prev) = b.params.iter().find(|p| p.name == name) {
+                    let _ = prev;
+                    return self.error(nspan, format!("parameter `{name}` is declared twice"));
+                }
+                b.params.push(CustomParam {
+                    name,
+                    dims: shape,
+                    span: nspan,
+                });
+            }
+            "state" if matches!(self.peek(), Some(TokenTree::Ident(_))) => {
+                custom_only(self, "states")?;
+                let (name, nspan) = self.ident("a state name")?;
+                let dim = if self.eat_punct(':') {
+                    self.dim()?
+                } else {
+                    Dim::Hidden
+                };
+                if b.states.iter().any(|s| s.0 == name) {
+                    return self.error(nspan, format!("state `{name}` is declared twice"));
+                }
+                b.states.push((name, dim, nspan));
+            }
+            "output" if matches!(self.peek(), Some(TokenTree::Ident(_))) => {
+                custom_only(self, "`output` declarations")?;
+                let (name, nspan) = self.ident("the name of the output state")?;
+                if b.output.is_some() {
+                    return self.error(nspan, "`output` is given twice");
+                }
+                b.output = Some((name, nspan));
+            }
+            _ if self.is_punct('=') => {
+                custom_only(self, "equations")?;
+                self.pos += 1;
+                let e = self.expr()?;
+                b.equations.push((word, e, span));
+            }
+            _ if self.is_punct(':') => {
+                self.pos += 1;
+                let value = match self.peek() {
+                    Some(TokenTree::Literal(l)) => {
+                        let s = l.to_string();
+                        let sp = l.span();
+                        self.pos += 1;
+                        (s, sp)
+                    }
+                    Some(TokenTree::Ident(i)) => {
+                        let r = (i.to_string(), i.span());
+                        self.pos += 1;
+                        r
+                    }
+                    _ => {
+                        let found = self.describe();
+                        return self.error(
+                            self.span(),
+                            format!("expected a value for `{word}`, found {found}"),
+                        );
+                    }
+                };
+                if b.settings.iter().any(|(k, _, _, _)| *k == word) {
+                    return self.error(span, format!("`{word}` is given twice"));
+                }
+                b.settings.push((word, value.0, value.1, span));
+            }
+            _ => {
+                let found = self.describe();
+                return self.error(
+                    self.span(),
+                    format!("expected `:` after the setting `{word}` (or `=` for an equation), found {found}"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn dim(&mut self) -> PResult<Dim> {
+        let mut d = self.dterm()?;
+        while self.eat_punct('+') {
+            d = Dim::Add(Box::new(d), Box::new(self.dterm()?));
+        }
+        Ok(d)
+    }
+
+    fn dterm(&mut self) -> PResult<Dim> {
+        let mut d = self.datom()?;
+        while self.eat_punct('*') {
+            d = Dim::Mul(Box::new(d), Box::new(self.datom()?));
+        }
+        Ok(d)
+    }
+
+    fn datom(&mut self) -> PResult<Dim> {
+        match self.peek().cloned() {
+            Some(TokenTree::Literal(l)) => {
+                self.pos += 1;
+                match l.to_string().parse::<usize>() {
+                    Ok(n) => Ok(Dim::Lit(n)),
+                    Err(_) => self.error(
+                        l.span(),
+                        format!("expected a whole number as a size, found `{l}`"),
+                    ),
+                }
+            }
+            Some(TokenTree::Ident(i)) if i == "input" => {
+                self.pos += 1;
+                Ok(Dim::Input)
+            }
+            Some(TokenTree::Ident(i)) if i == "hidden" => {
+                self.pos += 1;
+                Ok(Dim::Hidden)
+            }
+            Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Parenthesis => {
+                self.pos += 1;
+                let mut inner = Parser::new(g.stream(), g.span());
+                let d = inner.dim();
+                self.errors.append(&mut inner.errors);
+                d
+            }
+            _ => {
+                let found = self.describe();
+                self.error(
+                    self.span(),
+                    format!("expected a size: a number, `input` or `hidden`, found {found}"),
+                )
+            }
+        }
+    }
+
+    fn expr(&mut self) -> PResult<Expr> {
+        let mut e = self.term()?;
+        loop {
+            let span = self.span();
+            let op = if self.eat_punct('+') {
+                BinOp::Add
+            } else if self.eat_punct('-') {
+                BinOp::Sub
+            } else {
+                return Ok(e);
+            };
+            let rhs = self.term()?;
+            e = Expr::Binary(op, Box::new(e), Box::new(rhs), span);
+        }
+    }
+
+    fn term(&mut self) -> PResult<Expr> {
+        let mut e = self.unary()?;
+        loop {
+            let span = self.span();
+            let op = if self.eat_punct('*') {
+                BinOp::Mul
+            } else if self.eat_punct('@') {
+                BinOp::MatMul
+            } else {
+                return Ok(e);
+            };
+            let rhs = self.unary()?;
+            e = Expr::Binary(op, Box::new(e), Box::new(rhs), span);
+        }
+    }
+
+    fn unary(&mut self) -> PResult<Expr> {
+        let span = self.span();
+        if self.eat_punct('-') {
+            return Ok(Expr::Neg(Box::new(self.unary()?), span));
+        }
+        self.atom()
+    }
+
+    fn atom(&mut self) -> PResult<Expr> {
+        match self.peek().cloned() {
+            Some(TokenTree::Literal(l)) => {
+                self.pos += 1;
+                match l.to_string().parse::<f32>() {
+                    Ok(n) if n.is_finite() => Ok(Expr::Num(n, l.span())),
+                    _ => self.error(l.span(), format!("expected a number, found `{l}`")),
+                }
+            }
+            Some(TokenTree::Ident(i)) => {
+                self.pos += 1;
+                let name = i.to_string();
+                if let Some(TokenTree::Group(g)) = self.peek().cloned()
+                    && g.delimiter() == Delimiter::Parenthesis
+                {
+                    self.pos += 1;
+                    let mut inner = Parser::new(g.stream(), g.span());
+                    let mut args = Vec::new();
+                    while inner.peek().is_some() {
+                        match inner.expr() {
+                            Ok(e) => args.push(e),
+                            Err(()) => break,
+                        }
+                        if inner.peek().is_some()
+                            && inner.require_punct(',', "between arguments").is_err()
+                        {
+                            break;
+                        }
+                    }
+                    let failed = !inner.errors.is_empty();
+                    self.errors.append(&mut inner.errors);
+                    if failed {
+                        return Err(());
+                    }
+                    return Ok(Expr::Call(name, args, i.span()));
+                }
+                Ok(Expr::Var(name, i.span()))
+            }
+            Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Parenthesis => {
+                self.pos += 1;
+                let mut inner = Parser::new(g.stream(), g.span());
+                let e = inner.expr();
+                if e.is_ok() && inner.peek().is_some() {
+                    let found = inner.describe();
+                    let _ = inner.error::<()>(inner.span(), format!("expected `)`, found {found}"));
+                }
+                let failed = !inner.errors.is_empty();
+                self.errors.append(&mut inner.errors);
+                if failed { Err(()) } else { e }
+            }
+            _ => {
+                let found = self.describe();
+                self.error(
+                    self.span(),
+                    format!(
+                        "expected an expression: a name, a number, a call or `(`, found {found}"
+                    ),
+                )
+            }
+        }
+    }
+
+    fn build(
+        &mut self,
+        kind: &str,
+        kind_span: Span,
+        name: Option<String>,
+        b: BodyBuilder,
+    ) -> Option<ModelSpec> {
+        let mut cell = match kind {
+            "rnn" => CellKind::RnnTanh,
+            "lstm" => CellKind::Lstm,
+            "gru" => CellKind::Gru,
+            _ => CellKind::Custom(CustomCell {
+                params: Vec::new(),
+                states: Vec::new(),
+                equations: Vec::new(),
+                output: (String::new(), kind_span),
+            }),
+        };
+        let mut spec = ModelSpec::new(cell.clone(), 0, 0);
+        let (mut have_input, mut have_hidden) = (false, false);
+        for (key, value, vspan, kspan) in &b.settings {
+            let r = self.setting(kind, &mut spec, &mut cell, key, value, *vspan, *kspan);
+            match (r, key.as_str()) {
+                (Ok(()), "input") => have_input = true,
+                (Ok(()), "hidden") => have_hidden = true,
+                _ => {}
+            }
+        }
+        if !have_input {
+            let _ = self.error::<()>(
+                kind_span,
+                format!("`{kind}` needs `input: N`, the number of input features"),
+            );
+        }
+        if !have_hidden {
+            let _ = self.error::<()>(
+                kind_span,
+                format!("`{kind}` needs `hidden: N`, the number of hidden features"),
+            );
+        }
+        if let CellKind::Custom(c) = &mut cell {
+            if b.states.is_empty() {
+                let _ = self.error::<()>(
+                    kind_span,
+                    "a `cell` needs at least one `state`, e.g. `state h`",
+                );
+            }
+            if b.equations.is_empty() {
+                let _ = self.error::<()>(
+                    kind_span,
+                    "a `cell` needs equations, e.g. `h = tanh(W @ x + U @ h + b)`",
+                );
+            }
+            for (state, _, sspan) in &b.states {
+                if !b.equations.iter().any(|(t, _, _)| t == state) {
+                    let _ = self.error::<()>(
+                        *sspan,
+                        format!(
+                            "state `{state}` is never assigned: add an equation `{state} = ...`"
+                        ),
+                    );
+                }
+            }
+            c.output = match b.output {
+                Some((o, ospan)) => {
+                    if !b.states.iter().any(|s| s.0 == o) {
+                        let _ = self.error::<()>(
+                            ospan,
+                            format!("`output {o}`: the output must be one of the declared states"),
+                        );
+                    }
+                    (o, ospan)
+                }
+                None => b
+                    .states
+                    .first()
+                    .map_or((String::new(), kind_span), |s| (s.0.clone(), s.2)),
+            };
+            c.params = b.params;
+            c.states = b.states;
+            c.equations = b.equations;
+        }
+        spec.cell = cell;
+        spec.name = name;
+        if let Err(m) = spec.validate() {
+            if self.errors.is_empty() {
+                let _ = self.error::<()>(kind_span, m);
+            }
+        }
+        if self.errors.is_empty() {
+            Some(spec)
+        } else {
+            None
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setting(
+        &mut self,
+        kind: &str,
+        spec: &mut ModelSpec,
+        cell: &mut CellKind,
+        key: &str,
+        value: &str,
+        vspan: Span,
+        kspan: Span,
+    ) -> PResult<()> {
+        let number = |p: &mut Parser| -> PResult<usize> {
+            match value.parse::<usize>() {
+                Ok(n) => Ok(n),
+                Err(_) => p.error(
+                    vspan,
+                    format!("`{key}` takes a whole number, found `{value}`"),
+                ),
+            }
+        };
+        let boolean = |p: &mut Parser| -> PResult<bool> {
+            match value {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                _ => p.error(
+                    vspan,
+                    format!("`{key}` takes `true` or `false`, found `{value}`"),
+                ),
+            }
+        };
+        match key {
+            "input" => spec.input_size = number(self)?,
+            "hidden" => spec.hidden_size = number(self)?,
+            "layers" => spec.num_layers = number(self)?,
+            "bidirectional" => spec.bidirectional = boolean(self)?,
+            "bias" => spec.bias = boolean(self)?,
+            "batch_first" => spec.batch_first = boolean(self)?,
+            "proj" | "proj_size" if kind == "lstm" => spec.proj_size = number(self)?,
+            "reset" if kind == "gru" => spec.gru_reset = match value {
+                "after" => GruReset::AfterMatmul,
+                "before" => GruReset::BeforeMatmul,
+                _ => return self.error(
+                    vspan,
+                    format!(
+                        "`reset` takes `after` (PyTorch) or `before` (Cho et al.), found `{value}`"
+                    ),
+                ),
+            },
+            "nonlinearity" if kind == "rnn" => {
+                *cell = match value {
+                    "tanh" => CellKind::RnnTanh,
+                    "relu" => CellKind::RnnRelu,
+                    _ => {
+                        return self.error(
+                            vspan,
+                            format!("`nonlinearity` takes `tanh` or `relu`, found `{value}`"),
+                        );
+                    }
+                }
+            }
+            "bias_convention" if kind != "cell" => spec.bias_convention = match value {
+                "two" => BiasConvention::Two,
+                "one" => BiasConvention::One,
+                _ => return self.error(
+                    vspan,
+                    format!(
+                        "`bias_convention` takes `two` (PyTorch) or `one` (Keras), found `{value}`"
+                    ),
+                ),
+            },
+            _ => {
+                let allowed = match kind {
+                    "lstm" => {
+                        "input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj"
+                    }
+                    "gru" => {
+                        "input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset"
+                    }
+                    "rnn" => {
+                        "input, hidden, layers, bidirectional, bias, batch_first, bias_convention, nonlinearity"
+                    }
+                    _ => "input, hidden, layers, bidirectional, batch_first",
+                };
+                return self.error(
+                    kspan,
+                    format!("unknown setting `{key}` for `{kind}`; expected one of: {allowed}"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct BodyBuilder {
+    settings: Vec<(String, String, Span, Span)>,
+    params: Vec<CustomParam>,
+    states: Vec<(String, Dim, Span)>,
+    equations: Vec<(String, Expr, Span)>,
+    output: Option<(String, Span)>,
+}

@@ -1,0 +1,130 @@
+//! Time hoisting: decides, by dependency analysis alone, which values of a step graph run before
+//! the time loop, inside it, or after it.
+//!
+//! A step graph has *carried* inputs (the recurrent state, or in a backward graph the state's
+//! gradient) and *carried* outputs (the next state, or the gradient for the previous step).
+//! - **Pre**: the value does not depend on a carried input. It depends on the step's input,
+//!   saved values and parameters alone, so it is computed for all time steps at once, as one
+//!   operation over `T·B` rows (`W_ih · x_t` for every t becomes one GEMM).
+//! - **Loop**: it depends on a carried input and a carried output depends on it: it must run
+//!   step by step.
+//! - **Post**: it depends on a carried input but no carried output needs it, so it is computed
+//!   after the loop over the `T·B` rows the loop recorded (the weight gradients `dW = Σ_t dg_tᵀ x_t`
+//!   become one GEMM, `dx_t = dg_t · W` another).
+//!
+//! Running a value over all `T·B` rows at once is only right if it treats rows independently, or
+//! if it is a reduction whose result is only summed over time (a parameter gradient). The pass
+//! checks this: a Pre or Post value may not combine a reduction's result with rows, and nothing
+//! may use an unbatched Loop value outside the loop. A graph breaking these rules is refused.
+
+use crate::error::IrError;
+use crate::ir::{Graph, Op, OutRole, Role};
+
+/// Where a value runs relative to the time loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Before the loop, once over all time steps.
+    Pre,
+    /// Inside the loop, once per time step.
+    Loop,
+    /// After the loop, once over all time steps.
+    Post,
+}
+
+impl Phase {
+    /// The printer's tag.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Pre => "pre",
+            Phase::Loop => "loop",
+            Phase::Post => "post",
+        }
+    }
+}
+
+/// Whether an input role is carried from one step to the next (state or state gradient).
+pub fn is_carried_input(role: Role) -> bool {
+    matches!(role, Role::State(_) | Role::Cotangent(OutRole::State(_)))
+}
+
+/// Whether an output role is carried to the next step.
+pub fn is_carried_output(role: OutRole) -> bool {
+    matches!(role, OutRole::State(_) | OutRole::StateGrad(_))
+}
+
+/// Every value in the loop: the schedule without hoisting, the reference hoisting is tested
+/// against.
+pub fn no_hoist(g: &Graph) -> Vec<Phase> {
+    vec![Phase::Loop; g.len()]
+}
+
+/// The phase of every value of `g` (see the module doc).
+pub fn hoist(g: &Graph) -> Result<Vec<Phase>, IrError> {
+    let n = g.len();
+    let mut depends = vec![false; n];
+    for v in g.iter() {
+        let d = g.data(v);
+        depends[v.index()] = match d.op {
+            Op::Input(role) => is_carried_input(role),
+            _ => d.args.iter().any(|a| depends[a.index()]),
+        };
+    }
+    let mut needed = vec![false; n];
+    for o in &g.outputs {
+        if is_carried_output(o.role) {
+            needed[o.value.index()] = true;
+        }
+    }
+    for v in g.iter().rev() {
+        if needed[v.index()] {
+            for a in &g.data(v).args {
+                needed[a.index()] = true;
+            }
+        }
+    }
+    // A carried input is the state at one step: it lives in the loop even when only values
+    // after the loop read it (they read what the loop recorded).
+    let phases: Vec<Phase> = g
+        .iter()
+        .map(
+            |v| match (depends[v.index()], needed[v.index()], g.data(v).op) {
+                (_, _, Op::Input(role)) if is_carried_input(role) => Phase::Loop,
+                (false, _, _) => Phase::Pre,
+                (true, true, _) => Phase::Loop,
+                (true, false, _) => Phase::Post,
+            },
+        )
+        .collect();
+    check(g, &phases)?;
+    Ok(phases)
+}
+
+/// Checks that running Pre and Post values over all time steps at once is exact.
+pub fn check(g: &Graph, phases: &[Phase]) -> Result<(), IrError> {
+    // reduced[v]: v is unbatched and derived from a reduction over rows.
+    let mut reduced = vec![false; g.len()];
+    for v in g.iter() {
+        let d = g.data(v);
+        let phase = phases[v.index()];
+        let from_reduction = d.op.is_reduction() || d.args.iter().any(|a| reduced[a.index()]);
+        reduced[v.index()] = from_reduction && !d.shape.is_batched();
+        for &a in &d.args {
+            let pa = phases[a.index()];
+            let err = |m: &str| Err(IrError::new(Some(v), d.op, m));
+            if phase != Phase::Loop && d.shape.is_batched() && reduced[a.index()] {
+                return err("a row-wise value outside the loop uses a sum over rows");
+            }
+            if phase == Phase::Loop && pa != Phase::Loop && reduced[a.index()] {
+                return err("a loop value uses a sum over the rows of all time steps");
+            }
+            if phase == Phase::Post && pa == Phase::Loop && !g.shape(a).is_batched() {
+                return err("a value after the loop uses an unbatched value of one step");
+            }
+            if phase == Phase::Pre && pa != Phase::Pre || phase == Phase::Loop && pa == Phase::Post
+            {
+                return err("a value uses one computed later in the schedule");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! Graph-to-graph optimisation passes, each a free function in its own module, and the pipeline
+//! that runs them and re-verifies after each.
+//!
+//! - [`dce`]: dead-code elimination.
+//! - [`cse`]: common-subexpression elimination.
+//! - [`fuse`]: gate fusion (matmuls sharing a right operand become one stacked matmul).
+//! - [`hoist`]: time hoisting (which values run before, inside or after the time loop).
+
+pub mod cse;
+pub mod dce;
+pub mod fuse;
+pub mod hoist;
+
+use crate::error::IrError;
+use crate::ir::{Graph, Value, ValueData, verify};
+
+/// Runs DCE, CSE and gate fusion to a fixed point, verifying the graph after every pass.
+pub fn optimize(g: &Graph) -> Result<Graph, IrError> {
+    let mut g = dce::dce(g);
+    verify(&g)?;
+    loop {
+        let before = g.len();
+        g = cse::cse(&g);
+        verify(&g)?;
+        g = fuse::fuse(&g)?;
+        verify(&g)?;
+        g = dce::dce(&g);
+        verify(&g)?;
+        if g.len() >= before {
+            return Ok(g);
+        }
+    }
+}
+
+/// Copies `g` value by value in arena order. `f` receives the new graph and the old definition
+/// with its arguments already renamed, and returns the new value standing for the old one.
+pub(crate) fn rebuild(
+    g: &Graph,
+    mut f: impl FnMut(&mut Graph, Value, ValueData) -> Result<Value, IrError>,
+) -> Result<Graph, IrError> {
+    let mut out = Graph {
+        values: Vec::with_capacity(g.len()),
+        params: g.params.clone(),
+        outputs: Vec::new(),
+        states: g.states.clone(),
+        input_size: g.input_size,
+    };
+    let mut map: Vec<Value> = Vec::with_capacity(g.len());
+    for v in g.iter() {
+        let mut d = g.data(v).clone();
+        for a in &mut d.args {
+            *a = map[a.index()];
+        }
+        let nv = f(&mut out, v, d)?;
+        map.push(nv);
+    }
+    for o in &g.outputs {
+        out.set_output(o.role, map[o.value.index()]);
+    }
+    Ok(out)
+}

@@ -1,0 +1,269 @@
+//! `ModelSpec`: what the user declared — the cell (a standard one or equations), its sizes, layers,
+//! directions and conventions — before anything is lowered.
+
+use proc_macro2::Span;
+
+/// The recurrent cell of a model.
+#[derive(Clone, Debug)]
+pub enum CellKind {
+    /// `h' = tanh(W_ih x + b_ih + W_hh h + b_hh)` (PyTorch `nn.RNN`, the default nonlinearity).
+    RnnTanh,
+    /// `h' = relu(W_ih x + b_ih + W_hh h + b_hh)` (`nn.RNN(nonlinearity="relu")`).
+    RnnRelu,
+    /// PyTorch's `nn.LSTM`: gates `i, f, g, o` stacked in that order.
+    Lstm,
+    /// PyTorch's `nn.GRU`: gates `r, z, n` stacked in that order.
+    Gru,
+    /// A cell written as equations.
+    Custom(CustomCell),
+}
+
+impl CellKind {
+    /// The name used on the command line and in `.rnn` files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CellKind::RnnTanh => "rnn_tanh",
+            CellKind::RnnRelu => "rnn_relu",
+            CellKind::Lstm => "lstm",
+            CellKind::Gru => "gru",
+            CellKind::Custom(_) => "cell",
+        }
+    }
+
+    /// Gate blocks stacked in `weight_ih` (1, 4 or 3); `None` for custom cells.
+    pub fn gates(&self) -> Option<usize> {
+        match self {
+            CellKind::RnnTanh | CellKind::RnnRelu => Some(1),
+            CellKind::Lstm => Some(4),
+            CellKind::Gru => Some(3),
+            CellKind::Custom(_) => None,
+        }
+    }
+}
+
+/// Where a GRU applies its reset gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GruReset {
+    /// PyTorch's form (ONNX `linear_before_reset = 1`): `n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))`.
+    #[default]
+    AfterMatmul,
+    /// Cho et al.'s form, the chapter's formula: `n = tanh(W_in x + b_in + W_hn (r ⊙ h) + b_hn)`.
+    BeforeMatmul,
+}
+
+/// How many bias vectors each layer has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BiasConvention {
+    /// PyTorch's: `bias_ih` and `bias_hh`, both added.
+    #[default]
+    Two,
+    /// Keras's (and the chapter's parameter counts): one bias, stored as `bias_ih`.
+    One,
+}
+
+/// A model declaration.
+#[derive(Clone, Debug)]
+pub struct ModelSpec {
+    /// The declared name, if any.
+    pub name: Option<String>,
+    /// The cell.
+    pub cell: CellKind,
+    /// Features of the input `x_t`.
+    pub input_size: usize,
+    /// Features of the hidden state.
+    pub hidden_size: usize,
+    /// Stacked layers (at least 1).
+    pub num_layers: usize,
+    /// Whether every layer also runs backwards in time.
+    pub bidirectional: bool,
+    /// Whether the cell has biases.
+    pub bias: bool,
+    /// LSTM only: project `h` to this many features (0: no projection).
+    pub proj_size: usize,
+    /// One or two biases per gate.
+    pub bias_convention: BiasConvention,
+    /// GRU only: where the reset gate applies.
+    pub gru_reset: GruReset,
+    /// Whether inputs and outputs are `(batch, time, features)` rather than `(time, batch, features)`.
+    pub batch_first: bool,
+}
+
+impl ModelSpec {
+    /// A one-layer, one-direction model of `cell` with PyTorch's defaults.
+    pub fn new(cell: CellKind, input_size: usize, hidden_size: usize) -> Self {
+        ModelSpec {
+            name: None,
+            cell,
+            input_size,
+            hidden_size,
+            num_layers: 1,
+            bidirectional: false,
+            bias: true,
+            proj_size: 0,
+            bias_convention: BiasConvention::Two,
+            gru_reset: GruReset::AfterMatmul,
+            batch_first: false,
+        }
+    }
+
+    /// 2 when bidirectional, else 1.
+    pub fn directions(&self) -> usize {
+        if self.bidirectional { 2 } else { 1 }
+    }
+
+    /// Features of each direction's output `y_t` (the hidden size, or the projection).
+    pub fn output_size(&self) -> usize {
+        match &self.cell {
+            CellKind::Custom(c) => c.output_size(self.input_size, self.hidden_size),
+            _ if self.proj_size > 0 => self.proj_size,
+            _ => self.hidden_size,
+        }
+    }
+
+    /// Features of the input of layer `layer`: the model's input, then both directions' outputs.
+    pub fn layer_input_size(&self, layer: usize) -> usize {
+        if layer == 0 {
+            self.input_size
+        } else {
+            self.output_size() * self.directions()
+        }
+    }
+
+    /// The suffix PyTorch gives the parameters of `layer` and `direction`: `_l1`, `_l1_reverse`.
+    pub fn param_suffix(layer: usize, direction: usize) -> String {
+        if direction == 0 {
+            format!("_l{layer}")
+        } else {
+            format!("_l{layer}_reverse")
+        }
+    }
+
+    /// Checks the sizes and options are meaningful together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.input_size == 0 {
+            return Err("`input` must be at least 1".into());
+        }
+        if self.hidden_size == 0 {
+            return Err("`hidden` must be at least 1".into());
+        }
+        if self.num_layers == 0 {
+            return Err("`layers` must be at least 1".into());
+        }
+        if self.proj_size > 0 && !matches!(self.cell, CellKind::Lstm) {
+            return Err("`proj` (proj_size) is only defined for LSTM cells".into());
+        }
+        if self.proj_size >= self.hidden_size && self.proj_size > 0 {
+            return Err(format!(
+                "`proj` must be smaller than `hidden` ({}), found {}",
+                self.hidden_size, self.proj_size
+            ));
+        }
+        if self.gru_reset == GruReset::BeforeMatmul && !matches!(self.cell, CellKind::Gru) {
+            return Err("`reset` is only defined for GRU cells".into());
+        }
+        Ok(())
+    }
+}
+
+/// A size written in a custom cell: `hidden`, `4 * hidden`, `input + hidden`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dim {
+    /// A literal.
+    Lit(usize),
+    /// The layer's input size.
+    Input,
+    /// The hidden size.
+    Hidden,
+    /// A sum.
+    Add(Box<Dim>, Box<Dim>),
+    /// A product.
+    Mul(Box<Dim>, Box<Dim>),
+}
+
+impl Dim {
+    /// The size for a layer with `input` features and `hidden` hidden features.
+    pub fn eval(&self, input: usize, hidden: usize) -> usize {
+        match self {
+            Dim::Lit(n) => *n,
+            Dim::Input => input,
+            Dim::Hidden => hidden,
+            Dim::Add(a, b) => a.eval(input, hidden) + b.eval(input, hidden),
+            Dim::Mul(a, b) => a.eval(input, hidden) * b.eval(input, hidden),
+        }
+    }
+}
+
+/// A binary operator of the equation language.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinOp {
+    /// `+`
+    Add,
+    /// `-`
+    Sub,
+    /// `*` (element-wise)
+    Mul,
+    /// `@` (matrix product)
+    MatMul,
+}
+
+/// An expression of a custom cell's equations.
+#[derive(Clone, Debug)]
+pub enum Expr {
+    /// A parameter, state, `x` or earlier equation's name.
+    Var(String, Span),
+    /// A number.
+    Num(f32, Span),
+    /// `a op b`.
+    Binary(BinOp, Box<Expr>, Box<Expr>, Span),
+    /// `-a`.
+    Neg(Box<Expr>, Span),
+    /// `f(args)`: `sigmoid`, `tanh`, `relu`, `concat`.
+    Call(String, Vec<Expr>, Span),
+}
+
+impl Expr {
+    /// The span of the expression's operator or name, for error messages.
+    pub fn span(&self) -> Span {
+        match self {
+            Expr::Var(_, s)
+            | Expr::Num(_, s)
+            | Expr::Binary(_, _, _, s)
+            | Expr::Neg(_, s)
+            | Expr::Call(_, _, s) => *s,
+        }
+    }
+}
+
+/// A parameter of a custom cell.
+#[derive(Clone, Debug)]
+pub struct CustomParam {
+    /// Its name.
+    pub name: String,
+    /// Its dimensions (one: a vector; two: a matrix `(out, in)`).
+    pub dims: Vec<Dim>,
+    /// Where it was declared.
+    pub span: Span,
+}
+
+/// A cell written as equations.
+#[derive(Clone, Debug)]
+pub struct CustomCell {
+    /// Declared parameters, in declaration order.
+    pub params: Vec<CustomParam>,
+    /// Declared recurrent states and their sizes, in declaration order.
+    pub states: Vec<(String, Dim, Span)>,
+    /// `target = expr`, in order; assigning a state's name gives its next value.
+    pub equations: Vec<(String, Expr, Span)>,
+    /// The name whose value is the step's output (default: the first state).
+    pub output: (String, Span),
+}
+
+impl CustomCell {
+    /// Features of the output.
+    pub fn output_size(&self, input: usize, hidden: usize) -> usize {
+        self.states
+            .iter()
+            .find(|(n, _, _)| *n == self.output.0)
+            .map_or(hidden, |(_, d, _)| d.eval(input, hidden))
+    }
+}

@@ -1,0 +1,213 @@
+//! Weights: PyTorch `state_dict` names in and out through safetensors, strict checking against a
+//! program, inference of a model from a state dict, and PyTorch's initialisation from a seed.
+
+use crate::error::{Error, Result};
+use crate::program::Program;
+use crate::spec::{CellKind, ModelSpec};
+use crate::tensor::Tensor;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::BTreeMap;
+
+/// A model's parameters by PyTorch name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Weights {
+    /// The tensors, sorted by name.
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl Weights {
+    /// Checks that the weights are exactly the program's parameters: every one present, with its
+    /// shape, finite, and nothing else.
+    pub fn check(&self, p: &Program) -> Result<()> {
+        let params = p.parameters();
+        for (name, shape) in &params {
+            let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+                name: name.clone(),
+                expected: shape.clone(),
+            })?;
+            if t.shape != *shape {
+                return Err(Error::TensorShape {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: t.shape.clone(),
+                });
+            }
+            if let Some((index, found)) = t.first_non_finite() {
+                return Err(Error::NonFinite {
+                    name: name.clone(),
+                    index,
+                    found,
+                });
+            }
+        }
+        if let Some(extra) = self
+            .tensors
+            .keys()
+            .find(|k| !params.iter().any(|(n, _)| n == *k))
+        {
+            return Err(Error::UnexpectedTensor {
+                name: extra.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// PyTorch's initialisation: every parameter uniform in `±1/√hidden`, from `seed`
+    /// (ChaCha8, so the same seed gives the same weights on every platform).
+    pub fn init(p: &Program, seed: u64) -> Weights {
+        let k = 1.0 / (p.spec.hidden_size as f64).sqrt();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let tensors = p
+            .parameters()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n = shape.iter().product();
+                let data = (0..n)
+                    .map(|_| {
+                        // 24 random bits give a uniform float in [0, 1) exactly.
+                        let u = (rng.next_u32() >> 8) as f64 / (1u64 << 24) as f64;
+                        ((2.0 * u - 1.0) * k) as f32
+                    })
+                    .collect();
+                (name, Tensor { shape, data })
+            })
+            .collect();
+        Weights { tensors }
+    }
+
+    /// Reads and checks weights for `p` from safetensors bytes.
+    pub fn from_safetensors(bytes: &[u8], p: &Program) -> Result<Weights> {
+        let w = Weights {
+            tensors: read_safetensors(bytes)?,
+        };
+        w.check(p)?;
+        Ok(w)
+    }
+}
+
+/// Every tensor of a safetensors file, which must all be `F32`.
+pub fn read_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::WeightFile(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.iter() {
+        out.insert(name.to_string(), tensor_from_view(name, &view)?);
+    }
+    Ok(out)
+}
+
+fn tensor_from_view(name: &str, view: &TensorView) -> Result<Tensor> {
+    if view.dtype() != Dtype::F32 {
+        return Err(Error::TensorDtype {
+            name: name.into(),
+            expected: "F32".into(),
+            found: format!("{:?}", view.dtype()),
+        });
+    }
+    let data: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Tensor::new(view.shape().to_vec(), data).ok_or_else(|| {
+        Error::WeightFile(format!(
+            "tensor `{name}` holds a byte count that does not match its shape"
+        ))
+    })
+}
+
+/// The bytes of a safetensors file holding `tensors` (all `F32`).
+pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .values()
+        .map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, t), b)| {
+            TensorView::new(Dtype::F32, t.shape.clone(), b)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::WeightFile(format!("cannot write `{name}`: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize(views, None).map_err(|e| Error::WeightFile(e.to_string()))
+}
+
+/// Infers the model a PyTorch `nn.RNN` / `nn.LSTM` / `nn.GRU` state dict belongs to: layers and
+/// directions from the names, sizes and gate count from the shapes. `cell` settles what shapes
+/// cannot (tanh or relu) and is checked against the gate count.
+pub fn infer_spec(tensors: &BTreeMap<String, Tensor>, cell: Option<CellKind>) -> Result<ModelSpec> {
+    let get = |name: &str| {
+        tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            expected: vec![],
+        })
+    };
+    let w_ih = get("weight_ih_l0")?;
+    let w_hh = get("weight_hh_l0")?;
+    let dims2 = |name: &str, t: &Tensor| -> Result<(usize, usize)> {
+        match t.shape[..] {
+            [r, c] => Ok((r, c)),
+            _ => Err(Error::WeightsMismatch(format!(
+                "`{name}` must be a matrix, found shape {:?}",
+                t.shape
+            ))),
+        }
+    };
+    let (rows, input_size) = dims2("weight_ih_l0", w_ih)?;
+    let (rows_hh, rec) = dims2("weight_hh_l0", w_hh)?;
+    if rows != rows_hh {
+        return Err(Error::TensorShape {
+            name: "weight_hh_l0".into(),
+            expected: vec![rows, rec],
+            found: w_hh.shape.clone(),
+        });
+    }
+    let (hidden, proj) = match tensors.get("weight_hr_l0") {
+        Some(t) => {
+            let (p, h) = dims2("weight_hr_l0", t)?;
+            (h, p)
+        }
+        None => (rec, 0),
+    };
+    if hidden == 0 || rows % hidden != 0 {
+        return Err(Error::WeightsMismatch(format!(
+            "`weight_ih_l0` has {rows} rows, which is not a whole number of gates of the hidden size {hidden}"
+        )));
+    }
+    let gates = rows / hidden;
+    let cell = match (gates, cell) {
+        (g, Some(c)) if c.gates() == Some(g) => c,
+        (g, Some(c)) => {
+            return Err(Error::WeightsMismatch(format!(
+                "`--cell {}` has {} gate block(s), but `weight_ih_l0` has {g} ({rows} rows of hidden size {hidden})",
+                c.name(),
+                c.gates().unwrap_or(0)
+            )));
+        }
+        (1, None) => CellKind::RnnTanh,
+        (4, None) => CellKind::Lstm,
+        (3, None) => CellKind::Gru,
+        (g, None) => {
+            return Err(Error::WeightsMismatch(format!(
+                "{g} gate blocks in `weight_ih_l0` match no RNN, LSTM or GRU"
+            )));
+        }
+    };
+    let mut layers = 0;
+    while tensors.contains_key(&format!("weight_ih_l{layers}")) {
+        layers += 1;
+    }
+    let mut spec = ModelSpec::new(cell, input_size, hidden);
+    spec.num_layers = layers;
+    spec.bidirectional = tensors.contains_key("weight_ih_l0_reverse");
+    spec.bias = tensors.contains_key("bias_ih_l0");
+    spec.proj_size = proj;
+    if spec.bias && !tensors.contains_key("bias_hh_l0") {
+        spec.bias_convention = crate::spec::BiasConvention::One;
+    }
+    spec.validate().map_err(Error::WeightsMismatch)?;
+    Ok(spec)
+}

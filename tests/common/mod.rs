@@ -1,0 +1,93 @@
+//! Helpers shared by the integration tests: the PyTorch reference cases and tolerant comparison.
+#![allow(dead_code)]
+
+use rnn::ir::{CellKind, Tensor, npy, weights};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The folder of the PyTorch reference cases copied into the repository.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pytorch")
+}
+
+/// The names of the recurrent-layer cases (every case but the seq2seq one).
+pub fn rnn_cases() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| fixtures().join(n).join("expected.safetensors").exists())
+        .collect();
+    names.sort();
+    names
+}
+
+/// One PyTorch reference case.
+pub struct Case {
+    pub dir: PathBuf,
+    pub meta: serde_json::Value,
+    pub weights: BTreeMap<String, Tensor>,
+    pub input: Tensor,
+    pub h0: Option<Tensor>,
+    pub c0: Option<Tensor>,
+    pub lengths: Option<Vec<i64>>,
+    pub grad_output: Tensor,
+    pub expected: BTreeMap<String, Tensor>,
+}
+
+impl Case {
+    pub fn load(name: &str) -> Case {
+        let dir = fixtures().join(name);
+        let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+        let opt = |f: &str| {
+            dir.join(f)
+                .exists()
+                .then(|| npy::read_f32(&read(f)).unwrap())
+        };
+        Case {
+            meta: serde_json::from_slice(&read("meta.json")).unwrap(),
+            weights: weights::read_safetensors(&read("weights.safetensors")).unwrap(),
+            input: npy::read_f32(&read("input.npy")).unwrap(),
+            h0: opt("h0.npy"),
+            c0: opt("c0.npy"),
+            lengths: dir
+                .join("lengths.npy")
+                .exists()
+                .then(|| npy::read_i64(&read("lengths.npy")).unwrap().1),
+            grad_output: npy::read_f32(&read("grad_output.npy")).unwrap(),
+            expected: weights::read_safetensors(&read("expected.safetensors")).unwrap(),
+            dir,
+        }
+    }
+
+    pub fn cell(&self) -> CellKind {
+        match self.meta["cell"].as_str().unwrap() {
+            "rnn_tanh" => CellKind::RnnTanh,
+            "rnn_relu" => CellKind::RnnRelu,
+            "lstm" => CellKind::Lstm,
+            "gru" => CellKind::Gru,
+            c => panic!("unknown cell {c}"),
+        }
+    }
+
+    pub fn batch_first(&self) -> bool {
+        self.meta["batch_first"].as_bool().unwrap()
+    }
+}
+
+/// Asserts `|a - e| <= atol + rtol·|e|` element-wise, naming the tensor and the worst element.
+pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, rtol: f64, atol: f64) {
+    assert_eq!(actual.shape, expected.shape, "`{name}`: shape");
+    let mut worst: Option<(usize, f64)> = None;
+    for (i, (&a, &e)) in actual.data.iter().zip(&expected.data).enumerate() {
+        let excess = (a as f64 - e as f64).abs() - (atol + rtol * (e as f64).abs());
+        if excess > 0.0 && worst.is_none_or(|(_, w)| excess > w) {
+            worst = Some((i, excess));
+        }
+    }
+    if let Some((i, _)) = worst {
+        panic!(
+            "`{name}` differs at flat index {i}: got {}, expected {} (tolerance {rtol} relative + {atol} absolute)",
+            actual.data[i], expected.data[i]
+        );
+    }
+}
