@@ -1,1 +1,320 @@
-//! Benchmark workloads.
+//! The benchmark workloads W1–W6 (DESIGN.md) and their measurement: median, min and max time over
+//! repetitions, GFLOP/s, and the fraction of this machine's single-core limit.
+
+use crate::ir::interp::eval_graph;
+use crate::ir::ir::{Graph, OutRole, Role, Shape};
+use crate::{CellKind, Exec, ModelSpec, Program, Request, Result, Tensor, Weights};
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// The single-core f32 limit of the reference machine (2 × 256-bit FMA per cycle at 3.2 GHz).
+pub const LIMIT_GFLOPS: f64 = 103.0;
+
+/// A benchmark workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// `W1` … `W6`.
+    pub id: &'static str,
+    /// The long name (`lstm_fwd_seed`).
+    pub name: &'static str,
+    /// What is measured.
+    pub what: &'static str,
+}
+
+/// Every workload, in order.
+pub const WORKLOADS: [Workload; 6] = [
+    Workload {
+        id: "W1",
+        name: "lstm_fwd_seed",
+        what: "LSTM forward, input 256, hidden 256, batch 32, length 512",
+    },
+    Workload {
+        id: "W2",
+        name: "lstm_train_seed",
+        what: "W1 forward + backward (all weight and input gradients)",
+    },
+    Workload {
+        id: "W3",
+        name: "gru_stream",
+        what: "GRU one step per call, input 64, hidden 128, batch 1, 1000 steps",
+    },
+    Workload {
+        id: "W4",
+        name: "lstm_stream",
+        what: "LSTM one step per call, input 256, hidden 256, batch 1, 1000 steps",
+    },
+    Workload {
+        id: "W5",
+        name: "rnn_vanish",
+        what: "tanh RNN forward + backward to the input, input 32, hidden 64, batch 1, length 100",
+    },
+    Workload {
+        id: "W6",
+        name: "linear_seed",
+        what: "Linear 256→256 on a (32, 512, 256) tensor",
+    },
+];
+
+/// Looks a workload up by id (`W1`) or name (`lstm_fwd_seed`), case-insensitively.
+pub fn workload(key: &str) -> Option<Workload> {
+    WORKLOADS
+        .iter()
+        .copied()
+        .find(|w| w.id.eq_ignore_ascii_case(key) || w.name.eq_ignore_ascii_case(key))
+}
+
+/// One measurement of one workload.
+#[derive(Clone, Debug)]
+pub struct Measurement {
+    /// The workload.
+    pub workload: Workload,
+    /// The backend (`interp`).
+    pub backend: String,
+    /// Threads used.
+    pub threads: usize,
+    /// Median seconds per repetition (per step for the streaming workloads W3 and W4).
+    pub median_s: f64,
+    /// Fastest repetition.
+    pub min_s: f64,
+    /// Slowest repetition.
+    pub max_s: f64,
+    /// Repetitions timed (after one warm-up).
+    pub reps: usize,
+    /// Floating-point operations per repetition (per step for W3, W4).
+    pub flops: f64,
+}
+
+impl Measurement {
+    /// GFLOP/s at the median time.
+    pub fn gflops(&self) -> f64 {
+        self.flops / self.median_s / 1e9
+    }
+
+    /// `gflops / LIMIT_GFLOPS`.
+    pub fn limit_fraction(&self) -> f64 {
+        self.gflops() / LIMIT_GFLOPS
+    }
+
+    /// One JSON object, the format of `rnnc bench --json`.
+    pub fn json(&self) -> String {
+        format!(
+            "{{\"workload\": \"{}\", \"backend\": \"{}\", \"threads\": {}, \"median_s\": {:.6e}, \"min_s\": {:.6e}, \"max_s\": {:.6e}, \"reps\": {}, \"gflops\": {:.3}, \"limit_fraction\": {:.4}}}",
+            self.workload.id,
+            self.backend,
+            self.threads,
+            self.median_s,
+            self.min_s,
+            self.max_s,
+            self.reps,
+            self.gflops(),
+            self.limit_fraction()
+        )
+    }
+
+    /// One human-readable line.
+    pub fn line(&self) -> String {
+        let unit = if matches!(self.workload.id, "W3" | "W4") {
+            "per step"
+        } else {
+            "per run"
+        };
+        format!(
+            "{} {:<16} {:<7} {} thread(s)  median {:>10} {unit} (min {}, max {}, {} reps)  {:>7.2} GFLOP/s  {:.3} of the {LIMIT_GFLOPS} GFLOP/s limit",
+            self.workload.id,
+            self.workload.name,
+            self.backend,
+            self.threads,
+            human(self.median_s),
+            human(self.min_s),
+            human(self.max_s),
+            self.reps,
+            self.gflops(),
+            self.limit_fraction()
+        )
+    }
+}
+
+fn human(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.3} ms", s * 1e3)
+    } else {
+        format!("{:.2} µs", s * 1e6)
+    }
+}
+
+/// A tensor of uniform values in `[-1, 1)` from `seed`.
+pub fn random_tensor(shape: Vec<usize>, seed: u64) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let data = (0..n)
+        .map(|_| ((rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32) * 2.0 - 1.0)
+        .collect();
+    Tensor { shape, data }
+}
+
+/// FLOPs of one forward pass of a one-layer cell with `gates` gate blocks.
+pub fn cell_flops(gates: usize, input: usize, hidden: usize, batch: usize, steps: usize) -> f64 {
+    2.0 * (gates * hidden * (input + hidden) * batch * steps) as f64
+}
+
+fn time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    f()?; // warm-up
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+fn spec(cell: CellKind, input: usize, hidden: usize) -> ModelSpec {
+    ModelSpec::new(cell, input, hidden)
+}
+
+/// Runs workload `w` on `backend` with `threads` threads for `reps` timed repetitions.
+pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Result<Measurement> {
+    if backend != "interp" {
+        return Err(crate::Error::Argument(format!(
+            "unknown backend `{backend}`: expected `interp`"
+        )));
+    }
+    let exec = Exec { threads };
+    let reps = reps.max(1);
+    let (times, flops, per_step) = match w.id {
+        "W1" | "W2" => {
+            let (i, h, b, t) = (256, 256, 32, 512);
+            let program = Program::compile(&spec(CellKind::Lstm, i, h))?;
+            let bound = program.bind::<f32>(&Weights::init(&program, 1))?;
+            let x = random_tensor(vec![t, b, i], 2);
+            let gy = random_tensor(vec![t, b, h], 3);
+            let train = w.id == "W2";
+            let req = Request {
+                input: Some(&x),
+                grad_output: train.then_some(&gy),
+                ..Default::default()
+            };
+            let fwd = cell_flops(4, i, h, b, t);
+            (
+                time(reps, || bound.run(&req, &exec).map(drop))?,
+                if train { 3.0 * fwd } else { fwd },
+                1,
+            )
+        }
+        "W3" | "W4" => {
+            let (cell, gates, i, h) = if w.id == "W3" {
+                (CellKind::Gru, 3, 64, 128)
+            } else {
+                (CellKind::Lstm, 4, 256, 256)
+            };
+            let steps = 1000;
+            let program = Program::compile(&spec(cell, i, h))?;
+            let bound = program.bind::<f32>(&Weights::init(&program, 1))?;
+            let xs: Vec<Tensor> = (0..steps)
+                .map(|s| random_tensor(vec![1, 1, i], 10 + s as u64))
+                .collect();
+            let times = time(reps, || {
+                let mut states: Vec<Tensor> = Vec::new();
+                for x in &xs {
+                    let req = Request {
+                        input: Some(x),
+                        initial_states: states.iter().map(Some).collect(),
+                        ..Default::default()
+                    };
+                    states = bound.run(&req, &exec)?.final_states;
+                }
+                Ok(())
+            })?;
+            (times, cell_flops(gates, i, h, 1, 1), steps)
+        }
+        "W5" => {
+            let (i, h, b, t) = (32, 64, 1, 100);
+            let program = Program::compile(&spec(CellKind::RnnTanh, i, h))?;
+            let bound = program.bind::<f32>(&Weights::init(&program, 1))?;
+            let x = random_tensor(vec![t, b, i], 2);
+            // The loss is the last step's output: its gradient reaches every earlier input
+            // through the recurrence alone, which is what shows vanishing gradients.
+            let mut gy = Tensor::zeros(vec![t, b, h]);
+            gy.data[(t - 1) * b * h..].fill(1.0);
+            let req = Request {
+                input: Some(&x),
+                grad_output: Some(&gy),
+                ..Default::default()
+            };
+            (
+                time(reps, || bound.run(&req, &exec).map(drop))?,
+                3.0 * cell_flops(1, i, h, b, t),
+                1,
+            )
+        }
+        "W6" => {
+            let (rows, n) = (32 * 512, 256);
+            let mut g = Graph::new();
+            let x = g.x(n);
+            let wt = g.param("weight", Shape::Matrix(n, n));
+            let bias = g.param("bias", Shape::Vector(n));
+            let y = g.matmul(wt, x)?;
+            let y = g.add(y, bias)?;
+            g.set_output(OutRole::Output, y);
+            let mut inputs = HashMap::new();
+            inputs.insert(Role::Input, random_tensor(vec![rows, n], 1).data);
+            inputs.insert(Role::Param(0), random_tensor(vec![n, n], 2).data);
+            inputs.insert(Role::Param(1), random_tensor(vec![n], 3).data);
+            let times = time(reps, || {
+                eval_graph::<f32>(&g, rows, &inputs, &exec).map(drop)
+            })?;
+            (times, 2.0 * (rows * n * n) as f64, 1)
+        }
+        other => {
+            return Err(crate::Error::Argument(format!(
+                "unknown workload `{other}`"
+            )));
+        }
+    };
+    let mut per: Vec<f64> = times.iter().map(|t| t / per_step as f64).collect();
+    per.sort_by(f64::total_cmp);
+    Ok(Measurement {
+        workload: w,
+        backend: backend.to_string(),
+        threads,
+        median_s: per[per.len() / 2],
+        min_s: per[0],
+        max_s: per[per.len() - 1],
+        reps,
+        flops,
+    })
+}
+
+/// The gradient norm of the loss (the last step's summed output) with respect to each input
+/// step `x_t`, for a tanh RNN of the W5 shape: the chapter's vanishing-gradient experiment.
+pub fn gradient_norms(program: &Program, weights: &Weights, x: &Tensor) -> Result<Vec<f64>> {
+    let (t, b) = (x.shape[0], x.shape[1]);
+    let width = program.spec.output_size() * program.spec.directions();
+    let mut gy = Tensor::zeros(vec![t, b, width]);
+    gy.data[(t - 1) * b * width..].fill(1.0);
+    let req = Request {
+        input: Some(x),
+        grad_output: Some(&gy),
+        ..Default::default()
+    };
+    let grads = program
+        .run::<f32>(weights, &req, &Exec::default())?
+        .grads
+        .expect("gradients were asked for");
+    let per_step = grads.input.data.len() / t;
+    Ok(grads
+        .input
+        .data
+        .chunks(per_step)
+        .map(|c| {
+            c.iter()
+                .map(|&v| (v as f64) * (v as f64))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect())
+}
