@@ -701,9 +701,26 @@ impl Program {
     }
 }
 
+/// A [`Response`] together with the output and final states in the precision computed in.
+#[derive(Clone, Debug)]
+pub struct RawResponse<T> {
+    /// The response, in `f32`.
+    pub response: Response,
+    /// The output's elements, laid out as `response.output`.
+    pub output: Vec<T>,
+    /// The final states' elements, laid out as `response.final_states`.
+    pub final_states: Vec<Vec<T>>,
+}
+
 impl<T: Real> Bound<'_, T> {
     /// Runs the model on `req`; every argument is checked first (see [`Request`]).
     pub fn run(&self, req: &Request, exec: &Exec) -> Result<Response> {
+        Ok(self.run_raw(req, exec)?.response)
+    }
+
+    /// [`Bound::run`], also returning the output and final states unrounded (gradient checks
+    /// take finite differences of them in `f64`).
+    pub fn run_raw(&self, req: &Request, exec: &Exec) -> Result<RawResponse<T>> {
         let program = self.program;
         let param_data = &self.params;
         let (steps, batch, lengths) = check_request(program, req)?;
@@ -809,16 +826,23 @@ impl<T: Real> Bound<'_, T> {
                 data: f.iter().flat_map(|v| to_f32(v)).collect(),
             })
             .collect();
+        let raw_output = output;
+        let raw_finals: Vec<Vec<T>> = finals.iter().map(|f| f.concat()).collect();
         let output = Tensor {
             shape: out_shape,
-            data: to_f32(&output),
+            data: to_f32(&raw_output),
+        };
+        let raw = |response| RawResponse {
+            response,
+            output: raw_output,
+            final_states: raw_finals,
         };
         let Some(gy) = req.grad_output else {
-            return Ok(Response {
+            return Ok(raw(Response {
                 output,
                 final_states,
                 grads: None,
-            });
+            }));
         };
 
         // Backward, last layer first; each direction's input gradient adds into the layer's.
@@ -930,11 +954,11 @@ impl<T: Real> Bound<'_, T> {
             initial_states,
             params,
         };
-        Ok(Response {
+        Ok(raw(Response {
             output,
             final_states,
             grads: Some(grads),
-        })
+        }))
     }
 }
 

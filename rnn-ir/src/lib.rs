@@ -45,7 +45,7 @@ pub mod tensor;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use interp::{Bound, Exec, Gradients, Request, Response};
+pub use interp::{Bound, Exec, Gradients, RawResponse, Request, Response};
 pub use program::{CompileOptions, Program};
 pub use spec::{CellKind, ModelSpec};
 pub use tensor::Tensor;

@@ -137,7 +137,9 @@ pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> 
 
 /// Infers the model a PyTorch `nn.RNN` / `nn.LSTM` / `nn.GRU` state dict belongs to: layers and
 /// directions from the names, sizes and gate count from the shapes. `cell` settles what shapes
-/// cannot (tanh or relu) and is checked against the gate count.
+/// cannot (tanh or relu) and is checked against the gate count. PyTorch always stores both
+/// biases, so the result uses its two-bias convention; a missing `bias_hh` is then reported by
+/// [`Weights::check`] as missing rather than read as another convention.
 pub fn infer_spec(tensors: &BTreeMap<String, Tensor>, cell: Option<CellKind>) -> Result<ModelSpec> {
     let get = |name: &str| {
         tensors.get(name).ok_or_else(|| Error::MissingTensor {
@@ -205,9 +207,6 @@ pub fn infer_spec(tensors: &BTreeMap<String, Tensor>, cell: Option<CellKind>) ->
     spec.bidirectional = tensors.contains_key("weight_ih_l0_reverse");
     spec.bias = tensors.contains_key("bias_ih_l0");
     spec.proj_size = proj;
-    if spec.bias && !tensors.contains_key("bias_hh_l0") {
-        spec.bias_convention = crate::spec::BiasConvention::One;
-    }
     spec.validate().map_err(Error::WeightsMismatch)?;
     Ok(spec)
 }

@@ -1,0 +1,472 @@
+//! Gradient checks: autodiff against central finite differences, in `f64`.
+//!
+//! Two levels. For every op, a one-op graph is differentiated by `autodiff::backward` and both
+//! graphs are run by the interpreter; the loss is `Σ y ⊙ G` for a random `G`. Then whole models
+//! (every standard cell, three custom cells, layers, directions, packed lengths) are run through
+//! BPTT and every parameter, input and initial-state gradient is checked.
+
+use rnn::bench::random_tensor;
+use rnn::ir::autodiff::backward;
+use rnn::ir::interp::eval_graph;
+use rnn::ir::ir::{Graph, Op, OutRole, Role, Shape, Value};
+use rnn::ir::spec::{BiasConvention, GruReset};
+use rnn::{CellKind, Exec, ModelSpec, Program, Request, Tensor, Weights, parse_str};
+use std::collections::HashMap;
+
+const ROWS: usize = 3;
+
+/// Random `f64` values in (-1, 1) kept away from 0, so that relu and step are differentiable at
+/// every point drawn.
+fn random(n: usize, seed: u64) -> Vec<f64> {
+    random_tensor(vec![n], seed)
+        .data
+        .iter()
+        .map(|&v| {
+            let v = v as f64;
+            if v.abs() < 0.1 {
+                v + 0.2f64.copysign(v)
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+fn len(shape: Shape) -> usize {
+    if shape.is_batched() {
+        ROWS * shape.row_len()
+    } else {
+        shape.row_len()
+    }
+}
+
+/// Checks the autodiff gradient of every input of `g` (whose `Output` is the result) against
+/// central differences of `Σ output ⊙ G`.
+fn check_graph(g: &Graph, what: &str) {
+    let exec = Exec::default();
+    let out = g.output(OutRole::Output).expect("an output");
+    let mut inputs: HashMap<Role, Vec<f64>> = HashMap::new();
+    for (i, v) in g.iter().enumerate() {
+        if let Op::Input(role) = g.data(v).op {
+            inputs.insert(role, random(len(g.shape(v)), 100 + i as u64));
+        }
+    }
+    let weight = random(len(g.shape(out)), 7);
+    let loss = |inputs: &HashMap<Role, Vec<f64>>| -> f64 {
+        let vals = eval_graph::<f64>(g, ROWS, inputs, &exec).unwrap();
+        vals[out.index()]
+            .iter()
+            .zip(&weight)
+            .map(|(y, w)| y * w)
+            .sum()
+    };
+
+    let b = backward(g).unwrap();
+    let fwd = eval_graph::<f64>(g, ROWS, &inputs, &exec).unwrap();
+    let mut b_inputs: HashMap<Role, Vec<f64>> = HashMap::new();
+    for v in b.iter() {
+        if let Op::Input(role) = b.data(v).op {
+            let x = match role {
+                Role::Saved(s) => fwd[s.index()].clone(),
+                Role::Cotangent(OutRole::Output) => weight.clone(),
+                Role::Cotangent(_) => vec![0.0; len(b.shape(v))],
+                other => inputs[&other].clone(),
+            };
+            b_inputs.insert(role, x);
+        }
+    }
+    let grads = eval_graph::<f64>(&b, ROWS, &b_inputs, &exec).unwrap();
+    for v in g.iter() {
+        let Op::Input(role) = g.data(v).op else {
+            continue;
+        };
+        let grad_role = match role {
+            Role::Param(p) => OutRole::ParamGrad(p),
+            Role::Input => OutRole::InputGrad,
+            Role::State(k) => OutRole::StateGrad(k),
+            _ => unreachable!(),
+        };
+        let analytic = &grads[b.output(grad_role).unwrap().index()];
+        for i in 0..inputs[&role].len() {
+            let eps = 1e-6;
+            let mut plus = inputs.clone();
+            plus.get_mut(&role).unwrap()[i] += eps;
+            let mut minus = inputs.clone();
+            minus.get_mut(&role).unwrap()[i] -= eps;
+            let numeric = (loss(&plus) - loss(&minus)) / (2.0 * eps);
+            let a = analytic[i];
+            assert!(
+                (a - numeric).abs() <= 1e-7 + 1e-6 * numeric.abs(),
+                "{what}: d loss / d {}[{i}] is {a} by autodiff, {numeric} by finite differences",
+                g.role_name(role)
+            );
+        }
+    }
+}
+
+/// A graph with batched inputs `x: batch[3]` and `s: batch[3]`, a matrix `W: [4, 3]` and a vector
+/// `b: [3]`, whose output is `f` of them.
+fn op_graph(f: impl FnOnce(&mut Graph, [Value; 4]) -> Value) -> Graph {
+    let mut g = Graph::new();
+    let x = g.x(3);
+    let s = g.state("s", 3);
+    let w = g.param("W", Shape::Matrix(4, 3));
+    let b = g.param("b", Shape::Vector(3));
+    let y = f(&mut g, [x, s, w, b]);
+    g.set_output(OutRole::Output, y);
+    g.set_output(OutRole::State(0), s);
+    g
+}
+
+#[test]
+fn matmul_gradient() {
+    // y = x·Wᵀ:  dW = Gᵀ·x,  dx = G·W
+    check_graph(
+        &op_graph(|g, [x, _, w, _]| g.matmul(w, x).unwrap()),
+        "matmul",
+    );
+}
+
+#[test]
+fn matmul_t_gradient() {
+    // y = d·W with d = W·x (batch[4]):  dd = G·Wᵀ,  dW = dᵀ·G (plus matmul's share)
+    check_graph(
+        &op_graph(|g, [x, _, w, _]| {
+            let d = g.matmul(w, x).unwrap();
+            g.push(Op::MatMulT, &[w, d]).unwrap()
+        }),
+        "matmul_t",
+    );
+}
+
+#[test]
+fn outer_sum_gradient() {
+    // M = sᵀ·x (3 × 3, summed over rows), read back through y = x·Mᵀ.
+    check_graph(
+        &op_graph(|g, [x, s, _, _]| {
+            let m = g.push(Op::OuterSum, &[s, x]).unwrap();
+            g.matmul(m, x).unwrap()
+        }),
+        "outer_sum",
+    );
+}
+
+#[test]
+fn sum_rows_and_broadcast_gradients() {
+    // v = Σ_rows x;  y = broadcast(v) ⊙ s:  dx_r = Σ_rows (G ⊙ s),  ds = G ⊙ v
+    check_graph(
+        &op_graph(|g, [x, s, _, _]| {
+            let v = g.push(Op::SumRows, &[x]).unwrap();
+            let bv = g.push(Op::Broadcast, &[v]).unwrap();
+            g.mul(bv, s).unwrap()
+        }),
+        "sum_rows/broadcast",
+    );
+}
+
+#[test]
+fn add_sub_mul_neg_gradients_with_broadcast_bias() {
+    // y = (x + b) ⊙ s - (-x):  dx = G ⊙ s + G,  ds = G ⊙ (x + b),  db = Σ_rows G ⊙ s
+    check_graph(
+        &op_graph(|g, [x, s, _, b]| {
+            let xb = g.add(x, b).unwrap();
+            let m = g.mul(xb, s).unwrap();
+            let nx = g.push(Op::Neg, &[x]).unwrap();
+            g.sub(m, nx).unwrap()
+        }),
+        "add/sub/mul/neg",
+    );
+}
+
+#[test]
+fn scalar_constant_gradient() {
+    // y = 1 - 2 ⊙ x:  dx = -2 G
+    check_graph(
+        &op_graph(|g, [x, _, _, _]| {
+            let one = g.constant(1.0, Shape::Scalar);
+            let two = g.constant(2.0, Shape::Scalar);
+            let tx = g.mul(two, x).unwrap();
+            g.sub(one, tx).unwrap()
+        }),
+        "constants",
+    );
+}
+
+#[test]
+fn sigmoid_gradient() {
+    // y = σ(x):  dx = G ⊙ y ⊙ (1 - y)
+    check_graph(
+        &op_graph(|g, [x, _, _, _]| g.sigmoid(x).unwrap()),
+        "sigmoid",
+    );
+}
+
+#[test]
+fn tanh_gradient() {
+    // y = tanh(x):  dx = G ⊙ (1 - y²)
+    check_graph(&op_graph(|g, [x, _, _, _]| g.tanh(x).unwrap()), "tanh");
+}
+
+#[test]
+fn relu_gradient() {
+    // y = relu(x):  dx = G ⊙ [x > 0]
+    check_graph(&op_graph(|g, [x, _, _, _]| g.relu(x).unwrap()), "relu");
+}
+
+#[test]
+fn step_has_zero_gradient() {
+    // y = [x > 0] ⊙ s:  dx = 0 (away from 0),  ds = G ⊙ [x > 0]
+    check_graph(
+        &op_graph(|g, [x, s, _, _]| {
+            let st = g.push(Op::Step, &[x]).unwrap();
+            g.mul(st, s).unwrap()
+        }),
+        "step",
+    );
+}
+
+#[test]
+fn slice_and_concat_gradients() {
+    // y = concat(x[1..3], s, x[0..1]) scaled by W's first rows: each piece's gradient lands in
+    // its source, overlapping slices add.
+    check_graph(
+        &op_graph(|g, [x, s, w, _]| {
+            let a = g.slice(x, 1, 2).unwrap();
+            let c = g.slice(x, 0, 1).unwrap();
+            let d = g.slice(x, 0, 2).unwrap();
+            let cat = g.push(Op::Concat, &[a, s, c, d]).unwrap();
+            let ws = g.slice(w, 0, 2).unwrap(); // a matrix slice: [2, 3]
+            let wx = g.matmul(ws, x).unwrap();
+            let all = g.push(Op::Concat, &[cat, wx]).unwrap();
+            g.tanh(all).unwrap()
+        }),
+        "slice/concat",
+    );
+}
+
+/// Checks every gradient of a whole model's BPTT against central differences of
+/// `Σ output ⊙ G + Σ h_n ⊙ G_h`, perturbing the `f32` parameters and inputs by an exact step.
+fn check_model(
+    spec: &ModelSpec,
+    steps: usize,
+    batch: usize,
+    lengths: Option<Vec<i64>>,
+    with_h0: bool,
+) {
+    let program = Program::compile(spec).unwrap();
+    let weights = Weights::init(&program, 11);
+    let width = spec.output_size() * spec.directions();
+    let ld = spec.num_layers * spec.directions();
+    let x = random_tensor(vec![steps, batch, spec.input_size], 12);
+    let gy = random_tensor(vec![steps, batch, width], 13);
+    let states = program.states().to_vec();
+    let h0s: Vec<Tensor> = states
+        .iter()
+        .enumerate()
+        .map(|(k, s)| random_tensor(vec![ld, batch, s.1], 20 + k as u64))
+        .collect();
+    let g_final: Vec<Tensor> = states
+        .iter()
+        .enumerate()
+        .map(|(k, s)| random_tensor(vec![ld, batch, s.1], 30 + k as u64))
+        .collect();
+    let exec = Exec::default();
+
+    let loss = |w: &Weights, x: &Tensor, h0s: &[Tensor]| -> f64 {
+        let req = Request {
+            input: Some(x),
+            initial_states: if with_h0 {
+                h0s.iter().map(Some).collect()
+            } else {
+                vec![]
+            },
+            lengths: lengths.as_deref(),
+            ..Default::default()
+        };
+        let r = program
+            .bind::<f64>(w)
+            .unwrap()
+            .run_raw(&req, &exec)
+            .unwrap();
+        let mut l: f64 = r
+            .output
+            .iter()
+            .zip(&gy.data)
+            .map(|(y, g)| y * *g as f64)
+            .sum();
+        for (f, g) in r.final_states.iter().zip(&g_final) {
+            l += f
+                .iter()
+                .zip(&g.data)
+                .map(|(y, g)| y * *g as f64)
+                .sum::<f64>();
+        }
+        l
+    };
+    let req = Request {
+        input: Some(&x),
+        initial_states: if with_h0 {
+            h0s.iter().map(Some).collect()
+        } else {
+            vec![]
+        },
+        lengths: lengths.as_deref(),
+        grad_output: Some(&gy),
+        grad_final_states: g_final.iter().map(Some).collect(),
+    };
+    let grads = program
+        .bind::<f64>(&weights)
+        .unwrap()
+        .run(&req, &exec)
+        .unwrap()
+        .grads
+        .unwrap();
+
+    // Central difference along one f32 element, with the step actually taken after rounding.
+    let numeric = |get: &dyn Fn(f32) -> f64, v: f32| -> f64 {
+        let (up, down) = (v + 1e-3, v - 1e-3);
+        (get(up) - get(down)) / (up as f64 - down as f64)
+    };
+    let close = |a: f32, n: f64, what: &str| {
+        assert!(
+            (a as f64 - n).abs() <= 2e-5 + 1e-4 * n.abs(),
+            "{}: {what} is {a} by BPTT, {n} by finite differences",
+            spec.cell.name()
+        );
+    };
+    for (name, t) in &weights.tensors {
+        for i in (0..t.data.len()).step_by(t.data.len().div_ceil(12)) {
+            let n = numeric(
+                &|v| {
+                    let mut w = weights.clone();
+                    w.tensors.get_mut(name).unwrap().data[i] = v;
+                    loss(&w, &x, &h0s)
+                },
+                t.data[i],
+            );
+            close(grads.params[name].data[i], n, &format!("d/d {name}[{i}]"));
+        }
+    }
+    for i in (0..x.data.len()).step_by(x.data.len().div_ceil(12)) {
+        let n = numeric(
+            &|v| {
+                let mut x2 = x.clone();
+                x2.data[i] = v;
+                loss(&weights, &x2, &h0s)
+            },
+            x.data[i],
+        );
+        close(grads.input.data[i], n, &format!("d/d input[{i}]"));
+    }
+    if with_h0 {
+        for (k, h0) in h0s.iter().enumerate() {
+            for i in 0..h0.data.len() {
+                let n = numeric(
+                    &|v| {
+                        let mut hs = h0s.clone();
+                        hs[k].data[i] = v;
+                        loss(&weights, &x, &hs)
+                    },
+                    h0.data[i],
+                );
+                close(
+                    grads.initial_states[k].data[i],
+                    n,
+                    &format!("d/d {}0[{i}]", states[k].0),
+                );
+            }
+        }
+    }
+}
+
+fn spec(cell: CellKind, input: usize, hidden: usize) -> ModelSpec {
+    ModelSpec::new(cell, input, hidden)
+}
+
+#[test]
+fn bptt_rnn_tanh_and_relu() {
+    check_model(&spec(CellKind::RnnTanh, 3, 4), 4, 2, None, true);
+    check_model(&spec(CellKind::RnnRelu, 3, 4), 4, 2, None, true);
+}
+
+#[test]
+fn bptt_lstm_with_states_and_projection() {
+    check_model(&spec(CellKind::Lstm, 3, 4), 4, 2, None, true);
+    let mut proj = spec(CellKind::Lstm, 3, 5);
+    proj.proj_size = 2;
+    check_model(&proj, 3, 2, None, true);
+}
+
+#[test]
+fn bptt_gru_both_reset_placements() {
+    check_model(&spec(CellKind::Gru, 3, 4), 4, 2, None, true);
+    let mut cho = spec(CellKind::Gru, 3, 4);
+    cho.gru_reset = GruReset::BeforeMatmul;
+    check_model(&cho, 4, 2, None, true);
+}
+
+#[test]
+fn bptt_stacked_bidirectional_packed() {
+    let mut s = spec(CellKind::Lstm, 2, 3);
+    s.num_layers = 2;
+    s.bidirectional = true;
+    check_model(&s, 4, 3, Some(vec![4, 1, 3]), true);
+    let mut g = spec(CellKind::Gru, 2, 3);
+    g.bidirectional = true;
+    g.bias_convention = BiasConvention::One;
+    check_model(&g, 3, 2, Some(vec![2, 3]), false);
+}
+
+/// A peephole LSTM (Gers & Schmidhuber) with one weight per gate.
+pub const PEEPHOLE: &str = "cell Peephole {
+    input: 3, hidden: 4,
+    param W_i: [hidden, input], param W_f: [hidden, input], param W_g: [hidden, input], param W_o: [hidden, input],
+    param U_i: [hidden, hidden], param U_f: [hidden, hidden], param U_g: [hidden, hidden], param U_o: [hidden, hidden],
+    param b_i: [hidden], param b_f: [hidden], param b_g: [hidden], param b_o: [hidden],
+    param p_i: [hidden], param p_f: [hidden], param p_o: [hidden],
+    state h, state c,
+    i = sigmoid(W_i @ x + U_i @ h + p_i * c + b_i),
+    f = sigmoid(W_f @ x + U_f @ h + p_f * c + b_f),
+    g = tanh(W_g @ x + U_g @ h + b_g),
+    c = f * c + i * g,
+    o = sigmoid(W_o @ x + U_o @ h + p_o * c + b_o),
+    h = o * tanh(c),
+    output h
+}";
+
+/// The minimal gated unit (Zhou et al.): one forget gate.
+pub const MINIMAL_GRU: &str = "cell MinimalGru {
+    input: 3, hidden: 4,
+    param W_f: [hidden, input], param U_f: [hidden, hidden], param b_f: [hidden],
+    param W_h: [hidden, input], param U_h: [hidden, hidden], param b_h: [hidden],
+    state h;
+    f = sigmoid(W_f @ x + U_f @ h + b_f);
+    candidate = tanh(W_h @ x + U_h @ (f * h) + b_h);
+    h = (1 - f) * h + f * candidate;
+}";
+
+/// An Elman network with a ReLU.
+pub const RELU_ELMAN: &str = "cell Elman {
+    input: 3, hidden: 4,
+    param W_xh: [hidden, input], param W_hh: [hidden, hidden], param b: [hidden],
+    state h,
+    h = relu(W_hh @ h + W_xh @ x + b)
+}";
+
+#[test]
+fn bptt_custom_peephole_lstm() {
+    check_model(&parse_str(PEEPHOLE).unwrap(), 4, 2, None, true);
+}
+
+#[test]
+fn bptt_custom_minimal_gru() {
+    check_model(&parse_str(MINIMAL_GRU).unwrap(), 4, 2, None, true);
+}
+
+#[test]
+fn bptt_custom_relu_elman_stacked() {
+    let mut s = parse_str(RELU_ELMAN).unwrap();
+    s.num_layers = 2;
+    s.bidirectional = true;
+    check_model(&s, 4, 2, Some(vec![4, 2]), true);
+}
