@@ -91,3 +91,39 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, rtol: f64, a
         );
     }
 }
+
+/// A peephole LSTM (Gers & Schmidhuber) with one weight per gate.
+pub const PEEPHOLE: &str = "cell Peephole {
+    input: 3, hidden: 4,
+    param W_i: [hidden, input], param W_f: [hidden, input], param W_g: [hidden, input], param W_o: [hidden, input],
+    param U_i: [hidden, hidden], param U_f: [hidden, hidden], param U_g: [hidden, hidden], param U_o: [hidden, hidden],
+    param b_i: [hidden], param b_f: [hidden], param b_g: [hidden], param b_o: [hidden],
+    param p_i: [hidden], param p_f: [hidden], param p_o: [hidden],
+    state h, state c,
+    i = sigmoid(W_i @ x + U_i @ h + p_i * c + b_i),
+    f = sigmoid(W_f @ x + U_f @ h + p_f * c + b_f),
+    g = tanh(W_g @ x + U_g @ h + b_g),
+    c = f * c + i * g,
+    o = sigmoid(W_o @ x + U_o @ h + p_o * c + b_o),
+    h = o * tanh(c),
+    output h
+}";
+
+/// The minimal gated unit (Zhou et al.): one forget gate.
+pub const MINIMAL_GRU: &str = "cell MinimalGru {
+    input: 3, hidden: 4,
+    param W_f: [hidden, input], param U_f: [hidden, hidden], param b_f: [hidden],
+    param W_h: [hidden, input], param U_h: [hidden, hidden], param b_h: [hidden],
+    state h;
+    f = sigmoid(W_f @ x + U_f @ h + b_f);
+    candidate = tanh(W_h @ x + U_h @ (f * h) + b_h);
+    h = (1 - f) * h + f * candidate;
+}";
+
+/// An Elman network with a ReLU.
+pub const RELU_ELMAN: &str = "cell Elman {
+    input: 3, hidden: 4,
+    param W_xh: [hidden, input], param W_hh: [hidden, hidden], param b: [hidden],
+    state h,
+    h = relu(W_hh @ h + W_xh @ x + b)
+}";
