@@ -140,16 +140,15 @@ pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> 
 /// cannot (tanh or relu) and is checked against the gate count. PyTorch always stores both
 /// biases, so the result uses its two-bias convention; a missing `bias_hh` is then reported by
 /// [`Weights::check`] as missing rather than read as another convention.
+///
+/// Only the layer-0 tensors are read here; [`Weights::check`] then checks every tensor against
+/// the inferred model, naming the one at fault.
 pub fn infer_spec(tensors: &BTreeMap<String, Tensor>, cell: Option<CellKind>) -> Result<ModelSpec> {
-    let get = |name: &str| {
-        tensors.get(name).ok_or_else(|| Error::MissingTensor {
+    let matrix = |name: &str| -> Result<(usize, usize)> {
+        let t = tensors.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.into(),
             expected: vec![],
-        })
-    };
-    let w_ih = get("weight_ih_l0")?;
-    let w_hh = get("weight_hh_l0")?;
-    let dims2 = |name: &str, t: &Tensor| -> Result<(usize, usize)> {
+        })?;
         match t.shape[..] {
             [r, c] => Ok((r, c)),
             _ => Err(Error::WeightsMismatch(format!(
@@ -158,28 +157,46 @@ pub fn infer_spec(tensors: &BTreeMap<String, Tensor>, cell: Option<CellKind>) ->
             ))),
         }
     };
-    let (rows, input_size) = dims2("weight_ih_l0", w_ih)?;
-    let (rows_hh, rec) = dims2("weight_hh_l0", w_hh)?;
-    if rows != rows_hh {
-        return Err(Error::TensorShape {
-            name: "weight_hh_l0".into(),
-            expected: vec![rows, rec],
-            found: w_hh.shape.clone(),
-        });
-    }
-    let (hidden, proj) = match tensors.get("weight_hr_l0") {
-        Some(t) => {
-            let (p, h) = dims2("weight_hr_l0", t)?;
-            (h, p)
+    let (rows, input_size) = matrix("weight_ih_l0")?;
+    let (rows_hh, rec) = matrix("weight_hh_l0")?;
+    let gates_of = |hidden: usize, source: &str| -> Result<usize> {
+        if hidden == 0 || rows % hidden != 0 {
+            return Err(Error::WeightsMismatch(format!(
+                "`weight_ih_l0` has {rows} rows, not a whole number of gate blocks of the hidden size {hidden} ({source})"
+            )));
         }
-        None => (rec, 0),
+        Ok(rows / hidden)
     };
-    if hidden == 0 || rows % hidden != 0 {
-        return Err(Error::WeightsMismatch(format!(
-            "`weight_ih_l0` has {rows} rows, which is not a whole number of gates of the hidden size {hidden}"
-        )));
-    }
-    let gates = rows / hidden;
+    let (hidden, proj, gates) = if tensors.contains_key("weight_hr_l0") {
+        let (p, h) = matrix("weight_hr_l0")?;
+        (h, p, gates_of(h, "the columns of `weight_hr_l0`")?)
+    } else if let Some(c) = &cell {
+        // The cell fixes the gate count, so the hidden size follows from `weight_ih_l0`, and
+        // `weight_hh_l0` is checked against it like every other tensor.
+        let gates = c.gates().unwrap_or(1);
+        if rows % gates != 0 {
+            return Err(Error::WeightsMismatch(format!(
+                "`weight_ih_l0` has {rows} rows, not a whole number of the {gates} gate blocks of `--cell {}`",
+                c.name()
+            )));
+        }
+        let hidden = rows / gates;
+        if rec != hidden && rec > 0 && rows % rec == 0 && rows_hh == rows {
+            return Err(Error::WeightsMismatch(format!(
+                "`--cell {}` has {gates} gate block(s), but `weight_ih_l0` [{rows}, {input_size}] and `weight_hh_l0` [{rows_hh}, {rec}] hold {} blocks of hidden size {rec}",
+                c.name(),
+                rows / rec
+            )));
+        }
+        (hidden, 0, gates)
+    } else {
+        if rec == 0 || rows_hh % rec != 0 || rows_hh != rows {
+            return Err(Error::WeightsMismatch(format!(
+                "`weight_hh_l0` has shape [{rows_hh}, {rec}]: its columns (the hidden size) must divide {rows} rows (those of `weight_ih_l0`) into 1, 3 or 4 gate blocks"
+            )));
+        }
+        (rec, 0, gates_of(rec, "the columns of `weight_hh_l0`")?)
+    };
     let cell = match (gates, cell) {
         (g, Some(c)) if c.gates() == Some(g) => c,
         (g, Some(c)) => {
