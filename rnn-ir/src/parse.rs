@@ -99,10 +99,14 @@ impl Parser {
         }
     }
 
-    fn finish(self, spec: Option<ModelSpec>) -> Result<ModelSpec, Error> {
+    fn finish(mut self, spec: Option<ModelSpec>) -> Result<ModelSpec, Error> {
         match spec {
             Some(spec) if self.errors.is_empty() => Ok(spec),
-            _ => Err(Error::Parse(self.errors)),
+            _ => {
+                // In source order, as a reader goes through them.
+                self.errors.sort_by_key(|d| (d.line, d.column));
+                Err(Error::Parse(self.errors))
+            }
         }
     }
 
@@ -516,22 +520,21 @@ impl Parser {
             }),
         };
         let mut spec = ModelSpec::new(cell.clone(), 0, 0);
-        let (mut have_input, mut have_hidden) = (false, false);
         for (key, value, vspan, kspan) in &b.settings {
-            let r = self.setting(kind, &mut spec, &mut cell, key, value, *vspan, *kspan);
-            match (r, key.as_str()) {
-                (Ok(()), "input") => have_input = true,
-                (Ok(()), "hidden") => have_hidden = true,
-                _ => {}
-            }
+            let _ = self.setting(kind, &mut spec, &mut cell, key, value, *vspan, *kspan);
         }
-        if !have_input {
+        // A size given with a bad value has its own error already.
+        let have_input = b.settings.iter().any(|s| s.0 == "input");
+        let have_hidden = b.settings.iter().any(|s| s.0 == "hidden");
+        // A missing size is often a misspelt one: report it only when nothing else is wrong.
+        let clean = self.errors.is_empty();
+        if clean && !have_input {
             let _ = self.error::<()>(
                 kind_span,
                 format!("`{kind}` needs `input: N`, the number of input features"),
             );
         }
-        if !have_hidden {
+        if clean && !have_hidden {
             let _ = self.error::<()>(
                 kind_span,
                 format!("`{kind}` needs `hidden: N`, the number of hidden features"),

@@ -112,7 +112,7 @@ pub fn check(g: &Graph, phases: &[Phase]) -> Result<(), IrError> {
             let pa = phases[a.index()];
             let err = |m: &str| Err(IrError::new(Some(v), d.op, m));
             if phase != Phase::Loop && d.shape.is_batched() && reduced[a.index()] {
-                return err("a row-wise value outside the loop uses a sum over rows");
+                return err("a row-wise value outside the loop uses a sum over the rows");
             }
             if phase == Phase::Loop && pa != Phase::Loop && reduced[a.index()] {
                 return err("a loop value uses a sum over the rows of all time steps");

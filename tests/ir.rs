@@ -1,0 +1,231 @@
+//! The IR and its passes: the verifier's invariants, gate fusion and time hoisting found by
+//! dependency analysis, and the printer's stable text (pinned by snapshots).
+
+mod common;
+
+use rnn::ir::ir::{Graph, Op, OutRole, Role, Shape, Value, ValueData, verify};
+use rnn::ir::passes::{
+    cse::cse,
+    dce::dce,
+    fuse::fuse,
+    hoist::{Phase, hoist},
+};
+use rnn::{CellKind, ModelSpec, Program, parse_str};
+
+fn small_graph() -> (Graph, [Value; 3]) {
+    let mut g = Graph::new();
+    let x = g.x(3);
+    let h = g.state("h", 4);
+    let w = g.param("W", Shape::Matrix(4, 3));
+    let wx = g.matmul(w, x).unwrap();
+    let y = g.add(wx, h).unwrap();
+    g.set_output(OutRole::State(0), y);
+    g.set_output(OutRole::Output, y);
+    (g, [x, h, w])
+}
+
+#[test]
+fn verifier_accepts_a_well_formed_graph() {
+    verify(&small_graph().0).unwrap();
+}
+
+#[test]
+fn verifier_rejects_use_before_definition() {
+    let (mut g, _) = small_graph();
+    g.values[3].args[1] = Value::new(4);
+    let e = verify(&g).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "v3 = matmul: argument v4 is not defined before its use"
+    );
+}
+
+#[test]
+fn verifier_rejects_a_wrong_declared_shape() {
+    let (mut g, _) = small_graph();
+    g.values[3].shape = Shape::Batch(5);
+    let e = verify(&g).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("declared shape batch[5] but the op gives batch[4]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn verifier_rejects_duplicate_roles_and_bad_outputs() {
+    let (mut g, _) = small_graph();
+    g.values.push(ValueData {
+        op: Op::Input(Role::Input),
+        args: vec![],
+        shape: Shape::Batch(3),
+        name: None,
+    });
+    assert!(
+        verify(&g)
+            .unwrap_err()
+            .to_string()
+            .contains("defined twice")
+    );
+
+    let (mut g, [x, ..]) = small_graph();
+    g.set_output(OutRole::State(0), x);
+    assert!(
+        verify(&g)
+            .unwrap_err()
+            .to_string()
+            .contains("state `h` has size 4, but its output is batch[3]")
+    );
+}
+
+#[test]
+fn builder_rejects_ill_typed_ops() {
+    let (mut g, [x, h, w]) = small_graph();
+    assert_eq!(
+        g.matmul(w, h).unwrap_err().message,
+        "matmul needs [o, i] @ batch[i], found [4, 3] @ batch[4]"
+    );
+    assert!(
+        g.add(x, h)
+            .unwrap_err()
+            .message
+            .contains("cannot combine shapes batch[3] and batch[4]")
+    );
+    assert!(
+        g.slice(x, 2, 2)
+            .unwrap_err()
+            .message
+            .contains("out of range")
+    );
+}
+
+#[test]
+fn dce_and_cse_remove_dead_and_repeated_work() {
+    let mut g = Graph::new();
+    let x = g.x(2);
+    let h = g.state("h", 2);
+    let a = g.tanh(x).unwrap();
+    let b = g.tanh(x).unwrap(); // the same as `a`
+    let _dead = g.sigmoid(h).unwrap();
+    let s1 = g.add(a, h).unwrap();
+    let s2 = g.add(h, b).unwrap(); // commutes to the same as `s1`
+    let y = g.mul(s1, s2).unwrap();
+    g.set_output(OutRole::State(0), y);
+    let opt = dce(&cse(&g));
+    verify(&opt).unwrap();
+    let count = |op: Op| opt.values.iter().filter(|d| d.op == op).count();
+    assert_eq!(
+        (count(Op::Tanh), count(Op::Add), count(Op::Sigmoid)),
+        (1, 1, 0)
+    );
+}
+
+#[test]
+fn fusion_stacks_matmuls_that_share_an_operand() {
+    let spec = parse_str(common::PEEPHOLE).unwrap();
+    let program = Program::compile(&spec).unwrap();
+    let f = &program.layers[0].forward;
+    let matmuls: Vec<Value> = f
+        .graph
+        .iter()
+        .filter(|&v| f.graph.data(v).op == Op::MatMul)
+        .collect();
+    // Four gate products of `x` become one, four of `h` another.
+    assert_eq!(matmuls.len(), 2, "{}", f.to_text());
+    assert_eq!(f.graph.shape(matmuls[0]), Shape::Batch(16));
+    // The product with `x` does not depend on the state: it runs before the loop.
+    let phases: Vec<Phase> = matmuls.iter().map(|v| f.phases[v.index()]).collect();
+    assert_eq!(phases, vec![Phase::Pre, Phase::Loop]);
+}
+
+#[test]
+fn fusion_leaves_unrelated_matmuls_alone() {
+    let (g, _) = small_graph();
+    assert_eq!(fuse(&g).unwrap(), g);
+}
+
+#[test]
+fn hoisting_is_found_by_dependency_analysis() {
+    // An Elman cell written by hand: nothing tells the compiler which product is the input's.
+    let program = Program::compile(&parse_str(common::RELU_ELMAN).unwrap()).unwrap();
+    let f = &program.layers[0].forward;
+    let phase_of = |op: Op, arg_role: Role| {
+        f.graph
+            .iter()
+            .find(|&v| {
+                f.graph.data(v).op == op
+                    && f.graph
+                        .data(v)
+                        .args
+                        .iter()
+                        .any(|&a| f.graph.data(a).op == Op::Input(arg_role))
+            })
+            .map(|v| f.phases[v.index()])
+    };
+    assert_eq!(phase_of(Op::MatMul, Role::Input), Some(Phase::Pre));
+    assert_eq!(phase_of(Op::MatMul, Role::State(0)), Some(Phase::Loop));
+    // Backward: weight gradients and the input gradient after the loop; the state's inside.
+    let b = &program.layers[0].backward;
+    for v in b.graph.iter() {
+        let d = b.graph.data(v);
+        if d.op == Op::OuterSum || d.op == Op::SumRows {
+            assert_eq!(b.phases[v.index()], Phase::Post, "{}", b.to_text());
+        }
+    }
+    let dx = b.graph.output(OutRole::InputGrad).unwrap();
+    let dh = b.graph.output(OutRole::StateGrad(0)).unwrap();
+    assert_eq!(
+        (b.phases[dx.index()], b.phases[dh.index()]),
+        (Phase::Post, Phase::Loop)
+    );
+}
+
+#[test]
+fn hoisting_refuses_to_mix_a_reduction_into_rows() {
+    let mut g = Graph::new();
+    let x = g.x(2);
+    let h = g.state("h", 2);
+    let s = g.push(Op::SumRows, &[x]).unwrap();
+    let y = g.add(h, s).unwrap();
+    let z = g.add(x, s).unwrap(); // a per-row value of every step's sum: not exact over all steps
+    let out = g.add(y, z).unwrap();
+    g.set_output(OutRole::State(0), out);
+    let e = hoist(&g).unwrap_err();
+    assert!(e.to_string().contains("a sum over the rows"), "{e}");
+}
+
+fn lstm_program() -> Program {
+    Program::compile(&ModelSpec::new(CellKind::Lstm, 3, 2)).unwrap()
+}
+
+#[test]
+fn printer_output_is_deterministic() {
+    let a = lstm_program();
+    let b = lstm_program();
+    assert_eq!(
+        a.layers[0].backward.to_text(),
+        b.layers[0].backward.to_text()
+    );
+}
+
+#[test]
+fn snapshot_lstm_step() {
+    insta::assert_snapshot!(lstm_program().layers[0].forward.to_text());
+}
+
+#[test]
+fn snapshot_lstm_backward_step() {
+    insta::assert_snapshot!(lstm_program().layers[0].backward.to_text());
+}
+
+#[test]
+fn snapshot_gru_step() {
+    let p = Program::compile(&ModelSpec::new(CellKind::Gru, 3, 2)).unwrap();
+    insta::assert_snapshot!(p.layers[0].forward.to_text());
+}
+
+#[test]
+fn snapshot_peephole_lstm_step() {
+    let p = Program::compile(&parse_str(common::PEEPHOLE).unwrap()).unwrap();
+    insta::assert_snapshot!(p.layers[0].forward.to_text());
+}
