@@ -90,14 +90,13 @@ fn check_graph(g: &Graph, what: &str) {
             _ => unreachable!(),
         };
         let analytic = &grads[b.output(grad_role).unwrap().index()];
-        for i in 0..inputs[&role].len() {
+        for (i, &a) in analytic.iter().enumerate() {
             let eps = 1e-6;
             let mut plus = inputs.clone();
             plus.get_mut(&role).unwrap()[i] += eps;
             let mut minus = inputs.clone();
             minus.get_mut(&role).unwrap()[i] -= eps;
             let numeric = (loss(&plus) - loss(&minus)) / (2.0 * eps);
-            let a = analytic[i];
             assert!(
                 (a - numeric).abs() <= 1e-7 + 1e-6 * numeric.abs(),
                 "{what}: d loss / d {}[{i}] is {a} by autodiff, {numeric} by finite differences",

@@ -214,9 +214,9 @@ pub fn backward(f: &Graph) -> Result<Graph, IrError> {
             }
             // y = a + b:  da = dy,  db = dy
             Op::Add => {
-                for i in 0..2 {
+                for (i, &a) in args.iter().enumerate() {
                     if need(i) {
-                        cx.accumulate(args[i], dv)?;
+                        cx.accumulate(a, dv)?;
                     }
                 }
             }

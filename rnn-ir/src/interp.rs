@@ -645,8 +645,7 @@ fn swap_tb<T: Copy>(x: &[T], d0: usize, d1: usize, n: usize) -> Vec<T> {
 /// view of time. Applying it twice gives back the rows within each length.
 fn reverse_within<T: Real>(x: &[T], batch: usize, n: usize, lengths: &[usize]) -> Vec<T> {
     let mut out = vec![T::ZERO; x.len()];
-    for b in 0..batch {
-        let len = lengths[b];
+    for (b, &len) in lengths.iter().enumerate().take(batch) {
         for t in 0..len {
             let (dst, src) = (t * batch + b, (len - 1 - t) * batch + b);
             out[dst * n..(dst + 1) * n].copy_from_slice(&x[src * n..(src + 1) * n]);

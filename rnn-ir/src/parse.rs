@@ -584,10 +584,10 @@ impl Parser {
         }
         spec.cell = cell;
         spec.name = name;
-        if let Err(m) = spec.validate() {
-            if self.errors.is_empty() {
-                let _ = self.error::<()>(kind_span, m);
-            }
+        if let Err(m) = spec.validate()
+            && self.errors.is_empty()
+        {
+            let _ = self.error::<()>(kind_span, m);
         }
         if self.errors.is_empty() {
             Some(spec)

@@ -1,14 +1,6 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+//! `rnn-jit`: the Cranelift backend of `rnn`.
+//!
+//! It will lower an `rnn_ir::program::Program` (its pre-loop, per-step and post-loop values, as
+//! time hoisting scheduled them) to native code at run time: fused element-wise step kernels in
+//! Cranelift, batched products through a registered tuned GEMM. The crate is a shell until the
+//! JIT's issue; the interpreter in `rnn-ir` is the backend meanwhile and the oracle after.

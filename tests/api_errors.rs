@@ -1,0 +1,252 @@
+//! Bad input through the library API: each class is a typed error naming what is wrong, never a
+//! panic.
+
+mod common;
+
+use rnn::ir::weights::{read_safetensors, write_safetensors};
+use rnn::{CellKind, Error, Exec, ModelSpec, Program, Request, Tensor, Weights};
+
+fn lstm() -> (Program, Weights) {
+    let program = Program::compile(&ModelSpec::new(CellKind::Lstm, 3, 4)).unwrap();
+    let weights = Weights::init(&program, 0);
+    (program, weights)
+}
+
+fn run(p: &Program, w: &Weights, req: &Request) -> Result<rnn::Response, Error> {
+    p.run::<f32>(w, req, &Exec::default())
+}
+
+#[test]
+fn truncated_weights_are_a_weight_file_error() {
+    let (p, w) = lstm();
+    let bytes = write_safetensors(&w.tensors).unwrap();
+    for cut in [0, 7, 8, bytes.len() / 2, bytes.len() - 1] {
+        match Weights::from_safetensors(&bytes[..cut], &p) {
+            Err(Error::WeightFile(_)) => {}
+            other => panic!("cut at {cut}: expected a weight-file error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn weights_round_trip_through_safetensors() {
+    let (p, w) = lstm();
+    let bytes = write_safetensors(&w.tensors).unwrap();
+    assert_eq!(Weights::from_safetensors(&bytes, &p).unwrap(), w);
+}
+
+#[test]
+fn non_f32_weights_are_a_dtype_error() {
+    // A safetensors file holding one F64 tensor, written by hand.
+    let header = br#"{"weight_ih_l0":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&1.0f64.to_le_bytes());
+    match read_safetensors(&bytes) {
+        Err(Error::TensorDtype {
+            name,
+            expected,
+            found,
+        }) => {
+            assert_eq!(
+                (name.as_str(), expected.as_str(), found.as_str()),
+                ("weight_ih_l0", "F32", "F64")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn missing_wrong_shaped_extra_and_non_finite_weights() {
+    let (p, w) = lstm();
+    let mut m = w.clone();
+    m.tensors.remove("bias_hh_l0");
+    assert!(
+        matches!(m.check(&p), Err(Error::MissingTensor { name, expected }) if name == "bias_hh_l0" && expected == vec![16])
+    );
+
+    let mut m = w.clone();
+    m.tensors
+        .insert("weight_ih_l0".into(), Tensor::zeros(vec![16, 4]));
+    let e = m.check(&p).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "`weight_ih_l0` has shape [16, 4], expected [16, 3]"
+    );
+
+    let mut m = w.clone();
+    m.tensors
+        .insert("weight_ih_l1".into(), Tensor::zeros(vec![16, 4]));
+    assert!(matches!(m.check(&p), Err(Error::UnexpectedTensor { name }) if name == "weight_ih_l1"));
+
+    let mut m = w.clone();
+    m.tensors.get_mut("weight_hh_l0").unwrap().data[5] = f32::INFINITY;
+    assert!(
+        matches!(m.check(&p), Err(Error::NonFinite { name, index: 5, .. }) if name == "weight_hh_l0")
+    );
+}
+
+#[test]
+fn input_errors_name_the_argument() {
+    let (p, w) = lstm();
+    let good = Tensor::zeros(vec![5, 2, 3]);
+
+    let bad = Tensor::zeros(vec![5, 2, 4]);
+    let e = run(
+        &p,
+        &w,
+        &Request {
+            input: Some(&bad),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`input` has shape [5, 2, 4], expected 3 dimensions (time, batch, features) with 3 features"), "{e}");
+
+    let empty = Tensor::zeros(vec![0, 2, 3]);
+    let e = run(
+        &p,
+        &w,
+        &Request {
+            input: Some(&empty),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("time and batch must be at least 1"),
+        "{e}"
+    );
+
+    let mut nan = good.clone();
+    nan.data[7] = f32::NAN;
+    let e = run(
+        &p,
+        &w,
+        &Request {
+            input: Some(&nan),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::NonFinite { ref name, index: 7, .. } if name == "input"),
+        "{e}"
+    );
+
+    for (lengths, index, found) in [(vec![5, 0], 1, 0), (vec![6, 5], 0, 6), (vec![-1, 5], 0, -1)] {
+        let e = run(
+            &p,
+            &w,
+            &Request {
+                input: Some(&good),
+                lengths: Some(&lengths),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, Error::Length { index: i, found: f, max: 5 } if i == index && f == found),
+            "{e}"
+        );
+    }
+    let e = run(
+        &p,
+        &w,
+        &Request {
+            input: Some(&good),
+            lengths: Some(&[5]),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.to_string(), "`lengths` has shape [1], expected [2]");
+
+    let h0 = Tensor::zeros(vec![2, 2, 4]);
+    let e = run(
+        &p,
+        &w,
+        &Request {
+            input: Some(&good),
+            initial_states: vec![Some(&h0)],
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "`h0` has shape [2, 2, 4], expected [1, 2, 4]"
+    );
+
+    let gy = Tensor::zeros(vec![5, 2, 3]);
+    let e = run(
+        &p,
+        &w,
+        &Request {
+            input: Some(&good),
+            grad_output: Some(&gy),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "`grad_output` has shape [5, 2, 3], expected [5, 2, 4]"
+    );
+
+    let e = run(&p, &w, &Request::default()).unwrap_err();
+    assert_eq!(e.to_string(), "no input given");
+}
+
+#[test]
+fn packed_outputs_are_zero_past_each_length_and_states_taken_at_the_last_step() {
+    let (p, w) = lstm();
+    let x = rnn::bench::random_tensor(vec![5, 2, 3], 1);
+    let lengths = [5i64, 2];
+    let packed = run(
+        &p,
+        &w,
+        &Request {
+            input: Some(&x),
+            lengths: Some(&lengths),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The second sequence alone, two steps long.
+    let short = Tensor {
+        shape: vec![2, 1, 3],
+        data: (0..2)
+            .flat_map(|t| x.data[(t * 2 + 1) * 3..(t * 2 + 2) * 3].to_vec())
+            .collect(),
+    };
+    let alone = run(
+        &p,
+        &w,
+        &Request {
+            input: Some(&short),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for t in 0..5 {
+        let row = &packed.output.data[(t * 2 + 1) * 4..(t * 2 + 2) * 4];
+        if t < 2 {
+            assert_eq!(row, &alone.output.data[t * 4..(t + 1) * 4]);
+        } else {
+            assert!(
+                row.iter().all(|&v| v == 0.0),
+                "step {t} past the length is not zero: {row:?}"
+            );
+        }
+    }
+    assert_eq!(
+        &packed.final_states[0].data[4..8],
+        &alone.final_states[0].data[..]
+    );
+    assert_eq!(
+        &packed.final_states[1].data[4..8],
+        &alone.final_states[1].data[..]
+    );
+}
