@@ -70,7 +70,7 @@ fn check_graph(g: &Graph, what: &str) {
     for v in b.iter() {
         if let Op::Input(role) = b.data(v).op {
             let x = match role {
-                Role::Saved(s) => fwd[s.index()].clone(),
+                Role::Saved(s) => fwd[s.index()].to_vec(),
                 Role::Cotangent(OutRole::Output) => weight.clone(),
                 Role::Cotangent(_) => vec![0.0; len(b.shape(v))],
                 other => inputs[&other].clone(),

@@ -20,6 +20,7 @@ use crate::program::{Program, Scheduled};
 use crate::spec::ModelSpec;
 use crate::tensor::{MatRef, Real, Tensor, matmul};
 use crate::weights::Weights;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 /// Execution settings.
@@ -177,14 +178,15 @@ pub fn eval_op<T: Real>(g: &Graph, v: Value, args: &[&[T]], rows: usize, exec: &
 }
 
 /// Evaluates a whole graph once on `rows` rows; `inputs` gives every input by role. Returns
-/// every value's buffer (the interpreter of single steps, used by tests and gradient checks).
-pub fn eval_graph<T: Real>(
+/// every value's buffer, inputs borrowed (the interpreter of single steps, used by tests,
+/// gradient checks and the Linear workload).
+pub fn eval_graph<'a, T: Real>(
     g: &Graph,
     rows: usize,
-    inputs: &HashMap<Role, Vec<T>>,
+    inputs: &'a HashMap<Role, Vec<T>>,
     exec: &Exec,
-) -> Result<Vec<Vec<T>>> {
-    let mut vals: Vec<Vec<T>> = Vec::with_capacity(g.len());
+) -> Result<Vec<Cow<'a, [T]>>> {
+    let mut vals: Vec<Cow<'a, [T]>> = Vec::with_capacity(g.len());
     for v in g.iter() {
         let d = g.data(v);
         let out = match d.op {
@@ -200,11 +202,11 @@ pub fn eval_graph<T: Real>(
                         buf_len(d.shape, rows)
                     )));
                 }
-                x.clone()
+                Cow::Borrowed(x.as_slice())
             }
             _ => {
-                let args: Vec<&[T]> = d.args.iter().map(|a| vals[a.index()].as_slice()).collect();
-                eval_op(g, v, &args, rows, exec)
+                let args: Vec<&[T]> = d.args.iter().map(|a| &*vals[a.index()]).collect();
+                Cow::Owned(eval_op(g, v, &args, rows, exec))
             }
         };
         vals.push(out);
@@ -298,12 +300,13 @@ pub fn run_sequence<T: Real>(s: &Scheduled, io: SeqIo<'_, T>, exec: &Exec) -> Re
         }
     }
 
-    let mut full: Vec<Option<Vec<T>>> = vec![None; g.len()];
+    // Values over all rows (Pre, Post); inputs borrow what was fed instead of copying it.
+    let mut full: Vec<Option<Cow<'_, [T]>>> = vec![None; g.len()];
     for v in s.values(Phase::Pre) {
         let d = g.data(v);
         let out = match d.op {
             Op::Input(role) => match feed(role)? {
-                Feed::Fixed(x) | Feed::Rows(x) => x.to_vec(),
+                Feed::Fixed(x) | Feed::Rows(x) => Cow::Borrowed(x),
             },
             _ => {
                 let args: Vec<&[T]> = d
@@ -311,7 +314,7 @@ pub fn run_sequence<T: Real>(s: &Scheduled, io: SeqIo<'_, T>, exec: &Exec) -> Re
                     .iter()
                     .map(|a| full[a.index()].as_deref().unwrap())
                     .collect();
-                eval_op(g, v, &args, all_rows, exec)
+                Cow::Owned(eval_op(g, v, &args, all_rows, exec))
             }
         };
         full[v.index()] = Some(out);
@@ -332,7 +335,7 @@ pub fn run_sequence<T: Real>(s: &Scheduled, io: SeqIo<'_, T>, exec: &Exec) -> Re
     let mut sums: BTreeMap<OutRole, Vec<T>> = BTreeMap::new();
     let mut carried = io.carried;
     let loop_values = s.values(Phase::Loop);
-    let mut local: Vec<Option<Vec<T>>> = vec![None; g.len()];
+    let mut local: Vec<Option<Cow<'_, [T]>>> = vec![None; g.len()];
     let order: Box<dyn Iterator<Item = usize>> = if io.reverse {
         Box::new((0..steps).rev())
     } else {
@@ -351,11 +354,11 @@ pub fn run_sequence<T: Real>(s: &Scheduled, io: SeqIo<'_, T>, exec: &Exec) -> Re
                                 c[b * n..(b + 1) * n].fill(T::ZERO);
                             }
                         }
-                        c
+                        Cow::Owned(c)
                     }
                     None => match feed(role)? {
-                        Feed::Fixed(x) => x.to_vec(),
-                        Feed::Rows(x) => x[rows_at(x, d.shape, t)].to_vec(),
+                        Feed::Fixed(x) => Cow::Borrowed(x),
+                        Feed::Rows(x) => Cow::Borrowed(&x[rows_at(x, d.shape, t)]),
                     },
                 },
                 _ => {
@@ -370,7 +373,7 @@ pub fn run_sequence<T: Real>(s: &Scheduled, io: SeqIo<'_, T>, exec: &Exec) -> Re
                             _ => local[a.index()].as_deref().unwrap(),
                         })
                         .collect();
-                    eval_op(g, v, &args, batch, exec)
+                    Cow::Owned(eval_op(g, v, &args, batch, exec))
                 }
             };
             local[v.index()] = Some(out);
@@ -425,13 +428,13 @@ pub fn run_sequence<T: Real>(s: &Scheduled, io: SeqIo<'_, T>, exec: &Exec) -> Re
             })
             .collect();
         let out = eval_op(g, v, &args, all_rows, exec);
-        full[v.index()] = Some(out);
+        full[v.index()] = Some(Cow::Owned(out));
     }
 
     let whole = |v: Value| -> Vec<T> {
         match phase(v) {
             Phase::Loop => tape[v.index()].clone().unwrap_or_default(),
-            _ => full[v.index()].clone().unwrap(),
+            _ => full[v.index()].as_deref().unwrap().to_vec(),
         }
     };
     let mut outputs = BTreeMap::new();
