@@ -8,7 +8,7 @@
 //!
 //! Any bad input exits with code 2 and one line on stderr naming the file or tensor at fault.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use rnn::bench::{self, WORKLOADS};
 use rnn::ir::spec::BiasConvention;
 use rnn::ir::{npy, weights};
@@ -56,89 +56,98 @@ enum Backend {
 #[derive(Subcommand)]
 enum Command {
     /// Run a PyTorch RNN/LSTM/GRU state dict on an input; optionally compute gradients.
-    Run {
-        /// The PyTorch `state_dict` (safetensors, float32).
-        #[arg(long, value_name = "W.safetensors")]
-        weights: PathBuf,
-        /// The input, float32 `.npy`: (T, B, I), or (B, T, I) with --batch-first.
-        #[arg(long, value_name = "X.npy")]
-        input: PathBuf,
-        /// Where to write `output`, `h_n`, `c_n` and the gradients (safetensors).
-        #[arg(long, value_name = "OUT.safetensors")]
-        out: PathBuf,
-        /// The cell, where the weights' shapes do not settle it (an RNN's nonlinearity; default tanh).
-        #[arg(long, value_enum)]
-        cell: Option<Cell>,
-        /// Input and output are (batch, time, features).
-        #[arg(long)]
-        batch_first: bool,
-        /// Initial hidden state, float32 `.npy` (layers·directions, B, H).
-        #[arg(long, value_name = "H.npy")]
-        h0: Option<PathBuf>,
-        /// Initial cell state (LSTM), float32 `.npy` (layers·directions, B, H).
-        #[arg(long, value_name = "C.npy")]
-        c0: Option<PathBuf>,
-        /// Per-sequence lengths, int64 `.npy` (B,): packed-sequence semantics.
-        #[arg(long, value_name = "L.npy")]
-        lengths: Option<PathBuf>,
-        /// With it, write the gradients of sum(output * G), float32 `.npy` shaped like the output.
-        #[arg(long, value_name = "G.npy")]
-        grad_output: Option<PathBuf>,
-        /// The backend that executes the model.
-        #[arg(long, value_enum, default_value = "interp")]
-        backend: Backend,
-    },
+    Run(RunArgs),
     /// Print a model's spec, its parameter count and the IR of its step and backward step.
-    Inspect {
-        /// A `.rnn` declaration file (instead of the flags below).
-        file: Option<PathBuf>,
-        /// The standard cell.
-        #[arg(
-            long,
-            value_enum,
-            required_unless_present = "file",
-            conflicts_with = "file"
-        )]
-        cell: Option<Cell>,
-        /// Input features.
-        #[arg(long, required_unless_present = "file")]
-        input_size: Option<usize>,
-        /// Hidden features.
-        #[arg(long, required_unless_present = "file")]
-        hidden_size: Option<usize>,
-        /// Stacked layers.
-        #[arg(long, default_value_t = 1)]
-        layers: usize,
-        /// Run every layer in both directions.
-        #[arg(long)]
-        bidirectional: bool,
-        /// LSTM projection size.
-        #[arg(long, default_value_t = 0)]
-        proj_size: usize,
-        /// One bias per gate (Keras, the chapter's counts) instead of PyTorch's two.
-        #[arg(long)]
-        one_bias: bool,
-        /// Print the graphs before optimisation (no passes, no hoisting).
-        #[arg(long)]
-        no_passes: bool,
-    },
+    Inspect(InspectArgs),
     /// Time the workloads W1–W6 (all when none is named).
-    Bench {
-        /// Workloads by id or name (W1 … W6, lstm_fwd_seed …).
-        workloads: Vec<String>,
-        /// The backend to time.
-        #[arg(long, value_enum, default_value = "interp")]
-        backend: Backend,
-        /// Threads for the matrix products.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Timed repetitions after one warm-up.
-        #[arg(long, default_value_t = 5)]
-        reps: usize,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The PyTorch `state_dict` (safetensors, float32).
+    #[arg(long, value_name = "W.safetensors")]
+    weights: PathBuf,
+    /// The input, float32 `.npy`: (T, B, I), or (B, T, I) with --batch-first.
+    #[arg(long, value_name = "X.npy")]
+    input: PathBuf,
+    /// Where to write `output`, `h_n`, `c_n` and the gradients (safetensors).
+    #[arg(long, value_name = "OUT.safetensors")]
+    out: PathBuf,
+    /// The cell, where the weights' shapes do not settle it (an RNN's nonlinearity; default tanh).
+    #[arg(long, value_enum)]
+    cell: Option<Cell>,
+    /// Input and output are (batch, time, features).
+    #[arg(long)]
+    batch_first: bool,
+    /// Initial hidden state, float32 `.npy` (layers·directions, B, H).
+    #[arg(long, value_name = "H.npy")]
+    h0: Option<PathBuf>,
+    /// Initial cell state (LSTM), float32 `.npy` (layers·directions, B, H).
+    #[arg(long, value_name = "C.npy")]
+    c0: Option<PathBuf>,
+    /// Per-sequence lengths, int64 `.npy` (B,): packed-sequence semantics.
+    #[arg(long, value_name = "L.npy")]
+    lengths: Option<PathBuf>,
+    /// With it, write the gradients of sum(output * G), float32 `.npy` shaped like the output.
+    #[arg(long, value_name = "G.npy")]
+    grad_output: Option<PathBuf>,
+    /// The backend that executes the model.
+    #[arg(long, value_enum, default_value = "interp")]
+    backend: Backend,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// A `.rnn` declaration file (instead of the flags below).
+    file: Option<PathBuf>,
+    /// The standard cell.
+    #[arg(
+        long,
+        value_enum,
+        required_unless_present = "file",
+        conflicts_with = "file"
+    )]
+    cell: Option<Cell>,
+    /// Input features.
+    #[arg(long, required_unless_present = "file")]
+    input_size: Option<usize>,
+    /// Hidden features.
+    #[arg(long, required_unless_present = "file")]
+    hidden_size: Option<usize>,
+    /// Stacked layers.
+    #[arg(long, default_value_t = 1)]
+    layers: usize,
+    /// Run every layer in both directions.
+    #[arg(long)]
+    bidirectional: bool,
+    /// LSTM projection size.
+    #[arg(long, default_value_t = 0)]
+    proj_size: usize,
+    /// One bias per gate (Keras, the chapter's counts) instead of PyTorch's two.
+    #[arg(long)]
+    one_bias: bool,
+    /// Print the graphs before optimisation (no passes, no hoisting).
+    #[arg(long)]
+    no_passes: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Workloads by id or name (W1 … W6, lstm_fwd_seed …).
+    workloads: Vec<String>,
+    /// The backend to time.
+    #[arg(long, value_enum, default_value = "interp")]
+    backend: Backend,
+    /// Threads for the matrix products.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Timed repetitions after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
 }
 
 /// A failure: the file or argument at fault and what is wrong with it.
@@ -162,56 +171,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         None => demo(),
-        Some(Command::Run {
-            weights,
-            input,
-            out,
-            cell,
-            batch_first,
-            h0,
-            c0,
-            lengths,
-            grad_output,
-            backend: _,
-        }) => run(
-            &weights,
-            &input,
-            &out,
-            cell,
-            batch_first,
-            h0.as_deref(),
-            c0.as_deref(),
-            lengths.as_deref(),
-            grad_output.as_deref(),
-        ),
-        Some(Command::Inspect {
-            file,
-            cell,
-            input_size,
-            hidden_size,
-            layers,
-            bidirectional,
-            proj_size,
-            one_bias,
-            no_passes,
-        }) => inspect(
-            file.as_deref(),
-            cell,
-            input_size,
-            hidden_size,
-            layers,
-            bidirectional,
-            proj_size,
-            one_bias,
-            no_passes,
-        ),
-        Some(Command::Bench {
-            workloads,
-            backend: _,
-            threads,
-            reps,
-            json,
-        }) => run_bench(&workloads, threads, reps, json),
+        Some(Command::Run(args)) => run(&args),
+        Some(Command::Inspect(args)) => inspect(&args),
+        Some(Command::Bench(args)) => run_bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -227,18 +189,15 @@ fn main() -> ExitCode {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
-    weights_path: &Path,
-    input_path: &Path,
-    out_path: &Path,
-    cell: Option<Cell>,
-    batch_first: bool,
-    h0_path: Option<&Path>,
-    c0_path: Option<&Path>,
-    lengths_path: Option<&Path>,
-    grad_path: Option<&Path>,
-) -> Result<(), Failure> {
+fn run(args: &RunArgs) -> Result<(), Failure> {
+    let (weights_path, input_path, out_path) = (
+        args.weights.as_path(),
+        args.input.as_path(),
+        args.out.as_path(),
+    );
+    let (cell, batch_first) = (args.cell, args.batch_first);
+    let (h0_path, c0_path) = (args.h0.as_deref(), args.c0.as_deref());
+    let (lengths_path, grad_path) = (args.lengths.as_deref(), args.grad_output.as_deref());
     let tensors =
         weights::read_safetensors(&read(weights_path)?).map_err(|e| fail(weights_path, e))?;
     let mut spec =
@@ -320,18 +279,8 @@ fn run(
     std::fs::write(out_path, bytes).map_err(|e| fail(out_path, e))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn inspect(
-    file: Option<&Path>,
-    cell: Option<Cell>,
-    input_size: Option<usize>,
-    hidden_size: Option<usize>,
-    layers: usize,
-    bidirectional: bool,
-    proj_size: usize,
-    one_bias: bool,
-    no_passes: bool,
-) -> Result<(), Failure> {
+fn inspect(args: &InspectArgs) -> Result<(), Failure> {
+    let file = args.file.as_deref();
     let here = Path::new("");
     let spec = match file {
         Some(path) => {
@@ -340,22 +289,26 @@ fn inspect(
             rnn::parse_str(&text).map_err(|e| fail(path, e))?
         }
         None => {
-            let mut spec = ModelSpec::new(
-                cell.expect("clap requires it").kind(),
-                input_size.unwrap(),
-                hidden_size.unwrap(),
-            );
-            spec.num_layers = layers;
-            spec.bidirectional = bidirectional;
-            spec.proj_size = proj_size;
-            if one_bias {
+            let (Some(cell), Some(input), Some(hidden)) =
+                (args.cell, args.input_size, args.hidden_size)
+            else {
+                return Err(fail(
+                    here,
+                    "give a `.rnn` file, or `--cell`, `--input-size` and `--hidden-size`",
+                ));
+            };
+            let mut spec = ModelSpec::new(cell.kind(), input, hidden);
+            spec.num_layers = args.layers;
+            spec.bidirectional = args.bidirectional;
+            spec.proj_size = args.proj_size;
+            if args.one_bias {
                 spec.bias_convention = BiasConvention::One;
             }
             spec
         }
     };
     let options = rnn::CompileOptions {
-        optimize: !no_passes,
+        optimize: !args.no_passes,
     };
     let program =
         Program::compile_with(&spec, options).map_err(|e| fail(file.unwrap_or(here), e))?;
@@ -409,7 +362,8 @@ fn describe(spec: &ModelSpec) -> String {
     s
 }
 
-fn run_bench(names: &[String], threads: usize, reps: usize, json: bool) -> Result<(), Failure> {
+fn run_bench(args: &BenchArgs) -> Result<(), Failure> {
+    let (names, threads, reps, json) = (&args.workloads, args.threads, args.reps, args.json);
     let here = Path::new("");
     let chosen = if names.is_empty() {
         WORKLOADS.to_vec()
