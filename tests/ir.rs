@@ -229,3 +229,46 @@ fn snapshot_peephole_lstm_step() {
     let p = Program::compile(&parse_str(common::PEEPHOLE).unwrap()).unwrap();
     insta::assert_snapshot!(p.layers[0].forward.to_text());
 }
+
+#[test]
+fn reassociation_adds_every_bias_before_the_loop() {
+    // Which values does a bias reach inside the loop? Follow it through slices (which pick
+    // parts of it) and report the first loop-phase use of each part.
+    let loop_uses = |p: &Program| -> Vec<String> {
+        let f = &p.layers[0].forward;
+        let users = f.graph.users();
+        let mut found = Vec::new();
+        for (i, info) in f.graph.params.iter().enumerate() {
+            let Some(b) = f.graph.input(Role::Param(i as u32)) else {
+                continue;
+            };
+            if !(info.name.starts_with("bias") || info.name.starts_with("b_")) {
+                continue;
+            }
+            let mut stack = vec![b];
+            while let Some(v) = stack.pop() {
+                for &u in &users[v.index()] {
+                    match (f.graph.data(u).op, f.phases[u.index()]) {
+                        (Op::Slice { .. }, Phase::Pre) => stack.push(u),
+                        (_, Phase::Loop) => found.push(format!(
+                            "{} via {}",
+                            info.name,
+                            f.graph.data(v).op.mnemonic()
+                        )),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        found
+    };
+    for cell in [CellKind::RnnTanh, CellKind::Lstm] {
+        let p = Program::compile(&ModelSpec::new(cell.clone(), 3, 2)).unwrap();
+        assert_eq!(loop_uses(&p), Vec::<String>::new(), "{}", cell.name());
+    }
+    let p = Program::compile(&parse_str(common::PEEPHOLE).unwrap()).unwrap();
+    assert_eq!(loop_uses(&p), Vec::<String>::new());
+    // PyTorch's GRU scales b_hn by the reset gate: only that slice of `bias_hh` stays inside.
+    let p = Program::compile(&ModelSpec::new(CellKind::Gru, 3, 2)).unwrap();
+    assert_eq!(loop_uses(&p), vec!["bias_hh via slice".to_string()]);
+}

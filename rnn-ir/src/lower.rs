@@ -112,11 +112,20 @@ fn lower_standard(spec: &ModelSpec, input_size: usize) -> Result<Graph, IrError>
         CellKind::Gru => {
             let gx_rz = g.slice(gx, 0, 2 * h_size)?;
             let gx_n = g.slice(gx, 2 * h_size, h_size)?;
+            let (b_rz, b_n) = match b.hh {
+                Some(bh) => (
+                    Some(g.slice(bh, 0, 2 * h_size)?),
+                    Some(g.slice(bh, 2 * h_size, h_size)?),
+                ),
+                None => (None, None),
+            };
             let (r, z, n) = match spec.gru_reset {
                 GruReset::AfterMatmul => {
+                    // The bias is sliced rather than added whole, so that its r and z parts can
+                    // join the input's before the loop; b_hn is scaled by r and stays inside.
                     let gh = g.matmul(w_hh, h)?;
-                    let gh = add_bias(&mut g, gh, b.hh)?;
                     let gh_rz = g.slice(gh, 0, 2 * h_size)?;
+                    let gh_rz = add_bias(&mut g, gh_rz, b_rz)?;
                     let rz = g.add(gx_rz, gh_rz)?;
                     let rz = g.sigmoid(rz)?;
                     let r = {
@@ -128,6 +137,7 @@ fn lower_standard(spec: &ModelSpec, input_size: usize) -> Result<Graph, IrError>
                         named(&mut g, v, "z")
                     };
                     let gh_n = g.slice(gh, 2 * h_size, h_size)?;
+                    let gh_n = add_bias(&mut g, gh_n, b_n)?;
                     let rgh = g.mul(r, gh_n)?;
                     let n = g.add(gx_n, rgh)?;
                     (r, z, g.tanh(n)?)
@@ -135,13 +145,6 @@ fn lower_standard(spec: &ModelSpec, input_size: usize) -> Result<Graph, IrError>
                 GruReset::BeforeMatmul => {
                     let w_hrz = g.slice(w_hh, 0, 2 * h_size)?;
                     let w_hn = g.slice(w_hh, 2 * h_size, h_size)?;
-                    let (b_rz, b_n) = match b.hh {
-                        Some(bh) => (
-                            Some(g.slice(bh, 0, 2 * h_size)?),
-                            Some(g.slice(bh, 2 * h_size, h_size)?),
-                        ),
-                        None => (None, None),
-                    };
                     let gh_rz = g.matmul(w_hrz, h)?;
                     let gh_rz = add_bias(&mut g, gh_rz, b_rz)?;
                     let rz = g.add(gx_rz, gh_rz)?;

@@ -4,17 +4,20 @@
 //! - [`dce`]: dead-code elimination.
 //! - [`cse`]: common-subexpression elimination.
 //! - [`fuse`]: gate fusion (matmuls sharing a right operand become one stacked matmul).
+//! - [`reassociate`]: sums regrouped so that their loop-invariant terms add up before the loop.
 //! - [`hoist`]: time hoisting (which values run before, inside or after the time loop).
 
 pub mod cse;
 pub mod dce;
 pub mod fuse;
 pub mod hoist;
+pub mod reassociate;
 
 use crate::error::IrError;
 use crate::ir::{Graph, Value, ValueData, verify};
 
-/// Runs DCE, CSE and gate fusion to a fixed point, verifying the graph after every pass.
+/// Runs DCE, CSE, gate fusion and reassociation to a fixed point, verifying the graph after
+/// every pass. (Time hoisting schedules the result; it does not change it.)
 pub fn optimize(g: &Graph) -> Result<Graph, IrError> {
     let mut g = dce::dce(g);
     verify(&g)?;
@@ -23,6 +26,8 @@ pub fn optimize(g: &Graph) -> Result<Graph, IrError> {
         g = cse::cse(&g);
         verify(&g)?;
         g = fuse::fuse(&g)?;
+        verify(&g)?;
+        g = reassociate::reassociate(&g)?;
         verify(&g)?;
         g = dce::dce(&g);
         verify(&g)?;
