@@ -14,6 +14,8 @@
 //! assert_eq!(out.final_states[0].shape, vec![1, 1, 16]);
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod bench;
 
 pub use rnn_ir as ir;

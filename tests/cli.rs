@@ -449,3 +449,34 @@ fn malformed_rnn_file_points_at_the_token() {
         "{err}"
     );
 }
+
+#[test]
+fn bench_json_prints_one_object_per_workload_with_every_field() {
+    let o = rnnc(&["bench", "W5", "--reps", "1", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["workload"], "W5");
+    assert_eq!(v["backend"], "interp");
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["reps"], 1);
+    for key in ["median_s", "min_s", "max_s", "gflops", "limit_fraction"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {text}");
+    }
+    let ratio = v["gflops"].as_f64().unwrap() / v["limit_fraction"].as_f64().unwrap();
+    assert!(
+        (ratio - 103.0).abs() < 0.5,
+        "limit_fraction is gflops / 103: {text}"
+    );
+}
+
+#[test]
+fn bench_rejects_an_unknown_workload() {
+    let err = complaint(&["bench", "W9"]);
+    assert!(
+        err.contains("unknown workload `W9`: expected W1 … W6"),
+        "{err}"
+    );
+}

@@ -31,6 +31,8 @@
 //! assert_eq!(out.grads.unwrap().params["weight_hh_l0"].shape, vec![16, 4]);
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod autodiff;
 pub mod error;
 pub mod interp;

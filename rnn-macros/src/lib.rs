@@ -5,3 +5,5 @@
 //! into `compile_error!` at the user's tokens. The macros themselves land with their own issue;
 //! until then the crate exports nothing, and the declaration language is available through
 //! `rnn_ir::parse` and `rnnc inspect`.
+
+#![warn(missing_docs)]
