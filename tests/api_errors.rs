@@ -195,6 +195,21 @@ fn input_errors_name_the_argument() {
         "`grad_output` has shape [5, 2, 3], expected [5, 2, 4]"
     );
 
+    let gy = Tensor::zeros(vec![5, 2, 4]);
+    let mut dh = Tensor::zeros(vec![1, 2, 4]);
+    dh.data[3] = f32::NEG_INFINITY;
+    let req = Request {
+        input: Some(&good),
+        grad_output: Some(&gy),
+        grad_final_states: vec![Some(&dh)],
+        ..Default::default()
+    };
+    let e = run(&p, &w, &req).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "`grad_h_n` holds -inf at flat index 3; inputs must be finite"
+    );
+
     let e = run(&p, &w, &Request::default()).unwrap_err();
     assert_eq!(e.to_string(), "no input given");
 }

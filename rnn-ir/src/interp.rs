@@ -620,13 +620,17 @@ fn check_request(p: &Program, req: &Request) -> Result<(usize, usize, Vec<usize>
     }
     for (k, s) in req.grad_final_states.iter().enumerate() {
         if let Some(s) = s {
-            let want = vec![ld, b, states.get(k).map_or(0, |s| s.1)];
+            let name = format!("grad_{}_n", states[k].0);
+            let want = vec![ld, b, states[k].1];
             if s.shape != want {
                 return Err(Error::TensorShape {
-                    name: format!("grad_{}_n", states[k].0),
+                    name,
                     expected: want,
                     found: s.shape.clone(),
                 });
+            }
+            if let Some((index, found)) = s.first_non_finite() {
+                return Err(Error::NonFinite { name, index, found });
             }
         }
     }
@@ -756,14 +760,14 @@ impl<T: Real> Bound<'_, T> {
             let in_size = cell.input_size;
             let mut outs = Vec::new();
             for dir in 0..dirs {
-                let xs = if dir == 0 {
-                    layer_in.clone()
+                let xs: Cow<'_, [T]> = if dir == 0 {
+                    Cow::Borrowed(&layer_in)
                 } else {
-                    reverse_within(&layer_in, batch, in_size, &lengths)
+                    Cow::Owned(reverse_within(&layer_in, batch, in_size, &lengths))
                 };
                 let g = &cell.forward.graph;
                 let mut feeds = HashMap::new();
-                feeds.insert(Role::Input, Feed::Rows(xs.as_slice()));
+                feeds.insert(Role::Input, Feed::Rows(&xs));
                 let suffix = ModelSpec::param_suffix(layer, dir);
                 for (p, info) in g.params.iter().enumerate() {
                     feeds.insert(
