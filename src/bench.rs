@@ -189,7 +189,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
         "W1" | "W2" => {
             let (i, h, b, t) = (256, 256, 32, 512);
             let program = Program::compile(&spec(CellKind::Lstm, i, h))?;
-            let bound = program.bind::<f32>(&Weights::init(&program, 1))?;
+            let bound = program.bind::<f32>(&Weights::init(&program, 1)?)?;
             let x = random_tensor(vec![t, b, i], 2);
             let gy = random_tensor(vec![t, b, h], 3);
             let train = w.id == "W2";
@@ -213,7 +213,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
             };
             let steps = 1000;
             let program = Program::compile(&spec(cell, i, h))?;
-            let bound = program.bind::<f32>(&Weights::init(&program, 1))?;
+            let bound = program.bind::<f32>(&Weights::init(&program, 1)?)?;
             let xs: Vec<Tensor> = (0..steps)
                 .map(|s| random_tensor(vec![1, 1, i], 10 + s as u64))
                 .collect();
@@ -234,7 +234,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
         "W5" => {
             let (i, h, b, t) = (32, 64, 1, 100);
             let program = Program::compile(&spec(CellKind::RnnTanh, i, h))?;
-            let bound = program.bind::<f32>(&Weights::init(&program, 1))?;
+            let bound = program.bind::<f32>(&Weights::init(&program, 1)?)?;
             let x = random_tensor(vec![t, b, i], 2);
             // The loss is the last step's output: its gradient reaches every earlier input
             // through the recurrence alone, which is what shows vanishing gradients.

@@ -8,7 +8,7 @@
 //! use rnn::{Exec, Program, Request, Tensor, Weights, parse_str};
 //!
 //! let program = Program::compile(&parse_str("gru { input: 8, hidden: 16 }").unwrap()).unwrap();
-//! let weights = Weights::init(&program, 42);
+//! let weights = Weights::init(&program, 42).unwrap();
 //! let x = Tensor::zeros(vec![10, 1, 8]);
 //! let out = program.run::<f32>(&weights, &Request { input: Some(&x), ..Default::default() }, &Exec::default()).unwrap();
 //! assert_eq!(out.final_states[0].shape, vec![1, 1, 16]);

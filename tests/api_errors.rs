@@ -8,7 +8,7 @@ use rnn::{CellKind, Error, Exec, ModelSpec, Program, Request, Tensor, Weights};
 
 fn lstm() -> (Program, Weights) {
     let program = Program::compile(&ModelSpec::new(CellKind::Lstm, 3, 4)).unwrap();
-    let weights = Weights::init(&program, 0);
+    let weights = Weights::init(&program, 0).unwrap();
     (program, weights)
 }
 
@@ -263,5 +263,70 @@ fn packed_outputs_are_zero_past_each_length_and_states_taken_at_the_last_step() 
     assert_eq!(
         &packed.final_states[1].data[4..8],
         &alone.final_states[1].data[..]
+    );
+}
+
+#[test]
+fn absurd_sizes_are_errors_not_crashes() {
+    let e = Program::compile(&ModelSpec::new(CellKind::Lstm, 3, 1 << 30)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`hidden` is 1073741824, more than the largest size supported (16777216)"),
+        "{e}"
+    );
+
+    // Valid sizes whose parameters cannot be held in memory: an error from `init`, no abort.
+    let p = Program::compile(&ModelSpec::new(CellKind::Lstm, 1 << 24, 1 << 24)).unwrap();
+    assert!(
+        matches!(Weights::init(&p, 0), Err(Error::Argument(m)) if m.contains("cannot allocate"))
+    );
+
+    let e = rnn::parse_str("cell C { input: 3, hidden: 4, param W: [hidden * 1000000 * 1000000, input], state h, h = W @ x }")
+        .and_then(|s| Program::compile(&s).map(drop))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("a dimension of `W` is larger than the largest size supported"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_npy_shape_too_large_to_address_is_refused() {
+    // (2^62, 4, 5) float32: the element count overflows; it must not wrap to an empty array.
+    let mut bytes = rnn::ir::npy::write_f32(&Tensor::zeros(vec![1, 4, 5]));
+    let header = String::from_utf8_lossy(&bytes[10..]).into_owned();
+    let patched = header.replacen("(1, 4, 5)", "(4611686018427387904, 4, 5)", 1);
+    let start = 10;
+    let end = start + u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let new_header = &patched[..patched.find('\n').unwrap() + 1];
+    bytes.splice(start..end, new_header.bytes());
+    let len = (new_header.len() as u16).to_le_bytes();
+    bytes[8] = len[0];
+    bytes[9] = len[1];
+    bytes.truncate(start + new_header.len());
+    let e = rnn::ir::npy::read_f32(&bytes).unwrap_err();
+    assert!(e.to_string().contains("is too large to address"), "{e}");
+}
+
+#[test]
+fn a_custom_cell_built_in_code_is_checked_like_a_parsed_one() {
+    let mut spec = rnn::parse_str(common::RELU_ELMAN).unwrap();
+    let CellKind::Custom(cell) = &mut spec.cell else {
+        unreachable!()
+    };
+    cell.equations.clear();
+    let e = Program::compile(&spec).unwrap_err();
+    assert!(e.to_string().contains("state `h` is never assigned"), "{e}");
+    let mut spec = rnn::parse_str(common::RELU_ELMAN).unwrap();
+    let CellKind::Custom(cell) = &mut spec.cell else {
+        unreachable!()
+    };
+    cell.output.0 = "y".into();
+    let e = Program::compile(&spec).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`output y`: the output must be one of the declared states"),
+        "{e}"
     );
 }

@@ -256,7 +256,7 @@ fn check_model(
     with_h0: bool,
 ) {
     let program = Program::compile(spec).unwrap();
-    let weights = Weights::init(&program, 11);
+    let weights = Weights::init(&program, 11).unwrap();
     let width = spec.output_size() * spec.directions();
     let ld = spec.num_layers * spec.directions();
     let x = random_tensor(vec![steps, batch, spec.input_size], 12);

@@ -162,7 +162,7 @@ proptest! {
         let spec = spec_of(&c);
         let optimized = Program::compile(&spec).unwrap();
         let reference = Program::compile_with(&spec, CompileOptions { optimize: false }).unwrap();
-        let weights = Weights::init(&optimized, c.seed);
+        let weights = Weights::init(&optimized, c.seed).unwrap();
         let (y1, s1, g1) = run(&optimized, &weights, &c);
         let (y2, s2, g2) = run(&reference, &weights, &c);
         for (a, b) in y1.iter().zip(&y2) {

@@ -22,7 +22,7 @@
 //! let spec = parse_str("lstm { input: 3, hidden: 4 }").unwrap();
 //! let program = Program::compile(&spec).unwrap();
 //! assert_eq!(program.parameter_count(), 4 * 4 * (3 + 4) + 2 * 4 * 4);
-//! let weights = Weights::init(&program, 0);
+//! let weights = Weights::init(&program, 0).unwrap();
 //! let x = Tensor::zeros(vec![5, 2, 3]); // (time, batch, features)
 //! let gy = Tensor::zeros(vec![5, 2, 4]);
 //! let req = Request { input: Some(&x), grad_output: Some(&gy), ..Request::default() };

@@ -191,8 +191,15 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
     let x = g.x(input_size);
     env.insert("x".into(), x);
     fixed.insert("x".into(), "the step input");
+    let too_big = format!(
+        "is larger than the largest size supported ({})",
+        ModelSpec::MAX_SIZE
+    );
     for (name, dim, span) in &cell.states {
-        let n = dim.eval(input_size, hidden);
+        let n = dim.eval(input_size, hidden).unwrap_or_else(|| {
+            errors.push(diag(*span, format!("the size of state `{name}` {too_big}")));
+            1
+        });
         if n == 0 {
             errors.push(diag(*span, format!("state `{name}` has size 0")));
         }
@@ -200,7 +207,29 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
         env.insert(name.clone(), v);
     }
     for p in &cell.params {
-        let dims: Vec<usize> = p.dims.iter().map(|d| d.eval(input_size, hidden)).collect();
+        let dims: Vec<usize> = p
+            .dims
+            .iter()
+            .map(|d| {
+                d.eval(input_size, hidden).unwrap_or_else(|| {
+                    errors.push(diag(
+                        p.span,
+                        format!("a dimension of `{}` {too_big}", p.name),
+                    ));
+                    1
+                })
+            })
+            .collect();
+        if dims.is_empty() || dims.len() > 2 {
+            errors.push(diag(
+                p.span,
+                format!(
+                    "parameter `{}` needs one dimension (a vector) or two (a matrix)",
+                    p.name
+                ),
+            ));
+            continue;
+        }
         if dims.contains(&0) {
             errors.push(diag(
                 p.span,
@@ -260,6 +289,30 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
             }
             Err(d) => errors.push(d),
         }
+    }
+    // The parser checks these too; a spec built in code may not have been parsed.
+    for (name, _, span) in &cell.states {
+        if !cell.equations.iter().any(|(t, _, _)| t == name) {
+            errors.push(diag(
+                *span,
+                format!("state `{name}` is never assigned: add an equation `{name} = ...`"),
+            ));
+        }
+    }
+    if !cell.states.iter().any(|s| s.0 == cell.output.0) {
+        errors.push(diag(
+            cell.output.1,
+            format!(
+                "`output {}`: the output must be one of the declared states",
+                cell.output.0
+            ),
+        ));
+    }
+    if cell.states.is_empty() {
+        errors.push(diag(
+            cell.output.1,
+            "a `cell` needs at least one `state`".into(),
+        ));
     }
     if !errors.is_empty() {
         return Err(Error::Parse(errors));

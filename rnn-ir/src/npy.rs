@@ -93,14 +93,18 @@ fn payload<'a>(bytes: &'a [u8], h: &Header, expected: &str, size: usize) -> Resu
             "the array is in Fortran order; save it in C order".into(),
         ));
     }
-    let count: usize = h.shape.iter().product();
+    let count = h
+        .shape
+        .iter()
+        .try_fold(size, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::Npy(format!("shape {:?} is too large to address", h.shape)))?;
     let data = &bytes[h.data_start.min(bytes.len())..];
-    if data.len() != count * size {
+    if data.len() != count {
         return Err(Error::Npy(format!(
             "holds {} bytes of data, but shape {:?} needs {}",
             data.len(),
             h.shape,
-            count * size
+            count
         )));
     }
     Ok(data)

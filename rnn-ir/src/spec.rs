@@ -138,8 +138,25 @@ impl ModelSpec {
         }
     }
 
+    /// The largest size accepted for any dimension (2²⁴): far beyond any real RNN, and small
+    /// enough that no product of sizes overflows.
+    pub const MAX_SIZE: usize = 1 << 24;
+
     /// Checks the sizes and options are meaningful together.
     pub fn validate(&self) -> Result<(), String> {
+        for (name, n) in [
+            ("input", self.input_size),
+            ("hidden", self.hidden_size),
+            ("layers", self.num_layers),
+            ("proj", self.proj_size),
+        ] {
+            if n > Self::MAX_SIZE {
+                return Err(format!(
+                    "`{name}` is {n}, more than the largest size supported ({})",
+                    Self::MAX_SIZE
+                ));
+            }
+        }
         if self.input_size == 0 {
             return Err("`input` must be at least 1".into());
         }
@@ -181,15 +198,17 @@ pub enum Dim {
 }
 
 impl Dim {
-    /// The size for a layer with `input` features and `hidden` hidden features.
-    pub fn eval(&self, input: usize, hidden: usize) -> usize {
-        match self {
+    /// The size for a layer with `input` features and `hidden` hidden features; `None` when it
+    /// exceeds [`ModelSpec::MAX_SIZE`].
+    pub fn eval(&self, input: usize, hidden: usize) -> Option<usize> {
+        let n = match self {
             Dim::Lit(n) => *n,
             Dim::Input => input,
             Dim::Hidden => hidden,
-            Dim::Add(a, b) => a.eval(input, hidden) + b.eval(input, hidden),
-            Dim::Mul(a, b) => a.eval(input, hidden) * b.eval(input, hidden),
-        }
+            Dim::Add(a, b) => a.eval(input, hidden)?.checked_add(b.eval(input, hidden)?)?,
+            Dim::Mul(a, b) => a.eval(input, hidden)?.checked_mul(b.eval(input, hidden)?)?,
+        };
+        (n <= ModelSpec::MAX_SIZE).then_some(n)
     }
 }
 
@@ -259,11 +278,13 @@ pub struct CustomCell {
 }
 
 impl CustomCell {
-    /// Features of the output.
+    /// Features of the output (0 when the output is not a state of valid size, which lowering
+    /// reports).
     pub fn output_size(&self, input: usize, hidden: usize) -> usize {
         self.states
             .iter()
             .find(|(n, _, _)| *n == self.output.0)
-            .map_or(hidden, |(_, d, _)| d.eval(input, hidden))
+            .and_then(|(_, d, _)| d.eval(input, hidden))
+            .unwrap_or(0)
     }
 }

@@ -16,7 +16,10 @@ pub struct Tensor {
 impl Tensor {
     /// A tensor of `shape` holding `data`; `None` if the element count does not match.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Option<Self> {
-        (shape.iter().product::<usize>() == data.len()).then_some(Tensor { shape, data })
+        let count = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+        (count == data.len()).then_some(Tensor { shape, data })
     }
 
     /// A tensor of zeros.

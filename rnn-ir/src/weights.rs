@@ -55,26 +55,26 @@ impl Weights {
     }
 
     /// PyTorch's initialisation: every parameter uniform in `±1/√hidden`, from `seed`
-    /// (ChaCha8, so the same seed gives the same weights on every platform).
-    pub fn init(p: &Program, seed: u64) -> Weights {
+    /// (ChaCha8, so the same seed gives the same weights on every platform). Fails, rather than
+    /// aborting, when the parameters do not fit in memory.
+    pub fn init(p: &Program, seed: u64) -> Result<Weights> {
         let k = 1.0 / (p.spec.hidden_size as f64).sqrt();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let tensors = p
-            .parameters()
-            .into_iter()
-            .map(|(name, shape)| {
-                let n = shape.iter().product();
-                let data = (0..n)
-                    .map(|_| {
-                        // 24 random bits give a uniform float in [0, 1) exactly.
-                        let u = (rng.next_u32() >> 8) as f64 / (1u64 << 24) as f64;
-                        ((2.0 * u - 1.0) * k) as f32
-                    })
-                    .collect();
-                (name, Tensor { shape, data })
-            })
-            .collect();
-        Weights { tensors }
+        let mut tensors = BTreeMap::new();
+        for (name, shape) in p.parameters() {
+            let n: usize = shape.iter().product();
+            let mut data = Vec::new();
+            data.try_reserve_exact(n).map_err(|_| {
+                Error::Argument(format!("cannot allocate {n} floats for `{name}` {shape:?}"))
+            })?;
+            data.extend((0..n).map(|_| {
+                // 24 random bits give a uniform float in [0, 1) exactly.
+                let u = (rng.next_u32() >> 8) as f64 / (1u64 << 24) as f64;
+                ((2.0 * u - 1.0) * k) as f32
+            }));
+            tensors.insert(name, Tensor { shape, data });
+        }
+        Ok(Weights { tensors })
     }
 
     /// Reads and checks weights for `p` from safetensors bytes.

@@ -411,7 +411,7 @@ fn demo() -> Result<(), Failure> {
     println!("Norm of d(loss)/d(x_t), computed by BPTT through the compiled backward step:");
     let program =
         Program::compile(&ModelSpec::new(CellKind::RnnTanh, 32, 64)).map_err(|e| fail(here, e))?;
-    let weights = Weights::init(&program, 7);
+    let weights = Weights::init(&program, 7).map_err(|e| fail(here, e))?;
     let x = bench::random_tensor(vec![100, 1, 32], 8);
     let norms = bench::gradient_norms(&program, &weights, &x).map_err(|e| fail(here, e))?;
     for t in [99, 90, 75, 50, 25, 10, 0] {
