@@ -167,3 +167,34 @@ fn tokenizer_errors_are_diagnostics() {
     let e = errors("lstm { input: 3, hidden: \"4 }");
     assert!(e[0].contains("cannot tokenize"), "{e:?}");
 }
+
+#[test]
+fn mistakes_inside_brackets_and_parentheses_are_reported_not_dropped() {
+    // A misspelt size inside a parameter's shape: the parameter must not silently vanish.
+    let e = errors("cell C { input: 4, hidden: 4, param W: [hiden, input], state h, h = tanh(x) }");
+    assert_eq!(
+        e,
+        vec!["1:41: expected a size: a number, `input` or `hidden`, found `hiden`"]
+    );
+    // Tokens left over inside parentheses are an error, not ignored.
+    let e = errors(
+        "cell C { input: 4, hidden: 4, param W: [(hidden input), input], state h, h = tanh(W @ x) }",
+    );
+    assert_eq!(e, vec!["1:49: unexpected `input` before `)`"]);
+    let e = errors(
+        "cell C { input: 4, hidden: 4, param W: [hidden, input], state h, h = tanh((W @ x) h) }",
+    );
+    assert_eq!(e, vec!["1:83: expected `,` between arguments, found `h`"]);
+    let e = errors("cell C { input: 4, hidden: 4, state h, h = tanh((x) h), h = (x h) }");
+    assert_eq!(
+        e,
+        vec![
+            "1:53: expected `,` between arguments, found `h`",
+            "1:64: unexpected `h` before `)`"
+        ]
+    );
+    let e = errors(
+        "cell C { input: 4, hidden: 4, param W: [hidden, input], state h, h = tanh(W @ x h) }",
+    );
+    assert_eq!(e, vec!["1:81: expected `,` between arguments, found `h`"]);
+}

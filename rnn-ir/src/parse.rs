@@ -65,8 +65,8 @@ pub fn parse_body(
     name: Option<String>,
     body: TokenStream,
 ) -> Result<ModelSpec, Error> {
-    let mut p = Parser::new(body.clone(), kind_span);
-    let spec = p.body(kind, kind_span, name, body);
+    let mut p = Parser::new(body, kind_span);
+    let spec = p.body(kind, kind_span, name);
     p.finish(spec)
 }
 
@@ -175,6 +175,29 @@ impl Parser {
         self.error(self.span(), format!("expected {what}, found {found}"))
     }
 
+    /// Parses the contents of a group (`[...]`, `(...)`) with `f` on a parser of its own. The
+    /// inner parser's diagnostics always join this one's, whatever `f` returns, and tokens `f`
+    /// leaves unread are an error: nothing inside a group is dropped silently.
+    fn nested<T>(
+        &mut self,
+        tokens: TokenStream,
+        span: Span,
+        close: char,
+        f: impl FnOnce(&mut Parser) -> PResult<T>,
+    ) -> PResult<T> {
+        let mut inner = Parser::new(tokens, span);
+        let result = f(&mut inner);
+        if result.is_ok()
+            && let Some(t) = inner.peek()
+        {
+            let (span, found) = (t.span(), t.to_string());
+            let _ = inner.error::<()>(span, format!("unexpected `{found}` before `{close}`"));
+        }
+        let failed = !inner.errors.is_empty();
+        self.errors.append(&mut inner.errors);
+        if failed { Err(()) } else { result }
+    }
+
     fn model(&mut self) -> Option<ModelSpec> {
         let (kind, kind_span) = self
             .ident("a model kind: `rnn`, `lstm`, `gru` or `cell`")
@@ -197,20 +220,14 @@ impl Parser {
             let span = t.span();
             let _ = self.error::<()>(span, "unexpected tokens after the declaration's `}`");
         }
-        let mut inner = Parser::new(body.clone(), kind_span);
-        let spec = inner.body(&kind, kind_span, name, body);
+        let mut inner = Parser::new(body, kind_span);
+        let spec = inner.body(&kind, kind_span, name);
         self.errors.append(&mut inner.errors);
         spec
     }
 
     /// Parses the items of a body (self holds the body's tokens).
-    fn body(
-        &mut self,
-        kind: &str,
-        kind_span: Span,
-        name: Option<String>,
-        _body: TokenStream,
-    ) -> Option<ModelSpec> {
+    fn body(&mut self, kind: &str, kind_span: Span, name: Option<String>) -> Option<ModelSpec> {
         let mut b = BodyBuilder::default();
         while self.peek().is_some() {
             if self.item(kind, &mut b).is_err() {
@@ -256,23 +273,23 @@ impl Parser {
                     Delimiter::Bracket,
                     "`[` starting the parameter's shape, e.g. `[hidden, input]`",
                 )?;
-                let mut dp = Parser::new(dims, dspan);
-                let mut shape = Vec::new();
-                while dp.peek().is_some() {
-                    shape.push(dp.dim()?);
-                    if dp.peek().is_some() {
-                        dp.require_punct(',', "between dimensions")?;
+                let shape = self.nested(dims, dspan, ']', |p| {
+                    let mut shape = Vec::new();
+                    while p.peek().is_some() {
+                        shape.push(p.dim()?);
+                        if p.peek().is_some() {
+                            p.require_punct(',', "between dimensions")?;
+                        }
                     }
-                }
-                self.errors.append(&mut dp.errors);
+                    Ok(shape)
+                })?;
                 if shape.is_empty() || shape.len() > 2 {
                     return self.error(
                         dspan,
                         "a parameter has one dimension (a vector) or two (a matrix `[out, in]`)",
                     );
                 }
-                if let Some(prev) = b.params.iter().find(|p| p.name == name) {
-                    let _ = prev;
+                if b.params.iter().any(|p| p.name == name) {
                     return self.error(nspan, format!("parameter `{name}` is declared twice"));
                 }
                 b.params.push(CustomParam {
@@ -305,6 +322,8 @@ impl Parser {
             _ if self.is_punct('=') => {
                 custom_only(self, "equations")?;
                 self.pos += 1;
+                // Counted even if the expression fails, so that no "never assigned" follows.
+                b.assigned.push(word.clone());
                 let e = self.expr()?;
                 b.equations.push((word, e, span));
             }
@@ -384,10 +403,7 @@ impl Parser {
             }
             Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Parenthesis => {
                 self.pos += 1;
-                let mut inner = Parser::new(g.stream(), g.span());
-                let d = inner.dim();
-                self.errors.append(&mut inner.errors);
-                d
+                self.nested(g.stream(), g.span(), ')', Parser::dim)
             }
             _ => {
                 let found = self.describe();
@@ -455,39 +471,23 @@ impl Parser {
                     && g.delimiter() == Delimiter::Parenthesis
                 {
                     self.pos += 1;
-                    let mut inner = Parser::new(g.stream(), g.span());
-                    let mut args = Vec::new();
-                    while inner.peek().is_some() {
-                        match inner.expr() {
-                            Ok(e) => args.push(e),
-                            Err(()) => break,
+                    let args = self.nested(g.stream(), g.span(), ')', |p| {
+                        let mut args = Vec::new();
+                        while p.peek().is_some() {
+                            args.push(p.expr()?);
+                            if p.peek().is_some() {
+                                p.require_punct(',', "between arguments")?;
+                            }
                         }
-                        if inner.peek().is_some()
-                            && inner.require_punct(',', "between arguments").is_err()
-                        {
-                            break;
-                        }
-                    }
-                    let failed = !inner.errors.is_empty();
-                    self.errors.append(&mut inner.errors);
-                    if failed {
-                        return Err(());
-                    }
+                        Ok(args)
+                    })?;
                     return Ok(Expr::Call(name, args, i.span()));
                 }
                 Ok(Expr::Var(name, i.span()))
             }
             Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Parenthesis => {
                 self.pos += 1;
-                let mut inner = Parser::new(g.stream(), g.span());
-                let e = inner.expr();
-                if e.is_ok() && inner.peek().is_some() {
-                    let found = inner.describe();
-                    let _ = inner.error::<()>(inner.span(), format!("expected `)`, found {found}"));
-                }
-                let failed = !inner.errors.is_empty();
-                self.errors.append(&mut inner.errors);
-                if failed { Err(()) } else { e }
+                self.nested(g.stream(), g.span(), ')', Parser::expr)
             }
             _ => {
                 let found = self.describe();
@@ -547,14 +547,14 @@ impl Parser {
                     "a `cell` needs at least one `state`, e.g. `state h`",
                 );
             }
-            if b.equations.is_empty() {
+            if b.assigned.is_empty() {
                 let _ = self.error::<()>(
                     kind_span,
                     "a `cell` needs equations, e.g. `h = tanh(W @ x + U @ h + b)`",
                 );
             }
             for (state, _, sspan) in &b.states {
-                if !b.equations.iter().any(|(t, _, _)| t == state) {
+                if !b.assigned.contains(state) {
                     let _ = self.error::<()>(
                         *sspan,
                         format!(
@@ -696,4 +696,6 @@ struct BodyBuilder {
     states: Vec<(String, Dim, Span)>,
     equations: Vec<(String, Expr, Span)>,
     output: Option<(String, Span)>,
+    /// Every name an equation assigns, including equations that did not parse.
+    assigned: Vec<String>,
 }
