@@ -3,9 +3,8 @@
 
 use crate::ir::interp::eval_graph;
 use crate::ir::ir::{Graph, OutRole, Role, Shape};
+use crate::ir::weights::SeededUniform;
 use crate::{CellKind, Exec, ModelSpec, Program, Request, Result, Tensor, Weights};
-use rand_chacha::ChaCha8Rng;
-use rand_chacha::rand_core::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -148,12 +147,18 @@ fn human(s: f64) -> String {
 
 /// A tensor of uniform values in `[-1, 1)` from `seed`.
 pub fn random_tensor(shape: Vec<usize>, seed: u64) -> Tensor {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n = shape.iter().product();
-    let data = (0..n)
-        .map(|_| ((rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32) * 2.0 - 1.0)
-        .collect();
+    let data = SeededUniform::new(seed).take(n).map(|u| u as f32).collect();
     Tensor { shape, data }
+}
+
+/// The gradient seed of a loss that is the sum of the last step's output: ones on the last step,
+/// zeros elsewhere. Its gradient reaches earlier steps through the recurrence alone, which is
+/// what shows vanishing gradients.
+pub fn last_step_seed(steps: usize, batch: usize, width: usize) -> Tensor {
+    let mut gy = Tensor::zeros(vec![steps, batch, width]);
+    gy.data[(steps - 1) * batch * width..].fill(1.0);
+    gy
 }
 
 /// FLOPs of one forward pass of a one-layer cell with `gates` gate blocks.
@@ -236,10 +241,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
             let program = Program::compile(&spec(CellKind::RnnTanh, i, h))?;
             let bound = program.bind::<f32>(&Weights::init(&program, 1)?)?;
             let x = random_tensor(vec![t, b, i], 2);
-            // The loss is the last step's output: its gradient reaches every earlier input
-            // through the recurrence alone, which is what shows vanishing gradients.
-            let mut gy = Tensor::zeros(vec![t, b, h]);
-            gy.data[(t - 1) * b * h..].fill(1.0);
+            let gy = last_step_seed(t, b, h);
             let req = Request {
                 input: Some(&x),
                 grad_output: Some(&gy),
@@ -294,8 +296,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
 pub fn gradient_norms(program: &Program, weights: &Weights, x: &Tensor) -> Result<Vec<f64>> {
     let (t, b) = (x.shape[0], x.shape[1]);
     let width = program.spec.output_size() * program.spec.directions();
-    let mut gy = Tensor::zeros(vec![t, b, width]);
-    gy.data[(t - 1) * b * width..].fill(1.0);
+    let gy = last_step_seed(t, b, width);
     let req = Request {
         input: Some(x),
         grad_output: Some(&gy),

@@ -37,10 +37,16 @@ fn standard_cells_with_every_setting() {
 
 #[test]
 fn custom_cells_parse_and_compile() {
-    for src in [common::PEEPHOLE, common::MINIMAL_GRU, common::RELU_ELMAN] {
+    // input 3, hidden 4. Peephole: 4 W [4, 3], 4 U [4, 4], 4 b [4], 3 p [4]. Minimal GRU:
+    // 2 × (W [4, 3] + U [4, 4] + b [4]). Elman: W_xh [4, 3] + W_hh [4, 4] + b [4].
+    for (src, count) in [
+        (common::PEEPHOLE, 48 + 64 + 16 + 12),
+        (common::MINIMAL_GRU, 2 * (12 + 16 + 4)),
+        (common::RELU_ELMAN, 12 + 16 + 4),
+    ] {
         let spec = parse_str(src).unwrap();
         let program = Program::compile(&spec).unwrap();
-        assert!(program.parameter_count() > 0);
+        assert_eq!(program.parameter_count(), count, "{src}");
     }
 }
 

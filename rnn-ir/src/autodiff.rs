@@ -130,10 +130,7 @@ pub fn backward(f: &Graph) -> Result<Graph, IrError> {
             _ => d.args.iter().any(|a| needs[a.index()]),
         };
     }
-    let mut b = Graph::new();
-    b.params = f.params.clone();
-    b.states = f.states.clone();
-    b.input_size = f.input_size;
+    let b = Graph::with_signature_of(f);
     let mut cx = Builder {
         f,
         b,

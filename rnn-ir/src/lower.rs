@@ -119,7 +119,7 @@ fn lower_standard(spec: &ModelSpec, input_size: usize) -> Result<Graph, IrError>
                 ),
                 None => (None, None),
             };
-            let (r, z, n) = match spec.gru_reset {
+            let (z, n) = match spec.gru_reset {
                 GruReset::AfterMatmul => {
                     // The bias is sliced rather than added whole, so that its r and z parts can
                     // join the input's before the loop; b_hn is scaled by r and stays inside.
@@ -140,7 +140,7 @@ fn lower_standard(spec: &ModelSpec, input_size: usize) -> Result<Graph, IrError>
                     let gh_n = add_bias(&mut g, gh_n, b_n)?;
                     let rgh = g.mul(r, gh_n)?;
                     let n = g.add(gx_n, rgh)?;
-                    (r, z, g.tanh(n)?)
+                    (z, g.tanh(n)?)
                 }
                 GruReset::BeforeMatmul => {
                     let w_hrz = g.slice(w_hh, 0, 2 * h_size)?;
@@ -161,10 +161,9 @@ fn lower_standard(spec: &ModelSpec, input_size: usize) -> Result<Graph, IrError>
                     let gh_n = g.matmul(w_hn, rh)?;
                     let gh_n = add_bias(&mut g, gh_n, b_n)?;
                     let n = g.add(gx_n, gh_n)?;
-                    (r, z, g.tanh(n)?)
+                    (z, g.tanh(n)?)
                 }
             };
-            let _ = r;
             named(&mut g, n, "n");
             // h' = (1 - z) ⊙ n + z ⊙ h, written as PyTorch computes it: n + z ⊙ (h - n).
             let diff = g.sub(h, n)?;

@@ -3,7 +3,7 @@
 //! error saying what was found.
 
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, f32s_from_le_bytes, f32s_to_le_bytes};
 
 /// The element type of an array.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,10 +114,7 @@ fn payload<'a>(bytes: &'a [u8], h: &Header, expected: &str, size: usize) -> Resu
 pub fn read_f32(bytes: &[u8]) -> Result<Tensor> {
     let h = header(bytes)?;
     let data = payload(bytes, &h, "<f4", 4)?;
-    let data = data
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let data = f32s_from_le_bytes(data);
     Ok(Tensor {
         shape: h.shape,
         data,
@@ -157,11 +154,7 @@ fn write(descr: &str, shape: &[usize], data: Vec<u8>) -> Vec<u8> {
 
 /// The bytes of a `float32` `.npy` file holding `t`.
 pub fn write_f32(t: &Tensor) -> Vec<u8> {
-    write(
-        "<f4",
-        &t.shape,
-        t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    )
+    write("<f4", &t.shape, f32s_to_le_bytes(&t.data))
 }
 
 /// The bytes of an `int64` `.npy` file holding `data` with `shape`.

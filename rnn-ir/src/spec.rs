@@ -30,6 +30,19 @@ impl CellKind {
         }
     }
 
+    /// The standard cell called `name` (`rnn_tanh`, `rnn_relu`, `lstm`, `gru`): the inverse of
+    /// [`CellKind::name`].
+    pub fn from_name(name: &str) -> Option<CellKind> {
+        [
+            CellKind::RnnTanh,
+            CellKind::RnnRelu,
+            CellKind::Lstm,
+            CellKind::Gru,
+        ]
+        .into_iter()
+        .find(|c| c.name() == name)
+    }
+
     /// Gate blocks stacked in `weight_ih` (1, 4 or 3); `None` for custom cells.
     pub fn gates(&self) -> Option<usize> {
         match self {

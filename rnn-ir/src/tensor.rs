@@ -51,6 +51,20 @@ impl Tensor {
     }
 }
 
+/// `f32`s from their little-endian bytes (as safetensors and `.npy` store them); a trailing
+/// partial element is ignored, so callers check the byte count first.
+pub fn f32s_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The little-endian bytes of `xs`.
+pub fn f32s_to_le_bytes(xs: &[f32]) -> Vec<u8> {
+    xs.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
 /// The float types the interpreter computes in: `f32` (PyTorch's precision, and fast) and `f64`
 /// (for gradient checks against finite differences).
 pub trait Real:

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::program::Program;
 use crate::spec::{CellKind, ModelSpec};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, f32s_from_le_bytes, f32s_to_le_bytes};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -59,7 +59,7 @@ impl Weights {
     /// aborting, when the parameters do not fit in memory.
     pub fn init(p: &Program, seed: u64) -> Result<Weights> {
         let k = 1.0 / (p.spec.hidden_size as f64).sqrt();
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut uniform = SeededUniform::new(seed);
         let mut tensors = BTreeMap::new();
         for (name, shape) in p.parameters() {
             let n: usize = shape.iter().product();
@@ -67,11 +67,7 @@ impl Weights {
             data.try_reserve_exact(n).map_err(|_| {
                 Error::Argument(format!("cannot allocate {n} floats for `{name}` {shape:?}"))
             })?;
-            data.extend((0..n).map(|_| {
-                // 24 random bits give a uniform float in [0, 1) exactly.
-                let u = (rng.next_u32() >> 8) as f64 / (1u64 << 24) as f64;
-                ((2.0 * u - 1.0) * k) as f32
-            }));
+            data.extend(uniform.by_ref().take(n).map(|u| (u * k) as f32));
             tensors.insert(name, Tensor { shape, data });
         }
         Ok(Weights { tensors })
@@ -84,6 +80,26 @@ impl Weights {
         };
         w.check(p)?;
         Ok(w)
+    }
+}
+
+/// Uniform random numbers in `[-1, 1)` from a seed: ChaCha8, so the same seed gives the same
+/// numbers on every platform, each with 24 random bits (exact in `f32` and `f64`).
+#[derive(Clone, Debug)]
+pub struct SeededUniform(ChaCha8Rng);
+
+impl SeededUniform {
+    /// The stream for `seed`.
+    pub fn new(seed: u64) -> Self {
+        SeededUniform(ChaCha8Rng::seed_from_u64(seed))
+    }
+}
+
+impl Iterator for SeededUniform {
+    type Item = f64;
+    fn next(&mut self) -> Option<f64> {
+        let u = (self.0.next_u32() >> 8) as f64 / (1u64 << 24) as f64;
+        Some(2.0 * u - 1.0)
     }
 }
 
@@ -105,11 +121,7 @@ fn tensor_from_view(name: &str, view: &TensorView) -> Result<Tensor> {
             found: format!("{:?}", view.dtype()),
         });
     }
-    let data: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let data = f32s_from_le_bytes(view.data());
     Tensor::new(view.shape().to_vec(), data).ok_or_else(|| {
         Error::WeightFile(format!(
             "tensor `{name}` holds a byte count that does not match its shape"
@@ -121,7 +133,7 @@ fn tensor_from_view(name: &str, view: &TensorView) -> Result<Tensor> {
 pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
     let bytes: Vec<Vec<u8>> = tensors
         .values()
-        .map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|t| f32s_to_le_bytes(&t.data))
         .collect();
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()

@@ -60,13 +60,8 @@ impl Case {
     }
 
     pub fn cell(&self) -> CellKind {
-        match self.meta["cell"].as_str().unwrap() {
-            "rnn_tanh" => CellKind::RnnTanh,
-            "rnn_relu" => CellKind::RnnRelu,
-            "lstm" => CellKind::Lstm,
-            "gru" => CellKind::Gru,
-            c => panic!("unknown cell {c}"),
-        }
+        let name = self.meta["cell"].as_str().unwrap();
+        CellKind::from_name(name).unwrap_or_else(|| panic!("unknown cell {name}"))
     }
 
     pub fn batch_first(&self) -> bool {

@@ -380,6 +380,18 @@ impl Graph {
         Self::default()
     }
 
+    /// An empty graph with the parameters, states and input size of `g`: what a pass that
+    /// rewrites `g` starts from.
+    pub fn with_signature_of(g: &Graph) -> Self {
+        Graph {
+            values: Vec::with_capacity(g.len()),
+            params: g.params.clone(),
+            outputs: Vec::new(),
+            states: g.states.clone(),
+            input_size: g.input_size,
+        }
+    }
+
     /// The number of values.
     pub fn len(&self) -> usize {
         self.values.len()

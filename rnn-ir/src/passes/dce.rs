@@ -18,13 +18,7 @@ pub fn dce(g: &Graph) -> Graph {
             }
         }
     }
-    let mut out = Graph {
-        values: Vec::new(),
-        params: g.params.clone(),
-        outputs: Vec::new(),
-        states: g.states.clone(),
-        input_size: g.input_size,
-    };
+    let mut out = Graph::with_signature_of(g);
     let mut map = vec![Value::new(0); g.len()];
     for v in g.iter() {
         if live[v.index()] {

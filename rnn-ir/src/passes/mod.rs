@@ -43,13 +43,7 @@ pub(crate) fn rebuild(
     g: &Graph,
     mut f: impl FnMut(&mut Graph, Value, ValueData) -> Result<Value, IrError>,
 ) -> Result<Graph, IrError> {
-    let mut out = Graph {
-        values: Vec::with_capacity(g.len()),
-        params: g.params.clone(),
-        outputs: Vec::new(),
-        states: g.states.clone(),
-        input_size: g.input_size,
-    };
+    let mut out = Graph::with_signature_of(g);
     let mut map: Vec<Value> = Vec::with_capacity(g.len());
     for v in g.iter() {
         let mut d = g.data(v).clone();
