@@ -16,13 +16,21 @@ pub mod reassociate;
 use crate::error::IrError;
 use crate::ir::{Graph, Value, ValueData, verify};
 
-/// Runs DCE, CSE, gate fusion and reassociation to a fixed point, verifying the graph after
-/// every pass. (Time hoisting schedules the result; it does not change it.)
+/// Rounds of the pass pipeline before [`optimize`] gives up looking for a fixed point.
+pub const MAX_ROUNDS: usize = 8;
+
+/// Runs DCE, CSE, gate fusion and reassociation until the graph no longer changes (at most
+/// [`MAX_ROUNDS`] rounds), verifying the graph after every pass. (Time hoisting schedules the
+/// result; it does not change it.)
+///
+/// A round can grow the graph (fusion turns four matmuls into a concat, one matmul and four
+/// slices) and still open work for the next (common slices to merge), so the test is equality,
+/// not size.
 pub fn optimize(g: &Graph) -> Result<Graph, IrError> {
     let mut g = dce::dce(g);
     verify(&g)?;
-    loop {
-        let before = g.len();
+    for _ in 0..MAX_ROUNDS {
+        let before = g.clone();
         g = cse::cse(&g);
         verify(&g)?;
         g = fuse::fuse(&g)?;
@@ -31,10 +39,11 @@ pub fn optimize(g: &Graph) -> Result<Graph, IrError> {
         verify(&g)?;
         g = dce::dce(&g);
         verify(&g)?;
-        if g.len() >= before {
-            return Ok(g);
+        if g == before {
+            break;
         }
     }
+    Ok(g)
 }
 
 /// Copies `g` value by value in arena order. `f` receives the new graph and the old definition
