@@ -330,3 +330,69 @@ fn a_custom_cell_built_in_code_is_checked_like_a_parsed_one() {
         "{e}"
     );
 }
+
+#[test]
+fn run_sequence_checks_its_arguments() {
+    use rnn::ir::interp::{Feed, SeqIo, run_sequence};
+    use rnn::ir::ir::Role;
+    use rnn::ir::program::Scheduled;
+    use std::collections::HashMap;
+
+    fn io<'a>(
+        cell: &Scheduled,
+        w: &'a Weights,
+        steps: usize,
+        x: &'a [f32],
+        carried: Vec<Vec<f32>>,
+        lengths: Option<&'a [usize]>,
+    ) -> SeqIo<'a, f32> {
+        let mut feeds = HashMap::new();
+        feeds.insert(Role::Input, Feed::Rows(x));
+        for (i, info) in cell.graph.params.iter().enumerate() {
+            feeds.insert(
+                Role::Param(i as u32),
+                Feed::Fixed(w.tensors[&format!("{}_l0", info.name)].data.as_slice()),
+            );
+        }
+        SeqIo {
+            steps,
+            batch: 2,
+            reverse: false,
+            lengths,
+            feeds,
+            carried,
+            zero_inactive_carried: false,
+            keep: &[],
+        }
+    }
+    let p = Program::compile(&ModelSpec::new(CellKind::RnnTanh, 2, 3)).unwrap();
+    let cell = &p.layers[0].forward;
+    let w = Weights::init(&p, 0).unwrap();
+    let x = vec![0.5f32; 4 * 2 * 2];
+    let h = || vec![vec![0.0f32; 6]];
+    let err = |io| {
+        run_sequence(cell, io, &Exec::default())
+            .map(drop)
+            .unwrap_err()
+            .to_string()
+    };
+
+    run_sequence(cell, io(cell, &w, 4, &x, h(), None), &Exec::default()).unwrap();
+    assert!(err(io(cell, &w, 0, &x[..0], h(), None)).contains("at least one step and one row"));
+    assert!(
+        err(io(cell, &w, 4, &x[..15], h(), None))
+            .contains("input `x` has 15 elements, expected 16")
+    );
+    assert!(
+        err(io(cell, &w, 4, &x, vec![vec![0.0; 5]], None))
+            .contains("carried `h` has 5 elements, expected 6")
+    );
+    assert!(
+        err(io(cell, &w, 4, &x, vec![], None))
+            .contains("0 carried values given, the graph carries 1")
+    );
+    assert!(
+        err(io(cell, &w, 4, &x, h(), Some(&[4, 5])))
+            .contains("must give 1 ..= 4 for each of 2 rows")
+    );
+}

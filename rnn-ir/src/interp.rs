@@ -67,7 +67,14 @@ fn binary<T: Real>(
 }
 
 /// Evaluates value `v` of `g` on argument buffers `args`, with `rows` rows for batched values.
-pub fn eval_op<T: Real>(g: &Graph, v: Value, args: &[&[T]], rows: usize, exec: &Exec) -> Vec<T> {
+/// The buffers must have the sizes the shapes give (callers in this module make them so).
+pub(crate) fn eval_op<T: Real>(
+    g: &Graph,
+    v: Value,
+    args: &[&[T]],
+    rows: usize,
+    exec: &Exec,
+) -> Vec<T> {
     let d = g.data(v);
     let shape = d.shape;
     let arg_shape = |i: usize| g.shape(d.args[i]);
@@ -269,8 +276,68 @@ fn carried_out(role: OutRole) -> Option<usize> {
     }
 }
 
-/// Runs scheduled step graph `s` over a sequence (see the module doc).
+/// Checks that `io` fits `s`: at least one step and one row, every input fed with the size
+/// its shape gives, the carried values and lengths consistent.
+fn check_sequence<T>(s: &Scheduled, io: &SeqIo<'_, T>) -> Result<()> {
+    let g = &s.graph;
+    let bad = |m: String| Err(Error::Argument(m));
+    if io.steps == 0 || io.batch == 0 {
+        return bad(format!(
+            "a sequence needs at least one step and one row, found {} and {}",
+            io.steps, io.batch
+        ));
+    }
+    if io.carried.len() != g.states.len() {
+        return bad(format!(
+            "{} carried values given, the graph carries {}",
+            io.carried.len(),
+            g.states.len()
+        ));
+    }
+    for (c, (name, n)) in io.carried.iter().zip(&g.states) {
+        if c.len() != io.batch * n {
+            return bad(format!(
+                "carried `{name}` has {} elements, expected {}",
+                c.len(),
+                io.batch * n
+            ));
+        }
+    }
+    if let Some(l) = io.lengths
+        && (l.len() != io.batch || l.iter().any(|&n| n == 0 || n > io.steps))
+    {
+        return bad(format!(
+            "lengths {l:?} must give 1 ..= {} for each of {} rows",
+            io.steps, io.batch
+        ));
+    }
+    for v in g.iter() {
+        let Op::Input(role) = g.data(v).op else {
+            continue;
+        };
+        if carried_in(role).is_some() {
+            continue;
+        }
+        let shape = g.shape(v);
+        let (len, want) = match io.feeds.get(&role) {
+            None => return bad(format!("no value given for input `{}`", g.role_name(role))),
+            Some(Feed::Rows(x)) => (x.len(), buf_len(shape, io.steps * io.batch)),
+            Some(Feed::Fixed(x)) => (x.len(), buf_len(shape, io.batch)),
+        };
+        if len != want {
+            return bad(format!(
+                "input `{}` has {len} elements, expected {want}",
+                g.role_name(role)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs scheduled step graph `s` over a sequence (see the module doc). Every argument is
+/// checked first; see [`SeqIo`].
 pub fn run_sequence<T: Real>(s: &Scheduled, io: SeqIo<'_, T>, exec: &Exec) -> Result<SeqResult<T>> {
+    check_sequence(s, &io)?;
     let g = &s.graph;
     let (steps, batch) = (io.steps, io.batch);
     let all_rows = steps * batch;
@@ -433,7 +500,9 @@ pub fn run_sequence<T: Real>(s: &Scheduled, io: SeqIo<'_, T>, exec: &Exec) -> Re
 
     let whole = |v: Value| -> Vec<T> {
         match phase(v) {
-            Phase::Loop => tape[v.index()].clone().unwrap_or_default(),
+            Phase::Loop => tape[v.index()]
+                .clone()
+                .expect("loop values read after the loop are recorded"),
             _ => full[v.index()].as_deref().unwrap().to_vec(),
         }
     };

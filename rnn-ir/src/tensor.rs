@@ -183,7 +183,7 @@ impl<'a, T> MatRef<'a, T> {
 
 /// `dst = a · b` (or `dst += a · b` when `accumulate`), `dst` row-major `a.rows × b.cols`,
 /// computed by the `gemm` crate on `threads` threads.
-pub fn matmul<T: Real>(
+pub(crate) fn matmul<T: Real>(
     dst: &mut [T],
     a: MatRef<T>,
     b: MatRef<T>,
