@@ -2,7 +2,7 @@
 //! repetitions, GFLOP/s, and the fraction of this machine's single-core limit.
 
 use crate::ir::interp::eval_graph;
-use crate::ir::ir::{Graph, OutRole, Role, Shape};
+use crate::ir::graph::{Graph, OutRole, Role, Shape};
 use crate::ir::weights::SeededUniform;
 use crate::{CellKind, Exec, ModelSpec, Program, Request, Result, Tensor, Weights};
 use std::collections::HashMap;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use rnn::ir::ir::{Graph, Op, OutRole, Role, Shape, Value, ValueData, verify};
+use rnn::ir::graph::{Graph, Op, OutRole, Role, Shape, Value, ValueData, verify};
 use rnn::ir::passes::{
     cse::cse,
     dce::dce,

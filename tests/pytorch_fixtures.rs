@@ -53,8 +53,8 @@ fn every_pytorch_case_matches_through_the_library() {
     let cases = rnn_cases();
     assert_eq!(
         cases.len(),
-        7,
-        "expected the seven recurrent-layer cases, found {cases:?}"
+        12,
+        "expected the twelve recurrent-layer cases, found {cases:?}"
     );
     for name in cases {
         let case = Case::load(&name);

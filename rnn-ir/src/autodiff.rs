@@ -15,8 +15,8 @@
 //! the arena), and for each value with a gradient add each argument's local contribution into that
 //! argument's gradient. Values that do not depend on any input (constants) get no gradient.
 
-use crate::error::IrError;
-use crate::ir::{Graph, Op, OutRole, Role, Shape, Value};
+use crate::graph::IrError;
+use crate::graph::{Graph, Op, OutRole, Role, Shape, Value};
 use std::collections::HashMap;
 
 struct Builder<'f> {

@@ -1,41 +1,8 @@
 //! Errors: one enum for everything a user can get wrong, grouped by kind. Each message names the
 //! thing at fault (tensor, argument, value) and the expected and found values.
 
-use crate::ir::{Op, Value};
+pub use crate::graph::IrError;
 use std::fmt;
-
-/// An ill-formed IR graph: the value and op at fault and what is wrong.
-#[derive(Clone, Debug, PartialEq)]
-pub struct IrError {
-    /// The offending value, when there is one.
-    pub value: Option<Value>,
-    /// The op being built or checked.
-    pub op: Op,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl IrError {
-    /// An error about `op` (defining `value`, if known).
-    pub fn new(value: Option<Value>, op: Op, message: impl Into<String>) -> Self {
-        IrError {
-            value,
-            op,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for IrError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.value {
-            Some(v) => write!(f, "{v} = {}: {}", self.op.mnemonic(), self.message),
-            None => write!(f, "{}: {}", self.op.mnemonic(), self.message),
-        }
-    }
-}
-
-impl std::error::Error for IrError {}
 
 /// One parse error, with the place in the source it points at.
 #[derive(Clone, Debug)]

@@ -14,7 +14,7 @@
 //!   backward pass in reverse order of all that.
 
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Op, OutRole, Role, Shape, Value};
+use crate::graph::{Graph, Op, OutRole, Role, Shape, Value};
 use crate::passes::hoist::Phase;
 use crate::program::{Program, Scheduled};
 use crate::spec::ModelSpec;

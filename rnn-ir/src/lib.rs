@@ -8,8 +8,8 @@
 //! ```
 //!
 //! - [`parse`]: the DSL on `proc_macro2` tokens ([`spec::ModelSpec`] out).
-//! - [`lower`]: a cell to the step graph of one layer ([`ir::Graph`]).
-//! - [`ir`]: the IR, its verifier and printer.
+//! - [`lower`]: a cell to the step graph of one layer ([`graph::Graph`]).
+//! - [`graph`]: the IR, its verifier and printer.
 //! - [`autodiff`]: the backward step graph of a forward step graph.
 //! - [`passes`]: DCE, CSE, gate fusion and time hoisting.
 //! - [`program`]: the sequence-level plan for a model.
@@ -36,7 +36,7 @@
 pub mod autodiff;
 pub mod error;
 pub mod interp;
-pub mod ir;
+pub mod graph;
 pub mod lower;
 pub mod npy;
 pub mod parse;

@@ -7,7 +7,7 @@
 //! written for a particular cell.
 
 use crate::error::{Diagnostic, Error, IrError};
-use crate::ir::{Graph, Op, OutRole, Shape, Value};
+use crate::graph::{Graph, Op, OutRole, Shape, Value};
 use crate::spec::{BiasConvention, BinOp, CellKind, CustomCell, Expr, GruReset, ModelSpec};
 use std::collections::HashMap;
 
@@ -178,7 +178,7 @@ fn lower_standard(spec: &ModelSpec, input_size: usize) -> Result<Graph, IrError>
         g.set_output(OutRole::State(1), c_new);
     }
     g.set_output(OutRole::Output, h_new);
-    crate::ir::verify(&g)?;
+    crate::graph::verify(&g)?;
     Ok(g)
 }
 
@@ -320,7 +320,7 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
         g.set_output(OutRole::State(k as u32), next_state[name]);
     }
     g.set_output(OutRole::Output, next_state[&cell.output.0]);
-    crate::ir::verify(&g)?;
+    crate::graph::verify(&g)?;
     Ok(g)
 }
 

@@ -9,7 +9,7 @@
 
 use crate::autodiff;
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Op, Role, Shape, Value, verify};
+use crate::graph::{Graph, Op, Role, Shape, Value, verify};
 use crate::lower::lower;
 use crate::passes::{self, hoist, hoist::Phase};
 use crate::spec::ModelSpec;

@@ -3,7 +3,7 @@
 //! `a + b` and `b + a` merge. Inputs merge by role and constants by value and shape.
 
 use super::rebuild;
-use crate::ir::{Graph, Op, Shape, Value};
+use crate::graph::{Graph, Op, Shape, Value};
 use std::collections::HashMap;
 
 /// `g` with every repeated computation merged into its first occurrence.

@@ -3,7 +3,7 @@
 //! A value is live if it is an output or an argument of a live value. One reverse sweep over the
 //! arena finds them all, since arguments precede their users.
 
-use crate::ir::{Graph, Value};
+use crate::graph::{Graph, Value};
 
 /// `g` without the values no output depends on.
 pub fn dce(g: &Graph) -> Graph {

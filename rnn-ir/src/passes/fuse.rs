@@ -9,8 +9,8 @@
 //! them is fused, in arena order, so the output is deterministic.
 
 use super::rebuild;
-use crate::error::IrError;
-use crate::ir::{Graph, Op, Value};
+use crate::graph::IrError;
+use crate::graph::{Graph, Op, Value};
 use std::collections::BTreeMap;
 
 /// `g` with every group of matmuls sharing a right operand fused into one.

@@ -17,8 +17,8 @@
 //! checks this: a Pre or Post value may not combine a reduction's result with rows, and nothing
 //! may use an unbatched Loop value outside the loop. A graph breaking these rules is refused.
 
-use crate::error::IrError;
-use crate::ir::{Graph, Op, OutRole, Role};
+use crate::graph::IrError;
+use crate::graph::{Graph, Op, OutRole, Role};
 
 /// Where a value runs relative to the time loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -13,8 +13,8 @@ pub mod fuse;
 pub mod hoist;
 pub mod reassociate;
 
-use crate::error::IrError;
-use crate::ir::{Graph, Value, ValueData, verify};
+use crate::graph::IrError;
+use crate::graph::{Graph, Value, ValueData, verify};
 
 /// Rounds of the pass pipeline before [`optimize`] gives up looking for a fixed point.
 pub const MAX_ROUNDS: usize = 8;

@@ -15,8 +15,8 @@
 
 use super::hoist::is_carried_input;
 use super::rebuild;
-use crate::error::IrError;
-use crate::ir::{Graph, Op, Value};
+use crate::graph::IrError;
+use crate::graph::{Graph, Op, Value};
 
 /// `g` with every sum's loop-invariant terms grouped first.
 pub fn reassociate(g: &Graph) -> Result<Graph, IrError> {

@@ -13,7 +13,7 @@
 //!    shape and `ParamGrad(p)` the parameter's shape.
 
 use super::{Graph, Op, OutRole, Role, Shape, Value};
-use crate::error::IrError;
+use super::IrError;
 use std::collections::HashSet;
 
 /// Checks every invariant listed in the module doc; the first violation is returned.

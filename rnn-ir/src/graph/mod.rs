@@ -20,7 +20,6 @@ mod verify;
 
 pub use verify::verify;
 
-use crate::error::IrError;
 use std::fmt;
 
 /// An SSA value: an index into its graph's arena, printed `v{index}`.
@@ -579,3 +578,38 @@ impl Graph {
         )
     }
 }
+
+/// An ill-formed IR graph: the value and op at fault and what is wrong.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IrError {
+    /// The offending value, when there is one.
+    pub value: Option<Value>,
+    /// The op being built or checked.
+    pub op: Op,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl IrError {
+    /// An error about `op` (defining `value`, if known).
+    pub fn new(value: Option<Value>, op: Op, message: impl Into<String>) -> Self {
+        IrError {
+            value,
+            op,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for IrError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.value {
+            Some(v) => write!(f, "{v} = {}: {}", self.op.mnemonic(), self.message),
+            None => write!(f, "{}: {}", self.op.mnemonic(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for IrError {}
+
+
