@@ -2,9 +2,11 @@
 //! thing at fault (tensor, argument, value) and the expected and found values.
 
 pub use crate::graph::IrError;
+use crate::spec::Loc;
 use std::fmt;
 
-/// One parse error, with the place in the source it points at.
+/// One mistake in a declaration (found by the parser or by lowering), with the place in the
+/// source it points at.
 #[derive(Clone, Debug)]
 pub struct Diagnostic {
     /// A sentence saying what was expected.
@@ -13,8 +15,31 @@ pub struct Diagnostic {
     pub line: usize,
     /// 1-based column of the offending token (0 when unknown).
     pub column: usize,
-    /// The span, for macros to point `compile_error!` at the user's token.
-    pub span: proc_macro2::Span,
+    /// The offending token's span, for macros to point `compile_error!` at it: `Some` when the
+    /// parser found the mistake; `None` when lowering did, which knows only the [`Loc`] (map it
+    /// back with [`parse::span_at`](crate::parse::span_at)).
+    pub span: Option<proc_macro2::Span>,
+}
+
+impl Diagnostic {
+    /// A diagnostic at `loc` with no span: what lowering reports.
+    pub fn at(loc: Loc, message: impl Into<String>) -> Self {
+        Diagnostic {
+            message: message.into(),
+            line: loc.line as usize,
+            column: loc.column as usize,
+            span: None,
+        }
+    }
+
+    /// Where it points, as a [`Loc`] ([`Loc::UNKNOWN`] when unknown).
+    pub fn loc(&self) -> Loc {
+        if self.line == 0 {
+            return Loc::UNKNOWN;
+        }
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Loc::new(clamp(self.line), clamp(self.column))
+    }
 }
 
 impl fmt::Display for Diagnostic {

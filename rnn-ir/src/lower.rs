@@ -5,10 +5,13 @@
 //! from their equations. Either way the result is only matmuls, adds, products and
 //! nonlinearities: the gradient comes from [`autodiff`](crate::autodiff), never from formulas
 //! written for a particular cell.
+//!
+//! A custom cell's mistakes (an unknown name, mismatched shapes) are [`Diagnostic`]s at the
+//! [`Loc`]s the spec recorded, with no span: the spec holds none.
 
 use crate::error::{Diagnostic, Error, IrError};
 use crate::graph::{Graph, Op, OutRole, Shape, Value};
-use crate::spec::{BiasConvention, BinOp, CellKind, CustomCell, Expr, GruReset, ModelSpec};
+use crate::spec::{BiasConvention, BinOp, CellKind, CustomCell, Expr, GruReset, Loc, ModelSpec};
 use std::collections::HashMap;
 
 /// The step graph of the cell of `spec` for a layer with `input_size` input features.
@@ -194,13 +197,13 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
         "is larger than the largest size supported ({})",
         ModelSpec::MAX_SIZE
     );
-    for (name, dim, span) in &cell.states {
+    for (name, dim, loc) in &cell.states {
         let n = dim.eval(input_size, hidden).unwrap_or_else(|| {
-            errors.push(diag(*span, format!("the size of state `{name}` {too_big}")));
+            errors.push(diag(*loc, format!("the size of state `{name}` {too_big}")));
             1
         });
         if n == 0 {
-            errors.push(diag(*span, format!("state `{name}` has size 0")));
+            errors.push(diag(*loc, format!("state `{name}` has size 0")));
         }
         let v = g.state(name, n);
         env.insert(name.clone(), v);
@@ -212,7 +215,7 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
             .map(|d| {
                 d.eval(input_size, hidden).unwrap_or_else(|| {
                     errors.push(diag(
-                        p.span,
+                        p.loc,
                         format!("a dimension of `{}` {too_big}", p.name),
                     ));
                     1
@@ -221,7 +224,7 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
             .collect();
         if dims.is_empty() || dims.len() > 2 {
             errors.push(diag(
-                p.span,
+                p.loc,
                 format!(
                     "parameter `{}` needs one dimension (a vector) or two (a matrix)",
                     p.name
@@ -231,7 +234,7 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
         }
         if dims.contains(&0) {
             errors.push(diag(
-                p.span,
+                p.loc,
                 format!("parameter `{}` has a dimension of size 0", p.name),
             ));
         }
@@ -242,7 +245,7 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
         };
         if env.contains_key(&p.name) {
             errors.push(diag(
-                p.span,
+                p.loc,
                 format!("`{}` is already the name of a state or of `x`", p.name),
             ));
             continue;
@@ -252,10 +255,10 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
         fixed.insert(p.name.clone(), "a parameter");
     }
     let mut next_state: HashMap<String, Value> = HashMap::new();
-    for (target, expr, span) in &cell.equations {
+    for (target, expr, loc) in &cell.equations {
         if let Some(what) = fixed.get(target) {
             errors.push(diag(
-                *span,
+                *loc,
                 format!("cannot assign to `{target}`: it is {what}"),
             ));
             continue;
@@ -271,7 +274,7 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
                         .unwrap_or(0);
                     if g.shape(v) != Shape::Batch(want) {
                         errors.push(diag(
-                            *span,
+                            *loc,
                             format!(
                                 "state `{target}` has size {want}, but this equation gives {}",
                                 g.shape(v)
@@ -290,10 +293,10 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
         }
     }
     // The parser checks these too; a spec built in code may not have been parsed.
-    for (name, _, span) in &cell.states {
+    for (name, _, loc) in &cell.states {
         if !cell.equations.iter().any(|(t, _, _)| t == name) {
             errors.push(diag(
-                *span,
+                *loc,
                 format!("state `{name}` is never assigned: add an equation `{name} = ...`"),
             ));
         }
@@ -324,18 +327,13 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
     Ok(g)
 }
 
-fn diag(span: proc_macro2::Span, message: String) -> Diagnostic {
-    let start = span.start();
-    Diagnostic {
-        message,
-        line: start.line,
-        column: start.column + 1,
-        span,
-    }
+/// Lowering knows only where a mistake was written, not the token's span.
+fn diag(loc: Loc, message: String) -> Diagnostic {
+    Diagnostic::at(loc, message)
 }
 
 fn eval(g: &mut Graph, env: &HashMap<String, Value>, e: &Expr) -> Result<Value, Diagnostic> {
-    let at = |e: &Expr, m: String| diag(e.span(), m);
+    let at = |e: &Expr, m: String| diag(e.loc(), m);
     match e {
         Expr::Var(name, _) => env.get(name).copied().ok_or_else(|| {
             at(e, format!("unknown name `{name}`: declare it with `param {name}: [..]` or `state {name}`, or assign it before this use"))

@@ -28,10 +28,13 @@
 //!     h = relu(W_hh @ h + W_xh @ x + b) }
 //! ```
 //! Every mistake is reported, each at its token, with what was expected.
+//!
+//! The spec keeps no spans: each token's span becomes a [`Loc`] (line and column) as the spec is
+//! built, and [`span_at`] finds the token again, for a macro to point at a mistake lowering found.
 
 use crate::error::{Diagnostic, Error};
 use crate::spec::{
-    BiasConvention, BinOp, CellKind, CustomCell, CustomParam, Dim, Expr, GruReset, ModelSpec,
+    BiasConvention, BinOp, CellKind, CustomCell, CustomParam, Dim, Expr, GruReset, Loc, ModelSpec,
 };
 use proc_macro2::{Delimiter, Span, TokenStream, TokenTree};
 use std::str::FromStr;
@@ -44,7 +47,7 @@ pub fn parse_str(source: &str) -> Result<ModelSpec, Error> {
             message: format!("cannot tokenize the declaration: {e}"),
             line: start.line,
             column: start.column + 1,
-            span: e.span(),
+            span: Some(e.span()),
         }])
     })?;
     parse_model(tokens)
@@ -70,13 +73,43 @@ pub fn parse_body(
     p.finish(spec)
 }
 
+/// The span of the token that starts at `loc` in `tokens`, looking inside groups; `None` when no
+/// token starts there (or `loc` is unknown).
+///
+/// This is how a macro puts a lowering error's caret on the user's token: lowering reports only a
+/// [`Loc`] (see [`Diagnostic::loc`]), and `tokens` are the ones the spec was parsed from.
+pub fn span_at(tokens: &TokenStream, loc: Loc) -> Option<Span> {
+    if !loc.is_known() {
+        return None;
+    }
+    tokens.clone().into_iter().find_map(|t| {
+        if loc_of(t.span()) == loc {
+            return Some(t.span());
+        }
+        match t {
+            TokenTree::Group(g) => span_at(&g.stream(), loc),
+            _ => None,
+        }
+    })
+}
+
+/// Where `span` starts, as recorded in the spec (unknown when the span has no location).
+fn loc_of(span: Span) -> Loc {
+    let start = span.start();
+    if start.line == 0 {
+        return Loc::UNKNOWN;
+    }
+    let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Loc::new(clamp(start.line), clamp(start.column + 1))
+}
+
 fn diag(span: Span, message: impl Into<String>) -> Diagnostic {
     let start = span.start();
     Diagnostic {
         message: message.into(),
         line: start.line,
         column: start.column + 1,
-        span,
+        span: Some(span),
     }
 }
 
@@ -295,7 +328,7 @@ impl Parser {
                 b.params.push(CustomParam {
                     name,
                     dims: shape,
-                    span: nspan,
+                    loc: loc_of(nspan),
                 });
             }
             "state" if matches!(self.peek(), Some(TokenTree::Ident(_))) => {
@@ -325,7 +358,7 @@ impl Parser {
                 // Counted even if the expression fails, so that no "never assigned" follows.
                 b.assigned.push(word.clone());
                 let e = self.expr()?;
-                b.equations.push((word, e, span));
+                b.equations.push((word, e, loc_of(span)));
             }
             _ if self.is_punct(':') => {
                 self.pos += 1;
@@ -427,7 +460,7 @@ impl Parser {
                 return Ok(e);
             };
             let rhs = self.term()?;
-            e = Expr::Binary(op, Box::new(e), Box::new(rhs), span);
+            e = Expr::Binary(op, Box::new(e), Box::new(rhs), loc_of(span));
         }
     }
 
@@ -443,14 +476,14 @@ impl Parser {
                 return Ok(e);
             };
             let rhs = self.unary()?;
-            e = Expr::Binary(op, Box::new(e), Box::new(rhs), span);
+            e = Expr::Binary(op, Box::new(e), Box::new(rhs), loc_of(span));
         }
     }
 
     fn unary(&mut self) -> PResult<Expr> {
         let span = self.span();
         if self.eat_punct('-') {
-            return Ok(Expr::Neg(Box::new(self.unary()?), span));
+            return Ok(Expr::Neg(Box::new(self.unary()?), loc_of(span)));
         }
         self.atom()
     }
@@ -460,7 +493,7 @@ impl Parser {
             Some(TokenTree::Literal(l)) => {
                 self.pos += 1;
                 match l.to_string().parse::<f32>() {
-                    Ok(n) if n.is_finite() => Ok(Expr::Num(n, l.span())),
+                    Ok(n) if n.is_finite() => Ok(Expr::Num(n, loc_of(l.span()))),
                     _ => self.error(l.span(), format!("expected a number, found `{l}`")),
                 }
             }
@@ -481,9 +514,9 @@ impl Parser {
                         }
                         Ok(args)
                     })?;
-                    return Ok(Expr::Call(name, args, i.span()));
+                    return Ok(Expr::Call(name, args, loc_of(i.span())));
                 }
-                Ok(Expr::Var(name, i.span()))
+                Ok(Expr::Var(name, loc_of(i.span())))
             }
             Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Parenthesis => {
                 self.pos += 1;
@@ -516,7 +549,7 @@ impl Parser {
                 params: Vec::new(),
                 states: Vec::new(),
                 equations: Vec::new(),
-                output: (String::new(), kind_span),
+                output: (String::new(), loc_of(kind_span)),
             }),
         };
         let mut spec = ModelSpec::new(cell.clone(), 0, 0);
@@ -571,15 +604,21 @@ impl Parser {
                             format!("`output {o}`: the output must be one of the declared states"),
                         );
                     }
-                    (o, ospan)
+                    (o, loc_of(ospan))
                 }
                 None => b
                     .states
                     .first()
-                    .map_or((String::new(), kind_span), |s| (s.0.clone(), s.2)),
+                    .map_or((String::new(), loc_of(kind_span)), |s| {
+                        (s.0.clone(), loc_of(s.2))
+                    }),
             };
             c.params = b.params;
-            c.states = b.states;
+            c.states = b
+                .states
+                .into_iter()
+                .map(|(name, dim, span)| (name, dim, loc_of(span)))
+                .collect();
             c.equations = b.equations;
         }
         spec.cell = cell;
@@ -693,9 +732,62 @@ impl Parser {
 struct BodyBuilder {
     settings: Vec<(String, String, Span, Span)>,
     params: Vec<CustomParam>,
+    /// Spans until the spec is built: unassigned states are reported at their names.
     states: Vec<(String, Dim, Span)>,
-    equations: Vec<(String, Expr, Span)>,
+    equations: Vec<(String, Expr, Loc)>,
     output: Option<(String, Span)>,
     /// Every name an equation assigns, including equations that did not parse.
     assigned: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lowering_error_maps_back_to_the_users_token() {
+        let src = "cell C {\n  input: 3, hidden: 4,\n  param W: [hidden, input],\n  state h,\n  h = tanh(W @ x + V @ h)\n}";
+        let tokens = TokenStream::from_str(src).unwrap();
+        let spec = parse_model(tokens.clone()).unwrap();
+        let Err(Error::Parse(d)) = crate::lower::lower(&spec, 3) else {
+            panic!("`V` is undeclared: lowering must fail");
+        };
+        assert_eq!((d[0].line, d[0].column), (5, 20));
+        assert!(d[0].span.is_none(), "lowering has no span to give");
+        assert_eq!(d[0].loc(), Loc::new(5, 20));
+        let span = span_at(&tokens, d[0].loc()).expect("a token starts there");
+        // The token itself, found inside the braces and the call's parentheses.
+        assert_eq!(span.source_text().as_deref(), Some("V"));
+        assert_eq!(loc_of(span), Loc::new(5, 20));
+    }
+
+    #[test]
+    fn span_at_finds_groups_and_nothing_else() {
+        let tokens = TokenStream::from_str("lstm { input: [3] }").unwrap();
+        let at =
+            |line, column| span_at(&tokens, Loc::new(line, column)).and_then(|s| s.source_text());
+        assert_eq!(at(1, 1).as_deref(), Some("lstm"));
+        assert_eq!(at(1, 15).as_deref(), Some("[3]"));
+        assert_eq!(at(1, 16).as_deref(), Some("3"));
+        assert_eq!(at(1, 2), None, "no token starts inside `lstm`");
+        assert_eq!(at(2, 1), None);
+        assert!(span_at(&tokens, Loc::UNKNOWN).is_none());
+    }
+
+    #[test]
+    fn parser_errors_keep_their_span() {
+        let Err(Error::Parse(d)) = parse_str("lstm { input: 3, hiden: 4 }") else {
+            panic!("a misspelt setting must be rejected");
+        };
+        let span = d[0].span.expect("the parser has the token");
+        assert_eq!(span.source_text().as_deref(), Some("hiden"));
+        assert_eq!(d[0].loc(), Loc::new(1, 18));
+    }
+
+    #[test]
+    fn equal_sources_give_equal_specs() {
+        let src =
+            "cell C { input: 3, hidden: 4, param W: [hidden, input], state h, h = tanh(W @ x) }";
+        assert_eq!(parse_str(src).unwrap(), parse_str(src).unwrap());
+    }
 }

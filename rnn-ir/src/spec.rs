@@ -1,10 +1,48 @@
 //! `ModelSpec`: what the user declared — the cell (a standard one or equations), its sizes, layers,
 //! directions and conventions — before anything is lowered.
+//!
+//! A spec is plain data (`Clone + Debug + PartialEq + Send + Sync`, no `proc_macro2` types): a
+//! custom cell remembers where each name and operator was written as a [`Loc`], a line and
+//! column, so that lowering can report its mistakes at the user's token.
 
-use proc_macro2::Span;
+use std::fmt;
+
+/// A place in the declaration's source: the line and column of a token's first character.
+///
+/// Both are 1-based; the column counts characters, not bytes. [`Loc::UNKNOWN`] (0:0, also the
+/// default) is for specs built in code. The parser makes these from token spans, and
+/// [`parse::span_at`](crate::parse::span_at) maps one back to the token's span.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Loc {
+    /// 1-based line (0 when unknown).
+    pub line: u32,
+    /// 1-based column, in characters (0 when unknown).
+    pub column: u32,
+}
+
+impl Loc {
+    /// No place in any source (0:0): what a spec built in code carries.
+    pub const UNKNOWN: Loc = Loc { line: 0, column: 0 };
+
+    /// The place at 1-based `line` and `column`.
+    pub const fn new(line: u32, column: u32) -> Loc {
+        Loc { line, column }
+    }
+
+    /// Whether this is a real place rather than [`Loc::UNKNOWN`] (any loc on line 0 is unknown).
+    pub const fn is_known(self) -> bool {
+        self.line > 0
+    }
+}
+
+impl fmt::Display for Loc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
 
 /// The recurrent cell of a model.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum CellKind {
     /// `h' = tanh(W_ih x + b_ih + W_hh h + b_hh)` (PyTorch `nn.RNN`, the default nonlinearity).
     RnnTanh,
@@ -75,7 +113,7 @@ pub enum BiasConvention {
 }
 
 /// A model declaration.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
     /// The declared name, if any.
     pub name: Option<String>,
@@ -238,56 +276,58 @@ pub enum BinOp {
     MatMul,
 }
 
-/// An expression of a custom cell's equations.
-#[derive(Clone, Debug)]
+/// An expression of a custom cell's equations; each node remembers where it was written.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Expr {
     /// A parameter, state, `x` or earlier equation's name.
-    Var(String, Span),
+    Var(String, Loc),
     /// A number.
-    Num(f32, Span),
-    /// `a op b`.
-    Binary(BinOp, Box<Expr>, Box<Expr>, Span),
-    /// `-a`.
-    Neg(Box<Expr>, Span),
-    /// `f(args)`: `sigmoid`, `tanh`, `relu`, `concat`.
-    Call(String, Vec<Expr>, Span),
+    Num(f32, Loc),
+    /// `a op b` (the loc is the operator's).
+    Binary(BinOp, Box<Expr>, Box<Expr>, Loc),
+    /// `-a` (the loc is the `-`).
+    Neg(Box<Expr>, Loc),
+    /// `f(args)`: `sigmoid`, `tanh`, `relu`, `concat` (the loc is the function's name).
+    Call(String, Vec<Expr>, Loc),
 }
 
 impl Expr {
-    /// The span of the expression's operator or name, for error messages.
-    pub fn span(&self) -> Span {
+    /// Where the expression's operator or name was written, for error messages.
+    pub fn loc(&self) -> Loc {
         match self {
-            Expr::Var(_, s)
-            | Expr::Num(_, s)
-            | Expr::Binary(_, _, _, s)
-            | Expr::Neg(_, s)
-            | Expr::Call(_, _, s) => *s,
+            Expr::Var(_, l)
+            | Expr::Num(_, l)
+            | Expr::Binary(_, _, _, l)
+            | Expr::Neg(_, l)
+            | Expr::Call(_, _, l) => *l,
         }
     }
 }
 
 /// A parameter of a custom cell.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CustomParam {
     /// Its name.
     pub name: String,
     /// Its dimensions (one: a vector; two: a matrix `(out, in)`).
     pub dims: Vec<Dim>,
-    /// Where it was declared.
-    pub span: Span,
+    /// Where its name was declared.
+    pub loc: Loc,
 }
 
 /// A cell written as equations.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CustomCell {
     /// Declared parameters, in declaration order.
     pub params: Vec<CustomParam>,
-    /// Declared recurrent states and their sizes, in declaration order.
-    pub states: Vec<(String, Dim, Span)>,
-    /// `target = expr`, in order; assigning a state's name gives its next value.
-    pub equations: Vec<(String, Expr, Span)>,
-    /// The name whose value is the step's output (default: the first state).
-    pub output: (String, Span),
+    /// Declared recurrent states, their sizes and where each name was declared, in order.
+    pub states: Vec<(String, Dim, Loc)>,
+    /// `target = expr` and where the target was written, in order; assigning a state's name
+    /// gives its next value.
+    pub equations: Vec<(String, Expr, Loc)>,
+    /// The name whose value is the step's output (default: the first state), and where it was
+    /// written (the first state's, or the declaration's kind, when defaulted).
+    pub output: (String, Loc),
 }
 
 impl CustomCell {
@@ -299,5 +339,43 @@ impl CustomCell {
             .find(|(n, _, _)| *n == self.output.0)
             .and_then(|(_, d, _)| d.eval(input, hidden))
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles only if `T` is plain data that can cross threads.
+    fn plain_data<T: Clone + fmt::Debug + PartialEq + Send + Sync + 'static>() {}
+
+    #[test]
+    fn a_spec_is_plain_data() {
+        plain_data::<ModelSpec>();
+        plain_data::<CellKind>();
+        plain_data::<CustomCell>();
+        plain_data::<CustomParam>();
+        plain_data::<Expr>();
+        plain_data::<Dim>();
+        plain_data::<Loc>();
+    }
+
+    #[test]
+    fn specs_compare_by_value() {
+        let cell = |loc| {
+            CellKind::Custom(CustomCell {
+                params: Vec::new(),
+                states: vec![("h".into(), Dim::Hidden, loc)],
+                equations: vec![("h".into(), Expr::Var("x".into(), loc), loc)],
+                output: ("h".into(), loc),
+            })
+        };
+        let a = ModelSpec::new(cell(Loc::UNKNOWN), 3, 3);
+        assert_eq!(a, a.clone());
+        assert_ne!(a, ModelSpec::new(cell(Loc::new(1, 1)), 3, 3));
+        assert_ne!(a, ModelSpec::new(CellKind::Lstm, 3, 3));
+        assert_eq!(Loc::default(), Loc::UNKNOWN);
+        assert!(!Loc::UNKNOWN.is_known() && Loc::new(2, 5).is_known());
+        assert_eq!(Loc::new(2, 5).to_string(), "2:5");
     }
 }
