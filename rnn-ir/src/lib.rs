@@ -34,6 +34,7 @@
 #![warn(missing_docs)]
 
 pub mod autodiff;
+pub mod driver;
 pub mod error;
 pub mod interp;
 pub mod graph;
@@ -41,13 +42,15 @@ pub mod lower;
 pub mod npy;
 pub mod parse;
 pub mod passes;
+pub mod plan;
 pub mod program;
 pub mod spec;
 pub mod tensor;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use interp::{Bound, Exec, Gradients, RawResponse, Request, Response};
+pub use driver::{Gradients, RawResponse, Request, Response};
+pub use interp::{Bound, Exec, State, Stream};
 pub use program::{CompileOptions, Program};
 pub use spec::{CellKind, ModelSpec};
 pub use tensor::Tensor;

@@ -1,18 +1,27 @@
-//! The Program: the sequence-level plan for a whole model.
+//! The Program: the sequence-level plan for a whole model, the contract every backend reads.
 //!
 //! For each layer it holds the forward step graph and the backward step graph (from
 //! [`autodiff`](crate::autodiff)), each optimised and scheduled by time hoisting into values run
-//! before the loop, per step, and after the loop. Both directions of a layer share its graphs
-//! (their parameters differ, not their code). Layers, directions, per-sequence lengths, initial
-//! states and batch-first layout are handled by whoever executes the Program; the
-//! [interpreter](crate::interp) is the reference.
+//! before the loop, per step, and after the loop, and for each a [`StoragePlan`]: where every
+//! value lives, which buffers are reused, how carried state is double-buffered, what the forward
+//! pass keeps for the backward pass. Both directions of a layer share its graphs and plans
+//! (their parameters differ, not their code). [`verify_pair`] checks that a backward graph and
+//! its forward graph agree.
+//!
+//! Layers, directions, per-sequence lengths, initial states, batch-first layout and the
+//! reverse-time backward pass are orchestrated once, by the shared driver (`driver`, with the
+//! `runtime` feature), over a per-sequence executor that each backend supplies.
+//! `Display for Program` prints the whole plan; its snapshots are the contract.
 
 use crate::autodiff;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Op, Role, Shape, Value, verify};
+use crate::graph::dataflow::carried_input;
+use crate::graph::{Graph, IrError, Op, OutRole, Role, Shape, Value, verify};
 use crate::lower::lower;
 use crate::passes::{self, hoist, hoist::Phase};
+use crate::plan::{Storage, StoragePlan};
 use crate::spec::ModelSpec;
+use std::fmt;
 
 /// A step graph with its time-loop schedule.
 #[derive(Clone, Debug)]
@@ -44,7 +53,8 @@ impl Scheduled {
 
     /// The graph as text with each value's phase.
     pub fn to_text(&self) -> String {
-        self.graph.to_text(Some(&self.phases))
+        self.graph
+            .to_text_with(|v| format!("{:<4}", self.phases[v.index()].name()))
     }
 }
 
@@ -59,6 +69,23 @@ pub struct CellProgram {
     pub backward: Scheduled,
     /// The forward values the backward step reads (`Role::Saved`), in order.
     pub saved: Vec<Value>,
+    /// The forward step's storage plan when no gradient is wanted (nothing kept).
+    pub inference: StoragePlan,
+    /// The forward step's storage plan when the backward pass follows (`saved` kept).
+    pub training: StoragePlan,
+    /// The backward step's storage plan.
+    pub backward_plan: StoragePlan,
+}
+
+impl CellProgram {
+    /// The forward plan for a run that does (`training`) or does not want gradients.
+    pub fn forward_plan(&self, training: bool) -> &StoragePlan {
+        if training {
+            &self.training
+        } else {
+            &self.inference
+        }
+    }
 }
 
 /// How to compile.
@@ -164,17 +191,173 @@ fn compile_cell(
     if options.optimize {
         backward = passes::optimize(&backward)?;
     }
-    let saved = backward
+    let saved: Vec<Value> = backward
         .iter()
         .filter_map(|v| match backward.data(v).op {
             Op::Input(Role::Saved(s)) => Some(s),
             _ => None,
         })
         .collect();
+    let forward = Scheduled::new(forward, options.optimize)?;
+    let backward = Scheduled::new(backward, options.optimize)?;
+    let inference = StoragePlan::new(&forward, &[]);
+    let training = StoragePlan::new(&forward, &saved);
+    let backward_plan = StoragePlan::new(&backward, &[]);
+    verify_pair(&forward, &training, &backward.graph)?;
     Ok(CellProgram {
         input_size,
-        forward: Scheduled::new(forward, options.optimize)?,
-        backward: Scheduled::new(backward, options.optimize)?,
+        forward,
+        backward,
         saved,
+        inference,
+        training,
+        backward_plan,
     })
+}
+
+/// Checks a backward step graph against its forward step graph and the forward plan that
+/// keeps the saved values:
+/// 1. every `Saved(v)` names a forward value of the same shape, stored per step where it varies
+///    per step (a batched value on `T·B` rows) and step-invariant where it is read once (an
+///    unbatched value must be bound: computed from parameters alone);
+/// 2. every `Cotangent(role)` has a forward output with that role and the same shape;
+/// 3. both graphs have the same parameters, states and input size, and the backward graph
+///    returns the gradient of every parameter, of the input and of every state.
+pub fn verify_pair(
+    forward: &Scheduled,
+    plan: &StoragePlan,
+    backward: &Graph,
+) -> Result<(), IrError> {
+    let f = &forward.graph;
+    for v in backward.iter() {
+        let d = backward.data(v);
+        let err = |m: String| Err(IrError::new(Some(v), d.op, m));
+        match d.op {
+            Op::Input(Role::Saved(s)) => {
+                if s.index() >= f.len() {
+                    return err(format!("saved {s} is not a value of the forward graph"));
+                }
+                if f.shape(s) != d.shape {
+                    return err(format!(
+                        "saved {s} is {} in the forward graph but read as {}",
+                        f.shape(s),
+                        d.shape
+                    ));
+                }
+                let kept_per_step = match plan.storage[s.index()] {
+                    Storage::Sequence | Storage::Tape | Storage::After => true,
+                    Storage::Carried => true,
+                    Storage::Bound | Storage::Step => false,
+                };
+                if d.shape.is_batched() && !kept_per_step {
+                    return err(format!(
+                        "saved {s} varies per step but the forward plan does not keep it per step"
+                    ));
+                }
+                if !d.shape.is_batched() && plan.storage[s.index()] != Storage::Bound {
+                    return err(format!(
+                        "saved {s} is unbatched but not computed from parameters alone: the backward pass would read one step's value for every step"
+                    ));
+                }
+                if let Op::Input(role) = f.data(s).op
+                    && let Some(k) = carried_input(role)
+                    && plan.carried_tape[k as usize].is_none()
+                {
+                    return err(format!("saved carried input {s} is not recorded on a tape"));
+                }
+            }
+            Op::Input(Role::Cotangent(role)) => match f.output(role) {
+                Some(o) if f.shape(o) == d.shape => {}
+                Some(o) => {
+                    return err(format!(
+                        "the cotangent of `{}` is {} but the forward output is {}",
+                        f.out_role_name(role),
+                        d.shape,
+                        f.shape(o)
+                    ));
+                }
+                None => {
+                    return err(format!(
+                        "a cotangent of `{}`, which the forward graph does not output",
+                        f.out_role_name(role)
+                    ));
+                }
+            },
+            _ => {}
+        }
+    }
+    let sig = |m: &str| Err(IrError::new(None, Op::Input(Role::Input), m));
+    if f.params != backward.params || f.states != backward.states {
+        return sig("the backward graph's parameters or states differ from the forward graph's");
+    }
+    if f.input_size != backward.input_size {
+        return sig("the backward graph's input size differs from the forward graph's");
+    }
+    let mut wanted: Vec<OutRole> = (0..f.params.len() as u32).map(OutRole::ParamGrad).collect();
+    wanted.push(OutRole::InputGrad);
+    wanted.extend((0..f.states.len() as u32).map(OutRole::StateGrad));
+    for role in wanted {
+        if backward.output(role).is_none() {
+            return Err(IrError::new(
+                None,
+                Op::Input(Role::Input),
+                format!("the backward graph does not return `{}`", f.out_role_name(role)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for Program {
+    /// The whole plan: the model, its parameters, then for each distinct layer its forward
+    /// step (with the training plan, and the buffers of the inference plan) and its backward
+    /// step with their storage plans.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let spec = &self.spec;
+        let dirs = if spec.bidirectional {
+            "forward and reverse (sharing the code, each with its own parameters)"
+        } else {
+            "forward"
+        };
+        writeln!(
+            f,
+            "program {}: input {}, hidden {}, {} layer(s), directions: {dirs}, {}",
+            spec.cell.name(),
+            spec.input_size,
+            spec.hidden_size,
+            spec.num_layers,
+            if spec.batch_first {
+                "batch-first"
+            } else {
+                "time-major"
+            }
+        )?;
+        writeln!(f, "parameters ({}):", self.parameter_count())?;
+        for (name, shape) in self.parameters() {
+            writeln!(f, "  {name}: {shape:?}")?;
+        }
+        let mut shown: Vec<usize> = Vec::new();
+        for (layer, cell) in self.layers.iter().enumerate() {
+            if let Some(first) = shown.iter().position(|&i| i == cell.input_size) {
+                writeln!(f, "\nlayer {layer}: the code of layer {first}")?;
+                continue;
+            }
+            shown.push(cell.input_size);
+            writeln!(
+                f,
+                "\nlayer {layer} (input {}): forward step, training plan",
+                cell.input_size
+            )?;
+            f.write_str(&cell.training.to_text(&cell.forward))?;
+            writeln!(f, "layer {layer}: forward step, inference plan buffers")?;
+            let inference = cell.inference.to_text(&cell.forward);
+            let buffers = inference
+                .find("  buffers:")
+                .map_or("", |i| &inference[i..]);
+            f.write_str(buffers)?;
+            writeln!(f, "layer {layer}: backward step")?;
+            f.write_str(&cell.backward_plan.to_text(&cell.backward))?;
+        }
+        Ok(())
+    }
 }

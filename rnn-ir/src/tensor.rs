@@ -181,20 +181,42 @@ impl<'a, T> MatRef<'a, T> {
     }
 }
 
-/// `dst = a · b` (or `dst += a · b` when `accumulate`), `dst` row-major `a.rows × b.cols`,
-/// computed by the `gemm` crate on `threads` threads.
+/// A mutable row-major view: `rows × cols` elements, rows `row_stride` apart.
+pub(crate) struct MatMut<'a, T> {
+    /// The elements; element `(i, j)` is at `data[i * row_stride + j]`.
+    pub data: &'a mut [T],
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Distance between rows.
+    pub row_stride: usize,
+}
+
+/// `dst = a · b` (or `dst += a · b` when `accumulate`), computed by the `gemm` crate on
+/// `threads` threads. Every operand's extent is checked against its slice.
 pub(crate) fn matmul<T: Real>(
-    dst: &mut [T],
+    dst: MatMut<'_, T>,
     a: MatRef<T>,
     b: MatRef<T>,
     accumulate: bool,
     threads: usize,
 ) {
     assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
-    assert_eq!(dst.len(), a.rows * b.cols, "matmul: destination size");
+    assert!(
+        dst.rows == a.rows && dst.cols == b.cols,
+        "matmul: destination size"
+    );
     assert!(
         a.in_bounds() && b.in_bounds(),
         "matmul: operand out of bounds"
+    );
+    assert!(
+        dst.rows == 0
+            || dst.cols == 0
+            || (dst.cols <= dst.row_stride || dst.rows == 1)
+                && (dst.rows - 1) * dst.row_stride + dst.cols <= dst.data.len(),
+        "matmul: destination out of bounds"
     );
     let (m, n, k) = (a.rows, b.cols, a.cols);
     if m == 0 || n == 0 {
@@ -202,7 +224,9 @@ pub(crate) fn matmul<T: Real>(
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(T::ZERO);
+            for r in 0..m {
+                dst.data[r * dst.row_stride..r * dst.row_stride + n].fill(T::ZERO);
+            }
         }
         return;
     }
@@ -211,16 +235,16 @@ pub(crate) fn matmul<T: Real>(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: every operand's extent was checked against its slice above, `dst` is exactly
-    // m × n row-major, and the operands do not alias `dst` (it is borrowed mutably).
+    // SAFETY: every operand's extent was checked against its slice above, and the operands do
+    // not alias `dst` (it is borrowed mutably).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.data.as_mut_ptr(),
             1,
-            n as isize,
+            dst.row_stride as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,

@@ -15,6 +15,7 @@
 //! previous recurrent state, or (in a backward graph) a saved forward value or the gradient flowing
 //! into a forward output.
 
+pub mod dataflow;
 mod print;
 mod verify;
 

@@ -1,5 +1,6 @@
 //! The printer: a stable, deterministic text form of a graph, one value per line in arena
-//! order, optionally tagged with the time-loop phase each value runs in.
+//! order, optionally annotated (the schedule and the storage plan add each value's phase and
+//! place; the printer knows nothing of them).
 //!
 //! ```text
 //! v4 = matmul v2, v0 : batch[28]          ; pre  gates_x
@@ -7,8 +8,7 @@
 //! Values are printed `v{index}`, shapes as `[r, c]`, `[n]` or `batch[n]`. The output depends on
 //! nothing but the graph, so snapshots of it are stable.
 
-use super::{Graph, Op, OutRole, Role};
-use crate::passes::hoist::Phase;
+use super::{Graph, Op, OutRole, Role, Value};
 use std::fmt::{self, Write};
 
 impl Graph {
@@ -46,8 +46,8 @@ impl Graph {
             .map_or_else(|| format!("#{k}"), |(n, _)| n.clone())
     }
 
-    /// The graph as text, each value tagged with its phase when `phases` is given.
-    pub fn to_text(&self, phases: Option<&[Phase]>) -> String {
+    /// The graph as text, one value a line, each followed by `note(v)` when it is not empty.
+    pub fn to_text_with(&self, note: impl Fn(Value) -> String) -> String {
         let mut out = String::new();
         for v in self.iter() {
             let d = self.data(v);
@@ -69,15 +69,15 @@ impl Graph {
                 }
             }
             let _ = write!(line, " : {}", d.shape);
-            let phase = phases.map(|p| p[v.index()].name());
+            let note = note(v);
             let name = d.name.as_deref().filter(|_| !matches!(d.op, Op::Input(_)));
-            if phase.is_some() || name.is_some() {
-                while line.len() < 44 {
+            if !note.is_empty() || name.is_some() {
+                while line.chars().count() < 44 {
                     line.push(' ');
                 }
                 line.push(';');
-                if let Some(p) = phase {
-                    let _ = write!(line, " {p:<4}");
+                if !note.is_empty() {
+                    let _ = write!(line, " {note}");
                 }
                 if let Some(n) = name {
                     let _ = write!(line, " {n}");
@@ -97,6 +97,6 @@ impl Graph {
 
 impl fmt::Display for Graph {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_text(None))
+        f.write_str(&self.to_text_with(|_| String::new()))
     }
 }

@@ -3,21 +3,12 @@
 //! A value is live if it is an output or an argument of a live value. One reverse sweep over the
 //! arena finds them all, since arguments precede their users.
 
+use crate::graph::dataflow::live;
 use crate::graph::{Graph, Value};
 
 /// `g` without the values no output depends on.
 pub fn dce(g: &Graph) -> Graph {
-    let mut live = vec![false; g.len()];
-    for o in &g.outputs {
-        live[o.value.index()] = true;
-    }
-    for v in g.iter().rev() {
-        if live[v.index()] {
-            for a in &g.data(v).args {
-                live[a.index()] = true;
-            }
-        }
-    }
+    let live = live(g);
     let mut out = Graph::with_signature_of(g);
     let mut map = vec![Value::new(0); g.len()];
     for v in g.iter() {

@@ -18,7 +18,8 @@
 //! may use an unbatched Loop value outside the loop. A graph breaking these rules is refused.
 
 use crate::graph::IrError;
-use crate::graph::{Graph, Op, OutRole, Role};
+use crate::graph::dataflow::{depends_on_carried, is_carried_input, is_carried_output, needed_by};
+use crate::graph::{Graph, Op, Value};
 
 /// Where a value runs relative to the time loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -42,16 +43,6 @@ impl Phase {
     }
 }
 
-/// Whether an input role is carried from one step to the next (state or state gradient).
-pub fn is_carried_input(role: Role) -> bool {
-    matches!(role, Role::State(_) | Role::Cotangent(OutRole::State(_)))
-}
-
-/// Whether an output role is carried to the next step.
-pub fn is_carried_output(role: OutRole) -> bool {
-    matches!(role, OutRole::State(_) | OutRole::StateGrad(_))
-}
-
 /// Every value in the loop: the schedule without hoisting, the reference hoisting is tested
 /// against.
 pub fn no_hoist(g: &Graph) -> Vec<Phase> {
@@ -60,28 +51,8 @@ pub fn no_hoist(g: &Graph) -> Vec<Phase> {
 
 /// The phase of every value of `g` (see the module doc).
 pub fn hoist(g: &Graph) -> Result<Vec<Phase>, IrError> {
-    let n = g.len();
-    let mut depends = vec![false; n];
-    for v in g.iter() {
-        let d = g.data(v);
-        depends[v.index()] = match d.op {
-            Op::Input(role) => is_carried_input(role),
-            _ => d.args.iter().any(|a| depends[a.index()]),
-        };
-    }
-    let mut needed = vec![false; n];
-    for o in &g.outputs {
-        if is_carried_output(o.role) {
-            needed[o.value.index()] = true;
-        }
-    }
-    for v in g.iter().rev() {
-        if needed[v.index()] {
-            for a in &g.data(v).args {
-                needed[a.index()] = true;
-            }
-        }
-    }
+    let depends = depends_on_carried(g);
+    let needed = needed_by(g, is_carried_output);
     // A carried input is the state at one step: it lives in the loop even when only values
     // after the loop read it (they read what the loop recorded).
     let phases: Vec<Phase> = g
@@ -100,6 +71,12 @@ pub fn hoist(g: &Graph) -> Result<Vec<Phase>, IrError> {
 }
 
 /// Checks that running Pre and Post values over all time steps at once is exact.
+///
+/// A value derived from a sum over rows stands, outside the loop, for the sum over all time
+/// steps of its per-step values. That is only the same as summing it step by step when it is
+/// *linear* in the sums it reads: sums, differences, negation, slices and concatenations of
+/// them (with zero padding), and products with a value that is the same at every step (a
+/// parameter or constant). Anything else (`sum · sum`, `tanh(sum)`, `sum + 1`) is refused.
 pub fn check(g: &Graph, phases: &[Phase]) -> Result<(), IrError> {
     // reduced[v]: v is unbatched and derived from a reduction over rows.
     let mut reduced = vec![false; g.len()];
@@ -108,9 +85,18 @@ pub fn check(g: &Graph, phases: &[Phase]) -> Result<(), IrError> {
         let phase = phases[v.index()];
         let from_reduction = d.op.is_reduction() || d.args.iter().any(|a| reduced[a.index()]);
         reduced[v.index()] = from_reduction && !d.shape.is_batched();
+        let err = |m: &str| Err(IrError::new(Some(v), d.op, m));
+        if phase != Phase::Loop
+            && reduced[v.index()]
+            && !d.op.is_reduction()
+            && !linear_in_reductions(g, v, &reduced)
+        {
+            return err(
+                "outside the loop, a value may only be linear in a sum over the rows (sums, differences, slices, concatenations, products with a parameter)",
+            );
+        }
         for &a in &d.args {
             let pa = phases[a.index()];
-            let err = |m: &str| Err(IrError::new(Some(v), d.op, m));
             if phase != Phase::Loop && d.shape.is_batched() && reduced[a.index()] {
                 return err("a row-wise value outside the loop uses a sum over the rows");
             }
@@ -127,4 +113,22 @@ pub fn check(g: &Graph, phases: &[Phase]) -> Result<(), IrError> {
         }
     }
     Ok(())
+}
+
+/// Whether `v`, which reads at least one reduced value, is linear in the reduced values it reads.
+fn linear_in_reductions(g: &Graph, v: Value, reduced: &[bool]) -> bool {
+    let d = g.data(v);
+    let is_reduced = |a: &Value| reduced[a.index()];
+    let is_zero = |a: &Value| g.data(*a).op == Op::Const(0.0f32.to_bits());
+    match d.op {
+        Op::Neg | Op::Slice { .. } => true,
+        Op::Add | Op::Sub | Op::Concat => d.args.iter().all(|a| is_reduced(a) || is_zero(a)),
+        Op::Mul => {
+            let [a, b] = [d.args[0], d.args[1]];
+            // Unbatched and not from a reduction: parameters and constants, the same at every step.
+            let invariant = |x: Value| !reduced[x.index()] && !g.shape(x).is_batched();
+            (reduced[a.index()] && invariant(b)) || (reduced[b.index()] && invariant(a))
+        }
+        _ => false,
+    }
 }

@@ -13,21 +13,15 @@
 //! unregrouped sum in the last bits, well within the tolerance every backend is held to. Terms
 //! keep their order within each group, so the pass is deterministic.
 
-use super::hoist::is_carried_input;
+use crate::graph::dataflow::{depends_on_carried, parameter_derived};
 use super::rebuild;
 use crate::graph::IrError;
 use crate::graph::{Graph, Op, Value};
 
 /// `g` with every sum's loop-invariant terms grouped first.
 pub fn reassociate(g: &Graph) -> Result<Graph, IrError> {
-    let mut depends = vec![false; g.len()];
-    for v in g.iter() {
-        let d = g.data(v);
-        depends[v.index()] = match d.op {
-            Op::Input(role) => is_carried_input(role),
-            _ => d.args.iter().any(|a| depends[a.index()]),
-        };
-    }
+    let depends = depends_on_carried(g);
+    let bound = parameter_derived(g);
     let users = g.users();
     let outputs: Vec<Value> = g.outputs.iter().map(|o| o.value).collect();
     // An add is "inner" when its one use is another add, which will absorb its terms.
@@ -62,10 +56,11 @@ pub fn reassociate(g: &Graph) -> Result<Graph, IrError> {
             let terms = &terms_of[v.index()];
             let (fixed, varying): (Vec<Value>, Vec<Value>) =
                 terms.iter().partition(|t| !depends[t.index()]);
-            // Sum the invariant terms first, batched ones before vectors so that the partial
-            // sum has the batch shape as early as possible.
+            // Sum the invariant terms first, and among them the ones derived from parameters
+            // alone first: their partial sum (the two biases) is computed once, when the
+            // weights are bound.
             let mut fixed = fixed;
-            fixed.sort_by_key(|&t| !g.shape(t).is_batched() as u8);
+            fixed.sort_by_key(|&t| !bound[t.index()] as u8);
             let mut acc = map[fixed[0].index()];
             for &t in fixed[1..].iter().chain(&varying) {
                 acc = out.push(Op::Add, &[acc, map[t.index()]])?;

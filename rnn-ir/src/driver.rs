@@ -1,0 +1,528 @@
+//! The sequence driver: layers, directions, per-sequence lengths, initial states, batch-first
+//! layout and the backward pass in reverse order of all that, written once, over a
+//! [`SequenceExecutor`] that each backend supplies (the interpreter now; the emitted Rust and
+//! the JIT next).
+//!
+//! What the driver does, for a request:
+//! - checks every argument ([`Request`]);
+//! - converts batch-first input to time-major, zeroes rows past each length;
+//! - for each layer, each direction: the reverse direction reads each sequence reversed within
+//!   its own length (and its outputs are reversed back), so every executor only ever runs time
+//!   forwards from step 0 with per-row lengths; the layer's output joins both directions'
+//!   outputs (forward first) and is the next layer's input;
+//! - final states are each direction's carried values after its last step, in PyTorch's
+//!   `(layers·directions, B, size)` order;
+//! - backward: last layer first; each direction gets its columns of the output gradient
+//!   (reversed likewise), its tape, the gradients flowing into its final states, and returns
+//!   its parameter, input and initial-state gradients; both directions' input gradients add up
+//!   to the layer input's gradient, which is the previous layer's output gradient.
+//!
+//! What an executor does for one (layer, direction) over `T` steps of `B` rows (time-major,
+//! rows past a sequence's length hold zeros): run the cell's forward plan with the carried
+//! values frozen on rows past their length and per-step outputs zeroed there, return the
+//! outputs, the final carried values and (for training) a tape; run the backward plan in
+//! reverse time from the final-state gradients, rows past their length passing the carried
+//! gradient through untouched and seeing zero, and return the gradients.
+
+use crate::error::{Error, Result};
+use crate::program::Program;
+use crate::spec::ModelSpec;
+use crate::tensor::{Real, Tensor};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+/// The shape of one run of an executor: `steps` time steps of `batch` rows, row `b` taking
+/// part in steps `t < lengths[b]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Seq<'a> {
+    /// Time steps `T`.
+    pub steps: usize,
+    /// Rows `B`.
+    pub batch: usize,
+    /// Per-row lengths, each in `1 ..= T`.
+    pub lengths: &'a [usize],
+}
+
+/// What an executor's forward pass returns.
+pub struct Forward<T, Tape> {
+    /// The per-step output, `T·B × output`, zero past each length.
+    pub output: Vec<T>,
+    /// Each carried value after the row's last step, `B × size`.
+    pub finals: Vec<Vec<T>>,
+    /// What the backward pass reads, when asked for.
+    pub tape: Option<Tape>,
+}
+
+/// What an executor's backward pass returns.
+pub struct Backward<T> {
+    /// The gradient of the layer input, `T·B × input`, zero past each length.
+    pub input_grad: Vec<T>,
+    /// The gradient of each initial carried value, `B × size`.
+    pub initial_grads: Vec<Vec<T>>,
+    /// Each parameter's gradient, in the cell's parameter order.
+    pub param_grads: Vec<Vec<T>>,
+}
+
+/// A backend's runner of one cell over one sequence batch (see the module doc).
+pub trait SequenceExecutor<T> {
+    /// What the forward pass keeps for the backward pass.
+    type Tape;
+
+    /// Runs the forward step of `layer` with the parameters of `dir` over `x` (`T·B × input`),
+    /// from the carried values `initial`; keeps a tape when `training`.
+    fn forward(
+        &self,
+        layer: usize,
+        dir: usize,
+        seq: Seq<'_>,
+        x: &[T],
+        initial: Vec<Vec<T>>,
+        training: bool,
+    ) -> Result<Forward<T, Self::Tape>>;
+
+    /// Runs the backward step of `layer`/`dir` in reverse time: `x` and `tape` are the forward
+    /// pass's, `dy` the output gradient (`T·B × output`), `final_grads` the gradients flowing
+    /// into the final carried values.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        layer: usize,
+        dir: usize,
+        seq: Seq<'_>,
+        x: &[T],
+        tape: Self::Tape,
+        dy: &[T],
+        final_grads: Vec<Vec<T>>,
+    ) -> Result<Backward<T>>;
+}
+
+/// A request to run a model over a batch of sequences.
+#[derive(Clone, Debug, Default)]
+pub struct Request<'a> {
+    /// `(T, B, input)`, or `(B, T, input)` when the model is batch-first.
+    pub input: Option<&'a Tensor>,
+    /// Per recurrent state (`h`, `c`), its initial value `(layers·directions, B, size)`; zeros
+    /// when `None`.
+    pub initial_states: Vec<Option<&'a Tensor>>,
+    /// Per-sequence lengths (packed-sequence semantics), `1 ..= T` each.
+    pub lengths: Option<&'a [i64]>,
+    /// With it, gradients of `sum(output * grad_output)` are computed; same shape as the output.
+    pub grad_output: Option<&'a Tensor>,
+    /// Gradients flowing into the final states (`h_n`, `c_n`), added to the loss's gradient.
+    pub grad_final_states: Vec<Option<&'a Tensor>>,
+}
+
+/// Gradients of a run.
+#[derive(Clone, Debug)]
+pub struct Gradients {
+    /// Of the input, shaped like it.
+    pub input: Tensor,
+    /// Of each initial state, shaped like it.
+    pub initial_states: Vec<Tensor>,
+    /// Of every parameter, by PyTorch name.
+    pub params: BTreeMap<String, Tensor>,
+}
+
+/// The result of a run.
+#[derive(Clone, Debug)]
+pub struct Response {
+    /// `(T, B, directions·output_size)` (or batch-first), zero past each sequence's length.
+    pub output: Tensor,
+    /// Each state at each sequence's last step: `(layers·directions, B, size)`.
+    pub final_states: Vec<Tensor>,
+    /// Present when the request had `grad_output`.
+    pub grads: Option<Gradients>,
+}
+
+/// Checks a request against the model and returns `(T, B, lengths)`.
+fn check_request(p: &Program, req: &Request) -> Result<(usize, usize, Vec<usize>)> {
+    let spec = &p.spec;
+    let x = req
+        .input
+        .ok_or_else(|| Error::Argument("no input given".into()))?;
+    let layout = if spec.batch_first {
+        "(batch, time, features)"
+    } else {
+        "(time, batch, features)"
+    };
+    if x.shape.len() != 3 || x.shape[2] != spec.input_size {
+        return Err(Error::Argument(format!(
+            "`input` has shape {:?}, expected 3 dimensions {layout} with {} features",
+            x.shape, spec.input_size
+        )));
+    }
+    let (t, b) = if spec.batch_first {
+        (x.shape[1], x.shape[0])
+    } else {
+        (x.shape[0], x.shape[1])
+    };
+    if t == 0 || b == 0 {
+        return Err(Error::Argument(format!(
+            "`input` has shape {:?}: time and batch must be at least 1",
+            x.shape
+        )));
+    }
+    if let Some((index, found)) = x.first_non_finite() {
+        return Err(Error::NonFinite {
+            name: "input".into(),
+            index,
+            found,
+        });
+    }
+    let ld = spec.num_layers * spec.directions();
+    let states = p.states();
+    for list in [&req.initial_states, &req.grad_final_states] {
+        if list.iter().skip(states.len()).any(Option::is_some) {
+            let names: Vec<&str> = states.iter().map(|s| s.0.as_str()).collect();
+            return Err(Error::Argument(format!(
+                "{} states given, but the cell has {} ({})",
+                list.len(),
+                states.len(),
+                names.join(", ")
+            )));
+        }
+    }
+    for (k, s) in req.initial_states.iter().enumerate() {
+        if let Some(s) = s {
+            let name = format!("{}0", states[k].0);
+            let want = vec![ld, b, states[k].1];
+            if s.shape != want {
+                return Err(Error::TensorShape {
+                    name,
+                    expected: want,
+                    found: s.shape.clone(),
+                });
+            }
+            if let Some((index, found)) = s.first_non_finite() {
+                return Err(Error::NonFinite { name, index, found });
+            }
+        }
+    }
+    let lengths = match req.lengths {
+        None => vec![t; b],
+        Some(l) => {
+            if l.len() != b {
+                return Err(Error::TensorShape {
+                    name: "lengths".into(),
+                    expected: vec![b],
+                    found: vec![l.len()],
+                });
+            }
+            l.iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    if n >= 1 && n as u64 <= t as u64 {
+                        Ok(n as usize)
+                    } else {
+                        Err(Error::Length {
+                            index: i,
+                            found: n,
+                            max: t,
+                        })
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+    };
+    if let Some(gy) = req.grad_output {
+        let want = if spec.batch_first {
+            vec![b, t, spec.directions() * spec.output_size()]
+        } else {
+            vec![t, b, spec.directions() * spec.output_size()]
+        };
+        if gy.shape != want {
+            return Err(Error::TensorShape {
+                name: "grad_output".into(),
+                expected: want,
+                found: gy.shape.clone(),
+            });
+        }
+        if let Some((index, found)) = gy.first_non_finite() {
+            return Err(Error::NonFinite {
+                name: "grad_output".into(),
+                index,
+                found,
+            });
+        }
+    }
+    for (k, s) in req.grad_final_states.iter().enumerate() {
+        if let Some(s) = s {
+            let name = format!("grad_{}_n", states[k].0);
+            let want = vec![ld, b, states[k].1];
+            if s.shape != want {
+                return Err(Error::TensorShape {
+                    name,
+                    expected: want,
+                    found: s.shape.clone(),
+                });
+            }
+            if let Some((index, found)) = s.first_non_finite() {
+                return Err(Error::NonFinite { name, index, found });
+            }
+        }
+    }
+    Ok((t, b, lengths))
+}
+
+/// `(T, B, n)` time-major from `(B, T, n)` (or back: the swap is its own inverse).
+fn swap_tb<T: Copy>(x: &[T], d0: usize, d1: usize, n: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(x.len());
+    for j in 0..d1 {
+        for i in 0..d0 {
+            out.extend_from_slice(&x[(i * d1 + j) * n..(i * d1 + j + 1) * n]);
+        }
+    }
+    out
+}
+
+/// Each sequence reversed within its own length (rows past it are zero): the reverse direction's
+/// view of time. Applying it twice gives back the rows within each length.
+fn reverse_within<T: Real>(x: &[T], batch: usize, n: usize, lengths: &[usize]) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    for (b, &len) in lengths.iter().enumerate().take(batch) {
+        for t in 0..len {
+            let (dst, src) = (t * batch + b, (len - 1 - t) * batch + b);
+            out[dst * n..(dst + 1) * n].copy_from_slice(&x[src * n..(src + 1) * n]);
+        }
+    }
+    out
+}
+
+/// Columns `start .. start + width` of a `rows × n` buffer.
+fn columns<T: Copy>(x: &[T], n: usize, start: usize, width: usize) -> Vec<T> {
+    x.chunks(n)
+        .flat_map(|row| row[start..start + width].iter().copied())
+        .collect()
+}
+
+fn to_real<T: Real>(x: &[f32]) -> Vec<T> {
+    x.iter().map(|&v| T::from_f32(v)).collect()
+}
+
+fn to_f32<T: Real>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// A [`Response`] together with the output and final states in the precision computed in.
+#[derive(Clone, Debug)]
+pub struct RawResponse<T> {
+    /// The response, in `f32`.
+    pub response: Response,
+    /// The output's elements, laid out as `response.output`.
+    pub output: Vec<T>,
+    /// The final states' elements, laid out as `response.final_states`.
+    pub final_states: Vec<Vec<T>>,
+}
+
+/// Runs `req` on `program` through `executor` (see the module doc); every argument is checked
+/// first.
+pub fn run<T: Real, E: SequenceExecutor<T>>(
+    program: &Program,
+    executor: &E,
+    req: &Request,
+) -> Result<RawResponse<T>> {
+    let (steps, batch, lengths) = check_request(program, req)?;
+    let seq = Seq {
+        steps,
+        batch,
+        lengths: &lengths,
+    };
+    let spec = &program.spec;
+    let dirs = spec.directions();
+    let out_size = spec.output_size();
+    let states = program.states().to_vec();
+    let x = req.input.expect("checked");
+    let mut layer_in: Vec<T> = to_real(&x.data);
+    if spec.batch_first {
+        layer_in = swap_tb(&layer_in, batch, steps, spec.input_size);
+    }
+    let packed = req.lengths.is_some();
+    let zero_past = |buf: &mut [T], n: usize| {
+        if packed {
+            for t in 0..steps {
+                for b in (0..batch).filter(|&b| t >= lengths[b]) {
+                    let r = t * batch + b;
+                    buf[r * n..(r + 1) * n].fill(T::ZERO);
+                }
+            }
+        }
+    };
+    zero_past(&mut layer_in, spec.input_size);
+    let want_grads = req.grad_output.is_some();
+
+    // Forward, layer by layer; both directions of a layer read the same input.
+    let mut finals: Vec<Vec<Vec<T>>> = vec![Vec::new(); states.len()];
+    let mut tapes: Vec<Option<E::Tape>> = Vec::new();
+    // Each (layer, direction)'s input as its forward pass read it (reversed for the
+    // reverse direction): the backward pass reads it again.
+    let mut inputs: Vec<Vec<T>> = Vec::new();
+    for (layer, cell) in program.layers.iter().enumerate() {
+        let in_size = cell.input_size;
+        let mut outs = Vec::new();
+        for dir in 0..dirs {
+            let xs: Cow<'_, [T]> = if dir == 0 {
+                Cow::Borrowed(&layer_in)
+            } else {
+                Cow::Owned(reverse_within(&layer_in, batch, in_size, &lengths))
+            };
+            let carried = initial(
+                &states,
+                req.initial_states.as_slice(),
+                layer * dirs + dir,
+                batch,
+            );
+            let r = executor.forward(layer, dir, seq, &xs, carried, want_grads)?;
+            let mut y = r.output;
+            if dir == 1 {
+                y = reverse_within(&y, batch, out_size, &lengths);
+            }
+            outs.push(y);
+            for (k, c) in r.finals.into_iter().enumerate() {
+                finals[k].push(c);
+            }
+            tapes.push(r.tape);
+            inputs.push(xs.into_owned());
+        }
+        layer_in = if dirs == 1 {
+            outs.pop().unwrap()
+        } else {
+            let mut joined = Vec::with_capacity(outs[0].len() * 2);
+            for r in 0..steps * batch {
+                joined.extend_from_slice(&outs[0][r * out_size..(r + 1) * out_size]);
+                joined.extend_from_slice(&outs[1][r * out_size..(r + 1) * out_size]);
+            }
+            joined
+        };
+    }
+    let width = dirs * out_size;
+    let mut output = layer_in;
+    if spec.batch_first {
+        output = swap_tb(&output, steps, batch, width);
+    }
+    let out_shape = if spec.batch_first {
+        vec![batch, steps, width]
+    } else {
+        vec![steps, batch, width]
+    };
+    let final_states: Vec<Tensor> = finals
+        .iter()
+        .zip(&states)
+        .map(|(f, (_, n))| Tensor {
+            shape: vec![f.len(), batch, *n],
+            data: f.iter().flat_map(|v| to_f32(v)).collect(),
+        })
+        .collect();
+    let raw_output = output;
+    let raw_finals: Vec<Vec<T>> = finals.iter().map(|f| f.concat()).collect();
+    let output = Tensor {
+        shape: out_shape,
+        data: to_f32(&raw_output),
+    };
+    let raw = |response| RawResponse {
+        response,
+        output: raw_output,
+        final_states: raw_finals,
+    };
+    let Some(gy) = req.grad_output else {
+        return Ok(raw(Response {
+            output,
+            final_states,
+            grads: None,
+        }));
+    };
+
+    // Backward, last layer first; each direction's input gradient adds into the layer's.
+    let mut d_out: Vec<T> = to_real(&gy.data);
+    if spec.batch_first {
+        d_out = swap_tb(&d_out, batch, steps, width);
+    }
+    zero_past(&mut d_out, width);
+    let mut params = BTreeMap::new();
+    let mut d_initial: Vec<Vec<Vec<T>>> =
+        vec![vec![Vec::new(); spec.num_layers * dirs]; states.len()];
+    for (layer, cell) in program.layers.iter().enumerate().rev() {
+        let in_size = cell.input_size;
+        let mut d_in = vec![T::ZERO; steps * batch * in_size];
+        for dir in 0..dirs {
+            let index = layer * dirs + dir;
+            let mut dy = if dirs == 1 {
+                d_out.clone()
+            } else {
+                columns(&d_out, width, dir * out_size, out_size)
+            };
+            if dir == 1 {
+                dy = reverse_within(&dy, batch, out_size, &lengths);
+            }
+            let tape = tapes[index]
+                .take()
+                .ok_or_else(|| Error::Argument("the forward pass kept no tape".into()))?;
+            let carried = initial(&states, req.grad_final_states.as_slice(), index, batch);
+            let r = executor.backward(layer, dir, seq, &inputs[index], tape, &dy, carried)?;
+            let suffix = ModelSpec::param_suffix(layer, dir);
+            for (info, grad) in cell.forward.graph.params.iter().zip(r.param_grads) {
+                let name = format!("{}{suffix}", info.name);
+                let shape = crate::program::shape_dims(info.shape);
+                params.insert(
+                    name,
+                    Tensor {
+                        shape,
+                        data: to_f32(&grad),
+                    },
+                );
+            }
+            let mut dx = r.input_grad;
+            if dir == 1 {
+                dx = reverse_within(&dx, batch, in_size, &lengths);
+            }
+            for (a, b) in d_in.iter_mut().zip(&dx) {
+                *a += *b;
+            }
+            for (k, c) in r.initial_grads.into_iter().enumerate() {
+                d_initial[k][index] = c;
+            }
+        }
+        d_out = d_in;
+    }
+    if spec.batch_first {
+        d_out = swap_tb(&d_out, steps, batch, spec.input_size);
+    }
+    let initial_states = d_initial
+        .iter()
+        .zip(&states)
+        .map(|(d, (_, n))| Tensor {
+            shape: vec![d.len(), batch, *n],
+            data: d.iter().flat_map(|v| to_f32(v)).collect(),
+        })
+        .collect();
+    let grads = Gradients {
+        input: Tensor {
+            shape: x.shape.clone(),
+            data: to_f32(&d_out),
+        },
+        initial_states,
+        params,
+    };
+    Ok(raw(Response {
+        output,
+        final_states,
+        grads: Some(grads),
+    }))
+}
+
+/// The carried values for `(layer, direction)` number `index`: slices of the given
+/// `(L·D, B, n)` tensors, zeros where none is given.
+fn initial<T: Real>(
+    states: &[(String, usize)],
+    given: &[Option<&Tensor>],
+    index: usize,
+    batch: usize,
+) -> Vec<Vec<T>> {
+    states
+        .iter()
+        .enumerate()
+        .map(|(k, (_, n))| match given.get(k).copied().flatten() {
+            Some(s) => to_real(&s.data[index * batch * n..(index + 1) * batch * n]),
+            None => vec![T::ZERO; batch * n],
+        })
+        .collect()
+}

@@ -1,0 +1,285 @@
+//! The op kernels: each op of the IR as a plain loop over strided views, writing into the
+//! destination's place (a buffer, a column range of one, a carried slot). Matrix products go to
+//! the `gemm` crate. Nothing here allocates.
+//!
+//! A [`View`] is `rows` rows of `width` elements, row `r` starting at `offset + r · stride`.
+//! Unbatched values are one row (a matrix is one row of `rows · cols` elements, since its slices
+//! take whole matrix rows and stay contiguous).
+
+use super::Exec;
+use crate::graph::{Op, Shape};
+use crate::tensor::{MatMut, MatRef, Real, matmul};
+
+/// A read-only strided view.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a, T> {
+    /// The underlying elements.
+    pub data: &'a [T],
+    /// Where row 0 starts.
+    pub offset: usize,
+    /// Rows.
+    pub rows: usize,
+    /// Elements per row.
+    pub width: usize,
+    /// Distance between rows.
+    pub stride: usize,
+}
+
+impl<'a, T: Copy> View<'a, T> {
+    /// All of `data` as `rows` rows of `width` contiguous elements.
+    pub fn dense(data: &'a [T], rows: usize, width: usize) -> Self {
+        View {
+            data,
+            offset: 0,
+            rows,
+            width,
+            stride: width,
+        }
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> &'a [T] {
+        let s = self.offset + r * self.stride;
+        &self.data[s..s + self.width]
+    }
+
+    /// Rows `start .. start + rows`.
+    pub fn rows(&self, start: usize, rows: usize) -> Self {
+        View {
+            offset: self.offset + start * self.stride,
+            rows,
+            ..*self
+        }
+    }
+
+    /// Columns `start .. start + width` of every row.
+    pub fn columns(&self, start: usize, width: usize) -> Self {
+        View {
+            offset: self.offset + start,
+            width,
+            ..*self
+        }
+    }
+
+    /// Whether every element fits in `data`.
+    pub fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.width == 0
+            || self.offset + (self.rows - 1) * self.stride + self.width <= self.data.len()
+    }
+
+    fn mat(&self, rows: usize, cols: usize) -> MatRef<'a, T> {
+        let data = &self.data[self.offset..];
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride: self.stride,
+            col_stride: 1,
+        }
+    }
+}
+
+/// A mutable strided view (see [`View`]).
+#[derive(Debug)]
+pub struct ViewMut<'a, T> {
+    /// The underlying elements.
+    pub data: &'a mut [T],
+    /// Where row 0 starts.
+    pub offset: usize,
+    /// Rows.
+    pub rows: usize,
+    /// Elements per row.
+    pub width: usize,
+    /// Distance between rows.
+    pub stride: usize,
+}
+
+impl<T: Copy> ViewMut<'_, T> {
+    /// Row `r`.
+    pub fn row(&mut self, r: usize) -> &mut [T] {
+        let s = self.offset + r * self.stride;
+        &mut self.data[s..s + self.width]
+    }
+
+    /// Sets every element to `x`.
+    pub fn fill(&mut self, x: T) {
+        for r in 0..self.rows {
+            self.row(r).fill(x);
+        }
+    }
+
+    /// Copies `src` (same rows and width) in.
+    pub fn copy_from(&mut self, src: View<'_, T>) {
+        for r in 0..self.rows {
+            self.row(r).copy_from_slice(src.row(r));
+        }
+    }
+}
+
+/// The element of argument `a` (of shape `shape`) that pairs with row `r` of a result: a scalar
+/// everywhere, a vector on every row, anything else row by row.
+fn at<'a, T: Copy>(a: &View<'a, T>, shape: Shape, r: usize) -> Arg<'a, T> {
+    match shape {
+        Shape::Scalar => Arg::Scalar(a.data[a.offset]),
+        _ if a.rows == 1 => Arg::Row(a.row(0)),
+        _ => Arg::Row(a.row(r)),
+    }
+}
+
+enum Arg<'a, T> {
+    Scalar(T),
+    Row(&'a [T]),
+}
+
+fn binary<T: Real>(
+    dst: &mut ViewMut<'_, T>,
+    (a, sa): (View<'_, T>, Shape),
+    (b, sb): (View<'_, T>, Shape),
+    f: impl Fn(T, T) -> T,
+) {
+    for r in 0..dst.rows {
+        let out = dst.row(r);
+        match (at(&a, sa, r), at(&b, sb, r)) {
+            (Arg::Row(x), Arg::Row(y)) => {
+                for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
+                    *o = f(x, y);
+                }
+            }
+            (Arg::Row(x), Arg::Scalar(y)) => {
+                for (o, &x) in out.iter_mut().zip(x) {
+                    *o = f(x, y);
+                }
+            }
+            (Arg::Scalar(x), Arg::Row(y)) => {
+                for (o, &y) in out.iter_mut().zip(y) {
+                    *o = f(x, y);
+                }
+            }
+            (Arg::Scalar(x), Arg::Scalar(y)) => out.fill(f(x, y)),
+        }
+    }
+}
+
+fn unary<T: Real>(dst: &mut ViewMut<'_, T>, a: View<'_, T>, f: impl Fn(T) -> T) {
+    for r in 0..dst.rows {
+        for (o, &x) in dst.row(r).iter_mut().zip(a.row(r)) {
+            *o = f(x);
+        }
+    }
+}
+
+/// Evaluates `op` into `dst` from `args` of shapes `shapes`. `dst` and every argument have the
+/// rows and widths their shapes give at the current row count (the executor makes them so);
+/// `Concat` and `Input` are the executor's, not kernels.
+pub fn eval<T: Real>(
+    op: Op,
+    dst: &mut ViewMut<'_, T>,
+    args: &[View<'_, T>],
+    shapes: &[Shape],
+    exec: &Exec,
+) {
+    match op {
+        Op::Input(_) | Op::Concat => unreachable!("inputs are fed and concats assembled"),
+        Op::Const(bits) => dst.fill(T::from_f32(f32::from_bits(bits))),
+        Op::MatMul => {
+            // y = x · wᵀ
+            let Shape::Matrix(o, i) = shapes[0] else {
+                unreachable!("verified: matmul's weight is a matrix")
+            };
+            let rows = dst.rows;
+            let w = args[0].mat(o, i).t_dense(i);
+            let x = args[1].mat(rows, i);
+            matmul(dst.mat(rows, o), x, w, false, exec.threads);
+        }
+        Op::MatMulT => {
+            // y = d · w
+            let Shape::Matrix(o, i) = shapes[0] else {
+                unreachable!("verified: matmul_t's weight is a matrix")
+            };
+            let rows = dst.rows;
+            let w = args[0].mat(o, i).dense(i);
+            let d = args[1].mat(rows, o);
+            matmul(dst.mat(rows, i), d, w, false, exec.threads);
+        }
+        Op::OuterSum => {
+            // W = dᵀ · x, summed over the rows
+            let (o, i) = (shapes[0].row_len(), shapes[1].row_len());
+            let rows = args[0].rows;
+            let d = args[0].mat(rows, o).transposed();
+            let x = args[1].mat(rows, i);
+            let out = MatMut {
+                data: &mut dst.data[dst.offset..dst.offset + o * i],
+                rows: o,
+                cols: i,
+                row_stride: i,
+            };
+            matmul(out, d, x, false, exec.threads);
+        }
+        Op::SumRows => {
+            let a = args[0];
+            let out = dst.row(0);
+            out.fill(T::ZERO);
+            for r in 0..a.rows {
+                for (o, &x) in out.iter_mut().zip(a.row(r)) {
+                    *o += x;
+                }
+            }
+        }
+        Op::Broadcast => {
+            let a = args[0].row(0);
+            for r in 0..dst.rows {
+                dst.row(r).copy_from_slice(a);
+            }
+        }
+        Op::Add => binary(dst, (args[0], shapes[0]), (args[1], shapes[1]), |x, y| x + y),
+        Op::Sub => binary(dst, (args[0], shapes[0]), (args[1], shapes[1]), |x, y| x - y),
+        Op::Mul => binary(dst, (args[0], shapes[0]), (args[1], shapes[1]), |x, y| x * y),
+        Op::Neg => unary(dst, args[0], |x| -x),
+        Op::Sigmoid => unary(dst, args[0], |x| x.sigmoid()),
+        Op::Tanh => unary(dst, args[0], |x| x.tanh()),
+        Op::Relu => unary(dst, args[0], |x| if x > T::ZERO { x } else { T::ZERO }),
+        Op::Step => unary(dst, args[0], |x| if x > T::ZERO { T::ONE } else { T::ZERO }),
+        Op::Slice { start, len } => {
+            // A slice that is not a view (a kept slice of a carried value) is a copy.
+            let unit = match shapes[0] {
+                Shape::Matrix(_, c) => c,
+                _ => 1,
+            };
+            let src = args[0].columns(start as usize * unit, len as usize * unit);
+            dst.copy_from(src);
+        }
+    }
+}
+
+impl<T: Copy> ViewMut<'_, T> {
+    fn mat(&mut self, rows: usize, cols: usize) -> MatMut<'_, T> {
+        MatMut {
+            data: &mut self.data[self.offset..],
+            rows,
+            cols,
+            row_stride: self.stride,
+        }
+    }
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// The `rows × cols` matrix stored contiguously from the start of the view (a weight).
+    fn dense(self, cols: usize) -> Self {
+        MatRef {
+            row_stride: cols,
+            col_stride: 1,
+            ..self
+        }
+    }
+
+    /// The transpose of the dense matrix stored from the start of the view.
+    fn t_dense(self, cols: usize) -> Self {
+        self.dense(cols).t()
+    }
+
+    /// The transpose (no copy).
+    fn transposed(self) -> Self {
+        self.t()
+    }
+}

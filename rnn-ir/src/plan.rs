@@ -1,0 +1,645 @@
+//! The storage plan: where every value of a scheduled step graph lives while a sequence runs.
+//!
+//! A backend reads the plan instead of deciding again. For each value it gives
+//! - its [`Storage`] class: computed once when the weights are bound, once per sequence before
+//!   the loop, per step inside the loop (forgotten after the step, or kept on a tape for every
+//!   step), carried between steps, or once after the loop;
+//! - its [`Place`]: a buffer of its own, a view into another value's buffer (slices never copy;
+//!   the arguments of a concatenation are computed straight into their columns of it where they
+//!   can be), the carried slot it reads or writes, or an input fed from outside;
+//!
+//! and for the whole graph the buffers (reused between values whose lifetimes do not overlap),
+//! the double-buffered carried slots, and the weight layout of every matrix product.
+//!
+//! # Design
+//! Buffers have one of three row counts: *once* (unbatched), *step* (`B` rows: one step of the
+//! batch) and *all* (`T·B` rows, time-major: step `t` owns rows `t·B .. (t+1)·B`). A value's
+//! columns in its buffer are `start .. start + width`; rows are `buffer width` apart, so a view
+//! of a batched buffer is strided and a view of an unbatched one is contiguous (a slice of a
+//! matrix takes whole rows).
+//!
+//! Reuse is decided on one execution order: the values before the loop, then one step of the
+//! loop, then the values after it. A buffer is free after the last read of every value in it;
+//! a value read inside the loop but computed before it stays live to the end of the loop; outputs
+//! and values the backward pass reads (`keep`) are never freed. Only buffers of the same class,
+//! row count and width are shared, so the plan stays obviously right.
+//!
+//! Carried slots are double-buffered: a step reads slot `k`'s current buffer and its state
+//! output is computed straight into the next buffer where it can be; after the step, rows past
+//! their sequence's length copy the current value into the next one (the forward pass freezes
+//! finished sequences), and the two buffers swap.
+
+use crate::graph::dataflow::{self, carried_input, carried_output, is_per_step_output};
+use crate::graph::{Graph, Op, Role, Shape, Value};
+use crate::passes::hoist::Phase;
+use crate::program::Scheduled;
+use std::fmt::{self, Write};
+
+/// When a value is computed and how long it is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Storage {
+    /// A parameter, a constant, or computed from them alone: once, when the weights are bound.
+    Bound,
+    /// Before the loop, once for the whole sequence (`T·B` rows, or once if unbatched).
+    Sequence,
+    /// Inside the loop, one step's `B` rows, dead after the step.
+    Step,
+    /// Inside the loop, kept for every step on a tape of `T·B` rows (read after the loop, by
+    /// the backward pass, or a per-step output).
+    Tape,
+    /// A carried input: the current value of a double-buffered slot.
+    Carried,
+    /// After the loop, once for the whole sequence.
+    After,
+}
+
+impl Storage {
+    /// The printed name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Storage::Bound => "bound",
+            Storage::Sequence => "seq",
+            Storage::Step => "step",
+            Storage::Tape => "tape",
+            Storage::Carried => "carried",
+            Storage::After => "after",
+        }
+    }
+}
+
+/// How many rows a buffer holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rows {
+    /// One (an unbatched value).
+    Once,
+    /// `B`: one step of the batch.
+    Step,
+    /// `T·B`: every step of the batch, time-major.
+    All,
+}
+
+impl Rows {
+    /// The row count for `steps` steps of `batch` rows.
+    pub fn count(self, steps: usize, batch: usize) -> usize {
+        match self {
+            Rows::Once => 1,
+            Rows::Step => batch,
+            Rows::All => steps * batch,
+        }
+    }
+}
+
+/// A buffer's index in [`StoragePlan::buffers`], printed `b{index}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BufferId(pub u32);
+
+impl fmt::Display for BufferId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "b{}", self.0)
+    }
+}
+
+/// A buffer: `rows × width` elements, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Buffer {
+    /// The class of the values it holds.
+    pub storage: Storage,
+    /// Its row count.
+    pub rows: Rows,
+    /// Elements per row (per buffer when unbatched).
+    pub width: usize,
+    /// The values computed into it, in execution order (several when reused).
+    pub values: Vec<Value>,
+}
+
+/// Where a value is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// Columns `0 .. width` of a buffer of its own.
+    Buffer(BufferId),
+    /// Features `start ..` of another value's place (a slice, or an argument computed straight
+    /// into its concatenation).
+    View {
+        /// The value whose place this is part of.
+        of: Value,
+        /// The first feature (row of a matrix).
+        start: usize,
+    },
+    /// Fed from outside: a parameter, the step input, a saved forward value, the output's
+    /// cotangent. Batched feeds hold `T·B` rows.
+    Feed(Role),
+    /// The current value of carried slot `k`.
+    Carried(u32),
+    /// Written straight into the next value of carried slot `k`.
+    Next(u32),
+}
+
+/// The layout in which a product reads its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// PyTorch's `(out, in)` row-major matrix, read as stored (`x · Wᵀ` reads it transposed
+    /// through strides; no copy).
+    OutIn,
+}
+
+/// A matrix product of the graph and how it runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Product {
+    /// The value it defines.
+    pub value: Value,
+    /// The weight (`Matrix`) operand, `None` for an outer product of two batches.
+    pub weight: Option<Value>,
+    /// How the weight is read.
+    pub layout: WeightLayout,
+    /// The rows it runs over at once.
+    pub rows: Rows,
+}
+
+/// The plan of one scheduled step graph (see the module doc).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoragePlan {
+    /// Each value's class (indexed by value).
+    pub storage: Vec<Storage>,
+    /// Each value's place (indexed by value).
+    pub place: Vec<Place>,
+    /// The buffers.
+    pub buffers: Vec<Buffer>,
+    /// Per carried slot: the tape its current value is recorded on at every step, when a value
+    /// after the loop or the backward pass reads it.
+    pub carried_tape: Vec<Option<BufferId>>,
+    /// Every matrix product.
+    pub products: Vec<Product>,
+    /// The values kept after the run for the backward pass.
+    pub keep: Vec<Value>,
+}
+
+/// A value's place resolved to a root: the buffer or outside source and the column offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Root {
+    /// A buffer of the plan.
+    Buffer(BufferId),
+    /// A feed.
+    Feed(Role),
+    /// The current value of a carried slot.
+    Carried(u32),
+    /// The next value of a carried slot.
+    Next(u32),
+}
+
+impl StoragePlan {
+    /// Plans `s`. `keep` lists the values the backward pass will read (the saved values), which
+    /// must outlive the run; pass `&[]` for inference.
+    pub fn new(s: &Scheduled, keep: &[Value]) -> StoragePlan {
+        Planner::new(s, keep).run()
+    }
+
+    /// The root of `v`'s place and the offset of its first column there, in elements of one row
+    /// (rows of a matrix count `columns` elements each).
+    pub fn root(&self, g: &Graph, v: Value) -> (Root, usize) {
+        match self.place[v.index()] {
+            Place::Buffer(b) => (Root::Buffer(b), 0),
+            Place::Feed(r) => (Root::Feed(r), 0),
+            Place::Carried(k) => (Root::Carried(k), 0),
+            Place::Next(k) => (Root::Next(k), 0),
+            Place::View { of, start } => {
+                let (root, offset) = self.root(g, of);
+                let unit = match g.shape(of) {
+                    Shape::Matrix(_, c) => c,
+                    _ => 1,
+                };
+                (root, offset + start * unit)
+            }
+        }
+    }
+
+    /// The buffer storage of `v`'s root, if it is a buffer of the plan.
+    pub fn buffer_of(&self, g: &Graph, v: Value) -> Option<BufferId> {
+        match self.root(g, v).0 {
+            Root::Buffer(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Whether `v` is computed into its place by an op (as opposed to fed, carried in, or a
+    /// slice viewing another value).
+    pub fn is_computed(&self, g: &Graph, v: Value) -> bool {
+        match g.data(v).op {
+            Op::Input(_) => false,
+            Op::Slice { .. } => !matches!(self.place[v.index()], Place::View { .. }),
+            _ => true,
+        }
+    }
+
+    /// The plan as text: the graph annotated with phase, class and place, then the buffers,
+    /// carried slots and products.
+    pub fn to_text(&self, s: &Scheduled) -> String {
+        let g = &s.graph;
+        let mut out = g.to_text_with(|v| {
+            let place = match self.place[v.index()] {
+                Place::Buffer(b) => b.to_string(),
+                Place::View { of, start } => {
+                    format!("{of}[{start}..{}]", start + g.shape(v).features())
+                }
+                Place::Feed(_) => "feed".into(),
+                Place::Carried(k) => format!("carried {k}"),
+                Place::Next(k) => format!("next {k}"),
+            };
+            format!(
+                "{:<4} {:<7} {:<12}",
+                s.phases[v.index()].name(),
+                self.storage[v.index()].name(),
+                place
+            )
+        });
+        let _ = writeln!(out, "  buffers:");
+        for (i, b) in self.buffers.iter().enumerate() {
+            let rows = match b.rows {
+                Rows::Once => "1",
+                Rows::Step => "B",
+                Rows::All => "T·B",
+            };
+            let values: Vec<String> = b.values.iter().map(|v| v.to_string()).collect();
+            let _ = writeln!(
+                out,
+                "    b{i}: {:<7} {rows} × {}  ({})",
+                b.storage.name(),
+                b.width,
+                values.join(", ")
+            );
+        }
+        for (k, (name, n)) in g.states.iter().enumerate() {
+            let input = g.iter().find(|&v| {
+                matches!(g.data(v).op, Op::Input(r) if carried_input(r) == Some(k as u32))
+            });
+            let output = g
+                .outputs
+                .iter()
+                .find(|o| carried_output(o.role) == Some(k as u32));
+            let _ = write!(
+                out,
+                "  carried {k} `{name}` B × {n}: double-buffered, reads {}, next = {}",
+                input.map_or("nothing".into(), |v| v.to_string()),
+                output.map_or("(none)".into(), |o| {
+                    if self.place[o.value.index()] == Place::Next(k as u32) {
+                        format!("{} (in place)", o.value)
+                    } else {
+                        format!("copy of {}", o.value)
+                    }
+                })
+            );
+            match self.carried_tape[k] {
+                Some(b) => {
+                    let _ = writeln!(out, ", recorded on {b}");
+                }
+                None => out.push('\n'),
+            }
+        }
+        for p in &self.products {
+            let d = g.data(p.value);
+            let rows = match p.rows {
+                Rows::Once => "once",
+                Rows::Step => "B rows per step",
+                Rows::All => "T·B rows at once",
+            };
+            let weight = match p.weight {
+                Some(w) => format!(", weight {w} {} (out, in) row-major", g.shape(w)),
+                None => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "  product {} = {} -> {}{weight}, {rows}",
+                p.value,
+                d.op.mnemonic(),
+                d.shape
+            );
+        }
+        if !self.keep.is_empty() {
+            let kept: Vec<String> = self.keep.iter().map(|v| v.to_string()).collect();
+            let _ = writeln!(out, "  kept for backward: {}", kept.join(", "));
+        }
+        out
+    }
+}
+
+struct Planner<'a> {
+    s: &'a Scheduled,
+    g: &'a Graph,
+    keep: &'a [Value],
+    storage: Vec<Storage>,
+    place: Vec<Option<Place>>,
+    /// Slices that are views of their argument (all but kept slices of a carried input).
+    viewed: Vec<bool>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(s: &'a Scheduled, keep: &'a [Value]) -> Self {
+        let g = &s.graph;
+        Planner {
+            s,
+            g,
+            keep,
+            storage: Vec::new(),
+            place: vec![None; g.len()],
+            viewed: vec![false; g.len()],
+        }
+    }
+
+    fn phase(&self, v: Value) -> Phase {
+        self.s.phases[v.index()]
+    }
+
+    /// Each value's class.
+    fn classify(&mut self) {
+        let g = self.g;
+        let bound = dataflow::parameter_derived(g);
+        // Loop values that must be kept for every step.
+        let mut taped = vec![false; g.len()];
+        for v in g.iter() {
+            if self.phase(v) == Phase::Post {
+                for &a in &g.data(v).args {
+                    taped[a.index()] = true;
+                }
+            }
+        }
+        for &v in self.keep {
+            taped[v.index()] = true;
+        }
+        for o in &g.outputs {
+            if is_per_step_output(o.role) {
+                taped[o.value.index()] = true;
+            }
+        }
+        self.storage = g
+            .iter()
+            .map(|v| {
+                let d = g.data(v);
+                match d.op {
+                    Op::Input(role) if carried_input(role).is_some() => Storage::Carried,
+                    Op::Input(Role::Saved(_)) if !d.shape.is_batched() => Storage::Bound,
+                    _ if bound[v.index()] && !d.shape.is_batched() => Storage::Bound,
+                    _ => match self.phase(v) {
+                        Phase::Pre => Storage::Sequence,
+                        Phase::Loop if taped[v.index()] => Storage::Tape,
+                        Phase::Loop => Storage::Step,
+                        Phase::Post => Storage::After,
+                    },
+                }
+            })
+            .collect();
+        // A slice is a view of its argument and shares its class; a slice kept on the tape
+        // keeps its argument there (walking backwards reaches chains of slices). A slice of a
+        // carried input that must be kept is the one slice copied: the carried slot is
+        // overwritten every step.
+        for v in g.iter().rev() {
+            if let Op::Slice { .. } = g.data(v).op {
+                let a = g.data(v).args[0];
+                if self.storage[v.index()] == Storage::Tape
+                    && self.storage[a.index()] == Storage::Step
+                {
+                    self.storage[a.index()] = Storage::Tape;
+                }
+            }
+        }
+        for v in g.iter() {
+            if let Op::Slice { .. } = g.data(v).op {
+                let a = g.data(v).args[0];
+                let kept_carried =
+                    self.storage[a.index()] == Storage::Carried && taped[v.index()];
+                if !kept_carried {
+                    self.storage[v.index()] = self.storage[a.index()];
+                    self.viewed[v.index()] = true;
+                }
+            }
+        }
+    }
+
+    /// Fixed places: feeds, carried slots, slices, state outputs written in place, concat
+    /// arguments computed into their concatenation.
+    fn place_fixed(&mut self) {
+        let g = self.g;
+        for v in g.iter() {
+            let d = g.data(v);
+            match d.op {
+                Op::Input(role) => {
+                    self.place[v.index()] = Some(match carried_input(role) {
+                        Some(k) => Place::Carried(k),
+                        None => Place::Feed(role),
+                    });
+                }
+                Op::Slice { start, .. } if self.viewed[v.index()] => {
+                    self.place[v.index()] = Some(Place::View {
+                        of: d.args[0],
+                        start: start as usize,
+                    });
+                }
+                _ => {}
+            }
+        }
+        for o in &g.outputs {
+            let v = o.value;
+            if let Some(k) = carried_output(o.role)
+                && self.place[v.index()].is_none()
+                && self.storage[v.index()] == Storage::Step
+                && !matches!(g.data(v).op, Op::Const(_))
+            {
+                self.place[v.index()] = Some(Place::Next(k));
+            }
+        }
+        // Concatenations assemble in place: an argument computed by an op, of the same class
+        // and not placed otherwise, is computed straight into its columns. Later concats come
+        // first so that nested ones chain (a concat placed in another keeps its arguments).
+        for c in g.iter().rev() {
+            let d = g.data(c);
+            if d.op != Op::Concat || self.storage[c.index()] == Storage::Bound {
+                continue;
+            }
+            let mut start = 0;
+            let mut seen: Vec<Value> = Vec::new();
+            for &a in &d.args {
+                let eligible = self.place[a.index()].is_none()
+                    && !seen.contains(&a)
+                    && self.storage[a.index()] == self.storage[c.index()]
+                    && !matches!(g.data(a).op, Op::Const(_) | Op::Input(_));
+                if eligible {
+                    self.place[a.index()] = Some(Place::View { of: c, start });
+                }
+                seen.push(a);
+                start += g.shape(a).features();
+            }
+        }
+    }
+
+    /// The execution order used for liveness: Pre values, then one step, then Post values.
+    fn order(&self) -> Vec<Value> {
+        let mut order = Vec::with_capacity(self.g.len());
+        for phase in [Phase::Pre, Phase::Loop, Phase::Post] {
+            order.extend(self.s.values(phase));
+        }
+        order
+    }
+
+    fn run(mut self) -> StoragePlan {
+        let g = self.g;
+        self.classify();
+        self.place_fixed();
+        let order = self.order();
+        let pos_of = {
+            let mut p = vec![0; g.len()];
+            for (i, &v) in order.iter().enumerate() {
+                p[v.index()] = i;
+            }
+            p
+        };
+        let loop_end = order
+            .iter()
+            .rposition(|&v| self.phase(v) != Phase::Post)
+            .map_or(0, |p| p + 1);
+        let end = usize::MAX;
+        // The root value whose buffer `v` lives in (following views).
+        let root_value = |place: &[Option<Place>], mut v: Value| loop {
+            match place[v.index()] {
+                Some(Place::View { of, .. }) => v = of,
+                _ => return v,
+            }
+        };
+        // First definition and last use of each root value's buffer.
+        let mut first = vec![usize::MAX; g.len()];
+        for &v in &order {
+            let r = root_value(&self.place, v);
+            first[r.index()] = first[r.index()].min(pos_of[v.index()]);
+        }
+        let mut last = vec![0usize; g.len()];
+        for &v in &order {
+            let reader_pos = pos_of[v.index()];
+            for &a in &g.data(v).args {
+                let r = root_value(&self.place, a);
+                let mut p = reader_pos;
+                if self.phase(v) == Phase::Loop && self.phase(r) != Phase::Loop {
+                    p = p.max(loop_end);
+                }
+                if self.storage[r.index()] == Storage::Tape {
+                    p = p.max(loop_end);
+                }
+                last[r.index()] = last[r.index()].max(p);
+            }
+            let r = root_value(&self.place, v);
+            last[r.index()] = last[r.index()].max(pos_of[v.index()]);
+        }
+        for o in &g.outputs {
+            let r = root_value(&self.place, o.value);
+            last[r.index()] = end;
+        }
+        for &k in self.keep {
+            let r = root_value(&self.place, k);
+            last[r.index()] = end;
+        }
+
+        // Assign buffers to the roots that need one, in execution order (bound values first).
+        let mut buffers: Vec<Buffer> = Vec::new();
+        let mut free_at: Vec<usize> = Vec::new(); // per buffer: position after which it is free
+        let mut roots: Vec<Value> = g
+            .iter()
+            .filter(|&v| self.place[v.index()].is_none())
+            .collect();
+        roots.sort_by_key(|&v| (self.storage[v.index()] != Storage::Bound, pos_of[v.index()]));
+        for v in roots {
+            let storage = self.storage[v.index()];
+            let shape = g.shape(v);
+            let rows = match (storage, shape.is_batched()) {
+                (_, false) => Rows::Once,
+                (Storage::Step, true) => Rows::Step,
+                (_, true) => Rows::All,
+            };
+            let width = shape.row_len();
+            let start = if storage == Storage::Tape {
+                0
+            } else {
+                first[v.index()]
+            };
+            let reusable = |b: &Buffer, free: usize| {
+                let same_class = match (b.storage, storage) {
+                    (Storage::Step, Storage::Step) => true,
+                    (Storage::Sequence | Storage::After, Storage::Sequence | Storage::After) => {
+                        true
+                    }
+                    _ => false,
+                };
+                same_class && b.rows == rows && b.width == width && free < start
+            };
+            let id = match (0..buffers.len()).find(|&i| reusable(&buffers[i], free_at[i])) {
+                Some(i) => i,
+                None => {
+                    buffers.push(Buffer {
+                        storage,
+                        rows,
+                        width,
+                        values: Vec::new(),
+                    });
+                    free_at.push(0);
+                    buffers.len() - 1
+                }
+            };
+            buffers[id].values.push(v);
+            free_at[id] = if storage == Storage::Bound {
+                end
+            } else {
+                last[v.index()]
+            };
+            self.place[v.index()] = Some(Place::Buffer(BufferId(id as u32)));
+        }
+
+        // Carried inputs read after the loop or by the backward pass are recorded every step.
+        let mut carried_tape = vec![None; g.states.len()];
+        for v in g.iter() {
+            if let Op::Input(role) = g.data(v).op
+                && let Some(k) = carried_input(role)
+            {
+                let read_after = g.iter().any(|u| {
+                    self.phase(u) == Phase::Post && g.data(u).args.contains(&v)
+                }) || self.keep.contains(&v);
+                if read_after {
+                    buffers.push(Buffer {
+                        storage: Storage::Tape,
+                        rows: Rows::All,
+                        width: g.shape(v).row_len(),
+                        values: vec![v],
+                    });
+                    carried_tape[k as usize] = Some(BufferId(buffers.len() as u32 - 1));
+                }
+            }
+        }
+
+        let products = g
+            .iter()
+            .filter(|&v| matches!(g.data(v).op, Op::MatMul | Op::MatMulT | Op::OuterSum))
+            .map(|v| {
+                let d = g.data(v);
+                let weight = (d.op != Op::OuterSum).then_some(d.args[0]);
+                let rows = match (self.phase(v), d.shape.is_batched()) {
+                    (_, false) if d.op != Op::OuterSum => Rows::Once,
+                    (Phase::Loop, _) => Rows::Step,
+                    _ => Rows::All,
+                };
+                Product {
+                    value: v,
+                    weight,
+                    layout: WeightLayout::OutIn,
+                    rows,
+                }
+            })
+            .collect();
+
+        StoragePlan {
+            storage: self.storage,
+            place: self
+                .place
+                .into_iter()
+                .map(|p| p.expect("every value is placed"))
+                .collect(),
+            buffers,
+            carried_tape,
+            products,
+            keep: self.keep.to_vec(),
+        }
+    }
+}
