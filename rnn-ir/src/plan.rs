@@ -456,12 +456,17 @@ impl<'a> Planner<'a> {
             let mut start = 0;
             let mut seen: Vec<Value> = Vec::new();
             for &a in &d.args {
+                let (sa, sc) = (self.storage[a.index()], self.storage[c.index()]);
+                // A step value joined into a concatenation kept on the tape is computed
+                // straight onto the tape.
+                let class_fits = sa == sc || (sa == Storage::Step && sc == Storage::Tape);
                 let eligible = self.place[a.index()].is_none()
                     && !seen.contains(&a)
-                    && self.storage[a.index()] == self.storage[c.index()]
+                    && class_fits
                     && !matches!(g.data(a).op, Op::Const(_) | Op::Input(_));
                 if eligible {
                     self.place[a.index()] = Some(Place::View { of: c, start });
+                    self.storage[a.index()] = sc;
                 }
                 seen.push(a);
                 start += g.shape(a).features();
