@@ -1,8 +1,8 @@
 //! The benchmark workloads W1–W6 (DESIGN.md) and their measurement: median, min and max time over
 //! repetitions, GFLOP/s, and the fraction of this machine's single-core limit.
 
-use crate::ir::interp::eval_graph;
 use crate::ir::graph::{Graph, OutRole, Role, Shape};
+use crate::ir::interp::eval_graph;
 use crate::ir::weights::SeededUniform;
 use crate::{CellKind, Exec, ModelSpec, Program, Request, Result, Tensor, Weights};
 use std::collections::HashMap;
@@ -219,18 +219,15 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
             let steps = 1000;
             let program = Program::compile(&spec(cell, i, h))?;
             let bound = program.bind::<f32>(&Weights::init(&program, 1)?)?;
-            let xs: Vec<Tensor> = (0..steps)
-                .map(|s| random_tensor(vec![1, 1, i], 10 + s as u64))
+            let xs: Vec<Vec<f32>> = (0..steps)
+                .map(|s| random_tensor(vec![1, 1, i], 10 + s as u64).data)
                 .collect();
+            // The streaming API: bound once, one call per step, nothing allocated per step.
+            let mut stream = bound.stream(1, exec)?;
             let times = time(reps, || {
-                let mut states: Vec<Tensor> = Vec::new();
+                let mut state = stream.zero_state();
                 for x in &xs {
-                    let req = Request {
-                        input: Some(x),
-                        initial_states: states.iter().map(Some).collect(),
-                        ..Default::default()
-                    };
-                    states = bound.run(&req, &exec)?.final_states;
+                    stream.step(&mut state, x)?;
                 }
                 Ok(())
             })?;

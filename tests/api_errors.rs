@@ -333,8 +333,8 @@ fn a_custom_cell_built_in_code_is_checked_like_a_parsed_one() {
 
 #[test]
 fn run_sequence_checks_its_arguments() {
-    use rnn::ir::interp::{Feed, SeqIo, run_sequence};
     use rnn::ir::graph::Role;
+    use rnn::ir::interp::{Feed, SeqIo, run_sequence};
     use rnn::ir::program::Scheduled;
     use std::collections::HashMap;
 

@@ -35,9 +35,8 @@ fn run_args(case: &Case, out: &Path) -> Vec<String> {
         "--out".into(),
         path_str(out).into(),
         "--cell".into(),
-        // meta.json spells `rnn_tanh`; `rnnc` today accepts only `rnn-tanh`, which stays an alias
-        // once the underscore spelling is primary. Pass the meta.json name verbatim from then on.
-        case.meta["cell"].as_str().unwrap().replace('_', "-"),
+        // The meta.json spelling (`rnn_tanh`), verbatim: it is `--cell`'s own.
+        case.meta["cell"].as_str().unwrap().to_string(),
     ]);
     if case.batch_first() {
         args.push("--batch-first".into());

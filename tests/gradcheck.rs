@@ -7,8 +7,8 @@
 
 use rnn::bench::random_tensor;
 use rnn::ir::autodiff::backward;
-use rnn::ir::interp::eval_graph;
 use rnn::ir::graph::{Graph, Op, OutRole, Role, Shape, Value};
+use rnn::ir::interp::eval_graph;
 use rnn::ir::spec::{BiasConvention, GruReset};
 use rnn::{CellKind, Exec, ModelSpec, Program, Request, Tensor, Weights, parse_str};
 use std::collections::HashMap;

@@ -49,14 +49,19 @@ fn lstm_plan_binds_views_and_double_buffers() {
     let bias_sum = f
         .iter()
         .find(|&v| {
-            f.data(v).op == Op::Add && f.data(v).args.iter().all(|&a| {
-                matches!(f.data(a).op, Op::Input(Role::Param(_)))
-            })
+            f.data(v).op == Op::Add
+                && f.data(v)
+                    .args
+                    .iter()
+                    .all(|&a| matches!(f.data(a).op, Op::Input(Role::Param(_))))
         })
         .expect("b_ih + b_hh");
     assert_eq!(plan.storage[bias_sum.index()], Storage::Bound);
     // Every gate is a view of the fused gate buffer, never a copy.
-    for v in f.iter().filter(|&v| matches!(f.data(v).op, Op::Slice { .. })) {
+    for v in f
+        .iter()
+        .filter(|&v| matches!(f.data(v).op, Op::Slice { .. }))
+    {
         assert!(
             matches!(plan.place[v.index()], Place::View { .. }),
             "{v} is copied"
@@ -163,11 +168,7 @@ fn tanh_cell() -> (Scheduled, rnn::ir::graph::Value) {
 fn pair_verifier_refuses_a_cotangent_without_its_output() {
     let (f, _) = tanh_cell();
     let mut b = backward(&f.graph).unwrap();
-    b.input_value(
-        Role::Cotangent(OutRole::State(3)),
-        Shape::Batch(2),
-        None,
-    );
+    b.input_value(Role::Cotangent(OutRole::State(3)), Shape::Batch(2), None);
     let plan = StoragePlan::new(&f, &saved_by(&b));
     let e = verify_pair(&f, &plan, &b).unwrap_err();
     assert!(e.to_string().contains("does not output"), "{e}");

@@ -36,8 +36,8 @@
 pub mod autodiff;
 pub mod driver;
 pub mod error;
-pub mod interp;
 pub mod graph;
+pub mod interp;
 pub mod lower;
 pub mod npy;
 pub mod parse;
@@ -48,8 +48,8 @@ pub mod spec;
 pub mod tensor;
 pub mod weights;
 
-pub use error::{Error, Result};
 pub use driver::{Gradients, RawResponse, Request, Response};
+pub use error::{Error, Result};
 pub use interp::{Bound, Exec, State, Stream};
 pub use program::{CompileOptions, Program};
 pub use spec::{CellKind, ModelSpec};

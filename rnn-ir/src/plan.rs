@@ -268,9 +268,9 @@ impl StoragePlan {
             );
         }
         for (k, (name, n)) in g.states.iter().enumerate() {
-            let input = g.iter().find(|&v| {
-                matches!(g.data(v).op, Op::Input(r) if carried_input(r) == Some(k as u32))
-            });
+            let input = g.iter().find(
+                |&v| matches!(g.data(v).op, Op::Input(r) if carried_input(r) == Some(k as u32)),
+            );
             let output = g
                 .outputs
                 .iter()
@@ -403,8 +403,7 @@ impl<'a> Planner<'a> {
         for v in g.iter() {
             if let Op::Slice { .. } = g.data(v).op {
                 let a = g.data(v).args[0];
-                let kept_carried =
-                    self.storage[a.index()] == Storage::Carried && taped[v.index()];
+                let kept_carried = self.storage[a.index()] == Storage::Carried && taped[v.index()];
                 if !kept_carried {
                     self.storage[v.index()] = self.storage[a.index()];
                     self.viewed[v.index()] = true;
@@ -562,13 +561,14 @@ impl<'a> Planner<'a> {
                 first[v.index()]
             };
             let reusable = |b: &Buffer, free: usize| {
-                let same_class = match (b.storage, storage) {
-                    (Storage::Step, Storage::Step) => true,
-                    (Storage::Sequence | Storage::After, Storage::Sequence | Storage::After) => {
-                        true
-                    }
-                    _ => false,
-                };
+                let same_class = matches!(
+                    (b.storage, storage),
+                    (Storage::Step, Storage::Step)
+                        | (
+                            Storage::Sequence | Storage::After,
+                            Storage::Sequence | Storage::After
+                        )
+                );
                 same_class && b.rows == rows && b.width == width && free < start
             };
             let id = match (0..buffers.len()).find(|&i| reusable(&buffers[i], free_at[i])) {
@@ -599,9 +599,10 @@ impl<'a> Planner<'a> {
             if let Op::Input(role) = g.data(v).op
                 && let Some(k) = carried_input(role)
             {
-                let read_after = g.iter().any(|u| {
-                    self.phase(u) == Phase::Post && g.data(u).args.contains(&v)
-                }) || self.keep.contains(&v);
+                let read_after = g
+                    .iter()
+                    .any(|u| self.phase(u) == Phase::Post && g.data(u).args.contains(&v))
+                    || self.keep.contains(&v);
                 if read_after {
                     buffers.push(Buffer {
                         storage: Storage::Tape,

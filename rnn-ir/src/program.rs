@@ -301,7 +301,10 @@ pub fn verify_pair(
             return Err(IrError::new(
                 None,
                 Op::Input(Role::Input),
-                format!("the backward graph does not return `{}`", f.out_role_name(role)),
+                format!(
+                    "the backward graph does not return `{}`",
+                    f.out_role_name(role)
+                ),
             ));
         }
     }
@@ -351,9 +354,7 @@ impl fmt::Display for Program {
             f.write_str(&cell.training.to_text(&cell.forward))?;
             writeln!(f, "layer {layer}: forward step, inference plan buffers")?;
             let inference = cell.inference.to_text(&cell.forward);
-            let buffers = inference
-                .find("  buffers:")
-                .map_or("", |i| &inference[i..]);
+            let buffers = inference.find("  buffers:").map_or("", |i| &inference[i..]);
             f.write_str(buffers)?;
             writeln!(f, "layer {layer}: backward step")?;
             f.write_str(&cell.backward_plan.to_text(&cell.backward))?;

@@ -193,14 +193,19 @@ pub(crate) struct MatMut<'a, T> {
     pub row_stride: usize,
 }
 
+/// Products of at most this many rows run one row at a time (see [`matmul`]).
+const SMALL_ROWS: usize = 8;
+
 /// `dst = a · b` (or `dst += a · b` when `accumulate`), computed by the `gemm` crate on
-/// `threads` threads. Every operand's extent is checked against its slice.
+/// `threads` threads; `by_row` runs products of a few rows one row at a time (no allocation).
+/// Every operand's extent is checked against its slice.
 pub(crate) fn matmul<T: Real>(
     dst: MatMut<'_, T>,
     a: MatRef<T>,
     b: MatRef<T>,
     accumulate: bool,
     threads: usize,
+    by_row: bool,
 ) {
     assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
     assert!(
@@ -227,6 +232,28 @@ pub(crate) fn matmul<T: Real>(
             for r in 0..m {
                 dst.data[r * dst.row_stride..r * dst.row_stride + n].fill(T::ZERO);
             }
+        }
+        return;
+    }
+    // With `by_row`, a product of a few rows (one step of a small batch) runs a row at a time:
+    // the gemm crate allocates a packing buffer for every product of two rows or more, while a
+    // single row takes its matrix-vector path, which allocates nothing. Streaming asks for it
+    // to stay allocation-free; whole sequences keep one product (the two orders of summation
+    // differ in the last bits).
+    if by_row && (2..=SMALL_ROWS).contains(&m) {
+        for r in 0..m {
+            let row = MatRef {
+                data: &a.data[r * a.row_stride..],
+                rows: 1,
+                ..a
+            };
+            let out = MatMut {
+                data: &mut dst.data[r * dst.row_stride..],
+                rows: 1,
+                cols: n,
+                row_stride: dst.row_stride,
+            };
+            matmul(out, row, b, accumulate, threads, false);
         }
         return;
     }

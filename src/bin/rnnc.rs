@@ -30,9 +30,15 @@ struct Cli {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Cell {
+    /// `nn.RNN` with tanh (the fixtures' `meta.json` spelling; `rnn-tanh` is an alias).
+    #[value(name = "rnn_tanh", alias = "rnn-tanh")]
     RnnTanh,
+    /// `nn.RNN(nonlinearity="relu")` (`rnn-relu` is an alias).
+    #[value(name = "rnn_relu", alias = "rnn-relu")]
     RnnRelu,
+    /// `nn.LSTM`.
     Lstm,
+    /// `nn.GRU`.
     Gru,
 }
 
@@ -312,26 +318,24 @@ fn inspect(args: &InspectArgs) -> Result<(), Failure> {
     };
     let program =
         Program::compile_with(&spec, options).map_err(|e| fail(file.unwrap_or(here), e))?;
-    println!("{}", describe(&program.spec));
-    println!("parameters: {}", program.parameter_count());
-    for (name, shape) in program.parameters() {
-        println!("  {name}: {shape:?}");
+    // The model, its parameter count, then the whole plan: each layer's scheduled forward and
+    // backward step with its storage plan (the contract every backend reads).
+    let text = format!(
+        "{}\nparameters: {}\n\n{program}",
+        describe(&program.spec),
+        program.parameter_count()
+    );
+    write_stdout(&text)
+}
+
+/// Writes `text` to standard output; a closed pipe (`rnnc inspect ... | head`) ends quietly.
+fn write_stdout(text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(fail(Path::new("stdout"), e)),
+        _ => Ok(()),
     }
-    let mut shown: Vec<usize> = Vec::new();
-    for (layer, cell) in program.layers.iter().enumerate() {
-        if shown.contains(&cell.input_size) {
-            continue;
-        }
-        shown.push(cell.input_size);
-        println!("\nstep (layer {layer}, input {}):", cell.input_size);
-        print!("{}", cell.forward.to_text());
-        println!(
-            "\nbackward step (layer {layer}, input {}):",
-            cell.input_size
-        );
-        print!("{}", cell.backward.to_text());
-    }
-    Ok(())
 }
 
 fn describe(spec: &ModelSpec) -> String {

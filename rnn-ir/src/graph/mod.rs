@@ -612,5 +612,3 @@ impl fmt::Display for IrError {
 }
 
 impl std::error::Error for IrError {}
-
-

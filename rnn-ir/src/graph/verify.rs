@@ -12,8 +12,8 @@
 //! 5. **Outputs**: roles are unique; each output value exists; `State(k)` outputs have the state's
 //!    shape and `ParamGrad(p)` the parameter's shape.
 
-use super::{Graph, Op, OutRole, Role, Shape, Value};
 use super::IrError;
+use super::{Graph, Op, OutRole, Role, Shape, Value};
 use std::collections::HashSet;
 
 /// Checks every invariant listed in the module doc; the first violation is returned.

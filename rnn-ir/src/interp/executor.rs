@@ -125,7 +125,10 @@ impl<'a, T: Real> Frame<'a, T> {
             }
             Root::Feed(role) if self.feeds.by_role.is_some() => {
                 let view = self.feeds.lookup(role).expect("every fed role was checked");
-                (view, view.rows > 1 || g.shape(self.fed_value(role)).is_batched())
+                (
+                    view,
+                    view.rows > 1 || g.shape(self.fed_value(role)).is_batched(),
+                )
             }
             Root::Feed(role) => match role {
                 Role::Param(p) => {
@@ -165,6 +168,8 @@ pub struct Workspace<T> {
     /// Per graph output: the sum over the steps of a parameter gradient computed in the loop.
     sums: Vec<Vec<T>>,
     scratch: Vec<Vec<T>>,
+    /// Run products of a few rows one row at a time, allocating nothing (streaming).
+    by_row: bool,
 }
 
 /// What a run returns besides the workspace's buffers.
@@ -225,6 +230,7 @@ impl<T: Real> Workspace<T> {
             hold: slots(),
             sums,
             scratch: vec![Vec::new(); 2],
+            by_row: false,
         }
     }
 
@@ -240,7 +246,15 @@ impl<T: Real> Workspace<T> {
             hold: Vec::new(),
             sums: Vec::new(),
             scratch: Vec::new(),
+            by_row: false,
         }
+    }
+
+    /// Makes products of a few rows run one row at a time, so that a run allocates nothing
+    /// (the streaming step's workspace).
+    pub fn allocation_free(mut self) -> Self {
+        self.by_row = true;
+        self
     }
 
     /// The carried slots' current values (the initial values before a run, the final ones
@@ -392,9 +406,9 @@ impl<T: Real> Workspace<T> {
                 let n = view.width;
                 let mut y = Vec::with_capacity(self.steps * self.batch * n);
                 for t in 0..self.steps {
-                    for b in 0..self.batch {
+                    for (b, &len) in lengths.iter().enumerate().take(self.batch) {
                         let r = t * self.batch + b;
-                        if t < lengths[b] {
+                        if t < len {
                             y.extend_from_slice(view.row(r));
                         } else {
                             y.extend(std::iter::repeat_n(T::ZERO, n));
@@ -456,6 +470,7 @@ impl<T: Real> Workspace<T> {
                 current: &self.current,
                 next: &mut self.next,
                 scratch: &mut self.scratch,
+                by_row: self.by_row,
             },
             feeds,
             v,
@@ -476,9 +491,16 @@ struct Target<'w, T> {
     current: &'w [Vec<T>],
     next: &'w mut Vec<Vec<T>>,
     scratch: &'w mut Vec<Vec<T>>,
+    by_row: bool,
 }
 
-fn compute<T: Real>(w: Target<'_, T>, feeds: Feeds<'_, T>, v: Value, step: Option<usize>, exec: &Exec) {
+fn compute<T: Real>(
+    w: Target<'_, T>,
+    feeds: Feeds<'_, T>,
+    v: Value,
+    step: Option<usize>,
+    exec: &Exec,
+) {
     let (s, plan) = (w.s, w.plan);
     let g = &s.graph;
     let d = g.data(v);
@@ -487,11 +509,10 @@ fn compute<T: Real>(w: Target<'_, T>, feeds: Feeds<'_, T>, v: Value, step: Optio
         d.op == Op::Concat && matches!(plan.place[a.index()], Place::View { of, .. } if of == v)
     };
     // Arguments that live in the destination's own buffer are copied aside first.
-    let aliased: Vec<bool> = d
-        .args
-        .iter()
-        .map(|&a| !in_place(a) && plan.root(g, a).0 == root)
-        .collect();
+    let aliased = |i: usize| {
+        let a = d.args[i];
+        !in_place(a) && plan.root(g, a).0 == root
+    };
     {
         let frame = Frame {
             s,
@@ -508,7 +529,7 @@ fn compute<T: Real>(w: Target<'_, T>, feeds: Feeds<'_, T>, v: Value, step: Optio
             w.scratch.resize_with(d.args.len(), Vec::new);
         }
         for (i, &a) in d.args.iter().enumerate() {
-            if aliased[i] {
+            if aliased(i) {
                 let view = frame.view(a, step);
                 w.scratch[i].clear();
                 for r in 0..view.rows {
@@ -536,7 +557,7 @@ fn compute<T: Real>(w: Target<'_, T>, feeds: Feeds<'_, T>, v: Value, step: Optio
         };
         let arg = |i: usize| -> View<'_, T> {
             let a = d.args[i];
-            if aliased[i] {
+            if aliased(i) {
                 let width = g.shape(a).row_len();
                 let rows = w.scratch[i].len() / width.max(1);
                 View::dense(&w.scratch[i], rows, width)
@@ -606,9 +627,13 @@ fn compute<T: Real>(w: Target<'_, T>, feeds: Feeds<'_, T>, v: Value, step: Optio
             let shape_of = |i: usize| d.args.get(i).map_or(Shape::Scalar, |&a| g.shape(a));
             let shapes = [shape_of(0), shape_of(1)];
             match (a0, a1) {
-                (None, _) => kernels::eval(d.op, &mut dst, &[], &[], exec),
-                (Some(a), None) => kernels::eval(d.op, &mut dst, &[a], &shapes[..1], exec),
-                (Some(a), Some(b)) => kernels::eval(d.op, &mut dst, &[a, b], &shapes, exec),
+                (None, _) => kernels::eval(d.op, &mut dst, &[], &[], exec, w.by_row),
+                (Some(a), None) => {
+                    kernels::eval(d.op, &mut dst, &[a], &shapes[..1], exec, w.by_row)
+                }
+                (Some(a), Some(b)) => {
+                    kernels::eval(d.op, &mut dst, &[a, b], &shapes, exec, w.by_row)
+                }
             }
         }
     }
@@ -648,6 +673,7 @@ pub fn bind_values<T: Real>(s: &Scheduled, plan: &StoragePlan, params: &[Vec<T>]
                 current: &[],
                 next: &mut next,
                 scratch: &mut scratch,
+                by_row: false,
             };
             compute(target, feeds, v, None, &Exec::default());
         }

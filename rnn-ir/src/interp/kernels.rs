@@ -169,7 +169,8 @@ fn unary<T: Real>(dst: &mut ViewMut<'_, T>, a: View<'_, T>, f: impl Fn(T) -> T) 
     }
 }
 
-/// Evaluates `op` into `dst` from `args` of shapes `shapes`. `dst` and every argument have the
+/// Evaluates `op` into `dst` from `args` of shapes `shapes`; `by_row` runs products of a few
+/// rows one row at a time, allocating nothing (streaming). `dst` and every argument have the
 /// rows and widths their shapes give at the current row count (the executor makes them so);
 /// `Concat` and `Input` are the executor's, not kernels.
 pub fn eval<T: Real>(
@@ -178,7 +179,9 @@ pub fn eval<T: Real>(
     args: &[View<'_, T>],
     shapes: &[Shape],
     exec: &Exec,
+    by_row: bool,
 ) {
+    let threads = exec.threads;
     match op {
         Op::Input(_) | Op::Concat => unreachable!("inputs are fed and concats assembled"),
         Op::Const(bits) => dst.fill(T::from_f32(f32::from_bits(bits))),
@@ -190,7 +193,7 @@ pub fn eval<T: Real>(
             let rows = dst.rows;
             let w = args[0].mat(o, i).t_dense(i);
             let x = args[1].mat(rows, i);
-            matmul(dst.mat(rows, o), x, w, false, exec.threads);
+            matmul(dst.mat(rows, o), x, w, false, threads, by_row);
         }
         Op::MatMulT => {
             // y = d · w
@@ -200,7 +203,7 @@ pub fn eval<T: Real>(
             let rows = dst.rows;
             let w = args[0].mat(o, i).dense(i);
             let d = args[1].mat(rows, o);
-            matmul(dst.mat(rows, i), d, w, false, exec.threads);
+            matmul(dst.mat(rows, i), d, w, false, threads, by_row);
         }
         Op::OuterSum => {
             // W = dᵀ · x, summed over the rows
@@ -214,7 +217,7 @@ pub fn eval<T: Real>(
                 cols: i,
                 row_stride: i,
             };
-            matmul(out, d, x, false, exec.threads);
+            matmul(out, d, x, false, threads, by_row);
         }
         Op::SumRows => {
             let a = args[0];
@@ -232,9 +235,15 @@ pub fn eval<T: Real>(
                 dst.row(r).copy_from_slice(a);
             }
         }
-        Op::Add => binary(dst, (args[0], shapes[0]), (args[1], shapes[1]), |x, y| x + y),
-        Op::Sub => binary(dst, (args[0], shapes[0]), (args[1], shapes[1]), |x, y| x - y),
-        Op::Mul => binary(dst, (args[0], shapes[0]), (args[1], shapes[1]), |x, y| x * y),
+        Op::Add => binary(dst, (args[0], shapes[0]), (args[1], shapes[1]), |x, y| {
+            x + y
+        }),
+        Op::Sub => binary(dst, (args[0], shapes[0]), (args[1], shapes[1]), |x, y| {
+            x - y
+        }),
+        Op::Mul => binary(dst, (args[0], shapes[0]), (args[1], shapes[1]), |x, y| {
+            x * y
+        }),
         Op::Neg => unary(dst, args[0], |x| -x),
         Op::Sigmoid => unary(dst, args[0], |x| x.sigmoid()),
         Op::Tanh => unary(dst, args[0], |x| x.tanh()),

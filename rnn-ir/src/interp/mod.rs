@@ -12,7 +12,9 @@
 pub mod executor;
 pub mod kernels;
 
-use crate::driver::{self, Backward, Forward, RawResponse, Request, Response, Seq, SequenceExecutor};
+use crate::driver::{
+    self, Backward, Forward, RawResponse, Request, Response, Seq, SequenceExecutor,
+};
 use crate::error::{Error, Result};
 use crate::graph::dataflow::carried_input;
 use crate::graph::{Graph, Op, OutRole, Role, Shape, Value};
@@ -285,7 +287,9 @@ impl<'p, T: Real> Bound<'p, T> {
             layers: program
                 .layers
                 .iter()
-                .map(|cell| Workspace::new(&cell.forward, &cell.inference, 1, batch))
+                .map(|cell| {
+                    Workspace::new(&cell.forward, &cell.inference, 1, batch).allocation_free()
+                })
                 .collect(),
             outputs: vec![vec![T::ZERO; batch * out]; program.layers.len()],
             ones: vec![1; batch],
@@ -358,7 +362,14 @@ impl<T: Real> Stream<'_, '_, T> {
                 lengths: &self.ones,
                 zero_inactive_carried: false,
             };
-            ws.run(&cell.forward, &cell.inference, &bound.inference, feeds, walk, &self.exec);
+            ws.run(
+                &cell.forward,
+                &cell.inference,
+                &bound.inference,
+                feeds,
+                walk,
+                &self.exec,
+            );
             ws.step_output(
                 &cell.forward,
                 &cell.inference,
@@ -625,7 +636,7 @@ pub fn eval_graph<T: Real>(
                         col += s.features() * unit;
                     }
                 } else {
-                    kernels::eval(op, &mut dst, &args, &shapes, exec);
+                    kernels::eval(op, &mut dst, &args, &shapes, exec, false);
                 }
                 out
             }

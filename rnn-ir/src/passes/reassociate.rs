@@ -13,9 +13,9 @@
 //! unregrouped sum in the last bits, well within the tolerance every backend is held to. Terms
 //! keep their order within each group, so the pass is deterministic.
 
-use crate::graph::dataflow::{depends_on_carried, parameter_derived};
 use super::rebuild;
 use crate::graph::IrError;
+use crate::graph::dataflow::{depends_on_carried, parameter_derived};
 use crate::graph::{Graph, Op, Value};
 
 /// `g` with every sum's loop-invariant terms grouped first.
