@@ -1,4 +1,4 @@
-//! The workloads W1–W6 as a bench binary: `cargo bench --bench workloads -- [W1 ...] [--threads N] [--reps N]`.
+//! The workloads W1–W6 (`docs/workloads.md`) as a bench binary: `cargo bench --bench workloads -- [W1 ...] [--threads N] [--reps N]`.
 //!
 //! Prints one JSON object per workload (the format of `rnnc bench --json`). Timing happens here
 //! and in `rnnc bench`, never in tests.

@@ -1,4 +1,4 @@
-//! The benchmark workloads W1–W6 (DESIGN.md) and their measurement: median, min and max time over
+//! The benchmark workloads W1–W6 (`docs/workloads.md`) and their measurement: median, min and max time over
 //! repetitions, GFLOP/s, and the fraction of this machine's single-core limit.
 
 use crate::ir::graph::{Graph, OutRole, Role, Shape};

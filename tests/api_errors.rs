@@ -348,7 +348,7 @@ fn run_sequence_checks_its_arguments() {
     ) -> SeqIo<'a, f32> {
         let mut feeds = HashMap::new();
         feeds.insert(Role::Input, Feed::Rows(x));
-        for (i, info) in cell.graph.params.iter().enumerate() {
+        for (i, info) in cell.graph.params().iter().enumerate() {
             feeds.insert(
                 Role::Param(i as u32),
                 Feed::Fixed(w.tensors[&format!("{}_l0", info.name)].data.as_slice()),

@@ -216,7 +216,7 @@ fn hoisting_refuses_a_nonlinear_function_of_a_sum_outside_the_loop() {
     let x = g.x(2);
     let w = g.param("b", Shape::Vector(2));
     let dh = g.input_value(Role::Cotangent(OutRole::State(0)), Shape::Batch(2), None);
-    g.states.push(("h".into(), 2));
+    g.declare_state("h", 2);
     let d = g.mul(dh, x).unwrap();
     let s = g.push(Op::SumRows, &[d]).unwrap();
     let sq = g.mul(s, s).unwrap();
@@ -236,7 +236,7 @@ fn hoisting_accepts_linear_functions_of_sums_outside_the_loop() {
     let x = g.x(2);
     let w = g.param("b", Shape::Vector(2));
     let dh = g.input_value(Role::Cotangent(OutRole::State(0)), Shape::Batch(2), None);
-    g.states.push(("h".into(), 2));
+    g.declare_state("h", 2);
     let d = g.mul(dh, x).unwrap();
     let s = g.push(Op::SumRows, &[d]).unwrap();
     let scaled = g.mul(s, w).unwrap(); // times a parameter: linear

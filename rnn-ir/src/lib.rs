@@ -1,20 +1,28 @@
-//! `rnn-ir`: the compiler front end and reference interpreter of `rnn`.
+//! `rnn-ir`: the compiler front end, the execution plan every backend reads, the shared
+//! sequence driver and the reference interpreter of `rnn`.
 //!
 //! The pipeline, each stage a module:
 //!
 //! ```text
 //! .rnn text / macro tokens ─> parse ─> ModelSpec ─> lower ─> step Graph ─> verify
-//!     ─> passes ─> autodiff ─> passes ─> hoisting ─> Program ─> interpreter
+//!     ─> passes ─> autodiff ─> passes ─> hoisting ─> storage plans ─> Program
+//!     ─> driver + executor (the interpreter; later the emitted Rust and the JIT)
 //! ```
 //!
+//! The front end (no features):
 //! - [`parse`]: the DSL on `proc_macro2` tokens ([`spec::ModelSpec`] out).
 //! - [`lower`]: a cell to the step graph of one layer ([`graph::Graph`]).
-//! - [`graph`]: the IR, its verifier and printer.
+//! - [`graph`]: the IR, its verifier, printer and dataflow facts.
 //! - [`autodiff`]: the backward step graph of a forward step graph.
-//! - [`passes`]: DCE, CSE, gate fusion and time hoisting.
-//! - [`program`]: the sequence-level plan for a model.
-//! - [`interp`]: the reference interpreter, forward and backward.
-//! - [`weights`], [`npy`]: PyTorch `state_dict`s in safetensors, NumPy arrays.
+//! - [`passes`]: DCE, CSE, gate fusion, reassociation and time hoisting.
+//! - [`plan`]: where every value lives while a sequence runs.
+//! - [`program`]: the whole model's plan (`Display` prints it) and the pair verifier.
+//!
+//! The runtime (feature `runtime`, on by default):
+//! - `driver`: layers, directions, lengths, initial states, batch-first and the backward
+//!   pass, written once over a per-sequence executor.
+//! - `interp`: the reference executor, the bind phase and the streaming API.
+//! - `tensor`, `weights`, `npy`: tensors, PyTorch `state_dict`s in safetensors, NumPy arrays.
 //!
 //! ```
 //! use rnn_ir::{Program, Request, Exec, Tensor, Weights, parse::parse_str};
@@ -34,24 +42,33 @@
 #![warn(missing_docs)]
 
 pub mod autodiff;
+#[cfg(feature = "runtime")]
 pub mod driver;
 pub mod error;
 pub mod graph;
+#[cfg(feature = "runtime")]
 pub mod interp;
 pub mod lower;
+#[cfg(feature = "runtime")]
 pub mod npy;
 pub mod parse;
 pub mod passes;
 pub mod plan;
 pub mod program;
 pub mod spec;
+#[cfg(feature = "runtime")]
 pub mod tensor;
+#[cfg(feature = "runtime")]
 pub mod weights;
 
+#[cfg(feature = "runtime")]
 pub use driver::{Gradients, RawResponse, Request, Response};
 pub use error::{Error, Result};
+#[cfg(feature = "runtime")]
 pub use interp::{Bound, Exec, State, Stream};
 pub use program::{CompileOptions, Program};
 pub use spec::{CellKind, ModelSpec};
+#[cfg(feature = "runtime")]
 pub use tensor::Tensor;
+#[cfg(feature = "runtime")]
 pub use weights::Weights;

@@ -225,7 +225,12 @@ impl StoragePlan {
     pub fn is_computed(&self, g: &Graph, v: Value) -> bool {
         match g.data(v).op {
             Op::Input(_) => false,
-            Op::Slice { .. } => !matches!(self.place[v.index()], Place::View { .. }),
+            // A slice is a view of its argument, unless it is a kept copy of a carried value
+            // (which may itself be computed into a concatenation).
+            Op::Slice { .. } => {
+                let arg = g.data(v).args[0];
+                !matches!(self.place[v.index()], Place::View { of, .. } if of == arg)
+            }
             _ => true,
         }
     }
@@ -593,7 +598,8 @@ impl<'a> Planner<'a> {
             self.place[v.index()] = Some(Place::Buffer(BufferId(id as u32)));
         }
 
-        // Carried inputs read after the loop or by the backward pass are recorded every step.
+        // Carried inputs read after the loop, by the backward pass, or returned as a per-step
+        // output are recorded every step.
         let mut carried_tape = vec![None; g.states.len()];
         for v in g.iter() {
             if let Op::Input(role) = g.data(v).op
@@ -602,7 +608,10 @@ impl<'a> Planner<'a> {
                 let read_after = g
                     .iter()
                     .any(|u| self.phase(u) == Phase::Post && g.data(u).args.contains(&v))
-                    || self.keep.contains(&v);
+                    || self.keep.contains(&v)
+                    || g.outputs()
+                        .iter()
+                        .any(|o| o.value == v && is_per_step_output(o.role));
                 if read_after {
                     buffers.push(Buffer {
                         storage: Storage::Tape,

@@ -51,18 +51,20 @@ pub fn depends_on_carried(g: &Graph) -> Vec<bool> {
     depends
 }
 
-/// For each value, whether it depends only on parameters and constants (never on the step
-/// input, a state, a saved value or a cotangent): what can be computed once when weights are
-/// bound.
+/// For each value, whether it is unbatched and computed from parameters and unbatched constants
+/// alone, through unbatched values only (never from the step input, a state, a saved value, a
+/// cotangent, or anything batched, whose sums over rows depend on the batch size): what can be
+/// computed once when weights are bound.
 pub fn parameter_derived(g: &Graph) -> Vec<bool> {
     let mut fixed = vec![false; g.len()];
     for v in g.iter() {
         let d = g.data(v);
-        fixed[v.index()] = match d.op {
-            Op::Input(Role::Param(_)) | Op::Const(_) => true,
-            Op::Input(_) => false,
-            _ => d.args.iter().all(|a| fixed[a.index()]),
-        };
+        fixed[v.index()] = !d.shape.is_batched()
+            && match d.op {
+                Op::Input(Role::Param(_)) | Op::Const(_) => true,
+                Op::Input(_) => false,
+                _ => d.args.iter().all(|a| fixed[a.index()]),
+            };
     }
     fixed
 }

@@ -363,15 +363,15 @@ pub struct Output {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Graph {
     /// The arena: `values[i]` defines `Value(i)`; arguments always precede their users.
-    pub values: Vec<ValueData>,
+    pub(crate) values: Vec<ValueData>,
     /// The parameter table indexed by `Role::Param(p)`; each entry's shape matches its input's.
-    pub params: Vec<ParamInfo>,
+    pub(crate) params: Vec<ParamInfo>,
     /// The graph's results; roles are unique.
-    pub outputs: Vec<Output>,
+    pub(crate) outputs: Vec<Output>,
     /// The size of each recurrent state, indexed by `Role::State(k)`, and its name.
-    pub states: Vec<(String, usize)>,
+    pub(crate) states: Vec<(String, usize)>,
     /// The number of features of the step input `x_t` (`Role::Input` has shape `Batch(input_size)`).
-    pub input_size: usize,
+    pub(crate) input_size: usize,
 }
 
 impl Graph {
@@ -390,6 +390,34 @@ impl Graph {
             states: g.states.clone(),
             input_size: g.input_size,
         }
+    }
+
+    /// The parameter table, indexed by `Role::Param(p)`.
+    pub fn params(&self) -> &[ParamInfo] {
+        &self.params
+    }
+
+    /// The graph's results.
+    pub fn outputs(&self) -> &[Output] {
+        &self.outputs
+    }
+
+    /// Each recurrent state's name and size, indexed by `Role::State(k)`.
+    pub fn states(&self) -> &[(String, usize)] {
+        &self.states
+    }
+
+    /// The number of features of the step input `x_t`.
+    pub fn input_size(&self) -> usize {
+        self.input_size
+    }
+
+    /// Declares recurrent state `name` of `size` features without an input for it (a backward
+    /// graph reads the gradient of the state, `Role::Cotangent(OutRole::State(k))`), and
+    /// returns its number `k`.
+    pub fn declare_state(&mut self, name: &str, size: usize) -> u32 {
+        self.states.push((name.to_string(), size));
+        self.states.len() as u32 - 1
     }
 
     /// The number of values.
@@ -432,7 +460,7 @@ impl Graph {
 
     /// Appends a value with an explicit shape, without checks (passes that copy verified
     /// values use it; everything else goes through [`Graph::push`]).
-    pub fn push_raw(
+    pub(crate) fn push_raw(
         &mut self,
         op: Op,
         args: Vec<Value>,
@@ -481,8 +509,7 @@ impl Graph {
 
     /// Declares recurrent state `name` of `size` features and returns its previous value.
     pub fn state(&mut self, name: &str, size: usize) -> Value {
-        let k = self.states.len() as u32;
-        self.states.push((name.to_string(), size));
+        let k = self.declare_state(name, size);
         self.push_raw(
             Op::Input(Role::State(k)),
             vec![],

@@ -136,3 +136,71 @@ fn check_role(g: &Graph, role: Role, shape: Shape) -> Result<(), String> {
         Role::Saved(_) | Role::Cotangent(_) => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Invariants broken by editing a graph's arena directly, which only this crate can do.
+    use super::verify;
+    use crate::graph::{Graph, Op, OutRole, Role, Shape, Value, ValueData};
+
+    fn small_graph() -> (Graph, [Value; 3]) {
+        let mut g = Graph::new();
+        let x = g.x(3);
+        let h = g.state("h", 4);
+        let w = g.param("W", Shape::Matrix(4, 3));
+        let wx = g.matmul(w, x).unwrap();
+        let y = g.add(wx, h).unwrap();
+        g.set_output(OutRole::State(0), y);
+        g.set_output(OutRole::Output, y);
+        (g, [x, h, w])
+    }
+
+    #[test]
+    fn verifier_rejects_use_before_definition() {
+        let (mut g, _) = small_graph();
+        g.values[3].args[1] = Value::new(4);
+        let e = verify(&g).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "v3 = matmul: argument v4 is not defined before its use"
+        );
+    }
+
+    #[test]
+    fn verifier_rejects_a_wrong_declared_shape() {
+        let (mut g, _) = small_graph();
+        g.values[3].shape = Shape::Batch(5);
+        let e = verify(&g).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("declared shape batch[5] but the op gives batch[4]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn verifier_rejects_duplicate_roles_and_bad_outputs() {
+        let (mut g, _) = small_graph();
+        g.values.push(ValueData {
+            op: Op::Input(Role::Input),
+            args: vec![],
+            shape: Shape::Batch(3),
+            name: None,
+        });
+        assert!(
+            verify(&g)
+                .unwrap_err()
+                .to_string()
+                .contains("defined twice")
+        );
+
+        let (mut g, [x, ..]) = small_graph();
+        g.set_output(OutRole::State(0), x);
+        assert!(
+            verify(&g)
+                .unwrap_err()
+                .to_string()
+                .contains("state `h` has size 4, but its output is batch[3]")
+        );
+    }
+}

@@ -505,14 +505,14 @@ fn compute<T: Real>(
     let g = &s.graph;
     let d = g.data(v);
     let (root, offset) = plan.root(g, v);
-    let in_place = |a: Value| {
-        d.op == Op::Concat && matches!(plan.place[a.index()], Place::View { of, .. } if of == v)
+    // Argument `i` of a concatenation was computed straight into its columns (a value joined
+    // twice is in place at one position only).
+    let in_place = |i: usize| {
+        let start: usize = d.args[..i].iter().map(|&a| g.shape(a).features()).sum();
+        d.op == Op::Concat && plan.place[d.args[i].index()] == Place::View { of: v, start }
     };
     // Arguments that live in the destination's own buffer are copied aside first.
-    let aliased = |i: usize| {
-        let a = d.args[i];
-        !in_place(a) && plan.root(g, a).0 == root
-    };
+    let aliased = |i: usize| !in_place(i) && plan.root(g, d.args[i]).0 == root;
     {
         let frame = Frame {
             s,
@@ -598,7 +598,7 @@ fn compute<T: Real>(
             let mut col = 0;
             for (i, &a) in d.args.iter().enumerate() {
                 let width = g.shape(a).row_len();
-                if !in_place(a) {
+                if !in_place(i) {
                     let src = arg(i);
                     let mut part = ViewMut {
                         data: &mut *dst.data,
