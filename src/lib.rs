@@ -12,6 +12,13 @@
 //! let x = Tensor::zeros(vec![10, 1, 8]);
 //! let out = program.run::<f32>(&weights, &Request { input: Some(&x), ..Default::default() }, &Exec::default()).unwrap();
 //! assert_eq!(out.final_states[0].shape, vec![1, 1, 16]);
+//!
+//! // Streaming: bind once, then one call per step (nothing is allocated per step).
+//! let bound = program.bind::<f32>(&weights).unwrap();
+//! let mut stream = bound.stream(1, Exec::default()).unwrap();
+//! let mut state = stream.zero_state();
+//! let y = stream.step(&mut state, &[0.5; 8]).unwrap();
+//! assert_eq!(y.len(), 16);
 //! ```
 
 #![warn(missing_docs)]
@@ -22,5 +29,5 @@ pub use rnn_ir as ir;
 pub use rnn_ir::parse::parse_str;
 pub use rnn_ir::{
     Bound, CellKind, CompileOptions, Error, Exec, Gradients, ModelSpec, Program, Request, Response,
-    Result, Tensor, Weights,
+    Result, State, Stream, Tensor, Weights,
 };

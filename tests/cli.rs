@@ -143,6 +143,16 @@ fn inspect_reads_a_rnn_file_and_shows_the_hoisted_schedule() {
             .any(|l| l.contains("outer_sum") && l.contains("; post")),
         "{text}"
     );
+    // The whole plan: storage classes and places, buffers, carried slots, products.
+    for part in [
+        "buffers:",
+        "carried 0 `h` B × 256: double-buffered",
+        "kept for backward:",
+        "layer 1 (input 512): forward step, training plan",
+        "T·B rows at once",
+    ] {
+        assert!(text.contains(part), "`{part}` missing from:\n{text}");
+    }
 }
 
 // --- bad input: exit code 2, one line on stderr, naming what is wrong ---
@@ -486,4 +496,35 @@ fn bench_rejects_an_unknown_workload() {
         err.contains("unknown workload `W9`: expected W1 … W6"),
         "{err}"
     );
+}
+
+#[test]
+fn inspect_ends_quietly_when_its_reader_stops() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rnnc"))
+        .args([
+            "inspect",
+            "--cell",
+            "lstm",
+            "--input-size",
+            "64",
+            "--hidden-size",
+            "64",
+            // Far more text than a pipe buffers (the parameter list alone is 16,000 lines).
+            "--layers",
+            "2000",
+            "--bidirectional",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one chunk, then close the pipe, as `| head -1` does.
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }

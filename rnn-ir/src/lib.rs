@@ -15,6 +15,7 @@
 //! - [`graph`]: the IR, its verifier, printer and dataflow facts.
 //! - [`autodiff`]: the backward step graph of a forward step graph.
 //! - [`passes`]: DCE, CSE, gate fusion, reassociation and time hoisting.
+//! - [`schedule`]: a step graph with its time-loop phases.
 //! - [`plan`]: where every value lives while a sequence runs.
 //! - [`program`]: the whole model's plan (`Display` prints it) and the pair verifier.
 //!
@@ -55,6 +56,7 @@ pub mod parse;
 pub mod passes;
 pub mod plan;
 pub mod program;
+pub mod schedule;
 pub mod spec;
 #[cfg(feature = "runtime")]
 pub mod tensor;

@@ -32,7 +32,7 @@
 use crate::graph::dataflow::{self, carried_input, carried_output, is_per_step_output};
 use crate::graph::{Graph, Op, Role, Shape, Value};
 use crate::passes::hoist::Phase;
-use crate::program::Scheduled;
+use crate::schedule::Scheduled;
 use std::fmt::{self, Write};
 
 /// When a value is computed and how long it is kept.

@@ -1,7 +1,7 @@
 //! The Program: the sequence-level plan for a whole model, the contract every backend reads.
 //!
 //! For each layer it holds the forward step graph and the backward step graph (from
-//! [`autodiff`](crate::autodiff)), each optimised and scheduled by time hoisting into values run
+//! [`autodiff`]), each optimised and scheduled by time hoisting into values run
 //! before the loop, per step, and after the loop, and for each a [`StoragePlan`]: where every
 //! value lives, which buffers are reused, how carried state is double-buffered, what the forward
 //! pass keeps for the backward pass. Both directions of a layer share its graphs and plans
@@ -18,45 +18,11 @@ use crate::error::{Error, Result};
 use crate::graph::dataflow::carried_input;
 use crate::graph::{Graph, IrError, Op, OutRole, Role, Shape, Value, verify};
 use crate::lower::lower;
-use crate::passes::{self, hoist, hoist::Phase};
+use crate::passes;
 use crate::plan::{Storage, StoragePlan};
+pub use crate::schedule::Scheduled;
 use crate::spec::ModelSpec;
 use std::fmt;
-
-/// A step graph with its time-loop schedule.
-#[derive(Clone, Debug)]
-pub struct Scheduled {
-    /// The graph.
-    pub graph: Graph,
-    /// The phase of each value (indexed by value).
-    pub phases: Vec<Phase>,
-}
-
-impl Scheduled {
-    /// Schedules `graph` with time hoisting, or everything in the loop when `hoisting` is off.
-    pub fn new(graph: Graph, hoisting: bool) -> Result<Self> {
-        let phases = if hoisting {
-            hoist::hoist(&graph)?
-        } else {
-            hoist::no_hoist(&graph)
-        };
-        Ok(Scheduled { graph, phases })
-    }
-
-    /// The values of `phase`, in order.
-    pub fn values(&self, phase: Phase) -> Vec<Value> {
-        self.graph
-            .iter()
-            .filter(|v| self.phases[v.index()] == phase)
-            .collect()
-    }
-
-    /// The graph as text with each value's phase.
-    pub fn to_text(&self) -> String {
-        self.graph
-            .to_text_with(|v| format!("{:<4}", self.phases[v.index()].name()))
-    }
-}
 
 /// The compiled cell of one layer.
 #[derive(Clone, Debug)]

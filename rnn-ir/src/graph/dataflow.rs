@@ -1,8 +1,9 @@
 //! Dataflow facts about a graph, each computed in one place: which roles are carried from one
-//! step to the next, which values depend on a carried input, which values the outputs need, and
-//! when each value is last used. Passes, the scheduler and the storage plan all read them here.
+//! step to the next, which values depend on a carried input, which are derived from parameters
+//! alone, and which values the outputs need. Passes, the scheduler and the storage plan all read
+//! them here.
 
-use super::{Graph, Op, OutRole, Role, Value};
+use super::{Graph, Op, OutRole, Role};
 
 /// The carried slot an input role reads: state `k` (forward) or the gradient of state `k`
 /// flowing back from the next step (backward).
@@ -91,16 +92,4 @@ pub fn needed_by(g: &Graph, wanted: impl Fn(OutRole) -> bool) -> Vec<bool> {
 /// For each value, whether any output depends on it: the live values of dead-code elimination.
 pub fn live(g: &Graph) -> Vec<bool> {
     needed_by(g, |_| true)
-}
-
-/// For each value, the position in `order` of its last reader (`None` if nothing in `order`
-/// reads it). `order` lists values in execution order; each value's position is its index there.
-pub fn last_use(g: &Graph, order: &[Value]) -> Vec<Option<usize>> {
-    let mut last = vec![None; g.len()];
-    for (pos, &v) in order.iter().enumerate() {
-        for a in &g.data(v).args {
-            last[a.index()] = Some(pos);
-        }
-    }
-    last
 }

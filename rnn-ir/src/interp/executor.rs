@@ -4,7 +4,7 @@
 //! A [`Workspace`] holds the plan's buffers, allocated once for `T` steps of `B` rows, and the
 //! double-buffered carried slots. [`Workspace::run`] computes the values before the loop over all
 //! `T·B` rows, then each step's values (forwards or backwards in time) into their places, then
-//! the values after the loop; each op writes into its place through [`kernels`](super::kernels),
+//! the values after the loop; each op writes into its place through [`kernels`],
 //! slices are views, concatenations are assembled where their arguments were computed. Rows past
 //! a sequence's length keep their carried value (and, in the backward pass, see a zero gradient
 //! flowing in while the incoming one passes through untouched); per-step outputs are zero there.
@@ -18,7 +18,7 @@ use crate::graph::dataflow::{carried_output, is_per_step_output};
 use crate::graph::{Op, OutRole, Role, Shape, Value};
 use crate::passes::hoist::Phase;
 use crate::plan::{Place, Root, Rows, Storage, StoragePlan};
-use crate::program::Scheduled;
+use crate::schedule::Scheduled;
 use crate::tensor::Real;
 
 /// Where the values fed from outside come from.

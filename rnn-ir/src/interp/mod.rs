@@ -6,7 +6,7 @@
 //! - [`executor`]: one scheduled step graph over a sequence, buffers from its storage plan.
 //! - this module: the bind phase ([`Program::bind`] computes every value derived from
 //!   parameters alone, once), the interpreter's [`SequenceExecutor`] (layers, directions,
-//!   lengths and the backward pass are the shared [`driver`](crate::driver)'s), the streaming
+//!   lengths and the backward pass are the shared [`driver`]'s), the streaming
 //!   [`Stream`], and single-graph entry points for tests ([`run_sequence`], [`eval_graph`]).
 
 pub mod executor;
@@ -19,7 +19,8 @@ use crate::error::{Error, Result};
 use crate::graph::dataflow::carried_input;
 use crate::graph::{Graph, Op, OutRole, Role, Shape, Value};
 use crate::plan::StoragePlan;
-use crate::program::{CellProgram, Program, Scheduled};
+use crate::program::{CellProgram, Program};
+use crate::schedule::Scheduled;
 use crate::spec::ModelSpec;
 use crate::tensor::Real;
 use crate::weights::Weights;
