@@ -23,6 +23,8 @@ use std::path::PathBuf;
 
 mod common;
 
+use common::Rng;
+
 /// The number of cases.
 const N: usize = 40;
 
@@ -37,39 +39,6 @@ fn folder() -> PathBuf {
 
 fn case_name(i: usize) -> String {
     format!("case{i:02}")
-}
-
-/// Random numbers for the generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo ..= hi`.
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
-    }
-
-    /// True with probability `1/n`.
-    fn one_in(&mut self, n: u64) -> bool {
-        self.next_u64().is_multiple_of(n)
-    }
-
-    fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
-    }
-
-    fn tensor(&mut self, shape: Vec<usize>) -> Tensor {
-        let n = shape.iter().product();
-        let data = (0..n).map(|_| self.uniform()).collect();
-        Tensor { shape, data }
-    }
 }
 
 /// Case `i`'s `.rnn` declaration and weight seed. The cell kind cycles through all nine (rnn

@@ -17,6 +17,9 @@
 //!
 //! Runs 64 cases by default; set `PROPTEST_CASES` for a longer run.
 
+mod common;
+
+use common::Rng;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
@@ -465,33 +468,13 @@ fn sequence() -> impl Strategy<Value = Sequence> {
     )
 }
 
-/// SplitMix64: the test's data, reproducible from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `[-1, 1)`.
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f64> {
-        (0..n).map(|_| self.uniform()).collect()
-    }
-}
-
 /// Random inputs for every input of `g` (a forward or backward step graph), by role.
 fn inputs(g: &Graph, s: &Sequence, backward: bool) -> SeqInputs {
     let mut rng = Rng(s.seed ^ if backward { 0x5eed } else { 0 });
     let rows = s.steps * s.batch;
     let lengths = s.packed.then(|| {
         (0..s.batch)
-            .map(|_| 1 + rng.next() as usize % s.steps)
+            .map(|_| 1 + rng.next_u64() as usize % s.steps)
             .collect()
     });
     let mut roles: Vec<(Role, Shape)> = g
@@ -506,15 +489,15 @@ fn inputs(g: &Graph, s: &Sequence, backward: bool) -> SeqInputs {
     for (role, shape) in roles {
         let fed = match (role, shape) {
             (Role::State(_) | Role::Cotangent(OutRole::State(_)), _) => continue,
-            (_, Shape::Batch(n)) => Fed::Rows(rng.vec(rows * n)),
-            (_, s) => Fed::Fixed(rng.vec(s.row_len())),
+            (_, Shape::Batch(n)) => Fed::Rows(rng.vec_f64(rows * n)),
+            (_, s) => Fed::Fixed(rng.vec_f64(s.row_len())),
         };
         feeds.insert(role, fed);
     }
     let carried = g
         .states()
         .iter()
-        .map(|&(_, n)| rng.vec(s.batch * n))
+        .map(|&(_, n)| rng.vec_f64(s.batch * n))
         .collect();
     SeqInputs {
         steps: s.steps,

@@ -227,19 +227,7 @@ fn reassociation_adds_every_bias_before_the_loop() {
 #[test]
 fn the_pass_pipeline_reaches_a_fixed_point() {
     use rnn::ir::passes::optimize;
-    let mut specs: Vec<ModelSpec> = [
-        CellKind::RnnTanh,
-        CellKind::RnnRelu,
-        CellKind::Lstm,
-        CellKind::Gru,
-    ]
-    .into_iter()
-    .map(|c| ModelSpec::new(c, 3, 4))
-    .collect();
-    for src in [common::PEEPHOLE, common::MINIMAL_GRU, common::RELU_ELMAN] {
-        specs.push(parse_str(src).unwrap());
-    }
-    for spec in specs {
+    for spec in common::every_cell(3, 4) {
         let p = Program::compile(&spec).unwrap();
         for g in [&p.layers[0].forward.graph, &p.layers[0].backward.graph] {
             assert_eq!(

@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 
 mod common;
 
+use common::Rng;
+
 /// Every value leaves the library as an `f32` (`Tensor` holds `f32`), rounded from the `f64` it
 /// was computed in. Two `f64` results that agree to `RTOL` can round to neighbouring `f32`s, so
 /// each comparison allows the `f64` tolerance plus the rounding of every `f32` term involved
@@ -27,29 +29,6 @@ mod common;
 const RTOL: f64 = 1e-9;
 const ATOL: f64 = 1e-12;
 const HALF_ULP: f64 = 1.0 / (1u64 << 24) as f64;
-
-/// Random numbers for the tensors (SplitMix64; uniform in (-1, 1)).
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
-    }
-
-    fn tensor(&mut self, shape: Vec<usize>) -> Tensor {
-        let n = shape.iter().product();
-        let data = (0..n).map(|_| self.uniform()).collect();
-        Tensor { shape, data }
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Case {

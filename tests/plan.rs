@@ -186,19 +186,7 @@ fn pair_verifier_refuses_a_saved_value_of_the_wrong_shape() {
 
 #[test]
 fn every_standard_and_custom_cell_passes_the_pair_verifier() {
-    let mut specs: Vec<ModelSpec> = [
-        CellKind::RnnTanh,
-        CellKind::RnnRelu,
-        CellKind::Lstm,
-        CellKind::Gru,
-    ]
-    .into_iter()
-    .map(|c| ModelSpec::new(c, 3, 4))
-    .collect();
-    for src in [common::PEEPHOLE, common::MINIMAL_GRU, common::RELU_ELMAN] {
-        specs.push(parse_str(src).unwrap());
-    }
-    for spec in specs {
+    for spec in common::every_cell(3, 4) {
         for optimize in [true, false] {
             let p = Program::compile_with(&spec, rnn::CompileOptions { optimize }).unwrap();
             for cell in &p.layers {

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: the PyTorch reference cases and tolerant comparison.
 #![allow(dead_code)]
 
-use rnn::ir::{CellKind, Tensor, npy, weights};
+use rnn::ir::{CellKind, ModelSpec, Tensor, npy, weights};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -122,3 +122,67 @@ pub const RELU_ELMAN: &str = "cell Elman {
     state h,
     h = relu(W_hh @ h + W_xh @ x + b)
 }";
+
+/// Deterministic random numbers for the generators of the property and golden tests
+/// (SplitMix64): the same seed gives the same numbers everywhere.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo ..= hi`.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+
+    /// True with probability `1/n`.
+    pub fn one_in(&mut self, n: u64) -> bool {
+        self.next_u64().is_multiple_of(n)
+    }
+
+    /// Uniform in `(-1, 1)` with 24 random bits (exact in `f32`).
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
+    }
+
+    /// A tensor of `uniform` values.
+    pub fn tensor(&mut self, shape: Vec<usize>) -> Tensor {
+        let n = shape.iter().product();
+        let data = (0..n).map(|_| self.uniform()).collect();
+        Tensor { shape, data }
+    }
+
+    /// Uniform in `[-1, 1)` with 53 random bits.
+    pub fn uniform_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+
+    /// `n` values of `uniform_f64`.
+    pub fn vec_f64(&mut self, n: usize) -> Vec<f64> {
+        (0..n).map(|_| self.uniform_f64()).collect()
+    }
+}
+
+/// One model of every standard cell (`input` → `hidden`) and the three custom cells above.
+pub fn every_cell(input: usize, hidden: usize) -> Vec<ModelSpec> {
+    let mut specs: Vec<ModelSpec> = [
+        CellKind::RnnTanh,
+        CellKind::RnnRelu,
+        CellKind::Lstm,
+        CellKind::Gru,
+    ]
+    .into_iter()
+    .map(|c| ModelSpec::new(c, input, hidden))
+    .collect();
+    for src in [PEEPHOLE, MINIMAL_GRU, RELU_ELMAN] {
+        specs.push(rnn::parse_str(src).unwrap());
+    }
+    specs
+}
