@@ -235,3 +235,65 @@ fn hoisting_accepts_linear_functions_of_sums_outside_the_loop() {
     let phases = hoist(&g).unwrap();
     assert_eq!(phases[both.index()], Phase::Post);
 }
+
+/// A plan corrupted in each way the plan verifier names is refused.
+#[test]
+fn plan_verifier_refuses_broken_plans() {
+    let p = Program::compile(&ModelSpec::new(CellKind::Lstm, 3, 4)).unwrap();
+    let cell = &p.layers[0];
+    let (s, good) = (&cell.forward, &cell.inference);
+    let g = &s.graph;
+    good.verify(s).unwrap();
+    let place_of = |v| good.place[rnn::ir::graph::Value::index(v)];
+
+    // Two values alive in the same step put in one buffer.
+    let steps: Vec<_> = g
+        .iter()
+        .filter(|&v| good.storage[v.index()] == Storage::Step)
+        .filter(|&v| matches!(place_of(v), Place::Buffer(_)))
+        .collect();
+    let (a, b) = (steps[0], steps[1]); // the recurrent product, then the gate sum reading it
+    let mut bad = good.clone();
+    let Place::Buffer(ba) = bad.place[a.index()] else {
+        unreachable!()
+    };
+    bad.place[b.index()] = Place::Buffer(ba);
+    bad.buffers[ba.0 as usize].values.push(b);
+    let e = bad.verify(s).unwrap_err();
+    assert!(e.to_string().contains("still live"), "{e}");
+
+    // A slice viewing its argument at the wrong offset.
+    let slice = g
+        .iter()
+        .find(|&v| matches!(g.data(v).op, Op::Slice { start, .. } if start > 0))
+        .unwrap();
+    let mut bad = good.clone();
+    let Place::View { of, .. } = bad.place[slice.index()] else {
+        unreachable!()
+    };
+    bad.place[slice.index()] = Place::View { of, start: 0 };
+    assert!(
+        bad.verify(s)
+            .unwrap_err()
+            .to_string()
+            .contains("viewed at 0")
+    );
+
+    // The per-step output kept for one step only.
+    let out = g.output(OutRole::Output).unwrap();
+    let mut bad = good.clone();
+    let Place::Buffer(bo) = bad.place[out.index()] else {
+        unreachable!()
+    };
+    bad.buffers[bo.0 as usize].rows = Rows::Step;
+    bad.buffers[bo.0 as usize].storage = Storage::Step;
+    bad.storage[out.index()] = Storage::Step;
+    assert!(bad.verify(s).is_err());
+
+    // A value classed as bound that depends on the step input.
+    let product = g.iter().find(|&v| g.data(v).op == Op::MatMul).unwrap();
+    let mut bad = good.clone();
+    bad.storage[product.index()] = Storage::Bound;
+    let e = bad.verify(s).unwrap_err();
+    assert!(e.to_string().contains("class `bound`"), "{e}");
+}

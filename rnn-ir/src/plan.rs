@@ -30,7 +30,7 @@
 //! finished sequences), and the two buffers swap.
 
 use crate::graph::dataflow::{self, carried_input, carried_output, is_per_step_output};
-use crate::graph::{Graph, Op, Role, Shape, Value};
+use crate::graph::{Graph, IrError, Op, Role, Shape, Value};
 use crate::passes::hoist::Phase;
 use crate::schedule::Scheduled;
 use std::fmt::{self, Write};
@@ -233,6 +233,11 @@ impl StoragePlan {
             }
             _ => true,
         }
+    }
+
+    /// Checks the plan against its schedule; see [`verify`].
+    pub fn verify(&self, s: &Scheduled) -> Result<(), IrError> {
+        verify(s, self)
     }
 
     /// The plan as text: the graph annotated with phase, class and place, then the buffers,
@@ -657,4 +662,210 @@ impl<'a> Planner<'a> {
             keep: self.keep.to_vec(),
         }
     }
+}
+
+/// Checks a storage plan against its schedule, independently of how it was made:
+/// 1. **Classes fit phases**: `Bound` values are unbatched and derived from parameters alone (or
+///    unbatched saved values); `Sequence` values run before the loop, `Step` and `Tape` values in
+///    it, `After` values after it; `Carried` values are carried inputs.
+/// 2. **Places fit ops**: inputs are fed or carried slots; a slice is a view of its argument at
+///    its own offset (or, kept from a carried slot, a copy); a view lies within the value it is
+///    part of; a value written into a next slot is that slot's state output.
+/// 3. **Buffers fit their values**: each buffer's row count and width hold each of its values,
+///    its class is theirs, and values sharing a buffer never overlap in time: no reader of an
+///    earlier value (or of a view of it) runs at or after the later value's definition, the
+///    earlier one is neither kept nor an output, and bound and tape buffers are never shared.
+/// 4. **Per-step outputs and kept values** are on `T·B` rows.
+pub fn verify(s: &Scheduled, plan: &StoragePlan) -> Result<(), IrError> {
+    let g = &s.graph;
+    let bound = dataflow::parameter_derived(g);
+    let err = |v: Value, m: String| Err(IrError::new(Some(v), g.data(v).op, m));
+    if plan.storage.len() != g.len() || plan.place.len() != g.len() {
+        return Err(IrError::new(
+            None,
+            Op::Concat,
+            "the plan does not cover every value of the graph",
+        ));
+    }
+    // 1. Classes fit phases.
+    for v in g.iter() {
+        let (phase, storage, d) = (s.phases[v.index()], plan.storage[v.index()], g.data(v));
+        let carried = matches!(d.op, Op::Input(r) if carried_input(r).is_some());
+        let fits = match storage {
+            Storage::Bound => {
+                !d.shape.is_batched()
+                    && (bound[v.index()] || matches!(d.op, Op::Input(Role::Saved(_))))
+            }
+            Storage::Sequence => phase == Phase::Pre,
+            Storage::Step | Storage::Tape => phase == Phase::Loop || phase == Phase::Post,
+            // Views of a carried slot; after the loop they read its tape.
+            Storage::Carried => carried || matches!(d.op, Op::Slice { .. }),
+            Storage::After => phase == Phase::Post,
+        };
+        if !fits || carried != (storage == Storage::Carried && matches!(d.op, Op::Input(_))) {
+            return err(
+                v,
+                format!(
+                    "class `{}` does not fit a value in phase `{}`",
+                    storage.name(),
+                    phase.name()
+                ),
+            );
+        }
+    }
+    // 2. Places fit ops; views lie within what they view.
+    for v in g.iter() {
+        let d = g.data(v);
+        let place = plan.place[v.index()];
+        match (d.op, place) {
+            (Op::Input(role), Place::Carried(k)) if carried_input(role) == Some(k) => {}
+            (Op::Input(role), Place::Feed(r)) if r == role && carried_input(role).is_none() => {}
+            (Op::Input(_), _) => return err(v, "an input must be fed or a carried slot".into()),
+            (Op::Slice { start, .. }, Place::View { of, start: s0 })
+                if of == d.args[0] && s0 != start as usize =>
+            {
+                return err(v, format!("a slice from {start} viewed at {s0}"));
+            }
+            (_, Place::View { of, start }) => {
+                if of.index() >= g.len()
+                    || start + g.shape(v).features() > g.shape(of).features()
+                    || g.shape(of).with_features(0) != g.shape(v).with_features(0)
+                {
+                    return err(v, format!("the view of {of} at {start} does not fit in it"));
+                }
+                if !matches!(d.op, Op::Slice { .. }) && g.data(of).op != Op::Concat {
+                    return err(v, format!("only slices and concatenation parts view {of}"));
+                }
+            }
+            (_, Place::Next(k)) => {
+                let is_output = g
+                    .outputs()
+                    .iter()
+                    .any(|o| o.value == v && carried_output(o.role) == Some(k));
+                if !is_output {
+                    return err(v, format!("written into next slot {k} but not its state"));
+                }
+            }
+            (_, Place::Buffer(b)) if b.0 as usize >= plan.buffers.len() => {
+                return err(v, format!("{b} does not exist"));
+            }
+            (Op::Slice { .. }, Place::Buffer(_)) | (_, Place::Buffer(_)) => {}
+            (_, Place::Feed(_) | Place::Carried(_)) => {
+                return err(v, "only inputs are fed or carried".into());
+            }
+        }
+    }
+    // 3. Buffers fit their values, and values sharing one never overlap in time.
+    let order: Vec<Value> = [Phase::Pre, Phase::Loop, Phase::Post]
+        .into_iter()
+        .flat_map(|p| s.values(p))
+        .collect();
+    let mut pos = vec![0; g.len()];
+    for (i, &v) in order.iter().enumerate() {
+        pos[v.index()] = i;
+    }
+    let loop_end = order
+        .iter()
+        .rposition(|&v| s.phases[v.index()] != Phase::Post)
+        .map_or(0, |p| p + 1);
+    let pinned: Vec<bool> = g
+        .iter()
+        .map(|v| plan.keep.contains(&v) || g.outputs().iter().any(|o| o.value == v))
+        .collect();
+    for (i, b) in plan.buffers.iter().enumerate() {
+        for &v in &b.values {
+            let shape = g.shape(v);
+            let rows_fit = match (b.rows, shape.is_batched()) {
+                (Rows::Once, false) => true,
+                (Rows::Step, true) => b.storage == Storage::Step,
+                (Rows::All, true) => b.storage != Storage::Step,
+                _ => false,
+            };
+            if !rows_fit || shape.row_len() > b.width {
+                return err(v, format!("does not fit buffer b{i} ({} wide)", b.width));
+            }
+            let class = plan.storage[v.index()];
+            // Values before and after the loop share buffers of all rows.
+            let all_rows = |c: Storage| matches!(c, Storage::Sequence | Storage::After);
+            let same = class == b.storage || all_rows(class) && all_rows(b.storage);
+            if !same && !matches!(g.data(v).op, Op::Input(_)) {
+                return err(
+                    v,
+                    format!(
+                        "class `{}` in a `{}` buffer",
+                        class.name(),
+                        b.storage.name()
+                    ),
+                );
+            }
+        }
+        for (j, &u) in b.values.iter().enumerate() {
+            for &w in &b.values[j + 1..] {
+                let shared = |x: Value| {
+                    // x, and every value viewing x, read no later than `limit`.
+                    let mut last = pos[x.index()];
+                    for r in g.iter() {
+                        let reads = g.data(r).args.iter().any(|&a| {
+                            let mut a = a;
+                            loop {
+                                if a == x {
+                                    return true;
+                                }
+                                match plan.place[a.index()] {
+                                    Place::View { of, .. } => a = of,
+                                    _ => return false,
+                                }
+                            }
+                        });
+                        if reads {
+                            let mut p = pos[r.index()];
+                            if s.phases[r.index()] == Phase::Loop
+                                && s.phases[x.index()] != Phase::Loop
+                            {
+                                p = p.max(loop_end);
+                            }
+                            last = last.max(p);
+                        }
+                    }
+                    last
+                };
+                let overlap = pinned[u.index()]
+                    || b.storage == Storage::Bound
+                    || b.storage == Storage::Tape
+                    || shared(u) >= pos[w.index()];
+                if overlap {
+                    return err(w, format!("shares b{i} with {u}, which is still live"));
+                }
+            }
+        }
+    }
+    // 4. Per-step outputs and kept values are on T·B rows.
+    let rows_of = |v: Value| -> Option<Rows> {
+        let mut x = v;
+        loop {
+            match plan.place[x.index()] {
+                Place::View { of, .. } => x = of,
+                Place::Buffer(b) => return Some(plan.buffers[b.0 as usize].rows),
+                Place::Carried(k) => {
+                    return plan.carried_tape[k as usize].map(|t| plan.buffers[t.0 as usize].rows);
+                }
+                Place::Feed(_) => return Some(Rows::All),
+                Place::Next(_) => return Some(Rows::Step),
+            }
+        }
+    };
+    let per_step = g
+        .outputs()
+        .iter()
+        .filter(|o| dataflow::is_per_step_output(o.role))
+        .map(|o| o.value);
+    for v in per_step.chain(plan.keep.iter().copied()) {
+        if g.shape(v).is_batched() && rows_of(v) != Some(Rows::All) {
+            return err(
+                v,
+                "a per-step output or kept value is not kept for every step".into(),
+            );
+        }
+    }
+    Ok(())
 }

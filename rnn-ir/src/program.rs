@@ -169,6 +169,12 @@ fn compile_cell(
     let inference = StoragePlan::new(&forward, &[]);
     let training = StoragePlan::new(&forward, &saved);
     let backward_plan = StoragePlan::new(&backward, &[]);
+    inference.verify(&forward)?;
+    training.verify(&forward)?;
+    if let Err(e) = backward_plan.verify(&backward) {
+        eprintln!("{}", backward_plan.to_text(&backward));
+        return Err(e.into());
+    }
     verify_pair(&forward, &training, &backward.graph)?;
     Ok(CellProgram {
         input_size,

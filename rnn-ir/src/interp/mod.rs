@@ -506,6 +506,7 @@ pub fn run_sequence<T: Real>(s: &Scheduled, io: SeqIo<'_, T>, exec: &Exec) -> Re
     check_sequence(s, &io)?;
     let g = &s.graph;
     let plan = StoragePlan::new(s, io.keep);
+    plan.verify(s)?;
     let (steps, batch) = (io.steps, io.batch);
     let params: Vec<Vec<T>> = (0..g.params.len())
         .map(|p| match io.feeds.get(&Role::Param(p as u32)) {
