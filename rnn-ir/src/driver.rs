@@ -23,6 +23,15 @@
 //! outputs, the final carried values and (for training) a tape; run the backward plan in
 //! reverse time from the final-state gradients, rows past their length passing the carried
 //! gradient through untouched and seeing zero, and return the gradients.
+//!
+//! # Why masking is the executor's, not IR
+//! Rows past their length could be expressed in the step graph as a select between the new and
+//! the carried value. It is not, because of what the code generators need: an unpacked batch (the
+//! common case, and every streaming step) has no such rows, and a select in the IR would cost a
+//! pass over every carried value at every step for nothing; with masking outside the graph, an
+//! executor checks once per step whether any row is finished and only then copies the finished
+//! rows' carried values (the interpreter's `Walk`). It also keeps the step graphs, their
+//! gradients and their snapshots free of bookkeeping that is not the cell's math.
 
 use crate::error::{Error, Result};
 use crate::program::Program;
