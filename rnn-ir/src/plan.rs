@@ -21,8 +21,20 @@
 //! Reuse is decided on one execution order: the values before the loop, then one step of the
 //! loop, then the values after it. A buffer is free after the last read of every value in it;
 //! a value read inside the loop but computed before it stays live to the end of the loop; outputs
-//! and values the backward pass reads (`keep`) are never freed. Only buffers of the same class,
-//! row count and width are shared, so the plan stays obviously right.
+//! and values the backward pass reads (`keep`) are never freed. Only buffers of the same row count
+//! and width are shared, between values of one step, or between values before and after the loop;
+//! bound and tape buffers are never shared. The plan stays obviously right, and [`verify`] checks
+//! it independently.
+//!
+//! # What is refused
+//! A value of one step that is unbatched (a sum over the rows computed inside the loop) and that
+//! the backward pass reads would have to be kept once per step; the plan has no such row count
+//! (`T` rows of one), so [`verify_pair`](crate::program::verify_pair) refuses the model rather
+//! than feed every step the last step's value. Cross-row sums inside a cell are rare (they mix
+//! the sequences of a batch); sums over features are row-wise and unaffected.
+//!
+//! A parameter broadcast to every row is batched, so it is computed per sequence rather than
+//! bound (its rows are one vector repeated; a backend may read it as the vector).
 //!
 //! Carried slots are double-buffered: a step reads slot `k`'s current buffer and its state
 //! output is computed straight into the next buffer where it can be; after the step, rows past
@@ -30,7 +42,7 @@
 //! finished sequences), and the two buffers swap.
 
 use crate::graph::dataflow::{self, carried_input, carried_output, is_per_step_output};
-use crate::graph::{Graph, IrError, Op, Role, Shape, Value};
+use crate::graph::{Graph, IrError, Op, OutRole, Role, Shape, Value};
 use crate::passes::hoist::Phase;
 use crate::schedule::Scheduled;
 use std::fmt::{self, Write};
@@ -167,6 +179,12 @@ pub struct StoragePlan {
     /// Per carried slot: the tape its current value is recorded on at every step, when a value
     /// after the loop or the backward pass reads it.
     pub carried_tape: Vec<Option<BufferId>>,
+    /// Per carried slot: the value that becomes its next value at the end of each step (when
+    /// its place is not [`Place::Next`], it is copied there after the step's values).
+    pub carried_next: Vec<Option<Value>>,
+    /// Parameter gradients computed inside the loop, each summed over the steps:
+    /// `(parameter, value)`.
+    pub step_sums: Vec<(u32, Value)>,
     /// Every matrix product.
     pub products: Vec<Product>,
     /// The values kept after the run for the backward pass.
@@ -261,6 +279,15 @@ impl StoragePlan {
                 place
             )
         });
+        out.push_str(&self.buffers_text(s));
+        out
+    }
+
+    /// The buffers, carried slots, products and kept values as text (the part of
+    /// [`StoragePlan::to_text`] after the annotated graph).
+    pub fn buffers_text(&self, s: &Scheduled) -> String {
+        let g = &s.graph;
+        let mut out = String::new();
         let _ = writeln!(out, "  buffers:");
         for (i, b) in self.buffers.iter().enumerate() {
             let rows = match b.rows {
@@ -649,7 +676,33 @@ impl<'a> Planner<'a> {
             })
             .collect();
 
+        // A view lives where its root lives: it takes the root's class (a step value computed
+        // into a concatenation on the tape is on the tape, and so are its slices).
+        for v in g.iter() {
+            let r = root_value(&self.place, v);
+            if r != v {
+                self.storage[v.index()] = self.storage[r.index()];
+            }
+        }
+        let carried_next = (0..g.states().len() as u32)
+            .map(|k| {
+                g.outputs()
+                    .iter()
+                    .find(|o| carried_output(o.role) == Some(k))
+                    .map(|o| o.value)
+            })
+            .collect();
+        let step_sums = g
+            .outputs()
+            .iter()
+            .filter_map(|o| match o.role {
+                OutRole::ParamGrad(p) if self.phase(o.value) == Phase::Loop => Some((p, o.value)),
+                _ => None,
+            })
+            .collect();
         StoragePlan {
+            carried_next,
+            step_sums,
             storage: self.storage,
             place: self
                 .place
@@ -670,7 +723,7 @@ impl<'a> Planner<'a> {
 ///    it, `After` values after it; `Carried` values are carried inputs.
 /// 2. **Places fit ops**: inputs are fed or carried slots; a slice is a view of its argument at
 ///    its own offset (or, kept from a carried slot, a copy); a view lies within the value it is
-///    part of; a value written into a next slot is that slot's state output.
+///    part of and has its class; a value written into a next slot is that slot's state output.
 /// 3. **Buffers fit their values**: each buffer's row count and width hold each of its values,
 ///    its class is theirs, and values sharing a buffer never overlap in time: no reader of an
 ///    earlier value (or of a view of it) runs at or after the later value's definition, the
@@ -735,6 +788,20 @@ pub fn verify(s: &Scheduled, plan: &StoragePlan) -> Result<(), IrError> {
                 }
                 if !matches!(d.op, Op::Slice { .. }) && g.data(of).op != Op::Concat {
                     return err(v, format!("only slices and concatenation parts view {of}"));
+                }
+                let mut root = of;
+                while let Place::View { of, .. } = plan.place[root.index()] {
+                    root = of;
+                }
+                if plan.storage[v.index()] != plan.storage[root.index()] {
+                    return err(
+                        v,
+                        format!(
+                            "a view of class `{}` into a `{}` value",
+                            plan.storage[v.index()].name(),
+                            plan.storage[root.index()].name()
+                        ),
+                    );
                 }
             }
             (_, Place::Next(k)) => {

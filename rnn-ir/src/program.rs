@@ -325,9 +325,7 @@ impl fmt::Display for Program {
             )?;
             f.write_str(&cell.training.to_text(&cell.forward))?;
             writeln!(f, "layer {layer}: forward step, inference plan buffers")?;
-            let inference = cell.inference.to_text(&cell.forward);
-            let buffers = inference.find("  buffers:").map_or("", |i| &inference[i..]);
-            f.write_str(buffers)?;
+            f.write_str(&cell.inference.buffers_text(&cell.forward))?;
             writeln!(f, "layer {layer}: backward step")?;
             f.write_str(&cell.backward_plan.to_text(&cell.backward))?;
         }

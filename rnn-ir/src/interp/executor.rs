@@ -14,7 +14,7 @@
 
 use super::Exec;
 use super::kernels::{self, View, ViewMut};
-use crate::graph::dataflow::{carried_output, is_per_step_output};
+use crate::graph::dataflow::is_per_step_output;
 use crate::graph::{Op, OutRole, Role, Shape, Value};
 use crate::passes::hoist::Phase;
 use crate::plan::{Place, Root, Rows, Storage, StoragePlan};
@@ -211,15 +211,10 @@ impl<T: Real> Workspace<T> {
                 .map(|(_, n)| vec![T::ZERO; batch * n])
                 .collect()
         };
-        let sums = g
-            .outputs
+        let sums = plan
+            .step_sums
             .iter()
-            .map(|o| match o.role {
-                OutRole::ParamGrad(_) if s.phases[o.value.index()] == Phase::Loop => {
-                    vec![T::ZERO; g.shape(o.value).row_len()]
-                }
-                _ => Vec::new(),
-            })
+            .map(|&(_, v)| vec![T::ZERO; g.shape(v).row_len()])
             .collect();
         Workspace {
             steps,
@@ -264,7 +259,7 @@ impl<T: Real> Workspace<T> {
     }
 
     /// The carried slots' current values, moved out (the final values after a run).
-    pub fn into_carried(&mut self) -> Vec<Vec<T>> {
+    pub fn take_carried(&mut self) -> Vec<Vec<T>> {
         std::mem::take(&mut self.current)
     }
 
@@ -342,33 +337,32 @@ impl<T: Real> Workspace<T> {
             for v in computed(Phase::Loop) {
                 self.compute(s, plan, Some(bound), feeds, v, Some(t), exec);
             }
-            for (i, o) in g.outputs.iter().enumerate() {
-                if let Some(k) = carried_output(o.role) {
-                    let k = k as usize;
-                    if plan.place[o.value.index()] != Place::Next(k as u32) {
-                        let mut next = std::mem::take(&mut self.next[k]);
-                        let src = self.frame(s, plan, bound, feeds).view(o.value, Some(t));
-                        let n = g.states[k].1;
-                        let mut dst = ViewMut {
-                            data: &mut next,
-                            offset: 0,
-                            rows: batch,
-                            width: n,
-                            stride: n,
-                        };
-                        dst.copy_from(src);
-                        self.next[k] = next;
-                    }
-                } else if let OutRole::ParamGrad(_) = o.role
-                    && s.phases[o.value.index()] == Phase::Loop
-                {
-                    let mut sum = std::mem::take(&mut self.sums[i]);
-                    let x = self.frame(s, plan, bound, feeds).view(o.value, Some(t));
-                    for (s, &x) in sum.iter_mut().zip(x.row(0)) {
-                        *s += x;
-                    }
-                    self.sums[i] = sum;
+            // The carried slots' next values that were not computed in place.
+            for (k, next) in plan.carried_next.iter().enumerate() {
+                let Some(v) = *next else { continue };
+                if plan.place[v.index()] != Place::Next(k as u32) {
+                    let mut next = std::mem::take(&mut self.next[k]);
+                    let src = self.frame(s, plan, bound, feeds).view(v, Some(t));
+                    let n = g.states[k].1;
+                    let mut dst = ViewMut {
+                        data: &mut next,
+                        offset: 0,
+                        rows: batch,
+                        width: n,
+                        stride: n,
+                    };
+                    dst.copy_from(src);
+                    self.next[k] = next;
                 }
+            }
+            // Parameter gradients computed per step, summed over time.
+            for (i, &(_, v)) in plan.step_sums.iter().enumerate() {
+                let mut sum = std::mem::take(&mut self.sums[i]);
+                let x = self.frame(s, plan, bound, feeds).view(v, Some(t));
+                for (s, &x) in sum.iter_mut().zip(x.row(0)) {
+                    *s += x;
+                }
+                self.sums[i] = sum;
             }
             if partial {
                 for (k, (_, n)) in g.states.iter().enumerate() {
@@ -400,7 +394,7 @@ impl<T: Real> Workspace<T> {
             per_step: Vec::new(),
             param_grads: Vec::new(),
         };
-        for (i, o) in g.outputs.iter().enumerate() {
+        for o in &g.outputs {
             if is_per_step_output(o.role) {
                 let view = frame.view(o.value, None);
                 let n = view.width;
@@ -417,10 +411,9 @@ impl<T: Real> Workspace<T> {
                 }
                 out.per_step.push((o.role, y));
             } else if let OutRole::ParamGrad(p) = o.role {
-                let x = if s.phases[o.value.index()] == Phase::Loop {
-                    self.sums[i].clone()
-                } else {
-                    frame.view(o.value, None).row(0).to_vec()
+                let x = match plan.step_sums.iter().position(|&(q, _)| q == p) {
+                    Some(i) => self.sums[i].clone(),
+                    None => frame.view(o.value, None).row(0).to_vec(),
                 };
                 out.param_grads.push((p, x));
             }
@@ -538,6 +531,8 @@ fn compute<T: Real>(
             }
         }
     }
+    // The destination's buffer is taken out while the op runs; no argument reads it then (the
+    // ones sharing its root were copied aside above, or are parts computed in place).
     let mut dst_vec = match root {
         Root::Buffer(b) => std::mem::take(&mut w.bufs[b.0 as usize]),
         Root::Next(k) => std::mem::take(&mut w.next[k as usize]),
@@ -607,13 +602,7 @@ fn compute<T: Real>(
                         width,
                         stride: dst.stride,
                     };
-                    if src.rows == 1 && part.rows > 1 {
-                        for r in 0..part.rows {
-                            part.row(r).copy_from_slice(src.row(0));
-                        }
-                    } else {
-                        part.copy_from(src);
-                    }
+                    part.copy_from(src);
                 }
                 col += g.shape(a).features() * unit;
             }

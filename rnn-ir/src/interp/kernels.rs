@@ -61,13 +61,6 @@ impl<'a, T: Copy> View<'a, T> {
         }
     }
 
-    /// Whether every element fits in `data`.
-    pub fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.width == 0
-            || self.offset + (self.rows - 1) * self.stride + self.width <= self.data.len()
-    }
-
     fn mat(&self, rows: usize, cols: usize) -> MatRef<'a, T> {
         let data = &self.data[self.offset..];
         MatRef {

@@ -9,8 +9,8 @@
 //!   lengths and the backward pass are the shared [`driver`]'s), the streaming
 //!   [`Stream`], and single-graph entry points for tests ([`run_sequence`], [`eval_graph`]).
 
-pub mod executor;
-pub mod kernels;
+mod executor;
+mod kernels;
 
 use crate::driver::{
     self, Backward, Forward, RawResponse, Request, Response, Seq, SequenceExecutor,
@@ -175,7 +175,7 @@ impl<T: Real> SequenceExecutor<T> for Interp<'_, '_, T> {
             .filter(|(role, _)| *role == OutRole::Output)
             .map(|(_, y)| y)
             .ok_or_else(|| Error::Argument("the cell has no output".into()))?;
-        let finals = ws.into_carried();
+        let finals = ws.take_carried();
         Ok(Forward {
             output,
             finals,
@@ -241,7 +241,7 @@ impl<T: Real> SequenceExecutor<T> for Interp<'_, '_, T> {
             .map_or_else(|| vec![T::ZERO; rows * cell.input_size], |(_, g)| g);
         Ok(Backward {
             input_grad,
-            initial_grads: ws.into_carried(),
+            initial_grads: ws.take_carried(),
             param_grads,
         })
     }
