@@ -193,18 +193,7 @@ fn check_request(p: &Program, req: &Request) -> Result<(usize, usize, Vec<usize>
     }
     for (k, s) in req.initial_states.iter().enumerate() {
         if let Some(s) = s {
-            let name = format!("{}0", states[k].0);
-            let want = vec![ld, b, states[k].1];
-            if s.shape != want {
-                return Err(Error::TensorShape {
-                    name,
-                    expected: want,
-                    found: s.shape.clone(),
-                });
-            }
-            if let Some((index, found)) = s.first_non_finite() {
-                return Err(Error::NonFinite { name, index, found });
-            }
+            check_tensor(format!("{}0", states[k].0), s, vec![ld, b, states[k].1])?;
         }
     }
     let lengths = match req.lengths {
@@ -234,43 +223,39 @@ fn check_request(p: &Program, req: &Request) -> Result<(usize, usize, Vec<usize>
         }
     };
     if let Some(gy) = req.grad_output {
+        let width = spec.directions() * spec.output_size();
         let want = if spec.batch_first {
-            vec![b, t, spec.directions() * spec.output_size()]
+            vec![b, t, width]
         } else {
-            vec![t, b, spec.directions() * spec.output_size()]
+            vec![t, b, width]
         };
-        if gy.shape != want {
-            return Err(Error::TensorShape {
-                name: "grad_output".into(),
-                expected: want,
-                found: gy.shape.clone(),
-            });
-        }
-        if let Some((index, found)) = gy.first_non_finite() {
-            return Err(Error::NonFinite {
-                name: "grad_output".into(),
-                index,
-                found,
-            });
-        }
+        check_tensor("grad_output".into(), gy, want)?;
     }
     for (k, s) in req.grad_final_states.iter().enumerate() {
         if let Some(s) = s {
-            let name = format!("grad_{}_n", states[k].0);
-            let want = vec![ld, b, states[k].1];
-            if s.shape != want {
-                return Err(Error::TensorShape {
-                    name,
-                    expected: want,
-                    found: s.shape.clone(),
-                });
-            }
-            if let Some((index, found)) = s.first_non_finite() {
-                return Err(Error::NonFinite { name, index, found });
-            }
+            check_tensor(
+                format!("grad_{}_n", states[k].0),
+                s,
+                vec![ld, b, states[k].1],
+            )?;
         }
     }
     Ok((t, b, lengths))
+}
+
+/// Checks that argument `name` has shape `want` and holds only finite values.
+fn check_tensor(name: String, t: &Tensor, want: Vec<usize>) -> Result<()> {
+    if t.shape != want {
+        return Err(Error::TensorShape {
+            name,
+            expected: want,
+            found: t.shape.clone(),
+        });
+    }
+    match t.first_non_finite() {
+        Some((index, found)) => Err(Error::NonFinite { name, index, found }),
+        None => Ok(()),
+    }
 }
 
 /// `(T, B, n)` time-major from `(B, T, n)` (or back: the swap is its own inverse).
