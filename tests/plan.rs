@@ -198,19 +198,26 @@ fn every_standard_and_custom_cell_passes_the_pair_verifier() {
 
 /// A backward graph whose parameter gradient is `(Σ_rows d)²` after the loop: summed over all
 /// steps first it gives `(Σ_t s_t)²`, not `Σ_t s_t²`, so hoisting must refuse it.
-#[test]
-fn hoisting_refuses_a_nonlinear_function_of_a_sum_outside_the_loop() {
+/// A backward-style graph: the state's gradient `dh` is carried and passed on unchanged, and
+/// `s = Σ_rows dh ⊙ x` is a sum over the rows after the loop. Returns the graph, `s`, and the
+/// vector parameter `b` whose gradient the caller defines from `s`.
+fn sum_after_the_loop() -> (Graph, rnn::ir::graph::Value, rnn::ir::graph::Value) {
     let mut g = Graph::new();
     let x = g.x(2);
-    let w = g.param("b", Shape::Vector(2));
+    let b = g.param("b", Shape::Vector(2));
     let dh = g.input_value(Role::Cotangent(OutRole::State(0)), Shape::Batch(2), None);
     g.declare_state("h", 2);
     let d = g.mul(dh, x).unwrap();
     let s = g.push(Op::SumRows, &[d]).unwrap();
+    g.set_output(OutRole::StateGrad(0), dh);
+    (g, s, b)
+}
+
+#[test]
+fn hoisting_refuses_a_nonlinear_function_of_a_sum_outside_the_loop() {
+    let (mut g, s, _) = sum_after_the_loop();
     let sq = g.mul(s, s).unwrap();
     g.set_output(OutRole::ParamGrad(0), sq);
-    g.set_output(OutRole::StateGrad(0), dh);
-    let _ = w;
     let e = hoist(&g).unwrap_err();
     assert!(e.to_string().contains("only be linear in a sum"), "{e}");
     // The same graph with the square of the sum in the loop is per step, hence fine.
@@ -220,18 +227,11 @@ fn hoisting_refuses_a_nonlinear_function_of_a_sum_outside_the_loop() {
 
 #[test]
 fn hoisting_accepts_linear_functions_of_sums_outside_the_loop() {
-    let mut g = Graph::new();
-    let x = g.x(2);
-    let w = g.param("b", Shape::Vector(2));
-    let dh = g.input_value(Role::Cotangent(OutRole::State(0)), Shape::Batch(2), None);
-    g.declare_state("h", 2);
-    let d = g.mul(dh, x).unwrap();
-    let s = g.push(Op::SumRows, &[d]).unwrap();
-    let scaled = g.mul(s, w).unwrap(); // times a parameter: linear
+    let (mut g, s, b) = sum_after_the_loop();
+    let scaled = g.mul(s, b).unwrap(); // times a parameter: linear
     let neg = g.push(Op::Neg, &[scaled]).unwrap();
     let both = g.add(neg, s).unwrap();
     g.set_output(OutRole::ParamGrad(0), both);
-    g.set_output(OutRole::StateGrad(0), dh);
     let phases = hoist(&g).unwrap();
     assert_eq!(phases[both.index()], Phase::Post);
 }

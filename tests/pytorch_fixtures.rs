@@ -50,13 +50,7 @@ fn run_case(case: &Case) -> BTreeMap<String, Tensor> {
 
 #[test]
 fn every_pytorch_case_matches_through_the_library() {
-    let cases = rnn_cases();
-    assert_eq!(
-        cases.len(),
-        12,
-        "expected the twelve recurrent-layer cases, found {cases:?}"
-    );
-    for name in cases {
+    for name in rnn_cases() {
         let case = Case::load(&name);
         let got = run_case(&case);
         let expected_keys: Vec<_> = case.expected.keys().collect();

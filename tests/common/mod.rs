@@ -10,7 +10,8 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pytorch")
 }
 
-/// The names of the recurrent-layer cases (every case but the seq2seq one).
+/// The names of the recurrent-layer cases (every case but the seq2seq one); there are exactly
+/// twelve, so a case that goes missing fails every test that walks them.
 pub fn rnn_cases() -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(fixtures())
         .unwrap()
@@ -18,6 +19,11 @@ pub fn rnn_cases() -> Vec<String> {
         .filter(|n| fixtures().join(n).join("expected.safetensors").exists())
         .collect();
     names.sort();
+    assert_eq!(
+        names.len(),
+        12,
+        "expected the twelve recurrent-layer cases, found {names:?}"
+    );
     names
 }
 

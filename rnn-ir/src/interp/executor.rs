@@ -462,9 +462,9 @@ impl<T: Real> Workspace<T> {
                 bound,
                 current: &self.current,
                 next: &mut self.next,
-                scratch: &mut self.scratch,
                 by_row: self.by_row,
             },
+            &mut self.scratch,
             feeds,
             v,
             step,
@@ -483,12 +483,32 @@ struct Target<'w, T> {
     bound: Option<&'w [Vec<T>]>,
     current: &'w [Vec<T>],
     next: &'w mut Vec<Vec<T>>,
-    scratch: &'w mut Vec<Vec<T>>,
     by_row: bool,
 }
 
+impl<T> Target<'_, T> {
+    /// A frame reading everything the target holds (the destination excepted while it is
+    /// taken out).
+    fn frame<'a>(&'a self, feeds: Feeds<'a, T>) -> Frame<'a, T> {
+        Frame {
+            s: self.s,
+            plan: self.plan,
+            steps: self.steps,
+            batch: self.batch,
+            bufs: &self.bufs[..],
+            bound: self.bound,
+            current: self.current,
+            next: &self.next[..],
+            feeds,
+        }
+    }
+}
+
+/// Computes value `v` of `w`'s graph into its place, over all rows or at `step`; `scratch`
+/// holds copies of arguments that live in the destination's own buffer.
 fn compute<T: Real>(
     w: Target<'_, T>,
+    scratch: &mut Vec<Vec<T>>,
     feeds: Feeds<'_, T>,
     v: Value,
     step: Option<usize>,
@@ -507,26 +527,16 @@ fn compute<T: Real>(
     // Arguments that live in the destination's own buffer are copied aside first.
     let aliased = |i: usize| !in_place(i) && plan.root(g, d.args[i]).0 == root;
     {
-        let frame = Frame {
-            s,
-            plan,
-            steps: w.steps,
-            batch: w.batch,
-            bufs: w.bufs,
-            bound: w.bound,
-            current: w.current,
-            next: w.next,
-            feeds,
-        };
-        if w.scratch.len() < d.args.len() {
-            w.scratch.resize_with(d.args.len(), Vec::new);
+        let frame = w.frame(feeds);
+        if scratch.len() < d.args.len() {
+            scratch.resize_with(d.args.len(), Vec::new);
         }
         for (i, &a) in d.args.iter().enumerate() {
             if aliased(i) {
                 let view = frame.view(a, step);
-                w.scratch[i].clear();
+                scratch[i].clear();
                 for r in 0..view.rows {
-                    w.scratch[i].extend_from_slice(view.row(r));
+                    scratch[i].extend_from_slice(view.row(r));
                 }
             }
         }
@@ -539,23 +549,13 @@ fn compute<T: Real>(
         _ => unreachable!("only buffers and next slots are written"),
     };
     {
-        let frame = Frame {
-            s,
-            plan,
-            steps: w.steps,
-            batch: w.batch,
-            bufs: w.bufs,
-            bound: w.bound,
-            current: w.current,
-            next: w.next,
-            feeds,
-        };
+        let frame = w.frame(feeds);
         let arg = |i: usize| -> View<'_, T> {
             let a = d.args[i];
             if aliased(i) {
                 let width = g.shape(a).row_len();
-                let rows = w.scratch[i].len() / width.max(1);
-                View::dense(&w.scratch[i], rows, width)
+                let rows = scratch[i].len() / width.max(1);
+                View::dense(&scratch[i], rows, width)
             } else {
                 frame.view(a, step)
             }
@@ -661,10 +661,9 @@ pub fn bind_values<T: Real>(s: &Scheduled, plan: &StoragePlan, params: &[Vec<T>]
                 bound: None,
                 current: &[],
                 next: &mut next,
-                scratch: &mut scratch,
                 by_row: false,
             };
-            compute(target, feeds, v, None, &Exec::default());
+            compute(target, &mut scratch, feeds, v, None, &Exec::default());
         }
     }
     bufs
