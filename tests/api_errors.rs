@@ -325,8 +325,9 @@ fn a_custom_cell_built_in_code_is_checked_like_a_parsed_one() {
     cell.output.0 = "y".into();
     let e = Program::compile(&spec).unwrap_err();
     assert!(
-        e.to_string()
-            .contains("`output y`: the output must be one of the declared states"),
+        e.to_string().contains(
+            "`output y`: the output must be a declared state or a name an equation assigns"
+        ),
         "{e}"
     );
 }

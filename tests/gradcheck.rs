@@ -228,6 +228,95 @@ fn step_has_zero_gradient() {
 }
 
 #[test]
+fn div_gradient() {
+    // y = x / (s² + 1) + b / 2:  both sides of the division and a broadcast numerator
+    check_graph(
+        &op_graph(|g, [x, s, _, b]| {
+            let s2 = g.mul(s, s).unwrap();
+            let one = g.constant(1.0, Shape::Scalar);
+            let den = g.add(s2, one).unwrap();
+            let q = g.push(Op::Div, &[x, den]).unwrap();
+            let two = g.constant(2.0, Shape::Scalar);
+            let half = g.push(Op::Div, &[b, two]).unwrap();
+            g.add(q, half).unwrap()
+        }),
+        "div",
+    );
+}
+
+#[test]
+fn exp_log_sqrt_softplus_gradients() {
+    // log and sqrt read positive values: exp(x) and s² + 1
+    check_graph(
+        &op_graph(|g, [x, s, _, _]| {
+            let e = g.push(Op::Exp, &[x]).unwrap();
+            let l = g.push(Op::Log, &[e]).unwrap();
+            let s2 = g.mul(s, s).unwrap();
+            let one = g.constant(1.0, Shape::Scalar);
+            let pos = g.add(s2, one).unwrap();
+            let r = g.push(Op::Sqrt, &[pos]).unwrap();
+            let lr = g.push(Op::Log, &[r]).unwrap();
+            let sp = g.push(Op::Softplus, &[s]).unwrap();
+            let a = g.mul(l, lr).unwrap();
+            let b = g.add(a, sp).unwrap();
+            g.add(b, e).unwrap()
+        }),
+        "exp/log/sqrt/softplus",
+    );
+}
+
+#[test]
+fn abs_min_max_gradients() {
+    // |x| · min(s, 0.05) + max(x, -0.05): the random values stay 0.1 away from every kink
+    check_graph(
+        &op_graph(|g, [x, s, _, _]| {
+            let a = g.push(Op::Abs, &[x]).unwrap();
+            let lo = g.push(Op::Min(0.05f32.to_bits()), &[s]).unwrap();
+            let hi = g.push(Op::Max((-0.05f32).to_bits()), &[x]).unwrap();
+            let m = g.mul(a, lo).unwrap();
+            g.add(m, hi).unwrap()
+        }),
+        "abs/min/max",
+    );
+}
+
+#[test]
+fn feature_sums_broadcast_back() {
+    // A layer norm over the features with a [1] gain and a scalar shift:
+    // (x - mean(x)) / sqrt(mean((x - mean)²) + eps) * a + c
+    let mut g = Graph::new();
+    let x = g.x(3);
+    let s = g.state("s", 3);
+    let a = g.param("a", Shape::Vector(1));
+    let c = g.declare_param(rnn::ir::graph::ParamInfo {
+        name: "c".into(),
+        shape: Shape::Vector(1),
+        scalar: true,
+        init: None,
+    });
+    let xs = g.mul(x, s).unwrap();
+    let three = g.constant(3.0, Shape::Scalar);
+    let sum = g.push(Op::SumFeatures, &[xs]).unwrap();
+    let mean = g.push(Op::Div, &[sum, three]).unwrap();
+    let centred = g.sub(xs, mean).unwrap();
+    let sq = g.mul(centred, centred).unwrap();
+    let var_sum = g.push(Op::SumFeatures, &[sq]).unwrap();
+    let var = g.push(Op::Div, &[var_sum, three]).unwrap();
+    let eps = g.constant(1e-5, Shape::Scalar);
+    let ve = g.add(var, eps).unwrap();
+    let sd = g.push(Op::Sqrt, &[ve]).unwrap();
+    let n = g.push(Op::Div, &[centred, sd]).unwrap();
+    let na = g.mul(n, a).unwrap();
+    let y = g.add(na, c).unwrap();
+    // A spread of a per-row value, and its own backward.
+    let spread = g.push(Op::Spread(3), &[mean]).unwrap();
+    let y = g.add(y, spread).unwrap();
+    g.set_output(OutRole::Output, y);
+    g.set_output(OutRole::State(0), s);
+    check_graph(&g, "layer norm with scalar parameters");
+}
+
+#[test]
 fn slice_and_concat_gradients() {
     // y = concat(x[1..3], s, x[0..1]) scaled by W's first rows: each piece's gradient lands in
     // its source, overlapping slices add.
@@ -326,7 +415,9 @@ fn check_model(
 
     // Central difference along one f32 element, with the step actually taken after rounding.
     let numeric = |get: &dyn Fn(f32) -> f64, v: f32| -> f64 {
-        let (up, down) = (v + 1e-3, v - 1e-3);
+        // The loss is computed in f64 from f32 weights, so a small step loses nothing to rounding
+        // and keeps relu cells (IndRNN) away from their kinks.
+        let (up, down) = (v + 1e-5, v - 1e-5);
         (get(up) - get(down)) / (up as f64 - down as f64)
     };
     let close = |a: f32, n: f64, what: &str| {
@@ -427,6 +518,75 @@ fn bptt_custom_peephole_lstm() {
 #[test]
 fn bptt_custom_minimal_gru() {
     check_model(&parse_str(MINIMAL_GRU).unwrap(), 4, 2, None, true);
+}
+
+/// Every acceptance cell of `examples/cells/`, with the sizes written there, through BPTT with
+/// initial states.
+const CELLS: &[(&str, &str)] = &[
+    (
+        "layernorm_lstm",
+        include_str!("../examples/cells/layernorm_lstm.rnn"),
+    ),
+    ("min_gru", include_str!("../examples/cells/min_gru.rnn")),
+    ("min_lstm", include_str!("../examples/cells/min_lstm.rnn")),
+    ("indrnn", include_str!("../examples/cells/indrnn.rnn")),
+    (
+        "peephole_lstm",
+        include_str!("../examples/cells/peephole_lstm.rnn"),
+    ),
+    (
+        "elman_output",
+        include_str!("../examples/cells/elman_output.rnn"),
+    ),
+    (
+        "chapter_gru",
+        include_str!("../examples/cells/chapter_gru.rnn"),
+    ),
+    (
+        "min_gru_stack",
+        include_str!("../examples/cells/min_gru_stack.rnn"),
+    ),
+];
+
+fn acceptance_cell(name: &str) -> ModelSpec {
+    let (_, src) = CELLS.iter().find(|(n, _)| *n == name).expect("a cell");
+    parse_str(src).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn bptt_layernorm_lstm() {
+    check_model(&acceptance_cell("layernorm_lstm"), 4, 2, None, true);
+}
+
+#[test]
+fn bptt_min_gru_and_min_lstm() {
+    check_model(&acceptance_cell("min_gru"), 4, 2, None, true);
+    check_model(&acceptance_cell("min_lstm"), 4, 2, None, true);
+}
+
+#[test]
+fn bptt_indrnn_and_peephole_lstm() {
+    check_model(&acceptance_cell("indrnn"), 4, 2, None, true);
+    check_model(&acceptance_cell("peephole_lstm"), 4, 2, None, true);
+}
+
+#[test]
+fn bptt_elman_with_output_projection() {
+    let s = acceptance_cell("elman_output");
+    assert_eq!(s.output_size(), 3, "the output has its own size");
+    check_model(&s, 4, 2, Some(vec![4, 2]), true);
+}
+
+#[test]
+fn bptt_chapter_gru() {
+    check_model(&acceptance_cell("chapter_gru"), 4, 2, None, true);
+}
+
+#[test]
+fn bptt_min_gru_two_layer_bidirectional_stack() {
+    let s = acceptance_cell("min_gru_stack");
+    assert_eq!((s.num_layers, s.bidirectional), (2, true));
+    check_model(&s, 4, 3, Some(vec![4, 1, 3]), true);
 }
 
 #[test]

@@ -54,23 +54,39 @@ impl Builder<'_> {
         self.b.constant(1.0, Shape::Scalar)
     }
 
-    /// Adds gradient `g` into the gradient of forward value `v`, summing over rows first where
-    /// `v` was broadcast (a bias used on every row).
+    /// Adds gradient `g` into the gradient of forward value `v`, summing first over what `v` was
+    /// broadcast across: the features where it has one feature and the gradient more (a scalar
+    /// parameter, a per-row mean), then the rows where it is unbatched (a bias used on every
+    /// row).
     fn accumulate(&mut self, v: Value, g: Value) -> Result<(), IrError> {
         let target = self.f.shape(v);
-        let g = match (self.b.shape(g), target) {
-            (s, t) if s == t => g,
-            (Shape::Batch(n), Shape::Vector(m)) if n == m => self.push(Op::SumRows, &[g])?,
-            (s, t) => {
-                return Err(IrError::new(
-                    Some(v),
-                    self.f.data(v).op,
-                    format!(
-                        "autodiff: gradient of shape {s} cannot flow into a value of shape {t}"
-                    ),
-                ));
-            }
+        let mismatch = |s: Shape| {
+            IrError::new(
+                Some(v),
+                self.f.data(v).op,
+                format!(
+                    "autodiff: gradient of shape {s} cannot flow into a value of shape {target}"
+                ),
+            )
         };
+        let mut g = g;
+        let s = self.b.shape(g);
+        if s != target {
+            if matches!(s, Shape::Matrix(..) | Shape::Scalar)
+                || matches!(target, Shape::Matrix(..) | Shape::Scalar)
+            {
+                return Err(mismatch(s));
+            }
+            if target.features() == 1 && s.features() > 1 {
+                g = self.push(Op::SumFeatures, &[g])?;
+            }
+            if !target.is_batched() && self.b.shape(g).is_batched() {
+                g = self.push(Op::SumRows, &[g])?;
+            }
+            if self.b.shape(g) != target {
+                return Err(mismatch(s));
+            }
+        }
         self.adj[v.index()] = Some(match self.adj[v.index()] {
             None => g,
             Some(prev) => self.push(Op::Add, &[prev, g])?,
@@ -237,9 +253,83 @@ pub fn backward(f: &Graph) -> Result<Graph, IrError> {
                     }
                 }
             }
+            // y = a / b:  da = dy / b,  db = -(dy / b) * y
+            Op::Div => {
+                let b = cx.saved(args[1]);
+                let t = cx.push(Op::Div, &[dv, b])?;
+                if need(0) {
+                    cx.accumulate(args[0], t)?;
+                }
+                if need(1) {
+                    let y = cx.saved(v);
+                    let ty = cx.push(Op::Mul, &[t, y])?;
+                    let g = cx.push(Op::Neg, &[ty])?;
+                    cx.accumulate(args[1], g)?;
+                }
+            }
             // y = -a:  da = -dy
             Op::Neg => {
                 let g = cx.push(Op::Neg, &[dv])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = e^a:  da = dy * y
+            Op::Exp => {
+                let y = cx.saved(v);
+                let g = cx.push(Op::Mul, &[dv, y])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = ln a:  da = dy / a
+            Op::Log => {
+                let a = cx.saved(args[0]);
+                let g = cx.push(Op::Div, &[dv, a])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = √a:  da = dy / (2y)
+            Op::Sqrt => {
+                let y = cx.saved(v);
+                let two = cx.b.constant(2.0, Shape::Scalar);
+                let y2 = cx.push(Op::Mul, &[y, two])?;
+                let g = cx.push(Op::Div, &[dv, y2])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = ln(1 + e^a):  da = dy * σ(a)
+            Op::Softplus => {
+                let a = cx.saved(args[0]);
+                let s = cx.push(Op::Sigmoid, &[a])?;
+                let g = cx.push(Op::Mul, &[dv, s])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = |a|:  da = dy * sign(a) (zero at zero, as PyTorch)
+            Op::Abs => {
+                let a = cx.saved(args[0]);
+                let s = cx.push(Op::Sign, &[a])?;
+                let g = cx.push(Op::Mul, &[dv, s])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = sign(a) is piecewise constant.
+            Op::Sign => {}
+            // y = max(a, c):  da = dy * [a > c];  y = min(a, c):  da = dy * [a < c]
+            // (at a tie the constant is taken to win, as `relu` at zero)
+            Op::Max(bits) | Op::Min(bits) => {
+                let a = cx.saved(args[0]);
+                let c = cx.b.constant(f32::from_bits(bits), Shape::Scalar);
+                let above = match d.op {
+                    Op::Max(_) => cx.push(Op::Sub, &[a, c])?,
+                    _ => cx.push(Op::Sub, &[c, a])?,
+                };
+                let step = cx.push(Op::Step, &[above])?;
+                let g = cx.push(Op::Mul, &[dv, step])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = Σ_features a:  da = dy on every feature
+            Op::SumFeatures => {
+                let n = f.shape(args[0]).features();
+                let g = cx.push(Op::Spread(n as u32), &[dv])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = a repeated over the features:  da = Σ_features dy
+            Op::Spread(_) => {
+                let g = cx.push(Op::SumFeatures, &[dv])?;
                 cx.accumulate(args[0], g)?;
             }
             // y = σ(a):  da = dy * y * (1 - y)

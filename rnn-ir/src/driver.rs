@@ -455,7 +455,7 @@ pub fn run<T: Real, E: SequenceExecutor<T>>(
             let suffix = ModelSpec::param_suffix(layer, dir);
             for (info, grad) in cell.forward.graph.params.iter().zip(r.param_grads) {
                 let name = format!("{}{suffix}", info.name);
-                let shape = crate::program::shape_dims(info.shape);
+                let shape = info.dims();
                 params.insert(
                     name,
                     Tensor {

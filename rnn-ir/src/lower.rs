@@ -10,7 +10,7 @@
 //! [`Loc`]s the spec recorded, with no span: the spec holds none.
 
 use crate::error::{Diagnostic, Error, IrError};
-use crate::graph::{Graph, Op, OutRole, Shape, Value};
+use crate::graph::{Graph, Op, OutRole, ParamInfo, Shape, Value};
 use crate::spec::{BiasConvention, BinOp, CellKind, CustomCell, Expr, GruReset, Loc, ModelSpec};
 use std::collections::HashMap;
 
@@ -222,11 +222,11 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
                 })
             })
             .collect();
-        if dims.is_empty() || dims.len() > 2 {
+        if dims.len() > 2 {
             errors.push(diag(
                 p.loc,
                 format!(
-                    "parameter `{}` needs one dimension (a vector) or two (a matrix)",
+                    "parameter `{}` needs no dimension (a scalar), one (a vector) or two (a matrix)",
                     p.name
                 ),
             ));
@@ -238,10 +238,11 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
                 format!("parameter `{}` has a dimension of size 0", p.name),
             ));
         }
-        let shape = if dims.len() == 1 {
-            Shape::Vector(dims[0])
-        } else {
-            Shape::Matrix(dims[0], dims[1])
+        let shape = match dims[..] {
+            [] => Shape::Vector(1),
+            [n] => Shape::Vector(n),
+            [r, c] => Shape::Matrix(r, c),
+            _ => unreachable!("checked above"),
         };
         if env.contains_key(&p.name) {
             errors.push(diag(
@@ -250,7 +251,12 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
             ));
             continue;
         }
-        let v = g.param(&p.name, shape);
+        let v = g.declare_param(ParamInfo {
+            name: p.name.clone(),
+            shape,
+            scalar: dims.is_empty(),
+            init: p.init,
+        });
         env.insert(p.name.clone(), v);
         fixed.insert(p.name.clone(), "a parameter");
     }
@@ -263,7 +269,7 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
             ));
             continue;
         }
-        match eval(&mut g, &env, expr) {
+        match eval(&mut g, &env, expr, (input_size, hidden)) {
             Ok(v) => {
                 if cell.states.iter().any(|s| s.0 == *target) {
                     let want = g
@@ -301,14 +307,27 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
             ));
         }
     }
-    if !cell.states.iter().any(|s| s.0 == cell.output.0) {
-        errors.push(diag(
+    let output = env.get(&cell.output.0).copied().filter(|_| {
+        cell.states.iter().any(|s| s.0 == cell.output.0)
+            || cell.equations.iter().any(|e| e.0 == cell.output.0)
+    });
+    match output {
+        None if errors.is_empty() => errors.push(diag(
             cell.output.1,
             format!(
-                "`output {}`: the output must be one of the declared states",
+                "`output {}`: the output must be a declared state or a name an equation assigns (`output y = W_hy @ h + b_y`)",
                 cell.output.0
             ),
-        ));
+        )),
+        Some(v) if !g.shape(v).is_batched() => errors.push(diag(
+            cell.output.1,
+            format!(
+                "`output {}` is {}, computed from parameters alone: an output has a value for every sequence in the batch",
+                cell.output.0,
+                g.shape(v)
+            ),
+        )),
+        _ => {}
     }
     if cell.states.is_empty() {
         errors.push(diag(
@@ -322,7 +341,12 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
     for (k, (name, _, _)) in cell.states.iter().enumerate() {
         g.set_output(OutRole::State(k as u32), next_state[name]);
     }
-    g.set_output(OutRole::Output, next_state[&cell.output.0]);
+    let output = next_state
+        .get(&cell.output.0)
+        .or_else(|| env.get(&cell.output.0))
+        .copied()
+        .expect("checked above");
+    g.set_output(OutRole::Output, output);
     crate::graph::verify(&g)?;
     Ok(g)
 }
@@ -332,7 +356,56 @@ fn diag(loc: Loc, message: String) -> Diagnostic {
     Diagnostic::at(loc, message)
 }
 
-fn eval(g: &mut Graph, env: &HashMap<String, Value>, e: &Expr) -> Result<Value, Diagnostic> {
+/// Features of the output of `cell` for a layer with `input` features, by lowering it (`None`
+/// when it does not lower).
+pub(crate) fn custom_output_size(cell: &CustomCell, input: usize, hidden: usize) -> Option<usize> {
+    let g = lower_custom(cell, input, hidden).ok()?;
+    g.output(OutRole::Output).map(|v| g.shape(v).features())
+}
+
+/// The functions of the equation language: name, arguments, what it does.
+const FUNCTIONS: &[(&str, &str)] = &[
+    ("sigmoid", "1 / (1 + e^-a)"),
+    ("tanh", "tanh(a)"),
+    ("relu", "max(a, 0)"),
+    ("exp", "e^a"),
+    ("log", "the natural logarithm"),
+    ("sqrt", "the square root"),
+    ("softplus", "ln(1 + e^a)"),
+    ("abs", "|a|"),
+    ("min", "min(a, c) against a constant c"),
+    ("max", "max(a, c) against a constant c"),
+    (
+        "mean",
+        "the mean over the feature axis, broadcast back over it",
+    ),
+    (
+        "sum",
+        "the sum over the feature axis, broadcast back over it",
+    ),
+    ("concat", "the arguments joined along the feature axis"),
+];
+
+/// The names of the equation language's functions, for suggestions.
+pub fn function_names() -> impl Iterator<Item = &'static str> {
+    FUNCTIONS.iter().map(|(f, _)| *f)
+}
+
+/// A constant written as a number, possibly negated (`max(a, -1)`).
+fn constant(e: &Expr) -> Option<f32> {
+    match e {
+        Expr::Num(n, _) => Some(*n),
+        Expr::Neg(a, _) => constant(a).map(|n| -n),
+        _ => None,
+    }
+}
+
+fn eval(
+    g: &mut Graph,
+    env: &HashMap<String, Value>,
+    e: &Expr,
+    sizes: (usize, usize),
+) -> Result<Value, Diagnostic> {
     let at = |e: &Expr, m: String| diag(e.loc(), m);
     match e {
         Expr::Var(name, _) => env.get(name).copied().ok_or_else(|| {
@@ -340,32 +413,126 @@ fn eval(g: &mut Graph, env: &HashMap<String, Value>, e: &Expr) -> Result<Value, 
         }),
         Expr::Num(n, _) => Ok(g.constant(*n, Shape::Scalar)),
         Expr::Neg(a, _) => {
-            let a = eval(g, env, a)?;
+            let a = eval(g, env, a, sizes)?;
             g.push(Op::Neg, &[a]).map_err(|err| at(e, err.message))
         }
         Expr::Binary(op, a, b, _) => {
-            let (a, b) = (eval(g, env, a)?, eval(g, env, b)?);
+            let (a, b) = (eval(g, env, a, sizes)?, eval(g, env, b, sizes)?);
             let op = match op {
                 BinOp::Add => Op::Add,
                 BinOp::Sub => Op::Sub,
                 BinOp::Mul => Op::Mul,
+                BinOp::Div => Op::Div,
                 BinOp::MatMul => Op::MatMul,
             };
             g.push(op, &[a, b]).map_err(|err| at(e, err.message))
         }
         Expr::Call(f, args, _) => {
-            let op = match f.as_str() {
-                "sigmoid" => Op::Sigmoid,
-                "tanh" => Op::Tanh,
-                "relu" => Op::Relu,
-                "concat" => Op::Concat,
-                _ => return Err(at(e, format!("unknown function `{f}`: expected `sigmoid`, `tanh`, `relu` or `concat`"))),
+            let unary = |op: Op| (op, 1usize);
+            let (op, arity) = match f.as_str() {
+                "sigmoid" => unary(Op::Sigmoid),
+                "tanh" => unary(Op::Tanh),
+                "relu" => unary(Op::Relu),
+                "exp" => unary(Op::Exp),
+                "log" => unary(Op::Log),
+                "sqrt" => unary(Op::Sqrt),
+                "softplus" => unary(Op::Softplus),
+                "abs" => unary(Op::Abs),
+                "mean" | "sum" => unary(Op::SumFeatures),
+                "min" => (Op::Min(0), 2),
+                "max" => (Op::Max(0), 2),
+                "concat" => (Op::Concat, 0),
+                _ => {
+                    let known: Vec<String> = function_names().map(|f| format!("`{f}`")).collect();
+                    let hint = crate::error::suggest(f, function_names())
+                        .map_or_else(String::new, |s| format!("did you mean `{s}`? "));
+                    return Err(at(
+                        e,
+                        format!("unknown function `{f}`: {hint}the functions are {}", known.join(", ")),
+                    ));
+                }
             };
-            if op != Op::Concat && args.len() != 1 {
+            if arity == 1 && args.len() != 1 {
                 return Err(at(e, format!("`{f}` takes one argument, found {}", args.len())));
             }
-            let vals = args.iter().map(|a| eval(g, env, a)).collect::<Result<Vec<_>, _>>()?;
-            g.push(op, &vals).map_err(|err| at(e, err.message))
+            if arity == 2 {
+                if args.len() != 2 {
+                    return Err(at(
+                        e,
+                        format!("`{f}` takes a value and a constant (`{f}(a, 0.5)`), found {} argument(s)", args.len()),
+                    ));
+                }
+                let Some(c) = constant(&args[1]) else {
+                    return Err(at(
+                        &args[1],
+                        format!("the second argument of `{f}` must be a number: `{f}` compares with a constant"),
+                    ));
+                };
+                let a = eval(g, env, &args[0], sizes)?;
+                let op = if f == "min" { Op::Min(c.to_bits()) } else { Op::Max(c.to_bits()) };
+                return g.push(op, &[a]).map_err(|err| at(e, err.message));
+            }
+            if op == Op::Concat && args.is_empty() {
+                return Err(at(e, "`concat` needs at least one argument".into()));
+            }
+            let vals = args
+                .iter()
+                .map(|a| eval(g, env, a, sizes))
+                .collect::<Result<Vec<_>, _>>()?;
+            if op != Op::SumFeatures {
+                return g.push(op, &vals).map_err(|err| at(e, err.message));
+            }
+            // `mean` and `sum` reduce the feature axis of each row; the one value they leave
+            // broadcasts back over the features wherever it is used.
+            let a = vals[0];
+            let n = g.shape(a).features();
+            if !matches!(g.shape(a), Shape::Vector(_) | Shape::Batch(_)) {
+                return Err(at(e, format!("`{f}` reduces the features of a vector or a batch, found {}", g.shape(a))));
+            }
+            let sum = g.push(Op::SumFeatures, &[a]).map_err(|err| at(e, err.message))?;
+            if f == "sum" {
+                return Ok(sum);
+            }
+            let count = g.constant(n as f32, Shape::Scalar);
+            g.push(Op::Div, &[sum, count]).map_err(|err| at(e, err.message))
+        }
+        Expr::Index(a, ranges, _) => {
+            let base = eval(g, env, a, sizes)?;
+            let shape = g.shape(base);
+            let (input, hidden) = sizes;
+            if shape == Shape::Scalar {
+                return Err(at(e, "a number cannot be sliced".into()));
+            }
+            if ranges.len() == 2 {
+                let Shape::Matrix(_, cols) = shape else {
+                    return Err(at(e, format!("two ranges slice a matrix's rows and columns, but this is {shape}: give one range")));
+                };
+                let c = &ranges[1];
+                let full = c.start.as_ref().is_none_or(|d| d.eval(input, hidden) == Some(0))
+                    && c.end.as_ref().is_none_or(|d| d.eval(input, hidden) == Some(cols))
+                    && !c.single;
+                if !full {
+                    return Err(at(e, "only a matrix's rows can be sliced: write the columns as `..` (`W[0 .. hidden, ..]`)".into()));
+                }
+            }
+            let r = &ranges[0];
+            let len = shape.features();
+            let size = |d: &Option<crate::spec::Dim>, default: usize| -> Result<usize, Diagnostic> {
+                match d {
+                    None => Ok(default),
+                    Some(d) => d.eval(input, hidden).ok_or_else(|| at(e, format!("a bound of this slice is larger than the largest size supported ({})", ModelSpec::MAX_SIZE))),
+                }
+            };
+            let start = size(&r.start, 0)?;
+            let end = if r.single { start + 1 } else { size(&r.end, len)? };
+            if start >= end || end > len {
+                let what = if matches!(shape, Shape::Matrix(..)) { "rows" } else { "features" };
+                return Err(at(e, format!("the slice {start}..{end} is out of range: the value has {len} {what} ({shape})")));
+            }
+            if start == 0 && end == len {
+                return Ok(base);
+            }
+            g.slice(base, start, end - start).map_err(|err| at(e, err.message))
         }
     }
 }

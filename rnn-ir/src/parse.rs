@@ -35,6 +35,7 @@
 use crate::error::{Diagnostic, Error};
 use crate::spec::{
     BiasConvention, BinOp, CellKind, CustomCell, CustomParam, Dim, Expr, GruReset, Loc, ModelSpec,
+    Range,
 };
 use proc_macro2::{Delimiter, Span, TokenStream, TokenTree};
 use std::str::FromStr;
@@ -316,18 +317,24 @@ impl Parser {
                     }
                     Ok(shape)
                 })?;
-                if shape.is_empty() || shape.len() > 2 {
+                if shape.len() > 2 {
                     return self.error(
                         dspan,
-                        "a parameter has one dimension (a vector) or two (a matrix `[out, in]`)",
+                        "a parameter has no dimension (a scalar, `[]`), one (a vector) or two (a matrix `[out, in]`)",
                     );
                 }
+                let init = if self.eat_punct('=') {
+                    Some(self.number("the parameter's initial value")?)
+                } else {
+                    None
+                };
                 if b.params.iter().any(|p| p.name == name) {
                     return self.error(nspan, format!("parameter `{name}` is declared twice"));
                 }
                 b.params.push(CustomParam {
                     name,
                     dims: shape,
+                    init,
                     loc: loc_of(nspan),
                 });
             }
@@ -346,11 +353,16 @@ impl Parser {
             }
             "output" if matches!(self.peek(), Some(TokenTree::Ident(_))) => {
                 custom_only(self, "`output` declarations")?;
-                let (name, nspan) = self.ident("the name of the output state")?;
+                let (name, nspan) = self.ident("the name of the output")?;
                 if b.output.is_some() {
                     return self.error(nspan, "`output` is given twice");
                 }
-                b.output = Some((name, nspan));
+                b.output = Some((name.clone(), nspan));
+                if self.eat_punct('=') {
+                    b.assigned.push(name.clone());
+                    let e = self.expr()?;
+                    b.equations.push((name, e, loc_of(nspan)));
+                }
             }
             _ if self.is_punct('=') => {
                 custom_only(self, "equations")?;
@@ -418,9 +430,13 @@ impl Parser {
         match self.peek().cloned() {
             Some(TokenTree::Literal(l)) => {
                 self.pos += 1;
-                match l.to_string().parse::<usize>() {
-                    Ok(n) => Ok(Dim::Lit(n)),
-                    Err(_) => self.error(
+                let text = l.to_string();
+                // `2h` is short for `2 * hidden`.
+                let hidden_multiple = text.strip_suffix('h').and_then(|n| n.parse::<usize>().ok());
+                match (text.parse::<usize>(), hidden_multiple) {
+                    (Ok(n), _) => Ok(Dim::Lit(n)),
+                    (_, Some(n)) => Ok(Dim::Mul(Box::new(Dim::Lit(n)), Box::new(Dim::Hidden))),
+                    _ => self.error(
                         l.span(),
                         format!("expected a whole number as a size, found `{l}`"),
                     ),
@@ -430,7 +446,7 @@ impl Parser {
                 self.pos += 1;
                 Ok(Dim::Input)
             }
-            Some(TokenTree::Ident(i)) if i == "hidden" => {
+            Some(TokenTree::Ident(i)) if i == "hidden" || i == "h" => {
                 self.pos += 1;
                 Ok(Dim::Hidden)
             }
@@ -472,6 +488,8 @@ impl Parser {
                 BinOp::Mul
             } else if self.eat_punct('@') {
                 BinOp::MatMul
+            } else if self.eat_punct('/') {
+                BinOp::Div
             } else {
                 return Ok(e);
             };
@@ -485,7 +503,100 @@ impl Parser {
         if self.eat_punct('-') {
             return Ok(Expr::Neg(Box::new(self.unary()?), loc_of(span)));
         }
-        self.atom()
+        self.postfix()
+    }
+
+    /// An atom followed by any number of slices: `g[hidden .. 2 * hidden]`, `W[0 .. hidden, ..]`.
+    fn postfix(&mut self) -> PResult<Expr> {
+        let mut e = self.atom()?;
+        while let Some(TokenTree::Group(g)) = self.peek().cloned()
+            && g.delimiter() == Delimiter::Bracket
+        {
+            self.pos += 1;
+            let ranges = self.nested(g.stream(), g.span(), ']', |p| {
+                let mut ranges = Vec::new();
+                while p.peek().is_some() {
+                    ranges.push(p.range()?);
+                    if p.peek().is_some() {
+                        p.require_punct(',', "between the axes of a slice")?;
+                    }
+                }
+                Ok(ranges)
+            })?;
+            if ranges.is_empty() || ranges.len() > 2 {
+                return self.error(
+                    g.span(),
+                    "a slice takes one range (`g[hidden .. 2 * hidden]`) or, for a matrix, two (`W[0 .. hidden, ..]`)",
+                );
+            }
+            e = Expr::Index(Box::new(e), ranges, loc_of(g.span()));
+        }
+        Ok(e)
+    }
+
+    /// `a .. b`, `a ..`, `.. b`, `..` or a single index `i`.
+    fn range(&mut self) -> PResult<Range> {
+        let dots = |p: &mut Parser| {
+            let two = matches!(p.tokens.get(p.pos..p.pos + 2), Some([TokenTree::Punct(a), TokenTree::Punct(b)]) if a.as_char() == '.' && b.as_char() == '.');
+            if two {
+                p.pos += 2;
+            }
+            two
+        };
+        let ends = |p: &Parser| p.peek().is_none() || p.is_punct(',');
+        if dots(self) {
+            let end = if ends(self) { None } else { Some(self.dim()?) };
+            return Ok(Range {
+                start: None,
+                end,
+                single: false,
+            });
+        }
+        let start = self.dim()?;
+        if dots(self) {
+            let end = if ends(self) { None } else { Some(self.dim()?) };
+            return Ok(Range {
+                start: Some(start),
+                end,
+                single: false,
+            });
+        }
+        if self.is_punct('.') {
+            let found = self.describe();
+            return self.error(
+                self.span(),
+                format!("expected `..` in a range, found {found}"),
+            );
+        }
+        Ok(Range {
+            start: Some(start),
+            end: None,
+            single: true,
+        })
+    }
+
+    /// A number, possibly negative (a parameter's initial value).
+    fn number(&mut self, what: &str) -> PResult<f32> {
+        let negative = self.eat_punct('-');
+        match self.peek().cloned() {
+            Some(TokenTree::Literal(l)) => {
+                self.pos += 1;
+                match l.to_string().parse::<f32>() {
+                    Ok(n) if n.is_finite() => Ok(if negative { -n } else { n }),
+                    _ => self.error(
+                        l.span(),
+                        format!("expected a number as {what}, found `{l}`"),
+                    ),
+                }
+            }
+            _ => {
+                let found = self.describe();
+                self.error(
+                    self.span(),
+                    format!("expected a number as {what}, found {found}"),
+                )
+            }
+        }
     }
 
     fn atom(&mut self) -> PResult<Expr> {
@@ -598,10 +709,10 @@ impl Parser {
             }
             c.output = match b.output {
                 Some((o, ospan)) => {
-                    if !b.states.iter().any(|s| s.0 == o) {
+                    if !b.states.iter().any(|s| s.0 == o) && !b.assigned.contains(&o) {
                         let _ = self.error::<()>(
                             ospan,
-                            format!("`output {o}`: the output must be one of the declared states"),
+                            format!("`output {o}`: the output must be a declared state or a name an equation assigns (`output y = W_hy @ h + b_y`)"),
                         );
                     }
                     (o, loc_of(ospan))

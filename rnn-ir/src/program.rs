@@ -112,7 +112,7 @@ impl Program {
             for direction in 0..self.spec.directions() {
                 let suffix = ModelSpec::param_suffix(layer, direction);
                 for p in &cell.forward.graph.params {
-                    out.push((format!("{}{suffix}", p.name), shape_dims(p.shape)));
+                    out.push((format!("{}{suffix}", p.name), p.dims()));
                 }
             }
         }

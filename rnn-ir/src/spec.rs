@@ -272,6 +272,8 @@ pub enum BinOp {
     Sub,
     /// `*` (element-wise)
     Mul,
+    /// `/` (element-wise)
+    Div,
     /// `@` (matrix product)
     MatMul,
 }
@@ -287,8 +289,24 @@ pub enum Expr {
     Binary(BinOp, Box<Expr>, Box<Expr>, Loc),
     /// `-a` (the loc is the `-`).
     Neg(Box<Expr>, Loc),
-    /// `f(args)`: `sigmoid`, `tanh`, `relu`, `concat` (the loc is the function's name).
+    /// `f(args)`: a function of the language (`sigmoid`, `exp`, `mean`, `max`, `concat`, ...;
+    /// the loc is the function's name).
     Call(String, Vec<Expr>, Loc),
+    /// `a[ranges]`: a slice along the feature axis (`g[hidden .. 2 * hidden]`) or, for a
+    /// matrix, its rows (`W[0 .. hidden, ..]`); the loc is the `[`.
+    Index(Box<Expr>, Vec<Range>, Loc),
+}
+
+/// One axis of a slice: `start .. end`, either bound left out (`..`, `a ..`, `.. b`), or a
+/// single index `i` (taken as `i .. i + 1`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Range {
+    /// The first index taken (0 when left out).
+    pub start: Option<Dim>,
+    /// One past the last index taken (the axis's length when left out).
+    pub end: Option<Dim>,
+    /// Whether it was written as a single index rather than a range.
+    pub single: bool,
 }
 
 impl Expr {
@@ -299,7 +317,8 @@ impl Expr {
             | Expr::Num(_, l)
             | Expr::Binary(_, _, _, l)
             | Expr::Neg(_, l)
-            | Expr::Call(_, _, l) => *l,
+            | Expr::Call(_, _, l)
+            | Expr::Index(_, _, l) => *l,
         }
     }
 }
@@ -309,8 +328,11 @@ impl Expr {
 pub struct CustomParam {
     /// Its name.
     pub name: String,
-    /// Its dimensions (one: a vector; two: a matrix `(out, in)`).
+    /// Its dimensions (none: a scalar; one: a vector; two: a matrix `(out, in)`).
     pub dims: Vec<Dim>,
+    /// The value every element starts at (`param g: [hidden] = 1`), if the declaration gives
+    /// one; otherwise initialisation draws it.
+    pub init: Option<f32>,
     /// Where its name was declared.
     pub loc: Loc,
 }
@@ -323,22 +345,23 @@ pub struct CustomCell {
     /// Declared recurrent states, their sizes and where each name was declared, in order.
     pub states: Vec<(String, Dim, Loc)>,
     /// `target = expr` and where the target was written, in order; assigning a state's name
-    /// gives its next value.
+    /// gives its next value. `output y = expr` is the equation `y = expr` with `y` the output.
     pub equations: Vec<(String, Expr, Loc)>,
-    /// The name whose value is the step's output (default: the first state), and where it was
+    /// The name whose value is the step's output (default: the first state): a state, or any
+    /// name an equation assigns (`output y = W_hy @ h + b_y`, of its own size); and where it was
     /// written (the first state's, or the declaration's kind, when defaulted).
     pub output: (String, Loc),
 }
 
 impl CustomCell {
-    /// Features of the output (0 when the output is not a state of valid size, which lowering
-    /// reports).
+    /// Features of the output for a layer with `input` input features (0 when the cell does not
+    /// lower, which lowering reports). An output that is a state has the state's size; any other
+    /// is found by lowering the cell.
     pub fn output_size(&self, input: usize, hidden: usize) -> usize {
-        self.states
-            .iter()
-            .find(|(n, _, _)| *n == self.output.0)
-            .and_then(|(_, d, _)| d.eval(input, hidden))
-            .unwrap_or(0)
+        if let Some((_, d, _)) = self.states.iter().find(|(n, _, _)| *n == self.output.0) {
+            return d.eval(input, hidden).unwrap_or(0);
+        }
+        crate::lower::custom_output_size(self, input, hidden).unwrap_or(0)
     }
 }
 

@@ -2,7 +2,7 @@
 //! to the `gemm` crate.
 
 use std::fmt::Debug;
-use std::ops::{Add, AddAssign, Mul, Neg, Sub};
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 
 /// A dense, row-major `f32` tensor: what users load, pass and get back.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,6 +78,7 @@ pub trait Real:
     + Add<Output = Self>
     + Sub<Output = Self>
     + Mul<Output = Self>
+    + Div<Output = Self>
     + Neg<Output = Self>
     + AddAssign
 {
@@ -95,6 +96,16 @@ pub trait Real:
     fn sigmoid(self) -> Self;
     /// `tanh(x)`.
     fn tanh(self) -> Self;
+    /// `e^x`.
+    fn exp(self) -> Self;
+    /// The natural logarithm.
+    fn ln(self) -> Self;
+    /// The square root.
+    fn sqrt(self) -> Self;
+    /// `|x|`.
+    fn abs(self) -> Self;
+    /// `ln(1 + e^x)`, and `x` itself above 20, as PyTorch's `softplus` (beta 1, threshold 20).
+    fn softplus(self) -> Self;
 }
 
 impl Real for f32 {
@@ -115,6 +126,25 @@ impl Real for f32 {
     fn tanh(self) -> Self {
         f32::tanh(self)
     }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    fn softplus(self) -> Self {
+        if self > 20.0 {
+            self
+        } else {
+            f32::ln_1p(f32::exp(self))
+        }
+    }
 }
 
 impl Real for f64 {
@@ -134,6 +164,25 @@ impl Real for f64 {
     }
     fn tanh(self) -> Self {
         f64::tanh(self)
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn abs(self) -> Self {
+        f64::abs(self)
+    }
+    fn softplus(self) -> Self {
+        if self > 20.0 {
+            self
+        } else {
+            f64::ln_1p(f64::exp(self))
+        }
     }
 }
 

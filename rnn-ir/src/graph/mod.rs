@@ -130,8 +130,9 @@ pub enum OutRole {
     StateGrad(u32),
 }
 
-/// An operation. Element-wise binary ops broadcast `Scalar` against anything and `Vector(n)`
-/// against `Batch(n)`.
+/// An operation. Element-wise binary ops broadcast `Scalar` against anything, `Vector(n)`
+/// against `Batch(n)` (a vector on every row), and a value of one feature (`Vector(1)`,
+/// `Batch(1)`: a scalar parameter, a per-row mean) against any number of features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
     /// A graph input.
@@ -154,8 +155,32 @@ pub enum Op {
     Sub,
     /// Element-wise `a * b`.
     Mul,
+    /// Element-wise `a / b`.
+    Div,
     /// Element-wise `-a`.
     Neg,
+    /// Element-wise `e^a`.
+    Exp,
+    /// Element-wise natural logarithm.
+    Log,
+    /// Element-wise square root.
+    Sqrt,
+    /// Element-wise `ln(1 + e^a)`, and `a` itself above 20 (PyTorch's `softplus` threshold).
+    Softplus,
+    /// Element-wise `|a|`.
+    Abs,
+    /// Element-wise sign: `1` above zero, `-1` below, `0` at zero (the derivative of `abs`).
+    Sign,
+    /// Element-wise `max(a, c)` against the constant `c = f32::from_bits(bits)`.
+    Max(u32),
+    /// Element-wise `min(a, c)` against the constant `c = f32::from_bits(bits)`.
+    Min(u32),
+    /// `[a: Batch(n) | Vector(n)] -> Batch(1) | Vector(1)`: the sum over the feature axis of each
+    /// row (a mean divides it by `n`). Rows stay independent: it is not a reduction over rows.
+    SumFeatures,
+    /// `[a: Batch(1) | Vector(1)] -> Batch(n) | Vector(n)`: the one feature repeated `n` times on
+    /// its row (the backward of [`Op::SumFeatures`]).
+    Spread(u32),
     /// Element-wise `1 / (1 + exp(-a))`.
     Sigmoid,
     /// Element-wise `tanh(a)`.
@@ -189,7 +214,18 @@ impl Op {
             Op::Add => "add",
             Op::Sub => "sub",
             Op::Mul => "mul",
+            Op::Div => "div",
             Op::Neg => "neg",
+            Op::Exp => "exp",
+            Op::Log => "log",
+            Op::Sqrt => "sqrt",
+            Op::Softplus => "softplus",
+            Op::Abs => "abs",
+            Op::Sign => "sign",
+            Op::Max(_) => "max",
+            Op::Min(_) => "min",
+            Op::SumFeatures => "sum_features",
+            Op::Spread(_) => "spread",
             Op::Sigmoid => "sigmoid",
             Op::Tanh => "tanh",
             Op::Relu => "relu",
@@ -264,7 +300,7 @@ impl Op {
                     a => Err(format!("broadcast needs a vector, found {a}")),
                 }
             }
-            Op::Add | Op::Sub | Op::Mul => {
+            Op::Add | Op::Sub | Op::Mul | Op::Div => {
                 arity(2)?;
                 broadcast(args[0], args[1]).ok_or_else(|| {
                     format!(
@@ -275,9 +311,40 @@ impl Op {
                     )
                 })
             }
-            Op::Neg | Op::Sigmoid | Op::Tanh | Op::Relu | Op::Step => {
+            Op::Neg
+            | Op::Sigmoid
+            | Op::Tanh
+            | Op::Relu
+            | Op::Step
+            | Op::Exp
+            | Op::Log
+            | Op::Sqrt
+            | Op::Softplus
+            | Op::Abs
+            | Op::Sign
+            | Op::Max(_)
+            | Op::Min(_) => {
                 arity(1)?;
                 Ok(args[0])
+            }
+            Op::SumFeatures => {
+                arity(1)?;
+                match args[0] {
+                    Shape::Vector(_) => Ok(Shape::Vector(1)),
+                    Shape::Batch(_) => Ok(Shape::Batch(1)),
+                    a => Err(format!(
+                        "a sum over the features needs a vector or a batch, found {a}"
+                    )),
+                }
+            }
+            Op::Spread(n) => {
+                arity(1)?;
+                match args[0] {
+                    _ if n == 0 => Err("spread needs at least one feature".into()),
+                    Shape::Vector(1) => Ok(Shape::Vector(n as usize)),
+                    Shape::Batch(1) => Ok(Shape::Batch(n as usize)),
+                    a => Err(format!("spread needs one feature, found {a}")),
+                }
             }
             Op::Slice { start, len } => {
                 arity(1)?;
@@ -316,14 +383,30 @@ impl Op {
 }
 
 /// The shape of an element-wise combination of `a` and `b`, if they broadcast.
+///
+/// Equal shapes combine; a scalar combines with anything; vectors and batches combine when
+/// they have the same number of features or one of them has one feature, and the result is
+/// batched if either is. Matrices combine only with their own shape and scalars.
 pub fn broadcast(a: Shape, b: Shape) -> Option<Shape> {
     match (a, b) {
         _ if a == b => Some(a),
         (Shape::Scalar, s) | (s, Shape::Scalar) => Some(s),
-        (Shape::Vector(n), Shape::Batch(m)) | (Shape::Batch(m), Shape::Vector(n)) if n == m => {
-            Some(Shape::Batch(n))
+        (Shape::Matrix(..), _) | (_, Shape::Matrix(..)) => None,
+        _ => {
+            let (fa, fb) = (a.features(), b.features());
+            let n = if fa == fb || fb == 1 {
+                fa
+            } else if fa == 1 {
+                fb
+            } else {
+                return None;
+            };
+            Some(if a.is_batched() || b.is_batched() {
+                Shape::Batch(n)
+            } else {
+                Shape::Vector(n)
+            })
         }
-        _ => None,
     }
 }
 
@@ -341,13 +424,32 @@ pub struct ValueData {
     pub name: Option<String>,
 }
 
-/// A parameter of a cell: a name local to the cell (`weight_ih`) and its shape.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A parameter of a cell: a name local to the cell (`weight_ih`), its shape and how it starts.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ParamInfo {
     /// The local name; the program adds the layer and direction suffixes.
     pub name: String,
-    /// The shape (`Vector` or `Matrix`).
+    /// The shape (`Vector` or `Matrix`); a scalar parameter is a `Vector(1)`.
     pub shape: Shape,
+    /// Whether the parameter is a scalar, stored as a 0-dimensional tensor (shape `[]`) though
+    /// the graph sees it as `Vector(1)`.
+    pub scalar: bool,
+    /// The value every element starts at, when the declaration gives one (`= 1` for a
+    /// LayerNorm gain); otherwise initialisation draws it (PyTorch's uniform rule).
+    pub init: Option<f32>,
+}
+
+impl ParamInfo {
+    /// The dimensions of the stored tensor: `[]` for a scalar, `[n]` for a vector, `[r, c]` for
+    /// a matrix.
+    pub fn dims(&self) -> Vec<usize> {
+        match self.shape {
+            _ if self.scalar => Vec::new(),
+            Shape::Scalar => Vec::new(),
+            Shape::Vector(n) | Shape::Batch(n) => vec![n],
+            Shape::Matrix(r, c) => vec![r, c],
+        }
+    }
 }
 
 /// One output of a graph.
@@ -494,17 +596,20 @@ impl Graph {
 
     /// Declares parameter `name` of `shape` and returns its input value.
     pub fn param(&mut self, name: &str, shape: Shape) -> Value {
-        let p = self.params.len() as u32;
-        self.params.push(ParamInfo {
+        self.declare_param(ParamInfo {
             name: name.to_string(),
             shape,
-        });
-        self.push_raw(
-            Op::Input(Role::Param(p)),
-            vec![],
-            shape,
-            Some(name.to_string()),
-        )
+            scalar: false,
+            init: None,
+        })
+    }
+
+    /// Declares the parameter `info` describes and returns its input value.
+    pub fn declare_param(&mut self, info: ParamInfo) -> Value {
+        let p = self.params.len() as u32;
+        let (name, shape) = (info.name.clone(), info.shape);
+        self.params.push(info);
+        self.push_raw(Op::Input(Role::Param(p)), vec![], shape, Some(name))
     }
 
     /// Declares recurrent state `name` of `size` features and returns its previous value.

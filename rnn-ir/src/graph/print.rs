@@ -57,6 +57,13 @@ impl Graph {
                 Op::Const(bits) => {
                     let _ = write!(line, "const {:?}", f32::from_bits(bits));
                 }
+                Op::Max(bits) | Op::Min(bits) => {
+                    let c = f32::from_bits(bits);
+                    let _ = write!(line, "{} {}, {c:?}", d.op.mnemonic(), d.args[0]);
+                }
+                Op::Spread(n) => {
+                    let _ = write!(line, "spread {} [{n}]", d.args[0]);
+                }
                 Op::Slice { start, len } => {
                     let _ = write!(line, "slice {} [{start}..{}]", d.args[0], start + len);
                 }

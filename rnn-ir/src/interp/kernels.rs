@@ -110,13 +110,15 @@ impl<T: Copy> ViewMut<'_, T> {
     }
 }
 
-/// The element of argument `a` (of shape `shape`) that pairs with row `r` of a result: a scalar
-/// everywhere, a vector on every row, anything else row by row.
-fn at<'a, T: Copy>(a: &View<'a, T>, shape: Shape, r: usize) -> Arg<'a, T> {
+/// The element of argument `a` (of shape `shape`) that pairs with row `r` of a result `width`
+/// wide: a scalar everywhere, a vector on every row, one feature across its row (a scalar
+/// parameter, a per-row mean), anything else row by row.
+fn at<'a, T: Copy>(a: &View<'a, T>, shape: Shape, r: usize, width: usize) -> Arg<'a, T> {
+    let row = if a.rows == 1 { 0 } else { r };
     match shape {
         Shape::Scalar => Arg::Scalar(a.data[a.offset]),
-        _ if a.rows == 1 => Arg::Row(a.row(0)),
-        _ => Arg::Row(a.row(r)),
+        _ if a.width == 1 && width > 1 => Arg::Scalar(a.row(row)[0]),
+        _ => Arg::Row(a.row(row)),
     }
 }
 
@@ -131,9 +133,10 @@ fn binary<T: Real>(
     (b, sb): (View<'_, T>, Shape),
     f: impl Fn(T, T) -> T,
 ) {
+    let width = dst.width;
     for r in 0..dst.rows {
         let out = dst.row(r);
-        match (at(&a, sa, r), at(&b, sb, r)) {
+        match (at(&a, sa, r, width), at(&b, sb, r, width)) {
             (Arg::Row(x), Arg::Row(y)) => {
                 for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
                     *o = f(x, y);
@@ -237,7 +240,47 @@ pub fn eval<T: Real>(
         Op::Mul => binary(dst, (args[0], shapes[0]), (args[1], shapes[1]), |x, y| {
             x * y
         }),
+        Op::Div => binary(dst, (args[0], shapes[0]), (args[1], shapes[1]), |x, y| {
+            x / y
+        }),
         Op::Neg => unary(dst, args[0], |x| -x),
+        Op::Exp => unary(dst, args[0], T::exp),
+        Op::Log => unary(dst, args[0], T::ln),
+        Op::Sqrt => unary(dst, args[0], T::sqrt),
+        Op::Softplus => unary(dst, args[0], T::softplus),
+        Op::Abs => unary(dst, args[0], T::abs),
+        Op::Sign => unary(dst, args[0], |x| {
+            if x > T::ZERO {
+                T::ONE
+            } else if x < T::ZERO {
+                -T::ONE
+            } else {
+                T::ZERO
+            }
+        }),
+        Op::Max(bits) => {
+            let c = T::from_f32(f32::from_bits(bits));
+            unary(dst, args[0], |x| if x < c { c } else { x })
+        }
+        Op::Min(bits) => {
+            let c = T::from_f32(f32::from_bits(bits));
+            unary(dst, args[0], |x| if x > c { c } else { x })
+        }
+        Op::SumFeatures => {
+            for r in 0..dst.rows {
+                let mut sum = T::ZERO;
+                for &x in args[0].row(r) {
+                    sum += x;
+                }
+                dst.row(r)[0] = sum;
+            }
+        }
+        Op::Spread(_) => {
+            for r in 0..dst.rows {
+                let x = args[0].row(r)[0];
+                dst.row(r).fill(x);
+            }
+        }
         Op::Sigmoid => unary(dst, args[0], |x| x.sigmoid()),
         Op::Tanh => unary(dst, args[0], |x| x.tanh()),
         Op::Relu => unary(dst, args[0], |x| if x > T::ZERO { x } else { T::ZERO }),

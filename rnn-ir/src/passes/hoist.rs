@@ -75,8 +75,8 @@ pub fn hoist(g: &Graph) -> Result<Vec<Phase>, IrError> {
 /// A value derived from a sum over rows stands, outside the loop, for the sum over all time
 /// steps of its per-step values. That is only the same as summing it step by step when it is
 /// *linear* in the sums it reads: sums, differences, negation, slices and concatenations of
-/// them (with zero padding), and products with a value that is the same at every step (a
-/// parameter or constant). Anything else (`sum · sum`, `tanh(sum)`, `sum + 1`) is refused.
+/// them (with zero padding), sums over and spreads across the feature axis, and products with
+/// (or division by) a value that is the same at every step (a parameter or constant). Anything else (`sum · sum`, `tanh(sum)`, `sum + 1`) is refused.
 pub fn check(g: &Graph, phases: &[Phase]) -> Result<(), IrError> {
     // reduced[v]: v is unbatched and derived from a reduction over rows.
     let mut reduced = vec![false; g.len()];
@@ -121,13 +121,17 @@ fn linear_in_reductions(g: &Graph, v: Value, reduced: &[bool]) -> bool {
     let is_reduced = |a: &Value| reduced[a.index()];
     let is_zero = |a: &Value| g.data(*a).op == Op::Const(0.0f32.to_bits());
     match d.op {
-        Op::Neg | Op::Slice { .. } => true,
+        Op::Neg | Op::Slice { .. } | Op::SumFeatures | Op::Spread(_) => true,
         Op::Add | Op::Sub | Op::Concat => d.args.iter().all(|a| is_reduced(a) || is_zero(a)),
         Op::Mul => {
             let [a, b] = [d.args[0], d.args[1]];
             // Unbatched and not from a reduction: parameters and constants, the same at every step.
             let invariant = |x: Value| !reduced[x.index()] && !g.shape(x).is_batched();
             (reduced[a.index()] && invariant(b)) || (reduced[b.index()] && invariant(a))
+        }
+        Op::Div => {
+            let [a, b] = [d.args[0], d.args[1]];
+            reduced[a.index()] && !reduced[b.index()] && !g.shape(b).is_batched()
         }
         _ => false,
     }
