@@ -520,36 +520,12 @@ fn bptt_custom_minimal_gru() {
     check_model(&parse_str(MINIMAL_GRU).unwrap(), 4, 2, None, true);
 }
 
-/// Every acceptance cell of `examples/cells/`, with the sizes written there, through BPTT with
-/// initial states.
-const CELLS: &[(&str, &str)] = &[
-    (
-        "layernorm_lstm",
-        include_str!("../examples/cells/layernorm_lstm.rnn"),
-    ),
-    ("min_gru", include_str!("../examples/cells/min_gru.rnn")),
-    ("min_lstm", include_str!("../examples/cells/min_lstm.rnn")),
-    ("indrnn", include_str!("../examples/cells/indrnn.rnn")),
-    (
-        "peephole_lstm",
-        include_str!("../examples/cells/peephole_lstm.rnn"),
-    ),
-    (
-        "elman_output",
-        include_str!("../examples/cells/elman_output.rnn"),
-    ),
-    (
-        "chapter_gru",
-        include_str!("../examples/cells/chapter_gru.rnn"),
-    ),
-    (
-        "min_gru_stack",
-        include_str!("../examples/cells/min_gru_stack.rnn"),
-    ),
-];
-
+/// An acceptance cell of `examples/cells/`, with the sizes written there.
 fn acceptance_cell(name: &str) -> ModelSpec {
-    let (_, src) = CELLS.iter().find(|(n, _)| *n == name).expect("a cell");
+    let (_, src) = common::acceptance_cells()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .expect("a cell");
     parse_str(src).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 

@@ -192,3 +192,35 @@ pub fn every_cell(input: usize, hidden: usize) -> Vec<ModelSpec> {
     }
     specs
 }
+
+/// Every acceptance cell of `examples/cells/` (file stem, source), with the sizes written there.
+pub fn acceptance_cells() -> [(&'static str, &'static str); 8] {
+    [
+        (
+            "layernorm_lstm",
+            include_str!("../../examples/cells/layernorm_lstm.rnn"),
+        ),
+        ("min_gru", include_str!("../../examples/cells/min_gru.rnn")),
+        (
+            "min_lstm",
+            include_str!("../../examples/cells/min_lstm.rnn"),
+        ),
+        ("indrnn", include_str!("../../examples/cells/indrnn.rnn")),
+        (
+            "peephole_lstm",
+            include_str!("../../examples/cells/peephole_lstm.rnn"),
+        ),
+        (
+            "elman_output",
+            include_str!("../../examples/cells/elman_output.rnn"),
+        ),
+        (
+            "chapter_gru",
+            include_str!("../../examples/cells/chapter_gru.rnn"),
+        ),
+        (
+            "min_gru_stack",
+            include_str!("../../examples/cells/min_gru_stack.rnn"),
+        ),
+    ]
+}

@@ -7,6 +7,10 @@
 //! gradient one `matmul_t` instead of four. The pass knows nothing about gates: any group of two
 //! or more matmuls with the same right operand and unbatched weights defined before the first of
 //! them is fused, in arena order, so the output is deterministic.
+//!
+//! Weights that are consecutive row slices of one matrix (`W[0 .. h, ..]`, `W[h .. 2h, ..]`, ...,
+//! a cell written over PyTorch's stacked layout) are not stacked again: the product reads the
+//! matrix itself, or the one slice that covers them.
 
 use super::rebuild;
 use crate::graph::IrError;
@@ -59,8 +63,14 @@ pub fn fuse(g: &Graph) -> Result<Graph, IrError> {
                 .iter()
                 .map(|m| map[&g.data(*m).args[0]])
                 .collect();
-            let stacked = out.push(Op::Concat, &weights)?;
-            out.set_name(stacked, "fused_weights");
+            let stacked = match rejoin(out, &weights)? {
+                Some(whole) => whole,
+                None => {
+                    let stacked = out.push(Op::Concat, &weights)?;
+                    out.set_name(stacked, "fused_weights");
+                    stacked
+                }
+            };
             let product = out.push(Op::MatMul, &[stacked, d.args[1]])?;
             out.set_name(product, "fused_matmul");
             fused.insert(leader, product);
@@ -73,4 +83,33 @@ pub fn fuse(g: &Graph) -> Result<Graph, IrError> {
         map.insert(v, nv);
         Ok(nv)
     })
+}
+
+/// When `weights` are consecutive slices of one value, in order, that value (or the one slice
+/// of it they cover together); otherwise `None`.
+fn rejoin(out: &mut Graph, weights: &[Value]) -> Result<Option<Value>, IrError> {
+    let mut root = None;
+    let mut first = 0;
+    let mut end = 0;
+    for (i, &w) in weights.iter().enumerate() {
+        let d = out.data(w);
+        let Op::Slice { start, len } = d.op else {
+            return Ok(None);
+        };
+        let (start, len) = (start as usize, len as usize);
+        if i == 0 {
+            root = Some(d.args[0]);
+            first = start;
+        } else if root != Some(d.args[0]) || start != end {
+            return Ok(None);
+        }
+        end = start + len;
+    }
+    let Some(root) = root else {
+        return Ok(None);
+    };
+    if first == 0 && end == out.shape(root).features() {
+        return Ok(Some(root));
+    }
+    Ok(Some(out.slice(root, first, end - first)?))
 }
