@@ -116,13 +116,15 @@ struct Recipe {
 }
 
 /// The op kinds [`Builder::op`] knows: matmul, matmul_t, outer_sum, sum_rows, broadcast, add,
-/// sub, mul, neg, sigmoid, tanh, relu, step, slice, concat.
-const OP_KINDS: u8 = 15;
+/// sub, mul, neg, sigmoid, tanh, relu, step, slice, concat, div, the smooth functions (exp, log,
+/// sqrt, softplus, abs, sign), min/max against a constant, and feature sums (with their spread
+/// or as a mean).
+const OP_KINDS: u8 = 19;
 
 /// The kind each op of a recipe asks for: every kind, matmuls (which fusion needs two of) and
 /// sums (which reassociation regroups) more often.
-const KIND_MIX: [u8; 21] = [
-    0, 0, 0, 0, 1, 2, 3, 4, 5, 5, 5, 6, 7, 7, 8, 9, 10, 11, 12, 13, 14,
+const KIND_MIX: [u8; 27] = [
+    0, 0, 0, 0, 1, 2, 3, 4, 5, 5, 5, 6, 7, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 16, 17, 18, 18,
 ];
 
 fn recipe() -> impl Strategy<Value = Recipe> {
@@ -175,6 +177,12 @@ impl Builder {
         let v = self.g.push(op, args).ok()?;
         let dep = args.iter().any(|a| self.dep[a.index()]);
         Some(self.leaf(v, dep))
+    }
+
+    /// The scalar constant `c`.
+    fn constant(&mut self, c: f32) -> Value {
+        let v = self.g.constant(c, Shape::Scalar);
+        self.leaf(v, false)
     }
 
     fn values_where(&self, f: impl Fn(Shape) -> bool) -> Vec<Value> {
@@ -343,6 +351,69 @@ impl Builder {
                     args.push(self.pick(&others, b.rotate_left(5 * k as u32))?);
                 }
                 self.push(Op::Concat, &args)
+            }
+            // x / (1 + softplus(y)): a denominator at least 1, so values stay finite
+            15 => {
+                let x = self.pick(&not_scalar, a)?;
+                let sx = self.g.shape(x);
+                let others = self.values_where(|s| rnn::ir::graph::broadcast(sx, s).is_some());
+                let y = self.pick(&others, b)?;
+                let sp = self.push(Op::Softplus, &[y])?;
+                let one = self.constant(1.0);
+                let den = self.push(Op::Add, &[sp, one])?;
+                self.push(Op::Div, &[x, den])
+            }
+            // exp(tanh x), log(1 + |x|), sqrt(1 + |x|), softplus x, |x|, sign x
+            16 => {
+                let x = self.pick(&not_scalar, a)?;
+                let positive = |me: &mut Self, x: Value| {
+                    let ax = me.push(Op::Abs, &[x])?;
+                    let one = me.constant(1.0);
+                    me.push(Op::Add, &[ax, one])
+                };
+                match c % 6 {
+                    0 => {
+                        let t = self.push(Op::Tanh, &[x])?;
+                        self.push(Op::Exp, &[t])
+                    }
+                    1 => {
+                        let p = positive(self, x)?;
+                        self.push(Op::Log, &[p])
+                    }
+                    2 => {
+                        let p = positive(self, x)?;
+                        self.push(Op::Sqrt, &[p])
+                    }
+                    3 => self.push(Op::Softplus, &[x]),
+                    4 => self.push(Op::Abs, &[x]),
+                    _ => self.push(Op::Sign, &[x]),
+                }
+            }
+            // max(x, c) or min(x, c), c in [-1, 1]
+            17 => {
+                let x = self.pick(&not_scalar, a)?;
+                let k = (b % 17) as f32 / 8.0 - 1.0;
+                let op = if c % 2 == 0 {
+                    Op::Max(k.to_bits())
+                } else {
+                    Op::Min(k.to_bits())
+                };
+                self.push(op, &[x])
+            }
+            // sum over the features, spread back or divided into a mean
+            18 => {
+                let rows = self.values_where(|s| matches!(s, Shape::Vector(_) | Shape::Batch(_)));
+                let x = self.pick(&rows, a)?;
+                let n = self.g.shape(x).features();
+                let sum = self.push(Op::SumFeatures, &[x])?;
+                match c % 3 {
+                    0 => Some(sum),
+                    1 => self.push(Op::Spread(1 + b as u32 % 9), &[sum]),
+                    _ => {
+                        let count = self.constant(n as f32);
+                        self.push(Op::Div, &[sum, count])
+                    }
+                }
             }
             _ => unreachable!(),
         }
