@@ -92,6 +92,8 @@ pub trait Real:
     fn to_f32(self) -> f32;
     /// Conversion to `f64`.
     fn to_f64(self) -> f64;
+    /// Conversion from `f64` (rounding).
+    fn from_f64(x: f64) -> Self;
     /// `1 / (1 + e^-x)`.
     fn sigmoid(self) -> Self;
     /// `tanh(x)`.
@@ -119,6 +121,9 @@ impl Real for f32 {
     }
     fn to_f64(self) -> f64 {
         self as f64
+    }
+    fn from_f64(x: f64) -> Self {
+        x as f32
     }
     fn sigmoid(self) -> Self {
         1.0 / (1.0 + (-self).exp())
@@ -158,6 +163,9 @@ impl Real for f64 {
     }
     fn to_f64(self) -> f64 {
         self
+    }
+    fn from_f64(x: f64) -> Self {
+        x
     }
     fn sigmoid(self) -> Self {
         1.0 / (1.0 + (-self).exp())

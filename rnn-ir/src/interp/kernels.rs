@@ -216,13 +216,16 @@ pub fn eval<T: Real>(
             matmul(out, d, x, false, threads, by_row);
         }
         Op::SumRows => {
+            // Column by column, accumulated in f64 like every sum of a kernel's own: a bias
+            // gradient sums a whole sequence's rows.
             let a = args[0];
             let out = dst.row(0);
-            out.fill(T::ZERO);
-            for r in 0..a.rows {
-                for (o, &x) in out.iter_mut().zip(a.row(r)) {
-                    *o += x;
+            for (j, o) in out.iter_mut().enumerate() {
+                let mut sum = 0.0f64;
+                for r in 0..a.rows {
+                    sum += a.row(r)[j].to_f64();
                 }
+                *o = T::from_f64(sum);
             }
         }
         Op::Broadcast => {
@@ -267,12 +270,14 @@ pub fn eval<T: Real>(
             unary(dst, args[0], |x| if x > c { c } else { x })
         }
         Op::SumFeatures => {
+            // Accumulated in f64: a layer norm's gradient subtracts sums of nearly cancelling
+            // terms, and f32 accumulation there costs digits the tests can see.
             for r in 0..dst.rows {
-                let mut sum = T::ZERO;
+                let mut sum = 0.0f64;
                 for &x in args[0].row(r) {
-                    sum += x;
+                    sum += x.to_f64();
                 }
-                dst.row(r)[0] = sum;
+                dst.row(r)[0] = T::from_f64(sum);
             }
         }
         Op::Spread(_) => {
