@@ -25,6 +25,12 @@
 
 pub mod bench;
 
+/// The Rust code blocks of `README.md`, compiled and run as doctests (`cargo test --doc`), so the
+/// README's example cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use rnn_ir as ir;
 pub use rnn_ir::parse::parse_str;
 pub use rnn_ir::{
