@@ -2,8 +2,8 @@
 //! tested against. It is written to be obviously right: each op is a plain loop over strided
 //! views (products go to the `gemm` crate), and it follows the Program's plan literally.
 //!
-//! - [`kernels`]: one op into its place.
-//! - [`executor`]: one scheduled step graph over a sequence, buffers from its storage plan.
+//! - `kernels`: one op into its place.
+//! - `executor`: one scheduled step graph over a sequence, buffers from its storage plan.
 //! - this module: the bind phase ([`Program::bind`] computes every value derived from
 //!   parameters alone, once), the interpreter's [`SequenceExecutor`] (layers, directions,
 //!   lengths and the backward pass are the shared [`driver`]'s), the streaming
