@@ -393,7 +393,7 @@ impl Builder {
             17 => {
                 let x = self.pick(&not_scalar, a)?;
                 let k = (b % 17) as f32 / 8.0 - 1.0;
-                let op = if c % 2 == 0 {
+                let op = if c.is_multiple_of(2) {
                     Op::Max(k.to_bits())
                 } else {
                     Op::Min(k.to_bits())
