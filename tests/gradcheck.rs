@@ -566,6 +566,42 @@ fn bptt_min_gru_two_layer_bidirectional_stack() {
 }
 
 #[test]
+fn bptt_every_function_of_the_language_with_scalar_parameters() {
+    // Every function and operator the equations offer, scalar (`[]`) and one-element parameters
+    // broadcast over rows and features, slices, a concatenation, a per-row mean and sum, and
+    // an output of its own size that is not a state.
+    let src = "cell Everything {
+        input: 3, hidden: 4,
+        param W: [2 * hidden, input + hidden], param b: [2h],
+        param alpha: [], param beta: [1] = 0.5, param V: [2, hidden],
+        state h, state s: 1,
+        hx = concat(x, h),
+        g = W @ hx + b,
+        u = g[0 .. h], v = g[hidden ..],
+        m = mean(u), q = sum(v * v) / 4,
+        w = (u - m) / sqrt(q + 1) * alpha + beta,
+        e = exp(min(w, 2)) + log(1 + abs(v)) + softplus(max(v, -0.5)),
+        h = tanh(w + e / (1 + abs(s))),
+        s = sigmoid(s + mean(h)),
+        output y = V @ h + s,
+    }";
+    let spec = parse_str(src).unwrap_or_else(|e| panic!("{e}"));
+    let p = Program::compile(&spec).unwrap();
+    let shapes: Vec<(String, Vec<usize>)> = p.parameters();
+    assert!(shapes.contains(&("alpha_l0".into(), vec![])), "{shapes:?}");
+    assert!(shapes.contains(&("beta_l0".into(), vec![1])), "{shapes:?}");
+    assert_eq!(spec.output_size(), 2);
+    let w = Weights::init(&p, 1).unwrap();
+    assert_eq!(w.tensors["beta_l0"].data, [0.5], "a declared initial value");
+    assert_eq!(
+        w.tensors["alpha_l0"].shape,
+        Vec::<usize>::new(),
+        "a scalar is 0-dimensional"
+    );
+    check_model(&spec, 4, 2, Some(vec![4, 3]), true);
+}
+
+#[test]
 fn bptt_custom_relu_elman_stacked() {
     let mut s = parse_str(RELU_ELMAN).unwrap();
     s.num_layers = 2;

@@ -16,7 +16,7 @@
 use crate::autodiff;
 use crate::error::{Error, Result};
 use crate::graph::dataflow::carried_input;
-use crate::graph::{Graph, IrError, Op, OutRole, Role, Shape, Value, verify};
+use crate::graph::{Graph, IrError, Op, OutRole, ParamInfo, Role, Shape, Value, verify};
 use crate::lower::lower;
 use crate::passes;
 use crate::plan::{Storage, StoragePlan};
@@ -107,12 +107,21 @@ impl Program {
     /// Every parameter in PyTorch's `state_dict` order (per layer, per direction, in the cell's
     /// declaration order) with its full name and shape.
     pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
+        self.parameter_infos()
+            .into_iter()
+            .map(|(name, p)| (name, p.dims()))
+            .collect()
+    }
+
+    /// Every parameter, in the order of [`Program::parameters`], with its full name and what the
+    /// cell declares of it (shape, whether it is a scalar, its initial value if given).
+    pub fn parameter_infos(&self) -> Vec<(String, &ParamInfo)> {
         let mut out = Vec::new();
         for (layer, cell) in self.layers.iter().enumerate() {
             for direction in 0..self.spec.directions() {
                 let suffix = ModelSpec::param_suffix(layer, direction);
                 for p in &cell.forward.graph.params {
-                    out.push((format!("{}{suffix}", p.name), p.dims()));
+                    out.push((format!("{}{suffix}", p.name), p));
                 }
             }
         }

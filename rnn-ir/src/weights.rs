@@ -55,19 +55,25 @@ impl Weights {
     }
 
     /// PyTorch's initialisation: every parameter uniform in `±1/√hidden`, from `seed`
-    /// (ChaCha8, so the same seed gives the same weights on every platform). Fails, rather than
-    /// aborting, when the parameters do not fit in memory.
+    /// (ChaCha8, so the same seed gives the same weights on every platform), except those whose
+    /// declaration gives a value (`param gamma: [hidden] = 1`), which start at it. The uniform
+    /// stream skips the declared ones, so declaring one parameter's value changes no other's.
+    /// Fails, rather than aborting, when the parameters do not fit in memory.
     pub fn init(p: &Program, seed: u64) -> Result<Weights> {
         let k = 1.0 / (p.spec.hidden_size as f64).sqrt();
         let mut uniform = SeededUniform::new(seed);
         let mut tensors = BTreeMap::new();
-        for (name, shape) in p.parameters() {
+        for (name, info) in p.parameter_infos() {
+            let shape = info.dims();
             let n: usize = shape.iter().product();
             let mut data = Vec::new();
             data.try_reserve_exact(n).map_err(|_| {
                 Error::Argument(format!("cannot allocate {n} floats for `{name}` {shape:?}"))
             })?;
-            data.extend(uniform.by_ref().take(n).map(|u| (u * k) as f32));
+            match info.init {
+                Some(value) => data.resize(n, value),
+                None => data.extend(uniform.by_ref().take(n).map(|u| (u * k) as f32)),
+            }
             tensors.insert(name, Tensor { shape, data });
         }
         Ok(Weights { tensors })
