@@ -397,3 +397,26 @@ fn run_sequence_checks_its_arguments() {
             .contains("must give 1 ..= 4 for each of 2 rows")
     );
 }
+
+#[test]
+fn a_parameter_count_beyond_u64_is_exact() {
+    // At the largest sizes a deep bidirectional LSTM validates and compiles, and holds more
+    // parameters than `u64` counts: the count is a `u128`, exact, not wrapped around.
+    let size = ModelSpec::MAX_SIZE;
+    let mut spec = ModelSpec::new(CellKind::Lstm, size, size);
+    spec.num_layers = 4096;
+    spec.bidirectional = true;
+    let program = Program::compile(&spec).unwrap();
+    let (h, layers) = (size as u128, 4096u128);
+    let biases = 2 * 4 * h;
+    let first = 4 * h * h + 4 * h * h + biases; // input size h
+    let rest = 4 * h * (2 * h) + 4 * h * h + biases; // input 2h: both directions' outputs
+    let want = 2 * (first + (layers - 1) * rest);
+    assert!(want > u64::MAX as u128);
+    assert_eq!(program.parameter_count(), want);
+    // Binding weights for it is a typed error, not an abort.
+    match Weights::init(&program, 0) {
+        Err(Error::Argument(m)) => assert!(m.contains("cannot allocate"), "{m}"),
+        other => panic!("expected an allocation error, got {:?}", other.map(|_| ())),
+    }
+}

@@ -128,12 +128,23 @@ impl Program {
         out
     }
 
-    /// The number of scalar parameters.
-    pub fn parameter_count(&self) -> usize {
+    /// The number of scalar parameters, exact.
+    ///
+    /// It is a `u128` because a model that validates can hold more than `u64::MAX` parameters
+    /// (a deep stack at the largest sizes, [`ModelSpec::MAX_SIZE`] = 2²⁴, has about 2⁵² per
+    /// layer), even though no such model fits in memory to run. Every size is at most 2²⁴, so
+    /// each tensor holds at most 2⁴⁸ scalars and the sum cannot reach `u128::MAX` short of 2⁸⁰
+    /// tensors; the arithmetic is checked all the same and saturates at `u128::MAX` rather than
+    /// wrap around.
+    pub fn parameter_count(&self) -> u128 {
         self.parameters()
             .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+            .map(|(_, s)| {
+                s.iter()
+                    .try_fold(1u128, |n, &d| n.checked_mul(d as u128))
+                    .unwrap_or(u128::MAX)
+            })
+            .fold(0u128, u128::saturating_add)
     }
 
     /// The recurrent states' names and sizes (`h`, and `c` for an LSTM).
