@@ -79,6 +79,57 @@ impl Weights {
         Ok(Weights { tensors })
     }
 
+    /// The part of a `state_dict` saved from a whole PyTorch model that belongs to the
+    /// recurrent submodule at `prefix`: every tensor whose name starts with the prefix, with it
+    /// stripped (`rnn.weight_ih_l0` becomes `weight_ih_l0` for the prefix `rnn.`); every other
+    /// tensor (`fc.weight`, `embedding.weight`) is dropped.
+    ///
+    /// A prefix is a module path as PyTorch writes it, ending with `.`; one written without the
+    /// final `.` (`rnn`, `encoder.rnn`) gets it, so `rnn` never matches `rnn2.weight_ih_l0`. The
+    /// empty prefix keeps everything. Fails with [`Error::WeightsMismatch`] when no tensor is
+    /// under the prefix, naming the module paths the names do hold.
+    ///
+    /// ```
+    /// # use rnn_ir::{Tensor, Weights};
+    /// let mut w = Weights::default();
+    /// w.tensors.insert("rnn.weight_ih_l0".into(), Tensor::zeros(vec![4, 3]));
+    /// w.tensors.insert("fc.weight".into(), Tensor::zeros(vec![2, 4]));
+    /// let w = w.strip_prefix("rnn.").unwrap();
+    /// assert_eq!(w.tensors.keys().collect::<Vec<_>>(), ["weight_ih_l0"]);
+    /// ```
+    pub fn strip_prefix(self, prefix: &str) -> Result<Weights> {
+        if prefix.is_empty() {
+            return Ok(self);
+        }
+        let prefix = if prefix.ends_with('.') {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.")
+        };
+        let modules = module_paths(self.tensors.keys().map(String::as_str));
+        let tensors: BTreeMap<String, Tensor> = self
+            .tensors
+            .into_iter()
+            .filter_map(|(name, t)| {
+                let rest = name.strip_prefix(&prefix)?;
+                (!rest.is_empty()).then(|| (rest.to_string(), t))
+            })
+            .collect();
+        if tensors.is_empty() {
+            let held = if modules.is_empty() {
+                "no name holds a module path (the tensors are at the top level)".to_string()
+            } else {
+                let shown: Vec<String> = modules.iter().take(8).map(|m| format!("`{m}`")).collect();
+                let more = if modules.len() > 8 { ", …" } else { "" };
+                format!("the names are under {}{more}", shown.join(", "))
+            };
+            return Err(Error::WeightsMismatch(format!(
+                "no tensor name starts with the prefix `{prefix}`: {held}"
+            )));
+        }
+        Ok(Weights { tensors })
+    }
+
     /// Reads and checks weights for `p` from safetensors bytes.
     pub fn from_safetensors(bytes: &[u8], p: &Program) -> Result<Weights> {
         let w = Weights {
@@ -87,6 +138,49 @@ impl Weights {
         w.check(p)?;
         Ok(w)
     }
+}
+
+/// The module prefixes under which `names` hold one of the `wanted` parameter names: for a
+/// `state_dict` saved from a whole model, the submodules that hold the recurrent layer.
+///
+/// A prefix is everything before a wanted name that follows a `.` (`rnn.` in
+/// `rnn.weight_ih_l0`, `encoder.rnn.` in `encoder.rnn.weight_hh_l0`); the result is sorted and
+/// without repeats, empty when no name holds a wanted one under a prefix. This is how a caller
+/// whose names do not match says which prefix to strip with [`Weights::strip_prefix`].
+///
+/// ```
+/// # use rnn_ir::weights::prefixes_holding;
+/// let names = ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "fc.weight"];
+/// assert_eq!(prefixes_holding(names, &["weight_ih_l0", "weight_hh_l0"]), ["rnn."]);
+/// assert!(prefixes_holding(names, &["bias_ih_l0"]).is_empty());
+/// ```
+pub fn prefixes_holding<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    wanted: &[&str],
+) -> Vec<String> {
+    let mut out: Vec<String> = names
+        .into_iter()
+        .filter_map(|name| {
+            wanted.iter().find_map(|w| {
+                let prefix = name.strip_suffix(w)?;
+                (prefix.len() > 1 && prefix.ends_with('.')).then(|| prefix.to_string())
+            })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The distinct module paths (`rnn.`, `fc.`) of `names`: each dotted name up to its last `.`.
+fn module_paths<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = names
+        .into_iter()
+        .filter_map(|n| n.rfind('.').filter(|&i| i > 0).map(|i| n[..=i].to_string()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Uniform random numbers in `[-1, 1)` from a seed: ChaCha8, so the same seed gives the same
@@ -244,4 +338,80 @@ pub fn infer_spec(tensors: &BTreeMap<String, Tensor>, cell: Option<CellKind>) ->
     spec.proj_size = proj;
     spec.validate().map_err(Error::WeightsMismatch)?;
     Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(names: &[&str]) -> Weights {
+        Weights {
+            tensors: names
+                .iter()
+                .map(|n| (n.to_string(), Tensor::zeros(vec![1])))
+                .collect(),
+        }
+    }
+
+    fn names(w: &Weights) -> Vec<&str> {
+        w.tensors.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn strip_prefix_keeps_the_submodule_and_drops_the_rest() {
+        let w = weights(&[
+            "rnn.weight_ih_l0",
+            "rnn.bias_ih_l0",
+            "rnn2.weight_ih_l0",
+            "fc.weight",
+            "weight_hh_l0",
+        ]);
+        let stripped = w.clone().strip_prefix("rnn.").unwrap();
+        assert_eq!(names(&stripped), ["bias_ih_l0", "weight_ih_l0"]);
+        // Without the final dot it is the same module path, and `rnn2.` is another module.
+        assert_eq!(w.clone().strip_prefix("rnn").unwrap(), stripped);
+        assert_eq!(w.clone().strip_prefix("").unwrap(), w);
+        let nested = weights(&["encoder.rnn.weight_ih_l0", "decoder.rnn.weight_ih_l0"]);
+        assert_eq!(
+            names(&nested.strip_prefix("encoder.rnn.").unwrap()),
+            ["weight_ih_l0"]
+        );
+    }
+
+    #[test]
+    fn strip_prefix_names_the_modules_when_nothing_matches() {
+        let w = weights(&["rnn.weight_ih_l0", "fc.weight", "fc.bias"]);
+        match w.strip_prefix("lstm.") {
+            Err(Error::WeightsMismatch(m)) => assert_eq!(
+                m,
+                "no tensor name starts with the prefix `lstm.`: the names are under `fc.`, `rnn.`"
+            ),
+            other => panic!("{other:?}"),
+        }
+        match weights(&["weight_ih_l0"]).strip_prefix("rnn") {
+            Err(Error::WeightsMismatch(m)) => assert!(m.contains("top level"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // A name that is the prefix alone holds nothing under it.
+        assert!(weights(&["rnn."]).strip_prefix("rnn.").is_err());
+    }
+
+    #[test]
+    fn prefixes_holding_finds_every_submodule_with_the_wanted_names() {
+        let wanted = ["weight_ih_l0", "weight_hh_l0"];
+        let names = [
+            "encoder.rnn.weight_ih_l0",
+            "encoder.rnn.weight_hh_l0",
+            "decoder.rnn.weight_ih_l0",
+            "fc.weight",
+            "weight_ih_l0",
+            "xweight_ih_l0",
+            ".weight_ih_l0",
+        ];
+        assert_eq!(
+            prefixes_holding(names, &wanted),
+            ["decoder.rnn.", "encoder.rnn."]
+        );
+        assert!(prefixes_holding(["fc.weight", "weight_ih_l0"], &wanted).is_empty());
+    }
 }
