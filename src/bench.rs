@@ -163,7 +163,12 @@ pub fn last_step_seed(steps: usize, batch: usize, width: usize) -> Tensor {
 
 /// FLOPs of one forward pass of a one-layer cell with `gates` gate blocks.
 pub fn cell_flops(gates: usize, input: usize, hidden: usize, batch: usize, steps: usize) -> f64 {
-    2.0 * (gates * hidden * (input + hidden) * batch * steps) as f64
+    // In floating point: the count is only ever used as one, and cannot wrap around.
+    2.0 * gates as f64
+        * hidden as f64
+        * (input as f64 + hidden as f64)
+        * batch as f64
+        * steps as f64
 }
 
 fn time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
@@ -181,15 +186,25 @@ fn spec(cell: CellKind, input: usize, hidden: usize) -> ModelSpec {
     ModelSpec::new(cell, input, hidden)
 }
 
-/// Runs workload `w` on `backend` with `threads` threads for `reps` timed repetitions.
+/// Runs workload `w` on `backend` with `threads` threads for `reps` timed repetitions (after one
+/// warm-up). Zero repetitions or threads are an [`Error::Argument`](crate::Error::Argument).
 pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Result<Measurement> {
     if backend != "interp" {
         return Err(crate::Error::Argument(format!(
             "unknown backend `{backend}`: expected `interp`"
         )));
     }
+    if reps == 0 {
+        return Err(crate::Error::Argument(
+            "`reps` is 0: at least one timed repetition is needed for a measurement".into(),
+        ));
+    }
+    if threads == 0 {
+        return Err(crate::Error::Argument(
+            "`threads` is 0: at least 1 is needed".into(),
+        ));
+    }
     let exec = Exec { threads };
-    let reps = reps.max(1);
     let (times, flops, per_step) = match w.id {
         "W1" | "W2" => {
             let (i, h, b, t) = (256, 256, 32, 512);

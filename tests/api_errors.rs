@@ -420,3 +420,14 @@ fn a_parameter_count_beyond_u64_is_exact() {
         other => panic!("expected an allocation error, got {:?}", other.map(|_| ())),
     }
 }
+
+#[test]
+fn a_measurement_of_zero_repetitions_or_threads_is_refused() {
+    let w5 = rnn::bench::workload("W5").unwrap();
+    for (threads, reps, what) in [(1, 0, "`reps` is 0"), (0, 1, "`threads` is 0")] {
+        match rnn::bench::measure(w5, "interp", threads, reps) {
+            Err(Error::Argument(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("expected an argument error, got {:?}", other.map(|_| ())),
+        }
+    }
+}
