@@ -522,3 +522,822 @@ fn inspect_ends_quietly_when_its_reader_stops() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }
+
+// --- `run --model`: any declared model ---
+
+/// The `.rnn` declaration of a PyTorch case's model (its `batch_first` included).
+fn declaration(case: &Case) -> String {
+    let m = &case.meta;
+    let (kind, nonlinearity) = match m["cell"].as_str().unwrap() {
+        "rnn_tanh" => ("rnn", "nonlinearity: tanh, "),
+        "rnn_relu" => ("rnn", "nonlinearity: relu, "),
+        other => (other, ""),
+    };
+    let proj = match m["proj_size"].as_u64().unwrap() {
+        0 => String::new(),
+        p => format!("proj: {p}, "),
+    };
+    format!(
+        "{kind} {{ input: {}, hidden: {}, layers: {}, bidirectional: {}, bias: {}, batch_first: {}, {nonlinearity}{proj}}}",
+        m["input_size"],
+        m["hidden_size"],
+        m["num_layers"],
+        m["bidirectional"],
+        m["bias"],
+        m["batch_first"]
+    )
+}
+
+/// The arguments of `rnnc run --model` for a case: the initial states by `--state NAME=FILE`,
+/// batch-first from the file alone.
+fn model_run_args(case: &Case, model: &Path, out: &Path) -> Vec<String> {
+    let f = |name: &str| case.dir.join(name).to_str().unwrap().to_string();
+    let mut args: Vec<String> = [
+        "run",
+        "--model",
+        path_str(model),
+        "--weights",
+        &f("weights.safetensors"),
+        "--input",
+        &f("input.npy"),
+        "--out",
+        path_str(out),
+    ]
+    .map(String::from)
+    .to_vec();
+    for (state, file) in [("h", "h0.npy"), ("c", "c0.npy")] {
+        if case.dir.join(file).exists() {
+            args.extend(["--state".into(), format!("{state}={}", f(file))]);
+        }
+    }
+    for (flag, file) in [
+        ("--lengths", "lengths.npy"),
+        ("--grad-output", "grad_output.npy"),
+    ] {
+        if case.dir.join(file).exists() {
+            args.extend([flag.into(), f(file)]);
+        }
+    }
+    args
+}
+
+fn run_ok(args: &[String]) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = rnnc(&args);
+    assert!(
+        o.status.success(),
+        "rnnc {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn read_out(path: &Path) -> BTreeMap<String, Tensor> {
+    weights::read_safetensors(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn assert_all_close(name: &str, got: &BTreeMap<String, Tensor>, want: &BTreeMap<String, Tensor>) {
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "{name}: the tensors written"
+    );
+    for (key, expected) in want {
+        assert_close(&format!("{name}: {key}"), &got[key], expected, 1e-5, 1e-6);
+    }
+}
+
+#[test]
+fn every_pytorch_case_matches_through_rnnc_run_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in rnn_cases() {
+        let case = Case::load(&name);
+        let model = tmp.path().join(format!("{name}.rnn"));
+        std::fs::write(&model, declaration(&case)).unwrap();
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        run_ok(&model_run_args(&case, &model, &out));
+        assert_all_close(&name, &read_out(&out), &case.expected);
+    }
+}
+
+#[test]
+fn batch_first_on_the_command_line_also_sets_it_for_a_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = Case::load("gru_h0_batch_first");
+    let model = tmp.path().join("m.rnn");
+    std::fs::write(
+        &model,
+        declaration(&case).replace("batch_first: true, ", ""),
+    )
+    .unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let mut args = model_run_args(&case, &model, &out);
+    args.push("--batch-first".into());
+    run_ok(&args);
+    assert_all_close("gru_h0_batch_first", &read_out(&out), &case.expected);
+}
+
+const ELMAN: &str = "cell Elman { input: 5, hidden: 7,
+    param W_xh: [hidden, input], param W_hh: [hidden, hidden], param b: [hidden],
+    state q,
+    q = tanh(W_hh @ q + W_xh @ x + b) }";
+
+#[test]
+fn a_custom_cell_runs_with_its_own_state_names_and_gradients() {
+    use rnn::bench::random_tensor;
+    use rnn::{Exec, Program, Request, Weights, parse_str};
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |f: &str| tmp.path().join(f);
+    std::fs::write(p("elman.rnn"), ELMAN).unwrap();
+    let program = Program::compile(&parse_str(ELMAN).unwrap()).unwrap();
+    let w = Weights::init(&program, 5).unwrap();
+    let x = random_tensor(vec![4, 2, 5], 1);
+    let q0 = random_tensor(vec![1, 2, 7], 2);
+    let gy = random_tensor(vec![4, 2, 7], 3);
+    std::fs::write(
+        p("w.safetensors"),
+        weights::write_safetensors(&w.tensors).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(p("x.npy"), npy::write_f32(&x)).unwrap();
+    std::fs::write(p("q0.npy"), npy::write_f32(&q0)).unwrap();
+    std::fs::write(p("g.npy"), npy::write_f32(&gy)).unwrap();
+    let s = |f: &str| path_str(&p(f)).to_string();
+    let args = [
+        "run",
+        "--model",
+        &s("elman.rnn"),
+        "--weights",
+        &s("w.safetensors"),
+        "--input",
+        &s("x.npy"),
+        "--state",
+        &format!("q={}", s("q0.npy")),
+        "--grad-output",
+        &s("g.npy"),
+        "--out",
+        &s("out.safetensors"),
+    ]
+    .map(String::from);
+    run_ok(&args);
+    let want = program
+        .run::<f32>(
+            &w,
+            &Request {
+                input: Some(&x),
+                initial_states: vec![Some(&q0)],
+                grad_output: Some(&gy),
+                ..Default::default()
+            },
+            &Exec::default(),
+        )
+        .unwrap();
+    let grads = want.grads.unwrap();
+    let mut expected = BTreeMap::from([
+        ("output".to_string(), want.output),
+        ("q_n".to_string(), want.final_states[0].clone()),
+        ("grad.input".to_string(), grads.input),
+        ("grad.q0".to_string(), grads.initial_states[0].clone()),
+    ]);
+    for (name, g) in grads.params {
+        expected.insert(format!("grad.{name}"), g);
+    }
+    assert!(
+        expected.contains_key("grad.W_xh_l0"),
+        "{:?}",
+        expected.keys()
+    );
+    assert_all_close("Elman", &read_out(&p("out.safetensors")), &expected);
+
+    // `--h0` names the state `h`, which this cell does not have.
+    let mut bad = args.to_vec();
+    bad[7] = "--h0".into();
+    bad[8] = s("q0.npy");
+    let err = complaint(&bad.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("--h0: the model has no state `h`; its states are `q`"),
+        "{err}"
+    );
+    bad[7] = "--state".into();
+    bad[8] = format!("r={}", s("q0.npy"));
+    let err = complaint(&bad.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("--state r: the model has no state `r`; its states are `q`"),
+        "{err}"
+    );
+    bad[8] = s("q0.npy");
+    let err = complaint(&bad.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("is not NAME=FILE.npy"), "{err}");
+    // The same state twice.
+    let mut twice = args.to_vec();
+    twice.extend(["--state".into(), format!("q={}", s("x.npy"))]);
+    let err = complaint(&twice.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("the initial value of state `q` is already given by `--state q`"),
+        "{err}"
+    );
+    // An initial state of the wrong shape is named by its file and state.
+    let mut wrong = args.to_vec();
+    wrong[8] = format!("q={}", s("x.npy"));
+    let err = complaint(&wrong.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("x.npy: `q0` has shape [4, 2, 5], expected [1, 2, 7]"),
+        "{err}"
+    );
+    // Weights for another model are named against the declaration.
+    let mut other = w.tensors.clone();
+    other.remove("b_l0");
+    std::fs::write(
+        p("w2.safetensors"),
+        weights::write_safetensors(&other).unwrap(),
+    )
+    .unwrap();
+    let mut missing = args.to_vec();
+    missing[4] = s("w2.safetensors");
+    let err = complaint(&missing.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("w2.safetensors: missing tensor `b_l0` (expected shape [7])"),
+        "{err}"
+    );
+}
+
+#[test]
+fn model_and_cell_together_are_refused() {
+    let s = Scratch::new();
+    std::fs::write(s.root.join("m.rnn"), "lstm { input: 5, hidden: 7 }").unwrap();
+    let err = s.run(&["--model", &s.path("m.rnn"), "--cell", "lstm"]);
+    assert!(
+        err.contains("--cell: the model file")
+            && err.contains("give `--model` or `--cell`, not both"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_model_file_that_does_not_parse_is_named() {
+    let s = Scratch::new();
+    std::fs::write(s.root.join("m.rnn"), "lstm { input: 5, hiden: 7 }").unwrap();
+    let err = s.run(&["--model", &s.path("m.rnn")]);
+    assert!(
+        err.contains("m.rnn: 1:18: unknown setting `hiden`"),
+        "{err}"
+    );
+}
+
+// --- `init` ---
+
+#[test]
+fn init_writes_the_declared_names_from_a_seed() {
+    use rnn::{Program, Weights, parse_str};
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |f: &str| tmp.path().join(f);
+    std::fs::write(p("elman.rnn"), ELMAN).unwrap();
+    let s = |f: &str| path_str(&p(f)).to_string();
+    let program = Program::compile(&parse_str(ELMAN).unwrap()).unwrap();
+    run_ok(
+        &[
+            "init",
+            "--model",
+            &s("elman.rnn"),
+            "--out",
+            &s("w0.safetensors"),
+        ]
+        .map(String::from),
+    );
+    let w0 = read_out(&p("w0.safetensors"));
+    assert_eq!(
+        w0,
+        Weights::init(&program, 0).unwrap().tensors,
+        "seed 0 by default"
+    );
+    assert_eq!(
+        w0.keys().collect::<Vec<_>>(),
+        ["W_hh_l0", "W_xh_l0", "b_l0"]
+    );
+    run_ok(
+        &[
+            "init",
+            "--model",
+            &s("elman.rnn"),
+            "--seed",
+            "3",
+            "--out",
+            &s("w3.safetensors"),
+        ]
+        .map(String::from),
+    );
+    assert_eq!(
+        read_out(&p("w3.safetensors")),
+        Weights::init(&program, 3).unwrap().tensors
+    );
+    // They run.
+    std::fs::write(p("x.npy"), npy::write_f32(&Tensor::zeros(vec![2, 1, 5]))).unwrap();
+    run_ok(
+        &[
+            "run",
+            "--model",
+            &s("elman.rnn"),
+            "--weights",
+            &s("w3.safetensors"),
+            "--input",
+            &s("x.npy"),
+            "--out",
+            &s("out.safetensors"),
+        ]
+        .map(String::from),
+    );
+    assert_eq!(
+        read_out(&p("out.safetensors"))["output"].shape,
+        vec![2, 1, 7]
+    );
+    // A bad model is named; nothing is written.
+    std::fs::write(p("bad.rnn"), "cell { input: 5 }").unwrap();
+    let err = complaint(&[
+        "init",
+        "--model",
+        &s("bad.rnn"),
+        "--out",
+        &s("bad.safetensors"),
+    ]);
+    assert!(err.contains("bad.rnn:"), "{err}");
+    assert!(!p("bad.safetensors").exists());
+}
+
+// --- `--prefix`: a state dict saved from a whole model ---
+
+/// The `lstm_basic` case's weights as `model.state_dict()` of a module holding the LSTM at each
+/// of `prefixes`, plus a linear head.
+fn whole_model_state_dict(s: &Scratch, prefixes: &[&str]) {
+    let w = s.weights();
+    let mut whole = BTreeMap::new();
+    for p in prefixes {
+        for (k, t) in &w {
+            whole.insert(format!("{p}{k}"), t.clone());
+        }
+    }
+    whole.insert("fc.weight".into(), Tensor::zeros(vec![2, 7]));
+    whole.insert("fc.bias".into(), Tensor::zeros(vec![2]));
+    s.write_weights(&whole);
+}
+
+#[test]
+fn prefix_loads_the_recurrent_part_of_a_whole_models_state_dict() {
+    let s = Scratch::new();
+    whole_model_state_dict(&s, &["rnn."]);
+    std::fs::write(s.root.join("m.rnn"), "lstm { input: 5, hidden: 7 }").unwrap();
+    let case = Case::load("lstm_basic");
+    let g = s.path("grad_output.npy");
+    for extra in [
+        vec!["--prefix", "rnn."],
+        vec!["--prefix", "rnn"],
+        vec!["--prefix", "rnn.", "--cell", "lstm"],
+    ] {
+        let mut args = s.args();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.extend(["--grad-output".to_string(), g.clone()]);
+        run_ok(&args);
+        assert_all_close(
+            &format!("{extra:?}"),
+            &read_out(&s.root.join("out.safetensors")),
+            &case.expected,
+        );
+    }
+    let mut args = s.args();
+    args.extend(
+        [
+            "--prefix",
+            "rnn.",
+            "--model",
+            &s.path("m.rnn"),
+            "--grad-output",
+            &g,
+        ]
+        .map(String::from),
+    );
+    run_ok(&args);
+    assert_all_close(
+        "--model",
+        &read_out(&s.root.join("out.safetensors")),
+        &case.expected,
+    );
+}
+
+#[test]
+fn without_prefix_the_error_names_the_prefix_the_file_holds() {
+    let s = Scratch::new();
+    whole_model_state_dict(&s, &["rnn."]);
+    std::fs::write(s.root.join("m.rnn"), "lstm { input: 5, hidden: 7 }").unwrap();
+    let hint = "the file's parameters are under the prefix `rnn.`: pass `--prefix rnn.`";
+    for extra in [
+        vec![],
+        vec!["--cell", "lstm"],
+        vec!["--model", &s.path("m.rnn")],
+    ] {
+        let err = s.run(&extra);
+        assert!(
+            err.contains("weights.safetensors: missing tensor `weight_ih_l0`")
+                && err.contains(hint),
+            "{extra:?}: {err}"
+        );
+    }
+    // A prefix the file does not hold.
+    let err = s.run(&["--prefix", "lstm."]);
+    assert!(
+        err.contains(
+            "no tensor name starts with the prefix `lstm.`: the names are under `fc.`, `rnn.`"
+        ),
+        "{err}"
+    );
+    // Names under the prefix are reported as the file spells them.
+    let mut w = s.weights();
+    w.remove("rnn.bias_hh_l0");
+    s.write_weights(&w);
+    let err = s.run(&["--prefix", "rnn."]);
+    assert!(
+        err.contains("missing tensor `rnn.bias_hh_l0` (expected shape [28])"),
+        "{err}"
+    );
+    // Two recurrent submodules: both are named.
+    let s = Scratch::new();
+    whole_model_state_dict(&s, &["encoder.rnn.", "decoder.rnn."]);
+    let err = s.run(&[]);
+    assert!(
+        err.contains(
+            "under the prefixes `decoder.rnn.`, `encoder.rnn.`: pass `--prefix` with the one to run"
+        ),
+        "{err}"
+    );
+    // A prefix one level too short still finds the parameters deeper down.
+    let err = s.run(&["--prefix", "encoder."]);
+    assert!(err.contains("pass `--prefix encoder.rnn.`"), "{err}");
+}
+
+#[test]
+fn weights_of_another_model_without_model_say_to_give_one() {
+    let s = Scratch::new();
+    let mut w = BTreeMap::new();
+    w.insert("W_xh_l0".to_string(), Tensor::zeros(vec![7, 5]));
+    s.write_weights(&w);
+    let err = s.run(&[]);
+    assert!(
+        err.contains("missing tensor `weight_ih_l0`")
+            && err.contains("give its `.rnn` file with `--model`"),
+        "{err}"
+    );
+}
+
+// --- rough edges ---
+
+/// Runs rnnc with its standard output a pipe whose reader has already gone.
+fn into_a_closed_pipe(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_rnnc"))
+        .args(args)
+        .stdout(writer)
+        .output()
+        .expect("rnnc runs")
+}
+
+#[test]
+fn every_printing_command_ends_quietly_on_a_closed_pipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("m.rnn");
+    std::fs::write(&file, ELMAN).unwrap();
+    for args in [
+        vec![],
+        vec![
+            "inspect",
+            "--cell",
+            "gru",
+            "--input-size",
+            "4",
+            "--hidden-size",
+            "4",
+        ],
+        vec!["inspect", path_str(&file)],
+        vec!["bench", "W5", "--reps", "1"],
+        vec!["bench", "W5", "--reps", "1", "--json"],
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["--version"],
+    ] {
+        let o = into_a_closed_pipe(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(o.status.success(), "{args:?}: {:?}: {stderr}", o.status);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_parameter_count_beyond_u64_is_printed_exactly() {
+    // 2²⁴ features, 4096 layers, both directions: more parameters than u64 counts.
+    let o = rnnc(&[
+        "inspect",
+        "--cell",
+        "lstm",
+        "--input-size",
+        "16777216",
+        "--hidden-size",
+        "16777216",
+        "--layers",
+        "4096",
+        "--bidirectional",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let h: u128 = 1 << 24;
+    let first = 8 * h * h + 8 * h;
+    let rest = 12 * h * h + 8 * h;
+    let want = 2 * (first + 4095 * rest);
+    assert!(want > u64::MAX as u128);
+    assert!(
+        text.lines().any(|l| l == format!("parameters: {want}")),
+        "{}",
+        &text[..400]
+    );
+}
+
+#[test]
+fn out_never_overwrites_an_input() {
+    let s = Scratch::new();
+    std::fs::write(s.root.join("m.rnn"), "lstm { input: 5, hidden: 7 }").unwrap();
+    let state = npy::write_f32(&Tensor::zeros(vec![1, 3, 7]));
+    for f in ["h0.npy", "c0.npy", "s.npy"] {
+        std::fs::write(s.root.join(f), &state).unwrap();
+    }
+    std::fs::write(s.root.join("lengths.npy"), npy::write_i64(&[3], &[6, 5, 4])).unwrap();
+    let before: BTreeMap<String, Vec<u8>> = std::fs::read_dir(&s.root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_str().unwrap().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    let all = |out: &str, model: bool| -> Vec<String> {
+        let mut a = vec![
+            "run".to_string(),
+            "--weights".into(),
+            s.path("weights.safetensors"),
+            "--input".into(),
+            s.path("input.npy"),
+            "--lengths".into(),
+            s.path("lengths.npy"),
+            "--grad-output".into(),
+            s.path("grad_output.npy"),
+            "--out".into(),
+            out.to_string(),
+        ];
+        if model {
+            a.extend([
+                "--model".into(),
+                s.path("m.rnn"),
+                "--h0".into(),
+                s.path("h0.npy"),
+                "--state".into(),
+                format!("c={}", s.path("s.npy")),
+            ]);
+        } else {
+            a.extend([
+                "--h0".into(),
+                s.path("h0.npy"),
+                "--c0".into(),
+                s.path("c0.npy"),
+            ]);
+        }
+        a
+    };
+    for (file, flag, model) in [
+        ("weights.safetensors", "--weights", false),
+        ("input.npy", "--input", false),
+        ("h0.npy", "--h0", false),
+        ("c0.npy", "--c0", false),
+        ("lengths.npy", "--lengths", false),
+        ("grad_output.npy", "--grad-output", false),
+        ("m.rnn", "--model", true),
+        ("s.npy", "--state c", true),
+    ] {
+        let args = all(&s.path(file), model);
+        let err = complaint(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            err.contains(&format!("`--out` is the file given to `{flag}`")),
+            "{file}: {err}"
+        );
+    }
+    // The same file by another path: `dir/./f`, `dir/../dir/f`, a symbolic and a hard link.
+    let dir = s.root.file_name().unwrap().to_str().unwrap().to_string();
+    let mut others = vec![
+        path_str(&s.root.join(".").join("input.npy")).to_string(),
+        path_str(&s.root.join("..").join(&dir).join("input.npy")).to_string(),
+    ];
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(s.root.join("input.npy"), s.root.join("sym.npy")).unwrap();
+        std::fs::hard_link(s.root.join("input.npy"), s.root.join("hard.npy")).unwrap();
+        others.push(s.path("sym.npy"));
+        others.push(s.path("hard.npy"));
+    }
+    for out in others {
+        let err = complaint(
+            &all(&out, false)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        assert!(
+            err.contains("`--out` is the file given to `--input`"),
+            "{out}: {err}"
+        );
+    }
+    for (name, bytes) in before {
+        assert_eq!(
+            std::fs::read(s.root.join(&name)).unwrap(),
+            bytes,
+            "{name} was changed"
+        );
+    }
+    // `init` does not overwrite its model either.
+    let err = complaint(&[
+        "init",
+        "--model",
+        &s.path("m.rnn"),
+        "--out",
+        &s.path("m.rnn"),
+    ]);
+    assert!(
+        err.contains("`--out` is the file given to `--model`"),
+        "{err}"
+    );
+    // A fresh output file next to the inputs is fine.
+    run_ok(&all(&s.path("out.safetensors"), true));
+}
+
+#[test]
+fn inspect_prints_the_dsl_spellings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("cho.rnn");
+    std::fs::write(
+        &file,
+        "gru Cho { input: 4, hidden: 6, reset: before, bias_convention: one }",
+    )
+    .unwrap();
+    let o = rnnc(&["inspect", path_str(&file)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    for line in [
+        "model: gru Cho",
+        "  reset: before",
+        "  bias_convention: one",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(line)),
+            "`{line}` in:\n{text}"
+        );
+    }
+    let o = rnnc(&[
+        "inspect",
+        "--cell",
+        "rnn-relu",
+        "--input-size",
+        "4",
+        "--hidden-size",
+        "6",
+    ]);
+    let text = String::from_utf8(o.stdout).unwrap();
+    for line in [
+        "model: rnn",
+        "  nonlinearity: relu",
+        "  bias_convention: two",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(line)),
+            "`{line}` in:\n{text}"
+        );
+    }
+    let o = rnnc(&[
+        "inspect",
+        "--cell",
+        "gru",
+        "--input-size",
+        "4",
+        "--hidden-size",
+        "6",
+    ]);
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("  reset: after")),
+        "{text}"
+    );
+    // No Rust debug names anywhere.
+    for debug in [
+        "AfterMatmul",
+        "BeforeMatmul",
+        "Matmul",
+        "Two",
+        "One",
+        "RnnRelu",
+        "Gru",
+    ] {
+        assert!(!text.contains(debug), "`{debug}` in:\n{text}");
+    }
+}
+
+#[test]
+fn zero_counts_are_refused() {
+    for args in [
+        ["bench", "W5", "--reps", "0"],
+        ["bench", "W5", "--threads", "0"],
+    ] {
+        let err = complaint(&args);
+        assert!(err.contains("must be at least 1"), "{args:?}: {err}");
+    }
+    let err = complaint(&[
+        "inspect",
+        "--cell",
+        "lstm",
+        "--input-size",
+        "4",
+        "--hidden-size",
+        "4",
+        "--layers",
+        "0",
+    ]);
+    assert!(err.contains("`layers` must be at least 1"), "{err}");
+}
+
+#[test]
+fn a_fortran_order_big_endian_input_is_read_as_numpy_reads_it() {
+    // The input in Fortran order (NumPy writes one for a transposed array), the output gradient
+    // big-endian, the lengths int32: the same arrays, so the same results.
+    let s = Scratch::new();
+    let case = Case::load("lstm_basic");
+    let x = &case.input;
+    let (t, b, i) = (x.shape[0], x.shape[1], x.shape[2]);
+    let mut fortran = vec![0f32; x.data.len()];
+    for a in 0..t {
+        for c in 0..b {
+            for d in 0..i {
+                fortran[a + t * c + t * b * d] = x.data[(a * b + c) * i + d];
+            }
+        }
+    }
+    let npy_file = |dict: &str, data: Vec<u8>| {
+        let mut text = dict.to_string();
+        while !(10 + text.len() + 1).is_multiple_of(64) {
+            text.push(' ');
+        }
+        text.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend((text.len() as u16).to_le_bytes());
+        out.extend(text.as_bytes());
+        out.extend(data);
+        out
+    };
+    std::fs::write(
+        s.root.join("input.npy"),
+        npy_file(
+            &format!("{{'descr': '<f4', 'fortran_order': True, 'shape': ({t}, {b}, {i}), }}"),
+            fortran.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+    )
+    .unwrap();
+    let g = &case.grad_output;
+    std::fs::write(
+        s.root.join("grad_output.npy"),
+        npy_file(
+            &format!(
+                "{{'descr': '>f4', 'fortran_order': False, 'shape': ({}, {}, {}), }}",
+                g.shape[0], g.shape[1], g.shape[2]
+            ),
+            g.data.iter().flat_map(|v| v.to_be_bytes()).collect(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        s.root.join("lengths.npy"),
+        npy_file(
+            "{'descr': '<i4', 'fortran_order': False, 'shape': (3,), }",
+            [6i32, 6, 6].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+    )
+    .unwrap();
+    let mut args = s.args();
+    args.extend(
+        [
+            "--grad-output",
+            &s.path("grad_output.npy"),
+            "--lengths",
+            &s.path("lengths.npy"),
+        ]
+        .map(String::from),
+    );
+    run_ok(&args);
+    assert_all_close(
+        "lstm_basic",
+        &read_out(&s.root.join("out.safetensors")),
+        &case.expected,
+    );
+}

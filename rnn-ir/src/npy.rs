@@ -509,7 +509,7 @@ mod tests {
     fn npy(version: u8, dict: &str, data: &[u8]) -> Vec<u8> {
         let mut text = dict.to_string();
         let prefix = if version == 1 { 10 } else { 12 };
-        while (prefix + text.len() + 1) % 64 != 0 {
+        while !(prefix + text.len() + 1).is_multiple_of(64) {
             text.push(' ');
         }
         text.push('\n');

@@ -1,19 +1,24 @@
 //! `rnnc`: the `rnn` command line.
 //!
-//! - `rnnc run`: a PyTorch `nn.RNN` / `nn.LSTM` / `nn.GRU` state dict and a `.npy` input in,
+//! - `rnnc run`: a model (declared in a `.rnn` file with `--model`, or a PyTorch `nn.RNN` /
+//!   `nn.LSTM` / `nn.GRU` inferred from its state dict), its weights and a `.npy` input in;
 //!   outputs, final states and (with `--grad-output`) every gradient out, as safetensors.
+//! - `rnnc init`: initial weights for a declared model, with its parameters' names.
 //! - `rnnc inspect`: a model's spec, parameter count and compiled IR.
 //! - `rnnc bench`: the workloads W1–W6.
 //! - `rnnc` alone: a short demonstration (parameter counts and vanishing gradients).
 //!
-//! Any bad input exits with code 2 and one line on stderr naming the file or tensor at fault.
+//! Any bad input (command-line mistakes included) exits with code 2 and one line on stderr
+//! naming the file, flag or tensor at fault. `--out` never overwrites an input. Output to a pipe
+//! closed early (`rnnc inspect ... | head -1`) ends the command quietly.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rnn::bench::{self, WORKLOADS};
-use rnn::ir::spec::BiasConvention;
+use rnn::ir::spec::{BiasConvention, GruReset};
 use rnn::ir::{npy, weights};
 use rnn::{CellKind, Error, Exec, ModelSpec, Program, Request, Tensor, Weights};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -61,8 +66,11 @@ enum Backend {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a PyTorch RNN/LSTM/GRU state dict on an input; optionally compute gradients.
+    /// Run a model (a `.rnn` file, or a PyTorch RNN/LSTM/GRU state dict) on an input; optionally
+    /// compute gradients.
     Run(RunArgs),
+    /// Write initial weights for a `.rnn` model (PyTorch's initialisation, from a seed).
+    Init(InitArgs),
     /// Print a model's spec, its parameter count and the IR of its step and backward step.
     Inspect(InspectArgs),
     /// Time the workloads W1–W6 (all when none is named).
@@ -71,28 +79,43 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// The PyTorch `state_dict` (safetensors, float32).
+    /// The model, declared in a `.rnn` file (any cell, custom ones included). Without it the
+    /// model is a PyTorch RNN/LSTM/GRU inferred from the weights' names and shapes.
+    #[arg(long, value_name = "FILE.rnn")]
+    model: Option<PathBuf>,
+    /// The weights (safetensors, float32): a PyTorch `state_dict`, or `rnnc init`'s output.
     #[arg(long, value_name = "W.safetensors")]
     weights: PathBuf,
+    /// Only the tensors under this module prefix of a whole model's `state_dict` (`rnn.` for
+    /// `rnn.weight_ih_l0`), with it stripped; tensors outside it (`fc.weight`) are ignored.
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
     /// The input, float32 `.npy`: (T, B, I), or (B, T, I) with --batch-first.
     #[arg(long, value_name = "X.npy")]
     input: PathBuf,
-    /// Where to write `output`, `h_n`, `c_n` and the gradients (safetensors).
+    /// Where to write `output`, the final states and the gradients (safetensors); never one of
+    /// the inputs.
     #[arg(long, value_name = "OUT.safetensors")]
     out: PathBuf,
-    /// The cell, where the weights' shapes do not settle it (an RNN's nonlinearity; default tanh).
+    /// The cell, where the weights' shapes do not settle it (an RNN's nonlinearity; default
+    /// tanh). Not with --model, whose file declares the cell.
     #[arg(long, value_enum)]
     cell: Option<Cell>,
-    /// Input and output are (batch, time, features).
+    /// Input and output are (batch, time, features) (with --model, also when the file says
+    /// `batch_first: true`).
     #[arg(long)]
     batch_first: bool,
-    /// Initial hidden state, float32 `.npy` (layers·directions, B, H).
+    /// Initial hidden state `h`, float32 `.npy` (layers·directions, B, H).
     #[arg(long, value_name = "H.npy")]
     h0: Option<PathBuf>,
-    /// Initial cell state (LSTM), float32 `.npy` (layers·directions, B, H).
+    /// Initial cell state `c` (LSTM), float32 `.npy` (layers·directions, B, H).
     #[arg(long, value_name = "C.npy")]
     c0: Option<PathBuf>,
-    /// Per-sequence lengths, int64 `.npy` (B,): packed-sequence semantics.
+    /// The initial value of the state the model declares as NAME, float32 `.npy`
+    /// (layers·directions, B, size); repeatable. `--h0 H.npy` is `--state h=H.npy`.
+    #[arg(long = "state", value_name = "NAME=S.npy")]
+    states: Vec<String>,
+    /// Per-sequence lengths, integer `.npy` (B,): packed-sequence semantics.
     #[arg(long, value_name = "L.npy")]
     lengths: Option<PathBuf>,
     /// With it, write the gradients of sum(output * G), float32 `.npy` shaped like the output.
@@ -101,6 +124,19 @@ struct RunArgs {
     /// The backend that executes the model.
     #[arg(long, value_enum, default_value = "interp")]
     backend: Backend,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// The model, declared in a `.rnn` file.
+    #[arg(long, value_name = "FILE.rnn")]
+    model: PathBuf,
+    /// The seed: the same seed gives the same weights on every platform.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where to write the weights (safetensors, float32, the model's parameter names).
+    #[arg(long, value_name = "W.safetensors")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -145,28 +181,45 @@ struct BenchArgs {
     /// The backend to time.
     #[arg(long, value_enum, default_value = "interp")]
     backend: Backend,
-    /// Threads for the matrix products.
-    #[arg(long, default_value_t = 1)]
+    /// Threads for the matrix products (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     threads: usize,
-    /// Timed repetitions after one warm-up.
-    #[arg(long, default_value_t = 5)]
+    /// Timed repetitions after one warm-up (at least 1).
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     reps: usize,
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
 }
 
-/// A failure: the file or argument at fault and what is wrong with it.
+/// A count that must be at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("expected a whole number of at least 1".into()),
+    }
+}
+
+/// A failure: the file or argument at fault and what is wrong with it; or standard output closed
+/// by its reader, which ends the command quietly.
 struct Failure {
     place: String,
     error: String,
+    closed: bool,
 }
 
 fn fail(place: &Path, error: impl ToString) -> Failure {
     Failure {
         place: place.display().to_string(),
         error: error.to_string(),
+        closed: false,
     }
+}
+
+/// A failure of a flag rather than a file.
+fn fail_at(flag: &str, error: impl ToString) -> Failure {
+    fail(Path::new(flag), error)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Failure> {
@@ -174,25 +227,187 @@ fn read(path: &Path) -> Result<Vec<u8>, Failure> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_failure(e),
+    };
     let result = match cli.command {
         None => demo(),
         Some(Command::Run(args)) => run(&args),
+        Some(Command::Init(args)) => init(&args),
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Bench(args)) => run_bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(f) if f.closed => ExitCode::SUCCESS,
         Err(f) => {
             let message = if f.place.is_empty() {
                 f.error
             } else {
                 format!("{}: {}", f.place, f.error)
             };
-            eprintln!("rnnc: {}", message.replace('\n', " "));
+            complain(&message);
             ExitCode::from(2)
         }
     }
+}
+
+/// One line on stderr (which may itself be closed: then nothing).
+fn complain(message: &str) {
+    let _ = writeln!(std::io::stderr(), "rnnc: {}", message.replace('\n', " "));
+}
+
+/// A command-line mistake as one line, like every other bad input (exit code 2); help and the
+/// version are printed as clap prints them.
+fn usage_failure(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // Printing ignores a closed pipe (`rnnc --help | head -1`).
+            let _ = e.print();
+            ExitCode::from(e.exit_code().clamp(0, 255) as u8)
+        }
+        _ => {
+            // The first paragraph of clap's text (the error and any list under it), without
+            // the usage and tips after it.
+            let text = e.to_string();
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let message = lines.join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            complain(&format!("{message} (see `rnnc help`)"));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Writes `text` to standard output. A reader that stops early (`rnnc inspect ... | head -1`)
+/// ends the command quietly: the failure returned is the `closed` one.
+fn say(text: &str) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure {
+            place: String::new(),
+            error: String::new(),
+            closed: true,
+        }),
+        Err(e) => Err(fail(Path::new("stdout"), e)),
+    }
+}
+
+/// Whether `a` and `b` are the same file: the same path, the same file by another path (`./w`,
+/// `../dir/w`, a symbolic link) or, on Unix, a hard link to it.
+fn same_file(a: &Path, b: &Path) -> bool {
+    if a == b {
+        return true;
+    }
+    if let (Ok(x), Ok(y)) = (std::fs::canonicalize(a), std::fs::canonicalize(b))
+        && x == y
+    {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    false
+}
+
+/// Refuses an output file that is one of the inputs (by any path), before anything is read or
+/// written.
+fn refuse_overwrite(out: &Path, inputs: &[(String, &Path)]) -> Result<(), Failure> {
+    match inputs.iter().find(|(_, input)| same_file(out, input)) {
+        Some((flag, input)) => Err(fail(
+            out,
+            format!(
+                "`--out` is the file given to `{flag}` ({}): writing there would overwrite an input; choose another output file",
+                input.display()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Reads and parses a `.rnn` declaration.
+fn read_model(path: &Path) -> Result<ModelSpec, Failure> {
+    let text =
+        String::from_utf8(read(path)?).map_err(|_| fail(path, "the file is not UTF-8 text"))?;
+    rnn::parse_str(&text).map_err(|e| fail(path, e))
+}
+
+/// `prefix` as a module path ending with `.` (as [`Weights::strip_prefix`] reads it).
+fn module_prefix(prefix: &str) -> String {
+    if prefix.is_empty() || prefix.ends_with('.') {
+        prefix.to_string()
+    } else {
+        format!("{prefix}.")
+    }
+}
+
+/// A weights error with the names spelt as in the file (the stripped `prefix` put back); when
+/// names are missing or unexpected and the file holds the `wanted` ones under a module prefix,
+/// it says which `--prefix` to pass.
+fn weights_failure(path: &Path, e: Error, w: &Weights, wanted: &[&str], prefix: &str) -> Failure {
+    let names_differ = matches!(
+        e,
+        Error::MissingTensor { .. } | Error::UnexpectedTensor { .. }
+    );
+    let e = match e {
+        Error::MissingTensor { name, expected } => Error::MissingTensor {
+            name: format!("{prefix}{name}"),
+            expected,
+        },
+        Error::UnexpectedTensor { name } => Error::UnexpectedTensor {
+            name: format!("{prefix}{name}"),
+        },
+        Error::TensorShape {
+            name,
+            expected,
+            found,
+        } => Error::TensorShape {
+            name: format!("{prefix}{name}"),
+            expected,
+            found,
+        },
+        Error::NonFinite { name, index, found } => Error::NonFinite {
+            name: format!("{prefix}{name}"),
+            index,
+            found,
+        },
+        other => other,
+    };
+    let mut message = e.to_string();
+    if names_differ {
+        let held: Vec<String> =
+            weights::prefixes_holding(w.tensors.keys().map(String::as_str), wanted)
+                .into_iter()
+                .map(|p| format!("{prefix}{p}"))
+                .collect();
+        match held.as_slice() {
+            [] => {}
+            [one] => message.push_str(&format!(
+                "; the file's parameters are under the prefix `{one}`: pass `--prefix {one}`"
+            )),
+            many => {
+                let list: Vec<String> = many.iter().map(|p| format!("`{p}`")).collect();
+                message.push_str(&format!(
+                    "; the file holds parameters under the prefixes {}: pass `--prefix` with the one to run",
+                    list.join(", ")
+                ));
+            }
+        }
+    }
+    fail(path, message)
 }
 
 fn run(args: &RunArgs) -> Result<(), Failure> {
@@ -201,31 +416,124 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         args.input.as_path(),
         args.out.as_path(),
     );
-    let (cell, batch_first) = (args.cell, args.batch_first);
-    let (h0_path, c0_path) = (args.h0.as_deref(), args.c0.as_deref());
     let (lengths_path, grad_path) = (args.lengths.as_deref(), args.grad_output.as_deref());
-    let tensors =
-        weights::read_safetensors(&read(weights_path)?).map_err(|e| fail(weights_path, e))?;
-    let mut spec =
-        weights::infer_spec(&tensors, cell.map(Cell::kind)).map_err(|e| fail(weights_path, e))?;
-    spec.batch_first = batch_first;
-    let program = Program::compile(&spec).map_err(|e| fail(weights_path, e))?;
-    let weights = Weights { tensors };
+    if let (Some(model), Some(_)) = (&args.model, args.cell) {
+        return Err(fail_at(
+            "--cell",
+            format!(
+                "the model file `{}` declares the cell: give `--model` or `--cell`, not both",
+                model.display()
+            ),
+        ));
+    }
+    // Initial states by declared name: `--h0`, `--c0`, then each `--state NAME=FILE`.
+    let mut given: Vec<(String, String, &Path)> = Vec::new();
+    for (name, flag, path) in [("h", "--h0", &args.h0), ("c", "--c0", &args.c0)] {
+        if let Some(p) = path {
+            given.push((name.to_string(), flag.to_string(), p.as_path()));
+        }
+    }
+    for s in &args.states {
+        let (name, file) = s
+            .split_once('=')
+            .filter(|(n, f)| !n.is_empty() && !f.is_empty())
+            .ok_or_else(|| {
+                fail_at(
+                    "--state",
+                    format!("`{s}` is not NAME=FILE.npy (a state's declared name, `=`, then the file of its initial value)"),
+                )
+            })?;
+        given.push((name.to_string(), format!("--state {name}"), Path::new(file)));
+    }
+    for (i, (name, flag, _)) in given.iter().enumerate() {
+        if let Some((_, first, _)) = given[..i].iter().find(|g| g.0 == *name) {
+            return Err(fail_at(
+                flag,
+                format!("the initial value of state `{name}` is already given by `{first}`"),
+            ));
+        }
+    }
+    let mut inputs: Vec<(String, &Path)> = vec![
+        ("--weights".into(), weights_path),
+        ("--input".into(), input_path),
+    ];
+    inputs.extend(args.model.as_deref().map(|p| ("--model".to_string(), p)));
+    inputs.extend(lengths_path.map(|p| ("--lengths".to_string(), p)));
+    inputs.extend(grad_path.map(|p| ("--grad-output".to_string(), p)));
+    inputs.extend(given.iter().map(|(_, flag, p)| (flag.clone(), *p)));
+    refuse_overwrite(out_path, &inputs)?;
+
+    let mut weights = Weights {
+        tensors: weights::read_safetensors(&read(weights_path)?)
+            .map_err(|e| fail(weights_path, e))?,
+    };
+    let prefix = module_prefix(args.prefix.as_deref().unwrap_or(""));
+    if !prefix.is_empty() {
+        weights = weights
+            .strip_prefix(&prefix)
+            .map_err(|e| fail(weights_path, e))?;
+    }
+    let (spec, spec_path) = match args.model.as_deref() {
+        Some(path) => {
+            let mut spec = read_model(path)?;
+            spec.batch_first |= args.batch_first;
+            (spec, path)
+        }
+        None => {
+            let mut spec = weights::infer_spec(&weights.tensors, args.cell.map(Cell::kind))
+                .map_err(|e| {
+                    let missing = matches!(e, Error::MissingTensor { .. });
+                    let mut f = weights_failure(
+                        weights_path,
+                        e,
+                        &weights,
+                        &["weight_ih_l0", "weight_hh_l0"],
+                        &prefix,
+                    );
+                    if missing && !f.error.contains("--prefix") {
+                        f.error.push_str(
+                            "; without `--model` the weights must be a PyTorch nn.RNN, nn.LSTM or nn.GRU state dict (for another model, give its `.rnn` file with `--model`)",
+                        );
+                    }
+                    f
+                })?;
+            spec.batch_first = args.batch_first;
+            (spec, weights_path)
+        }
+    };
+    let program = Program::compile(&spec).map_err(|e| fail(spec_path, e))?;
+    let names: Vec<String> = program.parameters().into_iter().map(|(n, _)| n).collect();
+    let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+    weights
+        .check(&program)
+        .map_err(|e| weights_failure(weights_path, e, &weights, &wanted, &prefix))?;
     let bound = program
         .bind::<f32>(&weights)
         .map_err(|e| fail(weights_path, e))?;
 
+    // Each given state by its place among the model's states.
+    let states = program.states();
+    let mut state_paths: Vec<Option<&Path>> = vec![None; states.len()];
+    for (name, flag, path) in &given {
+        let Some(k) = states.iter().position(|s| s.0 == *name) else {
+            let names: Vec<String> = states.iter().map(|s| format!("`{}`", s.0)).collect();
+            return Err(fail_at(
+                flag,
+                format!(
+                    "the model has no state `{name}`; its states are {}",
+                    names.join(", ")
+                ),
+            ));
+        };
+        state_paths[k] = Some(*path);
+    }
     let load =
         |p: &Path| -> Result<Tensor, Failure> { npy::read_f32(&read(p)?).map_err(|e| fail(p, e)) };
     let input = load(input_path)?;
-    let h0 = h0_path.map(load).transpose()?;
-    let c0 = c0_path.map(load).transpose()?;
-    if c0.is_some() && program.states().len() < 2 {
-        return Err(fail(
-            c0_path.unwrap(),
-            "an initial cell state is only meaningful for an LSTM",
-        ));
-    }
+    let initial: Vec<Option<Tensor>> = state_paths
+        .iter()
+        .map(|p| p.map(load).transpose())
+        .collect::<Result<_, _>>()?;
     let lengths = match lengths_path {
         None => None,
         Some(p) => {
@@ -242,7 +550,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     let grad_output = grad_path.map(load).transpose()?;
     let req = Request {
         input: Some(&input),
-        initial_states: vec![h0.as_ref(), c0.as_ref()],
+        initial_states: initial.iter().map(Option::as_ref).collect(),
         lengths: lengths.as_deref(),
         grad_output: grad_output.as_ref(),
         grad_final_states: vec![],
@@ -253,11 +561,13 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
             Error::NonFinite { name, .. } | Error::TensorShape { name, .. } => {
                 match name.as_str() {
                     "input" => Some(input_path),
-                    "h0" => h0_path,
-                    "c0" => c0_path,
                     "lengths" => lengths_path,
                     "grad_output" => grad_path,
-                    _ => None,
+                    // An initial state: `h0` for the state `h`.
+                    state => states
+                        .iter()
+                        .position(|s| format!("{}0", s.0) == state)
+                        .and_then(|k| state_paths[k]),
                 }
             }
             _ => Some(input_path),
@@ -268,13 +578,13 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     let mut results = BTreeMap::new();
     results.insert("output".to_string(), out.output);
     for (k, s) in out.final_states.into_iter().enumerate() {
-        results.insert(format!("{}_n", program.states()[k].0), s);
+        results.insert(format!("{}_n", states[k].0), s);
     }
     if let Some(grads) = out.grads {
         results.insert("grad.input".into(), grads.input);
         for (k, g) in grads.initial_states.into_iter().enumerate() {
-            if [h0_path, c0_path][k].is_some() {
-                results.insert(format!("grad.{}0", program.states()[k].0), g);
+            if state_paths[k].is_some() {
+                results.insert(format!("grad.{}0", states[k].0), g);
             }
         }
         for (name, g) in grads.params {
@@ -285,15 +595,20 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     std::fs::write(out_path, bytes).map_err(|e| fail(out_path, e))
 }
 
+fn init(args: &InitArgs) -> Result<(), Failure> {
+    let (model, out) = (args.model.as_path(), args.out.as_path());
+    refuse_overwrite(out, &[("--model".into(), model)])?;
+    let program = Program::compile(&read_model(model)?).map_err(|e| fail(model, e))?;
+    let weights = Weights::init(&program, args.seed).map_err(|e| fail(model, e))?;
+    let bytes = weights::write_safetensors(&weights.tensors).map_err(|e| fail(out, e))?;
+    std::fs::write(out, bytes).map_err(|e| fail(out, e))
+}
+
 fn inspect(args: &InspectArgs) -> Result<(), Failure> {
     let file = args.file.as_deref();
     let here = Path::new("");
     let spec = match file {
-        Some(path) => {
-            let text = String::from_utf8(read(path)?)
-                .map_err(|_| fail(path, "the file is not UTF-8 text"))?;
-            rnn::parse_str(&text).map_err(|e| fail(path, e))?
-        }
+        Some(path) => read_model(path)?,
         None => {
             let (Some(cell), Some(input), Some(hidden)) =
                 (args.cell, args.input_size, args.hidden_size)
@@ -322,48 +637,65 @@ fn inspect(args: &InspectArgs) -> Result<(), Failure> {
     // backward step with its storage plan (the contract every backend reads).
     let text = format!(
         "{}\nparameters: {}\n\n{program}",
-        describe(&program.spec),
+        describe(&program),
         program.parameter_count()
     );
-    write_stdout(&text)
+    say(&text)
 }
 
-/// Writes `text` to standard output; a closed pipe (`rnnc inspect ... | head`) ends quietly.
-fn write_stdout(text: &str) -> Result<(), Failure> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(fail(Path::new("stdout"), e)),
-        _ => Ok(()),
+/// The model as declared, in the `.rnn` language's own spellings (`reset: after`,
+/// `bias_convention: two`), one setting a line.
+fn describe(program: &Program) -> String {
+    let spec = &program.spec;
+    let (kind, nonlinearity) = match spec.cell {
+        CellKind::RnnTanh => ("rnn", Some("tanh")),
+        CellKind::RnnRelu => ("rnn", Some("relu")),
+        ref cell => (cell.name(), None),
+    };
+    let name = spec
+        .name
+        .as_deref()
+        .map(|n| format!(" {n}"))
+        .unwrap_or_default();
+    let mut lines = vec![
+        format!("model: {kind}{name}"),
+        format!("  input: {}", spec.input_size),
+        format!("  hidden: {}", spec.hidden_size),
+        format!("  layers: {}", spec.num_layers),
+        format!("  bidirectional: {}", spec.bidirectional),
+    ];
+    if let CellKind::Custom(_) = spec.cell {
+        let states: Vec<String> = program
+            .states()
+            .iter()
+            .map(|(n, size)| format!("{n} ({size})"))
+            .collect();
+        lines.push(format!("  states: {}", states.join(", ")));
+    } else {
+        lines.push(format!("  bias: {}", spec.bias));
+        lines.push(match spec.bias_convention {
+            BiasConvention::Two => "  bias_convention: two (PyTorch: bias_ih and bias_hh)".into(),
+            BiasConvention::One => "  bias_convention: one (Keras: one bias per gate)".into(),
+        });
     }
-}
-
-fn describe(spec: &ModelSpec) -> String {
-    let mut s = format!(
-        "model: {}{}\n  input: {}\n  hidden: {}\n  layers: {}\n  bidirectional: {}\n  bias: {} ({})\n  batch_first: {}",
-        spec.cell.name(),
-        spec.name
-            .as_deref()
-            .map(|n| format!(" {n}"))
-            .unwrap_or_default(),
-        spec.input_size,
-        spec.hidden_size,
-        spec.num_layers,
-        spec.bidirectional,
-        spec.bias,
-        match spec.bias_convention {
-            BiasConvention::Two => "two per gate, PyTorch",
-            BiasConvention::One => "one per gate, Keras",
-        },
-        spec.batch_first
-    );
+    if let Some(n) = nonlinearity {
+        lines.push(format!("  nonlinearity: {n}"));
+    }
     if spec.proj_size > 0 {
-        s.push_str(&format!("\n  proj: {}", spec.proj_size));
+        lines.push(format!("  proj: {}", spec.proj_size));
     }
     if let CellKind::Gru = spec.cell {
-        s.push_str(&format!("\n  reset: {:?}", spec.gru_reset));
+        lines.push(match spec.gru_reset {
+            GruReset::AfterMatmul => {
+                "  reset: after (PyTorch: the reset gate scales W_hn h + b_hn)".into()
+            }
+            GruReset::BeforeMatmul => {
+                "  reset: before (Cho et al.: W_hn applies to the reset r * h)".into()
+            }
+        });
     }
-    s
+    lines.push(format!("  batch_first: {}", spec.batch_first));
+    lines.join("\n")
 }
 
 fn run_bench(args: &BenchArgs) -> Result<(), Failure> {
@@ -380,12 +712,9 @@ fn run_bench(args: &BenchArgs) -> Result<(), Failure> {
             })
             .collect::<Result<_, _>>()?
     };
-    if threads == 0 {
-        return Err(fail(here, "--threads must be at least 1"));
-    }
     for w in chosen {
         let m = bench::measure(w, "interp", threads, reps).map_err(|e| fail(here, e))?;
-        println!("{}", if json { m.json() } else { m.line() });
+        say(&format!("{}\n", if json { m.json() } else { m.line() }))?;
     }
     Ok(())
 }
@@ -394,11 +723,15 @@ fn run_bench(args: &BenchArgs) -> Result<(), Failure> {
 /// on this project's compiler and interpreter.
 fn demo() -> Result<(), Failure> {
     let here = Path::new("");
-    println!("rnn: a compiler for recurrent networks (see `rnnc --help`).\n");
-    println!(
-        "Parameters for input 128, hidden 256, one layer (PyTorch's two biases; one bias as the chapter counts):"
-    );
-    for cell in [CellKind::RnnTanh, CellKind::Lstm, CellKind::Gru] {
+    say("rnn: a compiler for recurrent networks (see `rnnc --help`).\n\n")?;
+    say(
+        "Parameters for input 128, hidden 256, one layer (PyTorch's two biases; one bias as the chapter counts):\n",
+    )?;
+    for (cell, label) in [
+        (CellKind::RnnTanh, "rnn"),
+        (CellKind::Lstm, "lstm"),
+        (CellKind::Gru, "gru"),
+    ] {
         let mut spec = ModelSpec::new(cell, 128, 256);
         let two = Program::compile(&spec)
             .map_err(|e| fail(here, e))?
@@ -407,19 +740,19 @@ fn demo() -> Result<(), Failure> {
         let one = Program::compile(&spec)
             .map_err(|e| fail(here, e))?
             .parameter_count();
-        println!("  {:<9} {two:>8}  (one bias: {one})", spec.cell.name());
+        say(&format!("  {label:<9} {two:>8}  (one bias: {one})\n"))?;
     }
-    println!(
-        "\nVanishing gradients: tanh RNN, input 32, hidden 64, length 100, loss = sum of the last output."
-    );
-    println!("Norm of d(loss)/d(x_t), computed by BPTT through the compiled backward step:");
+    say(
+        "\nVanishing gradients: tanh RNN, input 32, hidden 64, length 100, loss = sum of the last output.\n",
+    )?;
+    say("Norm of d(loss)/d(x_t), computed by BPTT through the compiled backward step:\n")?;
     let program =
         Program::compile(&ModelSpec::new(CellKind::RnnTanh, 32, 64)).map_err(|e| fail(here, e))?;
     let weights = Weights::init(&program, 7).map_err(|e| fail(here, e))?;
     let x = bench::random_tensor(vec![100, 1, 32], 8);
     let norms = bench::gradient_norms(&program, &weights, &x).map_err(|e| fail(here, e))?;
     for t in [99, 90, 75, 50, 25, 10, 0] {
-        println!("  t = {t:>2}: {:.3e}", norms[t]);
+        say(&format!("  t = {t:>2}: {:.3e}\n", norms[t]))?;
     }
     Ok(())
 }
