@@ -1341,3 +1341,78 @@ fn a_fortran_order_big_endian_input_is_read_as_numpy_reads_it() {
         &case.expected,
     );
 }
+
+/// The acceptance cells' PyTorch cases (`tests/fixtures/cells`, see `pytorch_cells.rs`) through
+/// `rnnc run --model`, in float32: minGRU and the Elman cell with its output projection at 1e-5
+/// relative + 1e-6 absolute; the LayerNorm-LSTM, whose gradients are ill-conditioned in float32,
+/// as close as that or as PyTorch's own float32 run, whichever is looser.
+#[test]
+fn the_acceptance_cells_match_pytorch_through_rnnc_run_model() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let worst = |a: &Tensor, e: &Tensor| -> f64 {
+        assert_eq!(a.shape, e.shape);
+        a.data
+            .iter()
+            .zip(&e.data)
+            .map(|(&a, &e)| (a as f64 - e as f64).abs() / (1e-6 + 1e-5 * (e as f64).abs()))
+            .fold(0.0, f64::max)
+    };
+    for name in ["layernorm_lstm", "min_gru", "elman_output"] {
+        let dir = root.join("tests/fixtures/cells").join(name);
+        let model = root.join("examples/cells").join(format!("{name}.rnn"));
+        let f = |file: &str| path_str(&dir.join(file)).to_string();
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        let mut args: Vec<String> = [
+            "run",
+            "--model",
+            path_str(&model),
+            "--weights",
+            &f("weights.safetensors"),
+            "--input",
+            &f("input.npy"),
+            "--grad-output",
+            &f("grad_output.npy"),
+            "--out",
+            path_str(&out),
+        ]
+        .map(String::from)
+        .to_vec();
+        // Every initial state the case holds, by its declared name (`h0.npy` is state `h`).
+        let mut states: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter_map(|n| Some(n.strip_suffix("0.npy")?.to_string()))
+            .collect();
+        states.sort();
+        assert!(!states.is_empty(), "{name}: no initial states");
+        for s in &states {
+            args.extend(["--state".into(), format!("{s}={}", f(&format!("{s}0.npy")))]);
+        }
+        run_ok(&args);
+        let got = read_out(&out);
+        let expected =
+            weights::read_safetensors(&std::fs::read(dir.join("expected.safetensors")).unwrap())
+                .unwrap();
+        let torch =
+            weights::read_safetensors(&std::fs::read(dir.join("pytorch_f32.safetensors")).unwrap())
+                .unwrap();
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "{name}: the tensors written"
+        );
+        for (key, t) in &got {
+            let w = worst(t, &expected[key]);
+            let bound = if name == "layernorm_lstm" {
+                worst(&torch[key], &expected[key]).max(1.0)
+            } else {
+                1.0
+            };
+            assert!(
+                w <= bound,
+                "{name} {key}: {w:.2} times the tolerance (bound {bound:.2})"
+            );
+        }
+    }
+}
