@@ -1391,9 +1391,20 @@ fn the_acceptance_cells_match_pytorch_through_rnnc_run_model() {
         }
         run_ok(&args);
         let got = read_out(&out);
+        // In f64 every tensor of every cell matches at 1e-5 relative + 1e-6 absolute.
+        let exact = tmp.path().join(format!("{name}_f64.safetensors"));
+        let mut args64 = args.clone();
+        let at = args64.iter().position(|a| a == "--out").unwrap();
+        args64[at + 1] = path_str(&exact).to_string();
+        args64.extend(["--precision".into(), "f64".into()]);
+        run_ok(&args64);
         let expected =
             weights::read_safetensors(&std::fs::read(dir.join("expected.safetensors")).unwrap())
                 .unwrap();
+        for (key, t) in &read_out(&exact) {
+            let w = worst(t, &expected[key]);
+            assert!(w <= 1.0, "{name} {key} in f64: {w:.2} times the tolerance");
+        }
         let torch =
             weights::read_safetensors(&std::fs::read(dir.join("pytorch_f32.safetensors")).unwrap())
                 .unwrap();

@@ -124,6 +124,20 @@ struct RunArgs {
     /// The backend that executes the model.
     #[arg(long, value_enum, default_value = "interp")]
     backend: Backend,
+    /// The arithmetic the model runs in; results are written as float32 either way. `f64`
+    /// gives results exact to float32's precision where float32 arithmetic is ill-conditioned
+    /// (a layer norm's gradients).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
+}
+
+/// The arithmetic of `rnnc run`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Precision {
+    /// float32, as PyTorch's default.
+    F32,
+    /// float64.
+    F64,
 }
 
 #[derive(Args)]
@@ -507,10 +521,6 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     weights
         .check(&program)
         .map_err(|e| weights_failure(weights_path, e, &weights, &wanted, &prefix))?;
-    let bound = program
-        .bind::<f32>(&weights)
-        .map_err(|e| fail(weights_path, e))?;
-
     // Each given state by its place among the model's states.
     let states = program.states();
     let mut state_paths: Vec<Option<&Path>> = vec![None; states.len()];
@@ -555,7 +565,13 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         grad_output: grad_output.as_ref(),
         grad_final_states: vec![],
     };
-    let out = bound.run(&req, &Exec::default()).map_err(|e| {
+    let exec = Exec::default();
+    let out = match args.precision {
+        Precision::F32 => program.bind::<f32>(&weights).map(|b| b.run(&req, &exec)),
+        Precision::F64 => program.bind::<f64>(&weights).map(|b| b.run(&req, &exec)),
+    }
+    .map_err(|e| fail(weights_path, e))?;
+    let out = out.map_err(|e| {
         let place = match &e {
             Error::Length { .. } => lengths_path,
             Error::NonFinite { name, .. } | Error::TensorShape { name, .. } => {
