@@ -12,7 +12,7 @@
 use crate::error::{Diagnostic, Error, IrError};
 use crate::graph::{Graph, Op, OutRole, ParamInfo, Shape, Value};
 use crate::spec::{BiasConvention, BinOp, CellKind, CustomCell, Expr, GruReset, Loc, ModelSpec};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The step graph of the cell of `spec` for a layer with `input_size` input features.
 ///
@@ -188,67 +188,63 @@ fn lower_standard(spec: &ModelSpec, input_size: usize) -> Result<Graph, IrError>
 fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<Graph, Error> {
     let mut g = Graph::new();
     let mut errors: Vec<Diagnostic> = Vec::new();
-    let mut env: HashMap<String, Value> = HashMap::new();
-    let mut fixed: HashMap<String, &'static str> = HashMap::new();
-    let x = g.x(input_size);
-    env.insert("x".into(), x);
-    fixed.insert("x".into(), "the step input");
+    // Declarations whose size is wrong: reported once, here, and never again where they are used.
+    let mut broken: Vec<&str> = Vec::new();
+    let mut env: HashMap<&str, Value> = HashMap::new();
+    env.insert("x", g.x(input_size));
     let too_big = format!(
         "is larger than the largest size supported ({})",
         ModelSpec::MAX_SIZE
     );
     for (name, dim, loc) in &cell.states {
-        let n = dim.eval(input_size, hidden).unwrap_or_else(|| {
-            errors.push(diag(*loc, format!("the size of state `{name}` {too_big}")));
-            1
-        });
-        if n == 0 {
-            errors.push(diag(*loc, format!("state `{name}` has size 0")));
-        }
+        let n = match dim.eval(input_size, hidden) {
+            Some(0) => {
+                errors.push(diag(*loc, format!("state `{name}` has size 0")));
+                broken.push(name);
+                1
+            }
+            Some(n) => n,
+            None => {
+                errors.push(diag(*loc, format!("the size of state `{name}` {too_big}")));
+                broken.push(name);
+                1
+            }
+        };
         let v = g.state(name, n);
-        env.insert(name.clone(), v);
+        // A state called `x` is reported by `check_names`; `x` stays the step input. A state
+        // whose size is wrong has no value: its uses are not reported again.
+        if !broken.contains(&name.as_str()) {
+            env.entry(name).or_insert(v);
+        }
     }
     for p in &cell.params {
-        let dims: Vec<usize> = p
-            .dims
-            .iter()
-            .map(|d| {
-                d.eval(input_size, hidden).unwrap_or_else(|| {
-                    errors.push(diag(
-                        p.loc,
-                        format!("a dimension of `{}` {too_big}", p.name),
-                    ));
-                    1
-                })
-            })
-            .collect();
-        if dims.len() > 2 {
-            errors.push(diag(
-                p.loc,
-                format!(
-                    "parameter `{}` needs no dimension (a scalar), one (a vector) or two (a matrix)",
-                    p.name
-                ),
-            ));
+        let dims: Vec<Option<usize>> = p.dims.iter().map(|d| d.eval(input_size, hidden)).collect();
+        let problem = if dims.len() > 2 {
+            Some(format!(
+                "parameter `{}` needs no dimension (a scalar), one (a vector) or two (a matrix)",
+                p.name
+            ))
+        } else if dims.contains(&None) {
+            Some(format!("a dimension of `{}` {too_big}", p.name))
+        } else if dims.contains(&Some(0)) {
+            Some(format!("parameter `{}` has a dimension of size 0", p.name))
+        } else {
+            None
+        };
+        if let Some(m) = problem {
+            errors.push(diag(p.loc, m));
+            broken.push(&p.name);
             continue;
         }
-        if dims.contains(&0) {
-            errors.push(diag(
-                p.loc,
-                format!("parameter `{}` has a dimension of size 0", p.name),
-            ));
-        }
+        let dims: Vec<usize> = dims.into_iter().flatten().collect();
         let shape = match dims[..] {
             [] => Shape::Vector(1),
             [n] => Shape::Vector(n),
             [r, c] => Shape::Matrix(r, c),
             _ => unreachable!("checked above"),
         };
-        if env.contains_key(&p.name) {
-            errors.push(diag(
-                p.loc,
-                format!("`{}` is already the name of a state or of `x`", p.name),
-            ));
+        if env.contains_key(p.name.as_str()) {
+            // Already a state or `x`: `check_names` reports it.
             continue;
         }
         let v = g.declare_param(ParamInfo {
@@ -257,46 +253,62 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
             scalar: dims.is_empty(),
             init: p.init,
         });
-        env.insert(p.name.clone(), v);
-        fixed.insert(p.name.clone(), "a parameter");
+        env.insert(&p.name, v);
     }
-    let mut next_state: HashMap<String, Value> = HashMap::new();
-    for (target, expr, loc) in &cell.equations {
-        if let Some(what) = fixed.get(target) {
-            errors.push(diag(
-                *loc,
-                format!("cannot assign to `{target}`: it is {what}"),
-            ));
+    let params: Vec<(&str, Loc)> = cell
+        .params
+        .iter()
+        .map(|p| (p.name.as_str(), p.loc))
+        .collect();
+    let states: Vec<(&str, Loc)> = cell.states.iter().map(|s| (s.0.as_str(), s.2)).collect();
+    let equations: Vec<(&str, Option<&Expr>, Loc)> = cell
+        .equations
+        .iter()
+        .map(|(t, e, l)| (t.as_str(), Some(e), *l))
+        .collect();
+    let (mut found, sound) = check_names(&params, &states, &broken, &equations);
+    errors.append(&mut found);
+    let mut next_state: HashMap<&str, Value> = HashMap::new();
+    for ((target, expr, loc), sound) in cell.equations.iter().zip(sound) {
+        let fixed = target == "x"
+            || (params.iter().any(|p| p.0 == target) && !states.iter().any(|s| s.0 == target));
+        if fixed {
+            // Reported by `check_names`; the parameter or `x` keeps its value.
             continue;
         }
-        match eval(&mut g, &env, expr, (input_size, hidden)) {
-            Ok(v) => {
-                if cell.states.iter().any(|s| s.0 == *target) {
-                    let want = g
-                        .states
-                        .iter()
-                        .find(|s| s.0 == *target)
-                        .map(|s| s.1)
-                        .unwrap_or(0);
-                    if g.shape(v) != Shape::Batch(want) {
-                        errors.push(diag(
-                            *loc,
-                            format!(
-                                "state `{target}` has size {want}, but this equation gives {}",
-                                g.shape(v)
-                            ),
-                        ));
-                        continue;
-                    }
-                    next_state.insert(target.clone(), v);
-                }
-                if g.data(v).name.is_none() {
-                    g.set_name(v, target);
-                }
-                env.insert(target.clone(), v);
-            }
-            Err(d) => errors.push(d),
+        // A name whose equation failed has no value: equations using it fail silently, so that
+        // each mistake is reported once, where it was made. An equation `check_names` refused
+        // is still evaluated, for its other mistakes, but gives its target no value.
+        let v = eval(&mut g, &env, expr, (input_size, hidden), &mut errors);
+        let Some(v) = v.filter(|_| sound) else {
+            env.remove(target.as_str());
+            continue;
+        };
+        if broken.contains(&target.as_str()) {
+            // A state whose size is wrong: reported at its declaration, not at each equation.
+            env.remove(target.as_str());
+            continue;
         }
+        if let Some(want) = g.states.iter().find(|s| s.0 == *target).map(|s| s.1)
+            && cell.states.iter().any(|s| s.0 == *target)
+        {
+            if g.shape(v) != Shape::Batch(want) {
+                errors.push(diag(
+                    *loc,
+                    format!(
+                        "state `{target}` has size {want}, but this equation gives {}",
+                        g.shape(v)
+                    ),
+                ));
+                env.remove(target.as_str());
+                continue;
+            }
+            next_state.insert(target, v);
+        }
+        if g.data(v).name.is_none() {
+            g.set_name(v, target);
+        }
+        env.insert(target, v);
     }
     // The parser checks these too; a spec built in code may not have been parsed.
     for (name, _, loc) in &cell.states {
@@ -307,7 +319,7 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
             ));
         }
     }
-    let output = env.get(&cell.output.0).copied().filter(|_| {
+    let output = env.get(cell.output.0.as_str()).copied().filter(|_| {
         cell.states.iter().any(|s| s.0 == cell.output.0)
             || cell.equations.iter().any(|e| e.0 == cell.output.0)
     });
@@ -336,19 +348,232 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
         ));
     }
     if !errors.is_empty() {
+        // In source order, as a reader goes through them (a spec built in code keeps its order).
+        errors.sort_by_key(Diagnostic::loc);
         return Err(Error::Parse(errors));
     }
     for (k, (name, _, _)) in cell.states.iter().enumerate() {
-        g.set_output(OutRole::State(k as u32), next_state[name]);
+        g.set_output(OutRole::State(k as u32), next_state[name.as_str()]);
     }
     let output = next_state
-        .get(&cell.output.0)
-        .or_else(|| env.get(&cell.output.0))
+        .get(cell.output.0.as_str())
+        .or_else(|| env.get(cell.output.0.as_str()))
         .copied()
         .expect("checked above");
     g.set_output(OutRole::Output, output);
     crate::graph::verify(&g)?;
     Ok(g)
+}
+
+/// The checks of a custom cell that need no sizes, shared by the parser (which runs them on
+/// what it could parse, so that they join its own diagnostics) and lowering (for specs built in
+/// code):
+/// - no name is declared twice (as `x`, a state or a parameter);
+/// - no equation assigns `x` or a parameter;
+/// - every name an equation uses is declared, or assigned by an earlier equation;
+/// - every function exists and gets the arguments it takes.
+///
+/// `broken` are declarations that failed (a shape that does not parse or is too large) and
+/// `None` expressions are equations that did not parse: their mistakes are reported already, so
+/// their names are known but have no value. An equation that fails leaves its target without a
+/// value too, and a use of a name without a value is not reported again: one error per mistake.
+///
+/// Returns the diagnostics, and for each equation whether it passed.
+pub(crate) fn check_names(
+    params: &[(&str, Loc)],
+    states: &[(&str, Loc)],
+    broken: &[&str],
+    equations: &[(&str, Option<&Expr>, Loc)],
+) -> (Vec<Diagnostic>, Vec<bool>) {
+    let mut errors = Vec::new();
+    // Every name in scope, and whether it has a value (false: its declaration or its last
+    // equation failed). Ordered, so that suggestions do not depend on hashing.
+    let mut scope: BTreeMap<&str, bool> = BTreeMap::new();
+    let mut what: BTreeMap<&str, &str> = BTreeMap::new();
+    what.insert("x", "the step input");
+    let mut declared: Vec<(&str, Loc, &str)> = states
+        .iter()
+        .map(|s| (s.0, s.1, "a state"))
+        .chain(params.iter().map(|p| (p.0, p.1, "a parameter")))
+        .collect();
+    // The later of two declarations is the one reported (unknown places keep their order).
+    declared.sort_by_key(|d| d.1);
+    // Names declared twice: their mistake is the second declaration, not the equations.
+    let mut twice: Vec<&str> = Vec::new();
+    for (name, loc, kind) in declared {
+        if let Some(earlier) = what.get(name) {
+            twice.push(name);
+            errors.push(diag(
+                loc,
+                format!(
+                    "`{name}` is already {earlier}: give this {} another name",
+                    &kind[2..]
+                ),
+            ));
+        } else {
+            what.insert(name, kind);
+        }
+    }
+    for name in what.keys() {
+        scope.insert(name, true);
+    }
+    for name in broken {
+        scope.insert(name, false);
+    }
+    let mut sound = Vec::with_capacity(equations.len());
+    for (k, &(target, expr, loc)) in equations.iter().enumerate() {
+        let mut ok = expr.is_some();
+        let it = what.get(target).copied().filter(|w| *w != "a state");
+        let fixed = it.is_some();
+        if let Some(it) = it {
+            if !twice.contains(&target) {
+                errors.push(diag(
+                    loc,
+                    format!("cannot assign to `{target}`: it is {it}"),
+                ));
+            }
+            ok = false;
+        }
+        if let Some(e) = expr {
+            let names = Names {
+                scope: &scope,
+                target,
+                later: &equations[k + 1..],
+            };
+            ok &= names.check(e, &mut errors);
+        }
+        if !fixed {
+            scope.insert(target, ok);
+        }
+        sound.push(ok);
+    }
+    (errors, sound)
+}
+
+/// What an expression of one equation may use (see [`check_names`]).
+struct Names<'a, 'b> {
+    scope: &'b BTreeMap<&'a str, bool>,
+    /// The equation's target.
+    target: &'a str,
+    /// The equations after this one.
+    later: &'b [(&'a str, Option<&'a Expr>, Loc)],
+}
+
+impl Names<'_, '_> {
+    /// Whether `e` is sound; every mistake in it is reported, not only the first.
+    fn check(&self, e: &Expr, errors: &mut Vec<Diagnostic>) -> bool {
+        match e {
+            Expr::Var(name, loc) => match self.scope.get(name.as_str()) {
+                Some(has_value) => *has_value,
+                None => {
+                    errors.push(diag(*loc, self.unknown(name)));
+                    false
+                }
+            },
+            Expr::Num(..) => true,
+            Expr::Neg(a, _) | Expr::Index(a, _, _) => self.check(a, errors),
+            Expr::Binary(_, a, b, _) => {
+                let a = self.check(a, errors);
+                self.check(b, errors) && a
+            }
+            Expr::Call(f, args, loc) => {
+                let mut ok = true;
+                for a in args {
+                    ok &= self.check(a, errors);
+                }
+                let problem = match arity(f) {
+                    None => {
+                        let known: Vec<String> =
+                            function_names().map(|f| format!("`{f}`")).collect();
+                        let hint = did_you_mean(f, function_names());
+                        Some((
+                            *loc,
+                            format!(
+                                "unknown function `{f}`: {hint}the functions are {}",
+                                known.join(", ")
+                            ),
+                        ))
+                    }
+                    Some(Arity::One) if args.len() != 1 => Some((
+                        *loc,
+                        format!("`{f}` takes one argument, found {}", args.len()),
+                    )),
+                    Some(Arity::ValueAndConstant) if args.len() != 2 => Some((
+                        *loc,
+                        format!(
+                            "`{f}` takes a value and a constant (`{f}(a, 0.5)`), found {} argument(s)",
+                            args.len()
+                        ),
+                    )),
+                    Some(Arity::ValueAndConstant) if constant(&args[1]).is_none() => Some((
+                        args[1].loc(),
+                        format!(
+                            "the second argument of `{f}` must be a number: `{f}` compares with a constant"
+                        ),
+                    )),
+                    Some(Arity::AtLeastOne) if args.is_empty() => {
+                        Some((*loc, format!("`{f}` needs at least one argument")))
+                    }
+                    _ => None,
+                };
+                if let Some((at, m)) = problem {
+                    errors.push(diag(at, m));
+                    ok = false;
+                }
+                ok
+            }
+        }
+    }
+
+    /// Why `name` is not in scope, and what was probably meant.
+    fn unknown(&self, name: &str) -> String {
+        if name == self.target {
+            return format!(
+                "`{name}` is used in its own equation before it has a value: only a `state` keeps its value from the previous step (declare `state {name}`)"
+            );
+        }
+        if let Some((_, _, at)) = self.later.iter().find(|e| e.0 == name) {
+            let at = if at.is_known() {
+                format!(" (at {at})")
+            } else {
+                String::new()
+            };
+            return format!(
+                "`{name}` is used before the equation that assigns it{at}: equations run in order, and only a `state` keeps its value from the previous step"
+            );
+        }
+        match crate::error::suggest(name, self.scope.keys().copied()) {
+            Some(s) => format!("unknown name `{name}`: did you mean `{s}`?"),
+            None => format!(
+                "unknown name `{name}`: declare it with `param {name}: [..]` or `state {name}`, or assign it before this use"
+            ),
+        }
+    }
+}
+
+/// How a function of the equation language takes its arguments.
+#[derive(Clone, Copy)]
+enum Arity {
+    One,
+    /// `min(a, c)`, `max(a, c)`: a value and a constant.
+    ValueAndConstant,
+    /// `concat(a, ...)`.
+    AtLeastOne,
+}
+
+fn arity(f: &str) -> Option<Arity> {
+    match f {
+        "min" | "max" => Some(Arity::ValueAndConstant),
+        "concat" => Some(Arity::AtLeastOne),
+        _ if function_names().any(|n| n == f) => Some(Arity::One),
+        _ => None,
+    }
+}
+
+/// `"did you mean `s`? "` when one of `candidates` is close to `word`, else nothing.
+fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    crate::error::suggest(word, candidates)
+        .map_or_else(String::new, |s| format!("did you mean `{s}`? "))
 }
 
 /// Lowering knows only where a mistake was written, not the token's span.
@@ -400,24 +625,28 @@ fn constant(e: &Expr) -> Option<f32> {
     }
 }
 
+/// The value of `e`, or `None` after reporting what is wrong with it. Both operands of an
+/// operator, and every argument of a call, are evaluated even when one fails, so that
+/// independent mistakes are all reported. [`check_names`] has passed the equation: a name with
+/// no value here is one whose own equation failed, which is reported already.
 fn eval(
     g: &mut Graph,
-    env: &HashMap<String, Value>,
+    env: &HashMap<&str, Value>,
     e: &Expr,
     sizes: (usize, usize),
-) -> Result<Value, Diagnostic> {
-    let at = |e: &Expr, m: String| diag(e.loc(), m);
+    errors: &mut Vec<Diagnostic>,
+) -> Option<Value> {
     match e {
-        Expr::Var(name, _) => env.get(name).copied().ok_or_else(|| {
-            at(e, format!("unknown name `{name}`: declare it with `param {name}: [..]` or `state {name}`, or assign it before this use"))
-        }),
-        Expr::Num(n, _) => Ok(g.constant(*n, Shape::Scalar)),
+        Expr::Var(name, _) => env.get(name.as_str()).copied(),
+        Expr::Num(n, _) => Some(g.constant(*n, Shape::Scalar)),
         Expr::Neg(a, _) => {
-            let a = eval(g, env, a, sizes)?;
-            g.push(Op::Neg, &[a]).map_err(|err| at(e, err.message))
+            let a = eval(g, env, a, sizes, errors)?;
+            reported(g.push(Op::Neg, &[a]), e, errors)
         }
         Expr::Binary(op, a, b, _) => {
-            let (a, b) = (eval(g, env, a, sizes)?, eval(g, env, b, sizes)?);
+            let a = eval(g, env, a, sizes, errors);
+            let b = eval(g, env, b, sizes, errors);
+            let (a, b) = (a?, b?);
             let op = match op {
                 BinOp::Add => Op::Add,
                 BinOp::Sub => Op::Sub,
@@ -425,114 +654,141 @@ fn eval(
                 BinOp::Div => Op::Div,
                 BinOp::MatMul => Op::MatMul,
             };
-            g.push(op, &[a, b]).map_err(|err| at(e, err.message))
+            reported(g.push(op, &[a, b]), e, errors)
         }
         Expr::Call(f, args, _) => {
-            let unary = |op: Op| (op, 1usize);
-            let (op, arity) = match f.as_str() {
-                "sigmoid" => unary(Op::Sigmoid),
-                "tanh" => unary(Op::Tanh),
-                "relu" => unary(Op::Relu),
-                "exp" => unary(Op::Exp),
-                "log" => unary(Op::Log),
-                "sqrt" => unary(Op::Sqrt),
-                "softplus" => unary(Op::Softplus),
-                "abs" => unary(Op::Abs),
-                "mean" | "sum" => unary(Op::SumFeatures),
-                "min" => (Op::Min(0), 2),
-                "max" => (Op::Max(0), 2),
-                "concat" => (Op::Concat, 0),
-                _ => {
-                    let known: Vec<String> = function_names().map(|f| format!("`{f}`")).collect();
-                    let hint = crate::error::suggest(f, function_names())
-                        .map_or_else(String::new, |s| format!("did you mean `{s}`? "));
-                    return Err(at(
-                        e,
-                        format!("unknown function `{f}`: {hint}the functions are {}", known.join(", ")),
-                    ));
+            // Unknown functions, arities and constants are reported by `check_names`.
+            let one = args.len() == 1;
+            let op = match f.as_str() {
+                _ if !one && !matches!(f.as_str(), "min" | "max" | "concat") => return None,
+                "sigmoid" => Op::Sigmoid,
+                "tanh" => Op::Tanh,
+                "relu" => Op::Relu,
+                "exp" => Op::Exp,
+                "log" => Op::Log,
+                "sqrt" => Op::Sqrt,
+                "softplus" => Op::Softplus,
+                "abs" => Op::Abs,
+                "mean" | "sum" => Op::SumFeatures,
+                "min" | "max" => {
+                    let c = args.get(1).filter(|_| args.len() == 2).and_then(constant)?;
+                    let a = eval(g, env, &args[0], sizes, errors)?;
+                    let op = if f == "min" {
+                        Op::Min(c.to_bits())
+                    } else {
+                        Op::Max(c.to_bits())
+                    };
+                    return reported(g.push(op, &[a]), e, errors);
                 }
+                "concat" if !args.is_empty() => Op::Concat,
+                _ => return None,
             };
-            if arity == 1 && args.len() != 1 {
-                return Err(at(e, format!("`{f}` takes one argument, found {}", args.len())));
-            }
-            if arity == 2 {
-                if args.len() != 2 {
-                    return Err(at(
-                        e,
-                        format!("`{f}` takes a value and a constant (`{f}(a, 0.5)`), found {} argument(s)", args.len()),
-                    ));
-                }
-                let Some(c) = constant(&args[1]) else {
-                    return Err(at(
-                        &args[1],
-                        format!("the second argument of `{f}` must be a number: `{f}` compares with a constant"),
-                    ));
-                };
-                let a = eval(g, env, &args[0], sizes)?;
-                let op = if f == "min" { Op::Min(c.to_bits()) } else { Op::Max(c.to_bits()) };
-                return g.push(op, &[a]).map_err(|err| at(e, err.message));
-            }
-            if op == Op::Concat && args.is_empty() {
-                return Err(at(e, "`concat` needs at least one argument".into()));
-            }
-            let vals = args
+            let vals: Vec<Option<Value>> = args
                 .iter()
-                .map(|a| eval(g, env, a, sizes))
-                .collect::<Result<Vec<_>, _>>()?;
+                .map(|a| eval(g, env, a, sizes, errors))
+                .collect();
+            let vals: Vec<Value> = vals.into_iter().collect::<Option<_>>()?;
             if op != Op::SumFeatures {
-                return g.push(op, &vals).map_err(|err| at(e, err.message));
+                return reported(g.push(op, &vals), e, errors);
             }
             // `mean` and `sum` reduce the feature axis of each row; the one value they leave
             // broadcasts back over the features wherever it is used.
-            let a = vals[0];
+            let a = *vals.first()?;
             let n = g.shape(a).features();
             if !matches!(g.shape(a), Shape::Vector(_) | Shape::Batch(_)) {
-                return Err(at(e, format!("`{f}` reduces the features of a vector or a batch, found {}", g.shape(a))));
+                return failed(
+                    e,
+                    errors,
+                    format!(
+                        "`{f}` reduces the features of a vector or a batch, found {}",
+                        g.shape(a)
+                    ),
+                );
             }
-            let sum = g.push(Op::SumFeatures, &[a]).map_err(|err| at(e, err.message))?;
+            let sum = reported(g.push(Op::SumFeatures, &[a]), e, errors)?;
             if f == "sum" {
-                return Ok(sum);
+                return Some(sum);
             }
             let count = g.constant(n as f32, Shape::Scalar);
-            g.push(Op::Div, &[sum, count]).map_err(|err| at(e, err.message))
+            reported(g.push(Op::Div, &[sum, count]), e, errors)
         }
         Expr::Index(a, ranges, _) => {
-            let base = eval(g, env, a, sizes)?;
+            let base = eval(g, env, a, sizes, errors)?;
             let shape = g.shape(base);
             let (input, hidden) = sizes;
             if shape == Shape::Scalar {
-                return Err(at(e, "a number cannot be sliced".into()));
+                return failed(e, errors, "a number cannot be sliced".into());
             }
             if ranges.len() == 2 {
                 let Shape::Matrix(_, cols) = shape else {
-                    return Err(at(e, format!("two ranges slice a matrix's rows and columns, but this is {shape}: give one range")));
+                    return failed(
+                        e,
+                        errors,
+                        format!(
+                            "two ranges slice a matrix's rows and columns, but this is {shape}: give one range"
+                        ),
+                    );
                 };
                 let c = &ranges[1];
-                let full = c.start.as_ref().is_none_or(|d| d.eval(input, hidden) == Some(0))
-                    && c.end.as_ref().is_none_or(|d| d.eval(input, hidden) == Some(cols))
+                let full = c
+                    .start
+                    .as_ref()
+                    .is_none_or(|d| d.eval(input, hidden) == Some(0))
+                    && c.end
+                        .as_ref()
+                        .is_none_or(|d| d.eval(input, hidden) == Some(cols))
                     && !c.single;
                 if !full {
-                    return Err(at(e, "only a matrix's rows can be sliced: write the columns as `..` (`W[0 .. hidden, ..]`)".into()));
+                    return failed(e, errors, "only a matrix's rows can be sliced: write the columns as `..` (`W[0 .. hidden, ..]`)".into());
                 }
             }
-            let r = &ranges[0];
+            let r = ranges.first()?;
             let len = shape.features();
-            let size = |d: &Option<crate::spec::Dim>, default: usize| -> Result<usize, Diagnostic> {
-                match d {
-                    None => Ok(default),
-                    Some(d) => d.eval(input, hidden).ok_or_else(|| at(e, format!("a bound of this slice is larger than the largest size supported ({})", ModelSpec::MAX_SIZE))),
-                }
+            let size = |d: &Option<crate::spec::Dim>, default: usize| match d {
+                None => Some(default),
+                Some(d) => d.eval(input, hidden),
             };
-            let start = size(&r.start, 0)?;
-            let end = if r.single { start + 1 } else { size(&r.end, len)? };
+            let (Some(start), Some(end)) = (size(&r.start, 0), size(&r.end, len)) else {
+                return failed(
+                    e,
+                    errors,
+                    format!(
+                        "a bound of this slice is larger than the largest size supported ({})",
+                        ModelSpec::MAX_SIZE
+                    ),
+                );
+            };
+            let end = if r.single { start + 1 } else { end };
             if start >= end || end > len {
-                let what = if matches!(shape, Shape::Matrix(..)) { "rows" } else { "features" };
-                return Err(at(e, format!("the slice {start}..{end} is out of range: the value has {len} {what} ({shape})")));
+                let what = if matches!(shape, Shape::Matrix(..)) {
+                    "rows"
+                } else {
+                    "features"
+                };
+                return failed(
+                    e,
+                    errors,
+                    format!(
+                        "the slice {start}..{end} is out of range: the value has {len} {what} ({shape})"
+                    ),
+                );
             }
             if start == 0 && end == len {
-                return Ok(base);
+                return Some(base);
             }
-            g.slice(base, start, end - start).map_err(|err| at(e, err.message))
+            reported(g.slice(base, start, end - start), e, errors)
         }
     }
+}
+
+/// `None`, after reporting `message` at `e`.
+fn failed(e: &Expr, errors: &mut Vec<Diagnostic>, message: String) -> Option<Value> {
+    errors.push(diag(e.loc(), message));
+    None
+}
+
+/// The value an op made, or `None` after reporting the graph's objection at `e`.
+fn reported(r: Result<Value, IrError>, e: &Expr, errors: &mut Vec<Diagnostic>) -> Option<Value> {
+    r.map_err(|err| errors.push(diag(e.loc(), err.message)))
+        .ok()
 }
