@@ -66,7 +66,7 @@ fn unknown_setting_names_the_valid_ones() {
     let e = errors("lstm {\n  input: 128,\n  hiden: 256\n}");
     assert_eq!(
         e[0],
-        "3:3: unknown setting `hiden` for `lstm`; expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj"
+        "3:3: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj"
     );
 }
 
@@ -169,9 +169,19 @@ fn custom_cell_mistakes_point_at_the_token() {
 }
 
 #[test]
-fn tokenizer_errors_are_diagnostics() {
-    let e = errors("lstm { input: 3, hidden: \"4 }");
-    assert!(e[0].contains("cannot tokenize"), "{e:?}");
+fn what_the_tokenizer_refuses_is_a_diagnostic() {
+    // Not a bracket: the tokenizer's own message, at the character it stopped on.
+    assert_eq!(
+        errors("lstm { input: 3, hidden: 4 \\ }"),
+        vec![
+            "1:28: cannot tokenize the declaration at `\\`: cannot parse string into token stream"
+        ]
+    );
+    // A string (which the language has none of) never closed hides the brackets after it.
+    assert_eq!(
+        errors("lstm { input: 3, hidden: \"4 }"),
+        vec!["1:26: this string is never closed"]
+    );
 }
 
 #[test]
@@ -180,7 +190,9 @@ fn mistakes_inside_brackets_and_parentheses_are_reported_not_dropped() {
     let e = errors("cell C { input: 4, hidden: 4, param W: [hiden, input], state h, h = tanh(x) }");
     assert_eq!(
         e,
-        vec!["1:41: expected a size: a number, `input` or `hidden`, found `hiden`"]
+        vec![
+            "1:41: expected a size: a number, `input` or `hidden`, found `hiden`: did you mean `hidden`?"
+        ]
     );
     // Tokens left over inside parentheses are an error, not ignored.
     let e = errors(
@@ -203,4 +215,330 @@ fn mistakes_inside_brackets_and_parentheses_are_reported_not_dropped() {
         "cell C { input: 4, hidden: 4, param W: [hidden, input], state h, h = tanh(W @ x h) }",
     );
     assert_eq!(e, vec!["1:81: expected `,` between arguments, found `h`"]);
+}
+
+// --- Errors: every mistake at once, each once, with what was probably meant ---
+
+#[test]
+fn several_mistakes_in_settings_params_states_and_equations_are_reported_at_once() {
+    let e = errors(
+        "cell Broken {
+    input: many, hidden: 8, bidirectional: yes,
+    param W: [hidden, input, 2], param U: [hiden, hidden],
+    state c: hiden * 2, state h,
+    z = sigmoid(W @ x +),
+    g = concat(x y, z),
+    h = tanh(U @ h) * z + q,
+    c = g * c,
+}",
+    );
+    assert_eq!(
+        e,
+        vec![
+            "2:12: `input` takes a whole number, found `many`",
+            "2:44: `bidirectional` takes `true` or `false`, found `yes`",
+            "3:14: a parameter has no dimension (a scalar, `[]`), one (a vector) or two (a matrix `[out, in]`)",
+            "3:44: expected a size: a number, `input` or `hidden`, found `hiden`: did you mean `hidden`?",
+            "4:14: expected a size: a number, `input` or `hidden`, found `hiden`: did you mean `hidden`?",
+            "5:24: expected an expression: a name, a number, a call or `(`, found `)`",
+            "6:18: expected `,` between arguments, found `y`",
+            "7:27: unknown name `q`: declare it with `param q: [..]` or `state q`, or assign it before this use",
+        ]
+    );
+}
+
+#[test]
+fn the_body_goes_on_after_a_missing_separator_or_an_unfinished_equation() {
+    assert_eq!(
+        errors("lstm { input: 3 hidden: 4 layers: 0 }"),
+        vec![
+            "1:17: expected `,` or `;` between items, found `hidden`",
+            "1:27: expected `,` or `;` between items, found `layers`",
+        ]
+    );
+    // `a = h` is read as the next equation, so `output a` names something.
+    assert_eq!(
+        errors(
+            "cell C { input: 3, hidden: 4, param W: [hidden, input], state h,\n  h = W @\n  a = h, output a }"
+        ),
+        vec!["3:3: expected an expression, found the start of the next item `a`"]
+    );
+}
+
+#[test]
+fn lowering_reports_every_independent_mistake_at_once() {
+    // Shapes are lowering's: two equations wrong, and two operands of one `+`.
+    let e = errors(
+        "cell C {
+    input: 3, hidden: 4,
+    param W: [hidden, input], param U: [hidden, hidden], param b: [5],
+    state h,
+    a = (U @ x) + (W @ h),
+    h = tanh(W @ x + b)
+}",
+    );
+    assert_eq!(
+        e,
+        vec![
+            "5:12: matmul needs [o, i] @ batch[i], found [4, 4] @ batch[3]",
+            "5:22: matmul needs [o, i] @ batch[i], found [4, 3] @ batch[4]",
+            "6:20: `add` cannot combine shapes batch[4] and [5]",
+        ]
+    );
+}
+
+#[test]
+fn a_failed_equation_or_declaration_causes_no_follow_on_errors() {
+    // `a` fails (unknown `y`): `b` and `h` use it, and are not reported.
+    let e = errors(
+        "cell C {
+    input: 3, hidden: 4,
+    param W: [hidden, input],
+    state h,
+    a = tanh(W @ y),
+    b = a * 2,
+    h = tanh(a + b)
+}",
+    );
+    assert_eq!(
+        e,
+        vec![
+            "5:18: unknown name `y`: declare it with `param y: [..]` or `state y`, or assign it before this use"
+        ]
+    );
+    // A parameter whose shape does not parse is still declared: no "unknown name `U`".
+    let e = errors(
+        "cell C { input: 3, hidden: 4, param U: [hiden, hidden], state h, h = tanh(U @ h) }",
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("1:41: expected a size"), "{e:?}");
+    // Shapes lowering refuses (0, too large) are reported at the declaration alone, not where
+    // the parameter or state is used nor where the state is assigned.
+    let e = errors(
+        "cell C {
+    input: 3, hidden: 4,
+    param V: [hidden, 0], param U: [hidden * 100000 * 100000, hidden],
+    state h, state c: 0,
+    a = V @ x,
+    c = U @ h + a,
+    h = tanh(a) * c
+}",
+    );
+    assert_eq!(
+        e,
+        vec![
+            "3:11: parameter `V` has a dimension of size 0",
+            "3:33: a dimension of `U` is larger than the largest size supported (16777216)",
+            "4:20: state `c` has size 0",
+        ]
+    );
+    // An equation that does not parse still assigns its name: no "never assigned", no
+    // "unknown name".
+    assert_eq!(
+        errors("cell C { input: 3, hidden: 4, state h, a = x +, h = a }"),
+        vec!["1:47: expected an expression: a name, a number, a call or `(`, found `,`"]
+    );
+    // A misspelt keyword is read as the keyword meant: `W` and `h` are declared.
+    assert_eq!(
+        errors("cell C { input: 3, hidden: 4, parm W: [hidden, input], stat h, h = W @ x }"),
+        vec![
+            "1:31: unknown keyword `parm`: did you mean `param`?",
+            "1:56: unknown keyword `stat`: did you mean `state`?",
+        ]
+    );
+    // A name declared twice: the second declaration is the mistake, not the equations.
+    assert_eq!(
+        errors("cell C { input: 3, hidden: 4, param h: [hidden], state h, h = h * x }"),
+        vec!["1:56: `h` is already a parameter: give this state another name"]
+    );
+}
+
+#[test]
+fn misspelt_model_kinds_are_suggested_and_the_body_still_checked() {
+    assert_eq!(
+        errors("lstn { input: 3, hiden: 4 }"),
+        vec![
+            "1:1: unknown model kind `lstn`: did you mean `lstm`? expected `rnn`, `lstm`, `gru` or `cell`",
+            "1:18: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj",
+        ]
+    );
+    assert_eq!(
+        errors("cel C { input: 3, hidden: 4, state h, h = x }")[0],
+        "1:1: unknown model kind `cel`: did you mean `cell`? expected `rnn`, `lstm`, `gru` or `cell`"
+    );
+}
+
+#[test]
+fn misspelt_keywords_are_suggested() {
+    let e = errors(
+        "cell C {\n  input: 3, hidden: 4,\n  parm W: [hidden, input],\n  stat h,\n  h = tanh(W @ x),\n  ouput h\n}",
+    );
+    assert_eq!(
+        e,
+        vec![
+            "3:3: unknown keyword `parm`: did you mean `param`?",
+            "4:3: unknown keyword `stat`: did you mean `state`?",
+            "6:3: unknown keyword `ouput`: did you mean `output`?",
+        ]
+    );
+    // In a standard cell, the item is skipped after the one error.
+    assert_eq!(
+        errors("lstm { input: 3, hidden: 4, parm W: [3] }"),
+        vec!["1:29: unknown keyword `parm`: did you mean `param`?"]
+    );
+}
+
+#[test]
+fn misspelt_settings_and_setting_values_are_suggested() {
+    assert_eq!(
+        errors("gru { input: 3, hidden: 4, bidirectonal: ture }"),
+        vec![
+            "1:28: unknown setting `bidirectonal` for `gru`: did you mean `bidirectional`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset"
+        ]
+    );
+    assert_eq!(
+        errors("gru { input: 3, hidden: 4, bidirectional: ture, reset: aftr }"),
+        vec![
+            "1:43: `bidirectional` takes `true` or `false`, found `ture`: did you mean `true`?",
+            "1:56: `reset` takes `after` (PyTorch) or `before` (Cho et al.), found `aftr`: did you mean `after`?",
+        ]
+    );
+    assert_eq!(
+        errors("rnn { input: 3, hidden: 4, nonlinearity: rel, bias_convention: ones }"),
+        vec![
+            "1:42: `nonlinearity` takes `tanh` or `relu`, found `rel`: did you mean `relu`?",
+            "1:64: `bias_convention` takes `two` (PyTorch) or `one` (Keras), found `ones`: did you mean `one`?",
+        ]
+    );
+    // A setting of another kind says whose it is.
+    assert_eq!(
+        errors("gru { input: 3, hidden: 4, proj: 2 }"),
+        vec![
+            "1:28: unknown setting `proj` for `gru`: it is a setting of `lstm` only; expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset"
+        ]
+    );
+    // A misspelt size is not also reported missing; a missing one is.
+    assert_eq!(
+        errors("cell C { input: 3, param W: [hidden, input], state h, h = W @ x }"),
+        vec!["1:1: `cell` needs `hidden: N`, the number of hidden features"]
+    );
+}
+
+#[test]
+fn misspelt_functions_sizes_and_outputs_are_suggested() {
+    let e = errors(
+        "cell C { input: 3, hidden: 4, param W: [hidden, input], state h, h = sigmod(W @ x) }",
+    );
+    assert_eq!(
+        e,
+        vec![
+            "1:70: unknown function `sigmod`: did you mean `sigmoid`? the functions are `sigmoid`, `tanh`, `relu`, `exp`, `log`, `sqrt`, `softplus`, `abs`, `min`, `max`, `mean`, `sum`, `concat`"
+        ]
+    );
+    let e = errors("cell C { input: 3, hidden: 4, param g: [2h], state h, h = g[0 .. hiden] * x }");
+    assert_eq!(
+        e,
+        vec![
+            "1:66: expected a size: a number, `input` or `hidden`, found `hiden`: did you mean `hidden`?"
+        ]
+    );
+    let e = errors("cell C { input: 3, hidden: 4, state h, h = tanh(x), output hh }");
+    assert_eq!(
+        e,
+        vec!["1:60: `output hh` names nothing: did you mean `h`?"]
+    );
+}
+
+#[test]
+fn misspelt_names_are_suggested_among_what_is_visible_there() {
+    let e = errors(
+        "cell C {
+    input: 3, hidden: 4,
+    param W_xh: [hidden, input], param W_hh: [hidden, hidden], param b: [hidden],
+    state h,
+    pre = W_hx @ x + W_hh @ h + b,
+    h = tanh(pree)
+}",
+    );
+    assert_eq!(
+        e,
+        vec![
+            "5:11: unknown name `W_hx`: did you mean `W_xh`?",
+            "6:14: unknown name `pree`: did you mean `pre`?",
+        ]
+    );
+    // A name assigned later is not misspelt: it is used too early.
+    let e = errors(
+        "cell C { input: 3, hidden: 4, param W: [hidden, input], state h, a = b + x, b = W @ x, h = a }",
+    );
+    assert_eq!(
+        e,
+        vec![
+            "1:70: `b` is used before the equation that assigns it (at 1:77): equations run in order, and only a `state` keeps its value from the previous step"
+        ]
+    );
+    let e = errors("cell C { input: 3, hidden: 4, state h, a = a + x, h = a }");
+    assert_eq!(
+        e,
+        vec![
+            "1:44: `a` is used in its own equation before it has a value: only a `state` keeps its value from the previous step (declare `state a`)"
+        ]
+    );
+}
+
+#[test]
+fn unclosed_and_extra_brackets_are_reported_at_the_bracket() {
+    let e = errors("cell C {\n  input: 3, hidden: 4,\n  state h,\n  h = tanh(x,\n}");
+    assert_eq!(
+        e,
+        vec!["4:11: this `(` is never closed: a `)` is missing before the `}` at 5:1"]
+    );
+    let e = errors("cell C { input: 3, hidden: 4, param W: [hidden, input, state h, h = W @ x }");
+    assert_eq!(
+        e,
+        vec!["1:40: this `[` is never closed: a `]` is missing before the `}` at 1:75"]
+    );
+    let e = errors("lstm {\n  input: 3,\n  hidden: 4\n");
+    assert_eq!(
+        e,
+        vec!["1:6: this `{` is never closed: a `}` is missing at the end"]
+    );
+    let e = errors("lstm { input: 3, hidden: 4 } }");
+    assert_eq!(
+        e,
+        vec!["1:30: unexpected `}`: there is no `{` open for it to close"]
+    );
+    let e = errors("lstm { input: 3, hidden: (4)) }");
+    assert_eq!(
+        e,
+        vec!["1:29: unexpected `)`: there is no `(` open for it to close"]
+    );
+}
+
+#[test]
+fn settings_a_custom_cell_ignores_are_refused() {
+    let e = errors(
+        "cell C {
+    input: 3, hidden: 4, layers: 2, bidirectional: true, batch_first: true,
+    bias: false, bias_convention: one, proj: 2, reset: before, nonlinearity: relu,
+    param W: [hidden, input], state h, h = tanh(W @ x)
+}",
+    );
+    assert_eq!(
+        e,
+        vec![
+            "3:5: a `cell` takes no `bias`: a custom cell's biases are the parameters its equations add (`param b: [hidden]`, then `... + b`); there is nothing for `bias` to switch on or off",
+            "3:18: a `cell` takes no `bias_convention`: a custom cell's biases are the parameters its equations add, as many as they add; there is no convention to choose",
+            "3:40: a `cell` takes no `proj`: `proj` projects an LSTM's output; in a `cell`, write the projection as an equation (`output y = W_hy @ h`)",
+            "3:49: a `cell` takes no `reset`: `reset` places a GRU's reset gate; in a `cell`, the equations place it (`W @ (r * h)` or `r * (W @ h)`)",
+            "3:64: a `cell` takes no `nonlinearity`: `nonlinearity` picks an `rnn`'s activation; in a `cell`, the equations apply their own (`h = tanh(...)`)",
+        ]
+    );
+    // A standard cell without biases has no bias convention either.
+    assert_eq!(
+        errors("lstm { input: 3, hidden: 4, bias: false, bias_convention: one }"),
+        vec![
+            "1:42: `bias_convention` means nothing with `bias: false`: there are no biases to count; leave one of the two out"
+        ]
+    );
 }

@@ -2,56 +2,356 @@
 //!
 //! # Grammar
 //! ```text
-//! model    := kind [Name] '{' item ((',' | ';') item)* [',' | ';'] '}'
+//! model    := kind [Name] '{' [item ((',' | ';') item)* [',' | ';']] '}'
 //! kind     := 'rnn' | 'lstm' | 'gru' | 'cell'
 //! item     := setting | param | state | output | equation
 //! setting  := key ':' (integer | 'true' | 'false' | identifier)
-//! param    := 'param' name ':' '[' dim (',' dim)? ']'        (cell only)
-//! state    := 'state' name [':' dim]                          (cell only; default size `hidden`)
-//! output   := 'output' name                                   (cell only; default the first state)
-//! equation := name '=' expr                                   (cell only)
-//! dim      := dterm ('+' dterm)* ;  dterm := datom ('*' datom)* ;
-//! datom    := integer | 'input' | 'hidden' | '(' dim ')'
-//! expr     := term (('+' | '-') term)* ;  term := unary (('*' | '@') unary)* ;
-//! unary    := '-' unary | atom ;  atom := number | name | name '(' expr (',' expr)* ')' | '(' expr ')'
+//! param    := 'param' name ':' '[' [dim [',' dim]] ']' ['=' ['-'] number]   (cell only)
+//! state    := 'state' name [':' dim]                     (cell only; default size `hidden`)
+//! output   := 'output' name ['=' expr]                   (cell only; default the first state)
+//! equation := name '=' expr                              (cell only)
+//! dim      := dterm ('+' dterm)* ;   dterm := datom ('*' datom)*
+//! datom    := integer | integer 'h' | 'input' | 'hidden' | 'h' | '(' dim ')'
+//! expr     := term (('+' | '-') term)* ;   term := unary (('*' | '/' | '@') unary)*
+//! unary    := '-' unary | postfix ;   postfix := atom ('[' range [',' range] ']')*
+//! range    := dim | [dim] '..' [dim]
+//! atom     := number | name | function '(' [expr (',' expr)*] ')' | '(' expr ')'
 //! ```
-//! Settings: `input`, `hidden` (required), `layers`, `bidirectional`, `bias`, `batch_first`,
-//! `proj` (LSTM), `reset: after | before` (GRU), `nonlinearity: tanh | relu` (rnn),
-//! `bias_convention: two | one`. In a `cell`, `x` is the step input; naming a state on the left
-//! of `=` gives its next value, and later equations see the new value.
+//! Comments are Rust's (`// ...`, `/* ... */`). Items are separated by `,` or `;` (a trailing
+//! one is allowed) and may come in any order, except that equations run in the order written.
+//!
+//! # Settings
+//! | setting | kinds | meaning |
+//! |---|---|---|
+//! | `input: N` | all (required) | features of the input `x_t` |
+//! | `hidden: N` | all (required) | features of the hidden state |
+//! | `layers: N` | all | stacked layers (default 1); layer `l > 0` reads both directions' outputs of layer `l - 1` |
+//! | `bidirectional: true \| false` | all | each layer also runs backwards in time (default `false`) |
+//! | `batch_first: true \| false` | all | inputs and outputs are `(batch, time, features)` (default `false`: `(time, batch, features)`) |
+//! | `bias: true \| false` | `rnn`, `lstm`, `gru` | whether the cell has biases (default `true`) |
+//! | `bias_convention: two \| one` | `rnn`, `lstm`, `gru` | PyTorch's two biases `bias_ih` and `bias_hh` (default), or one (Keras, the chapter's counts) stored as `bias_ih`; refused with `bias: false` |
+//! | `proj: N` (or `proj_size`) | `lstm` | project `h` to `N < hidden` features (default 0: none) |
+//! | `reset: after \| before` | `gru` | PyTorch's form (default), or the reset gate applied before the matmul (Cho et al., the chapter) |
+//! | `nonlinearity: tanh \| relu` | `rnn` | the activation (default `tanh`) |
+//!
+//! A `cell` refuses `bias`, `bias_convention`, `proj`, `reset` and `nonlinearity`: its biases,
+//! projections, reset gates and activations are whatever its equations write, so those settings
+//! would mean nothing.
+//!
+//! # Custom cells
+//! - `x` is the step input: `input` features in the first layer, the previous layer's output
+//!   (both directions') in the others. In sizes, `input` is that layer's input size.
+//! - `param W: [hidden, input]` declares a matrix (PyTorch's `(out, in)` layout), `param b:
+//!   [hidden]` a vector, `param a: []` a scalar (one number for every feature). `= v` (a number,
+//!   possibly negative) gives every element that initial value (`param g: [4 * hidden] = 1`);
+//!   without it the initialisation draws the parameter like PyTorch's (uniform in `±1/√hidden`).
+//! - `state c: dim` declares a recurrent state (`state h` is `state h: hidden`). Before the
+//!   equation that assigns it, a state's name is its value from the previous step; after, the
+//!   new value, which is carried to the next step. Every state must be assigned.
+//! - `name = expr` names a value; equations run in order, so a name is used after the equation
+//!   that assigns it (only states carry a value from the previous step).
+//! - The step's output is the first state, or `output name` (a state or an assigned name), or
+//!   `output y = expr`: a value that is not a state, of its own size, e.g. an output projection
+//!   `output y = W_hy @ h + b_y`.
+//! - Sizes (`dim`): whole numbers, `input`, `hidden` (or `h`), `+`, `*` and parentheses; `2h` is
+//!   short for `2 * hidden` (one token, no space).
+//!
+//! # Expressions
+//! - `a + b`, `a - b`, `a * b`, `a / b`, `-a` are element-wise: equal shapes combine, a number
+//!   or a one-feature value (a scalar parameter, a `mean`) combines with anything, and a vector
+//!   with a batch of as many features (a bias on every row).
+//! - `W @ v` is the matrix product of a `[o, i]` matrix and a value of `i` features, giving `o`.
+//! - Numbers (`1`, `0.5`, `1e-5`) are constants.
+//! - `v[a .. b]` takes features `a` to `b - 1` (`g[hidden .. 2 * hidden]`, `g[h .. 2h]`); either
+//!   bound may be left out (`v[.. hidden]`, `v[hidden ..]`), and `v[i]` takes feature `i` alone.
+//!   `W[a .. b, ..]` takes rows of a matrix (its columns are always all taken, written `..`).
+//!   Bounds are sizes, like a parameter's dimensions.
+//!
+//! Functions (every one element-wise unless said):
+//!
+//! | function | value |
+//! |---|---|
+//! | `sigmoid(a)` | `1 / (1 + e^-a)` |
+//! | `tanh(a)` | `tanh(a)` |
+//! | `relu(a)` | `max(a, 0)` |
+//! | `exp(a)` | `e^a` |
+//! | `log(a)` | the natural logarithm |
+//! | `sqrt(a)` | the square root |
+//! | `softplus(a)` | `ln(1 + e^a)` (`a` itself above 20, as PyTorch) |
+//! | `abs(a)` | `\|a\|` |
+//! | `min(a, c)`, `max(a, c)` | against a constant number `c` (`max(a, -1)`) |
+//! | `mean(a)`, `sum(a)` | the mean or sum over the feature axis of each row, broadcast back over it (`a - mean(a)`) |
+//! | `concat(a, b, ...)` | the arguments joined along the feature axis |
 //!
 //! ```text
 //! lstm Encoder { input: 128, hidden: 256, layers: 2, bidirectional: true }
 //! cell Elman { input: 4, hidden: 8,
 //!     param W_xh: [hidden, input], param W_hh: [hidden, hidden], param b: [hidden],
+//!     param W_hy: [3, hidden], param b_y: [3],
 //!     state h,
-//!     h = relu(W_hh @ h + W_xh @ x + b) }
+//!     h = tanh(W_hh @ h + W_xh @ x + b),
+//!     output y = W_hy @ h + b_y }
 //! ```
-//! Every mistake is reported, each at its token, with what was expected.
+//!
+//! # Errors
+//! Every mistake is reported at once, in source order, each at its token with what was
+//! expected: the parser resynchronises at the next `,` or `;` (or the next item, when a
+//! separator is missing), and inside brackets and parentheses at the next `,`. A mistake is
+//! reported once: a parameter whose shape is wrong, or an equation that fails, leaves its name
+//! declared but without a value, and its uses are not reported again. Misspelt kinds,
+//! keywords, settings, setting values, sizes, functions and names get a "did you mean"
+//! ([`suggest`]). A `.rnn` file whose brackets do not nest is reported at the bracket never
+//! closed, or at the one that closes nothing, rather than with the tokenizer's error.
+//!
+//! Names and functions are checked here (by [`lower`](crate::lower)'s `check_names`, which
+//! lowering runs too); shapes and sizes are checked by lowering, which reports every
+//! independent mistake at once as well.
 //!
 //! The spec keeps no spans: each token's span becomes a [`Loc`] (line and column) as the spec is
 //! built, and [`span_at`] finds the token again, for a macro to point at a mistake lowering found.
 
-use crate::error::{Diagnostic, Error};
+use crate::error::{Diagnostic, Error, suggest};
 use crate::spec::{
     BiasConvention, BinOp, CellKind, CustomCell, CustomParam, Dim, Expr, GruReset, Loc, ModelSpec,
     Range,
 };
-use proc_macro2::{Delimiter, Span, TokenStream, TokenTree};
+use proc_macro2::{Delimiter, Group, Span, TokenStream, TokenTree};
 use std::str::FromStr;
+
+/// The kinds of model.
+const KINDS: [&str; 4] = ["rnn", "lstm", "gru", "cell"];
+
+/// The keywords that start an item of a `cell`.
+const KEYWORDS: [&str; 3] = ["param", "state", "output"];
+
+/// The settings `kind` takes (`proj_size` is also accepted for `proj`).
+fn settings_of(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "lstm" => &[
+            "input",
+            "hidden",
+            "layers",
+            "bidirectional",
+            "bias",
+            "batch_first",
+            "bias_convention",
+            "proj",
+        ],
+        "gru" => &[
+            "input",
+            "hidden",
+            "layers",
+            "bidirectional",
+            "bias",
+            "batch_first",
+            "bias_convention",
+            "reset",
+        ],
+        "rnn" => &[
+            "input",
+            "hidden",
+            "layers",
+            "bidirectional",
+            "bias",
+            "batch_first",
+            "bias_convention",
+            "nonlinearity",
+        ],
+        _ => &["input", "hidden", "layers", "bidirectional", "batch_first"],
+    }
+}
+
+/// Whether `key` is a setting of `kind`.
+fn is_setting(kind: &str, key: &str) -> bool {
+    settings_of(kind).contains(&key) || (kind == "lstm" && key == "proj_size")
+}
+
+/// `": did you mean `s`?"` when one of `candidates` is close to `word`, else nothing.
+fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    suggest(word, candidates).map_or_else(String::new, |s| format!(": did you mean `{s}`?"))
+}
 
 /// Parses a model declaration from source text (a `.rnn` file).
 pub fn parse_str(source: &str) -> Result<ModelSpec, Error> {
     let tokens = TokenStream::from_str(source).map_err(|e| {
+        // Brackets that do not nest are what usually stops the tokenizer: say which one.
+        let found = delimiter_errors(source);
+        if !found.is_empty() {
+            return Error::Parse(found);
+        }
         let start = e.span().start();
+        let at = source
+            .lines()
+            .nth(start.line.wrapping_sub(1))
+            .and_then(|l| l.chars().nth(start.column))
+            .map_or_else(String::new, |c| format!(" at `{c}`"));
         Error::Parse(vec![Diagnostic {
-            message: format!("cannot tokenize the declaration: {e}"),
+            message: format!("cannot tokenize the declaration{at}: {e}"),
             line: start.line,
             column: start.column + 1,
             span: Some(e.span()),
         }])
     })?;
     parse_model(tokens)
+}
+
+/// The brackets of `source` that do not nest (a `{` never closed, a `)` that closes nothing),
+/// and a comment or string never closed (which would hide the brackets after it), in source
+/// order. Empty when there are none.
+///
+/// Comments, strings and character literals are skipped as Rust's tokenizer skips them. A
+/// closer that does not match the innermost open bracket but an outer one closes that one, and
+/// the brackets between are the ones never closed (`{ h = tanh(x }`: the `(`).
+fn delimiter_errors(source: &str) -> Vec<Diagnostic> {
+    let chars: Vec<char> = source.chars().collect();
+    // The 1-based line and column of every character.
+    let mut at = Vec::with_capacity(chars.len());
+    let (mut line, mut column) = (1, 1);
+    for &c in &chars {
+        at.push((line, column));
+        if c == '\n' {
+            (line, column) = (line + 1, 1);
+        } else {
+            column += 1;
+        }
+    }
+    let report = |i: usize, message: String| Diagnostic {
+        message,
+        line: at[i].0,
+        column: at[i].1,
+        span: None,
+    };
+    let place = |i: usize| format!("{}:{}", at[i].0, at[i].1);
+    let get = |i: usize| chars.get(i).copied();
+    let ident_char = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let closer = |c: char| match c {
+        '(' => ')',
+        '[' => ']',
+        _ => '}',
+    };
+    let mut errors = Vec::new();
+    let mut open: Vec<(char, usize)> = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '/' if get(i + 1) == Some('/') => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            }
+            '/' if get(i + 1) == Some('*') => {
+                let start = i;
+                let mut depth = 0;
+                loop {
+                    match (get(i), get(i + 1)) {
+                        (None, _) => {
+                            errors.push(report(start, "this `/*` comment is never closed".into()));
+                            return errors;
+                        }
+                        (Some('/'), Some('*')) => (depth, i) = (depth + 1, i + 2),
+                        (Some('*'), Some('/')) => (depth, i) = (depth - 1, i + 2),
+                        _ => i += 1,
+                    }
+                    if depth == 0 {
+                        break;
+                    }
+                }
+            }
+            '"' | 'r' => {
+                // A string `"..."`, or a raw string `r"..."`, `r#"..."#` (`b` prefixes are
+                // identifier characters before them).
+                let hashes = if c == 'r' {
+                    let before = if get(i.wrapping_sub(1)) == Some('b') {
+                        i.checked_sub(2).and_then(get)
+                    } else {
+                        i.checked_sub(1).and_then(get)
+                    };
+                    let n = chars[i + 1..].iter().take_while(|&&h| h == '#').count();
+                    if ident_char(before) || get(i + 1 + n) != Some('"') {
+                        i += 1;
+                        continue;
+                    }
+                    Some(n)
+                } else {
+                    None
+                };
+                let start = i;
+                i += hashes.map_or(1, |n| n + 2);
+                loop {
+                    match get(i) {
+                        None => {
+                            errors.push(report(start, "this string is never closed".into()));
+                            return errors;
+                        }
+                        Some('\\') if hashes.is_none() => i += 2,
+                        Some('"') => {
+                            let n = hashes.unwrap_or(0);
+                            if (1..=n).all(|k| get(i + k) == Some('#')) {
+                                i += n + 1;
+                                break;
+                            }
+                            i += 1;
+                        }
+                        _ => i += 1,
+                    }
+                }
+                continue;
+            }
+            '\'' => {
+                // A character literal ('{', '\''), else a lifetime or a stray quote.
+                if get(i + 1) == Some('\\') {
+                    if let Some(end) =
+                        (i + 3..(i + 12).min(chars.len())).find(|&k| chars[k] == '\'')
+                    {
+                        i = end;
+                    }
+                } else if get(i + 2) == Some('\'') {
+                    i += 2;
+                }
+            }
+            '(' | '[' | '{' => open.push((c, i)),
+            ')' | ']' | '}' => match open.iter().rposition(|&(o, _)| closer(o) == c) {
+                Some(k) => {
+                    for &(o, j) in &open[k + 1..] {
+                        errors.push(report(
+                            j,
+                            format!(
+                                "this `{o}` is never closed: a `{}` is missing before the `{c}` at {}",
+                                closer(o),
+                                place(i)
+                            ),
+                        ));
+                    }
+                    open.truncate(k);
+                }
+                None => {
+                    let opener = match c {
+                        ')' => '(',
+                        ']' => '[',
+                        _ => '{',
+                    };
+                    errors.push(report(
+                        i,
+                        format!("unexpected `{c}`: there is no `{opener}` open for it to close"),
+                    ));
+                }
+            },
+            _ => {}
+        }
+        i += 1;
+    }
+    for &(o, j) in &open {
+        errors.push(report(
+            j,
+            format!(
+                "this `{o}` is never closed: a `{}` is missing at the end",
+                closer(o)
+            ),
+        ));
+    }
+    errors.sort_by_key(|d| (d.line, d.column));
+    errors
 }
 
 /// Parses `kind [Name] { items }`.
@@ -119,6 +419,11 @@ struct Parser {
     pos: usize,
     end_span: Span,
     errors: Vec<Diagnostic>,
+    /// Whether a group inside the expression being read had a mistake: the expression is read
+    /// on past it (its mistakes after the group are reported too) but is not used.
+    damaged: bool,
+    /// The delimiter that closes the tokens, for a parser of a group's contents.
+    close: Option<char>,
 }
 
 type PResult<T> = Result<T, ()>;
@@ -130,6 +435,8 @@ impl Parser {
             pos: 0,
             end_span,
             errors: Vec::new(),
+            damaged: false,
+            close: None,
         }
     }
 
@@ -159,7 +466,10 @@ impl Parser {
 
     fn describe(&self) -> String {
         match self.peek() {
-            None => "the end of the declaration".into(),
+            None => match self.close {
+                Some(c) => format!("`{c}`"),
+                None => "the end of the declaration".into(),
+            },
             Some(t) => format!("`{t}`"),
         }
     }
@@ -197,29 +507,65 @@ impl Parser {
         self.error(self.span(), format!("expected {what}, found {found}"))
     }
 
-    fn group(&mut self, delim: Delimiter, what: &str) -> PResult<(TokenStream, Span)> {
+    fn group(&mut self, delim: Delimiter, what: &str) -> PResult<Group> {
         if let Some(TokenTree::Group(g)) = self.peek()
             && g.delimiter() == delim
         {
-            let r = (g.stream(), g.span());
+            let g = g.clone();
             self.pos += 1;
-            return Ok(r);
+            return Ok(g);
         }
         let found = self.describe();
         self.error(self.span(), format!("expected {what}, found {found}"))
     }
 
-    /// Parses the contents of a group (`[...]`, `(...)`) with `f` on a parser of its own. The
+    /// Whether the next tokens start an item: `name =`, `name :`, or a keyword and a name
+    /// (`param W`). Where a mistake leaves the parser, the next item is where it goes on.
+    fn at_item_start(&self) -> bool {
+        let Some(TokenTree::Ident(word)) = self.peek() else {
+            return false;
+        };
+        match self.tokens.get(self.pos + 1) {
+            Some(TokenTree::Punct(p)) => matches!(p.as_char(), '=' | ':'),
+            Some(TokenTree::Ident(_)) => KEYWORDS.iter().any(|k| word == k),
+            _ => false,
+        }
+    }
+
+    /// Skips to the next `,` or `;` between items, or the next item, whichever comes first.
+    fn skip_to_item(&mut self) {
+        while self.peek().is_some()
+            && !self.is_punct(',')
+            && !self.is_punct(';')
+            && !self.at_item_start()
+        {
+            self.pos += 1;
+        }
+    }
+
+    /// Skips the rest of an item, to the next `,` or `;`.
+    fn skip_item(&mut self) {
+        while self.peek().is_some() && !self.is_punct(',') && !self.is_punct(';') {
+            self.pos += 1;
+        }
+    }
+
+    /// Parses the contents of `group` (`[...]`, `(...)`) with `f` on a parser of its own. The
     /// inner parser's diagnostics always join this one's, whatever `f` returns, and tokens `f`
     /// leaves unread are an error: nothing inside a group is dropped silently.
     fn nested<T>(
         &mut self,
-        tokens: TokenStream,
-        span: Span,
-        close: char,
+        group: &Group,
         f: impl FnOnce(&mut Parser) -> PResult<T>,
     ) -> PResult<T> {
-        let mut inner = Parser::new(tokens, span);
+        let close = match group.delimiter() {
+            Delimiter::Parenthesis => ')',
+            Delimiter::Bracket => ']',
+            Delimiter::Brace => '}',
+            Delimiter::None => ' ',
+        };
+        let mut inner = Parser::new(group.stream(), group.span_close());
+        inner.close = Some(close);
         let result = f(&mut inner);
         if result.is_ok()
             && let Some(t) = inner.peek()
@@ -232,24 +578,63 @@ impl Parser {
         if failed { Err(()) } else { result }
     }
 
+    /// The comma-separated elements of a group's contents (all of self's tokens), each parsed
+    /// by `f`. A mistake in one element is reported, and the next is parsed after the next `,`:
+    /// every mistake inside the group is reported, not only the first.
+    fn list<T>(
+        &mut self,
+        between: &str,
+        mut f: impl FnMut(&mut Parser) -> PResult<T>,
+    ) -> PResult<Vec<T>> {
+        let mut items = Vec::new();
+        let mut failed = false;
+        while self.peek().is_some() {
+            match f(self) {
+                Ok(t) => items.push(t),
+                Err(()) => {
+                    failed = true;
+                    while self.peek().is_some() && !self.is_punct(',') {
+                        self.pos += 1;
+                    }
+                }
+            }
+            if self.peek().is_some() && self.require_punct(',', between).is_err() {
+                failed = true;
+                while self.peek().is_some() && !self.eat_punct(',') {
+                    self.pos += 1;
+                }
+            }
+        }
+        if failed { Err(()) } else { Ok(items) }
+    }
+
     fn model(&mut self) -> Option<ModelSpec> {
-        let (kind, kind_span) = self
+        let (word, kind_span) = self
             .ident("a model kind: `rnn`, `lstm`, `gru` or `cell`")
             .ok()?;
-        if !matches!(kind.as_str(), "rnn" | "lstm" | "gru" | "cell") {
+        let kind = if KINDS.contains(&word.as_str()) {
+            word
+        } else {
+            // A misspelt kind is reported, and the body is read as the kind meant, so that its
+            // own mistakes are reported too.
+            let meant = suggest(&word, KINDS);
+            let hint = meant.map_or_else(String::new, |k| format!("did you mean `{k}`? "));
             let _ = self.error::<()>(
                 kind_span,
-                format!("unknown model kind `{kind}`: expected `rnn`, `lstm`, `gru` or `cell`"),
+                format!(
+                    "unknown model kind `{word}`: {hint}expected `rnn`, `lstm`, `gru` or `cell`"
+                ),
             );
-            return None;
-        }
+            meant?.to_string()
+        };
         let name = match self.peek() {
             Some(TokenTree::Ident(_)) => Some(self.ident("a name").ok()?.0),
             _ => None,
         };
-        let (body, _) = self
+        let body = self
             .group(Delimiter::Brace, "`{` opening the declaration's body")
-            .ok()?;
+            .ok()?
+            .stream();
         if let Some(t) = self.peek() {
             let span = t.span();
             let _ = self.error::<()>(span, "unexpected tokens after the declaration's `}`");
@@ -265,32 +650,59 @@ impl Parser {
         let mut b = BodyBuilder::default();
         while self.peek().is_some() {
             if self.item(kind, &mut b).is_err() {
-                // Resynchronise at the next separator so that later mistakes are reported too.
-                while self.peek().is_some() && !self.is_punct(',') && !self.is_punct(';') {
-                    self.pos += 1;
+                // Go on at the next separator or item, so that later mistakes are reported too.
+                let failed_at = self.pos;
+                self.skip_to_item();
+                if self.pos == failed_at && self.at_item_start() {
+                    // The item stopped short at the next one (`h = W @` then `a = h`): that
+                    // is its mistake, reported already, not a missing separator.
+                    continue;
                 }
             }
-            if self.peek().is_some() && !self.eat_punct(',') && !self.eat_punct(';') {
-                let found = self.describe();
-                let _ = self.error::<()>(
-                    self.span(),
-                    format!("expected `,` or `;` between items, found {found}"),
-                );
-                while self.peek().is_some() && !self.is_punct(',') && !self.is_punct(';') {
-                    self.pos += 1;
-                }
-                self.pos += 1;
+            if self.peek().is_none() || self.eat_punct(',') || self.eat_punct(';') {
+                continue;
+            }
+            let found = self.describe();
+            let _ = self.error::<()>(
+                self.span(),
+                format!("expected `,` or `;` between items, found {found}"),
+            );
+            if !self.at_item_start() {
+                self.skip_to_item();
+                let _ = self.eat_punct(',') || self.eat_punct(';');
             }
         }
         self.build(kind, kind_span, name, b)
     }
 
     fn item(&mut self, kind: &str, b: &mut BodyBuilder) -> PResult<()> {
-        let (word, span) = self.ident(
+        let Ok((mut word, span)) = self.ident(
             "a setting (`hidden: 256`), or in a `cell` a `param`, `state`, `output` or equation",
-        )?;
+        ) else {
+            b.doubtful = true;
+            return Err(());
+        };
+        // `parm W: [..]`: a keyword misspelt, followed by the name it declares.
+        if !KEYWORDS.contains(&word.as_str())
+            && matches!(self.peek(), Some(TokenTree::Ident(_)))
+            && let Some(meant) = suggest(&word, KEYWORDS)
+        {
+            let _ = self.error::<()>(
+                span,
+                format!("unknown keyword `{word}`: did you mean `{meant}`?"),
+            );
+            if kind != "cell" {
+                self.skip_item();
+                return Err(());
+            }
+            // Read the item as what was meant, so that its name is declared: its uses are
+            // then not reported as unknown.
+            word = meant.to_string();
+        }
         let custom_only = |p: &mut Parser, what: &str| {
             if kind != "cell" {
+                // The rest of the item is not read: its name is not the next item.
+                p.skip_item();
                 return p.error(
                     span,
                     format!("{what} are only allowed in `cell` declarations; `{kind}` is a standard cell"),
@@ -302,47 +714,24 @@ impl Parser {
             "param" if matches!(self.peek(), Some(TokenTree::Ident(_))) => {
                 custom_only(self, "parameters")?;
                 let (name, nspan) = self.ident("a parameter name")?;
-                self.require_punct(':', "after the parameter name")?;
-                let (dims, dspan) = self.group(
-                    Delimiter::Bracket,
-                    "`[` starting the parameter's shape, e.g. `[hidden, input]`",
-                )?;
-                let shape = self.nested(dims, dspan, ']', |p| {
-                    let mut shape = Vec::new();
-                    while p.peek().is_some() {
-                        shape.push(p.dim()?);
-                        if p.peek().is_some() {
-                            p.require_punct(',', "between dimensions")?;
-                        }
-                    }
-                    Ok(shape)
-                })?;
-                if shape.len() > 2 {
-                    return self.error(
-                        dspan,
-                        "a parameter has no dimension (a scalar, `[]`), one (a vector) or two (a matrix `[out, in]`)",
-                    );
+                let r = self.param(name.clone(), nspan, b);
+                if r.is_err() {
+                    b.broken.push(name);
                 }
-                let init = if self.eat_punct('=') {
-                    Some(self.number("the parameter's initial value")?)
-                } else {
-                    None
-                };
-                if b.params.iter().any(|p| p.name == name) {
-                    return self.error(nspan, format!("parameter `{name}` is declared twice"));
-                }
-                b.params.push(CustomParam {
-                    name,
-                    dims: shape,
-                    init,
-                    loc: loc_of(nspan),
-                });
+                r
             }
             "state" if matches!(self.peek(), Some(TokenTree::Ident(_))) => {
                 custom_only(self, "states")?;
                 let (name, nspan) = self.ident("a state name")?;
                 let dim = if self.eat_punct(':') {
-                    self.dim()?
+                    match self.dim() {
+                        Ok(d) => d,
+                        Err(()) => {
+                            b.broken.push(name);
+                            b.broken_state = true;
+                            return Err(());
+                        }
+                    }
                 } else {
                     Dim::Hidden
                 };
@@ -350,43 +739,36 @@ impl Parser {
                     return self.error(nspan, format!("state `{name}` is declared twice"));
                 }
                 b.states.push((name, dim, nspan));
+                Ok(())
             }
             "output" if matches!(self.peek(), Some(TokenTree::Ident(_))) => {
                 custom_only(self, "`output` declarations")?;
                 let (name, nspan) = self.ident("the name of the output")?;
-                if b.output.is_some() {
-                    return self.error(nspan, "`output` is given twice");
+                let twice = b.output.is_some();
+                if twice {
+                    let _ = self.error::<()>(nspan, "`output` is given twice");
+                } else {
+                    b.output = Some((name.clone(), nspan));
                 }
-                b.output = Some((name.clone(), nspan));
-                if self.eat_punct('=') {
-                    b.assigned.push(name.clone());
-                    let e = self.expr()?;
-                    b.equations.push((name, e, loc_of(nspan)));
-                }
+                let r = if self.eat_punct('=') {
+                    self.equation(name, nspan, b)
+                } else {
+                    Ok(())
+                };
+                if twice { Err(()) } else { r }
             }
             _ if self.is_punct('=') => {
                 custom_only(self, "equations")?;
                 self.pos += 1;
-                // Counted even if the expression fails, so that no "never assigned" follows.
-                b.assigned.push(word.clone());
-                let e = self.expr()?;
-                b.equations.push((word, e, loc_of(span)));
+                self.equation(word, span, b)
             }
             _ if self.is_punct(':') => {
                 self.pos += 1;
                 let value = match self.peek() {
-                    Some(TokenTree::Literal(l)) => {
-                        let s = l.to_string();
-                        let sp = l.span();
-                        self.pos += 1;
-                        (s, sp)
-                    }
-                    Some(TokenTree::Ident(i)) => {
-                        let r = (i.to_string(), i.span());
-                        self.pos += 1;
-                        r
-                    }
+                    Some(TokenTree::Literal(l)) => (l.to_string(), l.span()),
+                    Some(TokenTree::Ident(i)) => (i.to_string(), i.span()),
                     _ => {
+                        b.doubtful = true;
                         let found = self.describe();
                         return self.error(
                             self.span(),
@@ -394,20 +776,67 @@ impl Parser {
                         );
                     }
                 };
+                self.pos += 1;
                 if b.settings.iter().any(|(k, _, _, _)| *k == word) {
                     return self.error(span, format!("`{word}` is given twice"));
                 }
                 b.settings.push((word, value.0, value.1, span));
+                Ok(())
             }
             _ => {
+                b.doubtful = true;
                 let found = self.describe();
-                return self.error(
+                self.error(
                     self.span(),
                     format!("expected `:` after the setting `{word}` (or `=` for an equation), found {found}"),
-                );
+                )
             }
         }
+    }
+
+    /// The rest of `param name`: `: [dims]`, then `= value` if given.
+    fn param(&mut self, name: String, nspan: Span, b: &mut BodyBuilder) -> PResult<()> {
+        self.require_punct(':', "after the parameter name")?;
+        let dims = self.group(
+            Delimiter::Bracket,
+            "`[` starting the parameter's shape, e.g. `[hidden, input]`",
+        )?;
+        let dspan = dims.span();
+        let shape = self.nested(&dims, |p| p.list("between dimensions", Parser::dim));
+        // The initial value is read even after a bad shape, to go on after it.
+        let init = if self.eat_punct('=') {
+            Some(self.number("the parameter's initial value")?)
+        } else {
+            None
+        };
+        let shape = shape?;
+        if shape.len() > 2 {
+            return self.error(
+                dspan,
+                "a parameter has no dimension (a scalar, `[]`), one (a vector) or two (a matrix `[out, in]`)",
+            );
+        }
+        if b.params.iter().any(|p| p.name == name) {
+            return self.error(nspan, format!("parameter `{name}` is declared twice"));
+        }
+        b.params.push(CustomParam {
+            name,
+            dims: shape,
+            init,
+            loc: loc_of(nspan),
+        });
         Ok(())
+    }
+
+    /// The expression of `target = expr`. The equation is recorded even when its expression
+    /// does not parse, so that its target counts as assigned: its uses and its state are not
+    /// reported again.
+    fn equation(&mut self, target: String, span: Span, b: &mut BodyBuilder) -> PResult<()> {
+        self.damaged = false;
+        let e = self.expr().ok().filter(|_| !self.damaged);
+        let ok = e.is_some();
+        b.equations.push((target, e, span));
+        if ok { Ok(()) } else { Err(()) }
     }
 
     fn dim(&mut self) -> PResult<Dim> {
@@ -452,13 +881,17 @@ impl Parser {
             }
             Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Parenthesis => {
                 self.pos += 1;
-                self.nested(g.stream(), g.span(), ')', Parser::dim)
+                self.nested(&g, Parser::dim)
             }
-            _ => {
+            t => {
                 let found = self.describe();
+                let hint = match t {
+                    Some(TokenTree::Ident(i)) => did_you_mean(&i.to_string(), ["input", "hidden"]),
+                    _ => String::new(),
+                };
                 self.error(
                     self.span(),
-                    format!("expected a size: a number, `input` or `hidden`, found {found}"),
+                    format!("expected a size: a number, `input` or `hidden`, found {found}{hint}"),
                 )
             }
         }
@@ -513,16 +946,12 @@ impl Parser {
             && g.delimiter() == Delimiter::Bracket
         {
             self.pos += 1;
-            let ranges = self.nested(g.stream(), g.span(), ']', |p| {
-                let mut ranges = Vec::new();
-                while p.peek().is_some() {
-                    ranges.push(p.range()?);
-                    if p.peek().is_some() {
-                        p.require_punct(',', "between the axes of a slice")?;
-                    }
-                }
-                Ok(ranges)
-            })?;
+            let ranges = self.nested(&g, |p| p.list("between the axes of a slice", Parser::range));
+            let Ok(ranges) = ranges else {
+                // Reported; the expression goes on after the `]`.
+                self.damaged = true;
+                continue;
+            };
             if ranges.is_empty() || ranges.len() > 2 {
                 return self.error(
                     g.span(),
@@ -608,6 +1037,12 @@ impl Parser {
                     _ => self.error(l.span(), format!("expected a number, found `{l}`")),
                 }
             }
+            // `h = W @` then `b = ...` on the next line: the expression is unfinished, and the
+            // next item is left for the body to read.
+            Some(TokenTree::Ident(i)) if self.at_item_start() => self.error(
+                i.span(),
+                format!("expected an expression, found the start of the next item `{i}`"),
+            ),
             Some(TokenTree::Ident(i)) => {
                 self.pos += 1;
                 let name = i.to_string();
@@ -615,23 +1050,20 @@ impl Parser {
                     && g.delimiter() == Delimiter::Parenthesis
                 {
                     self.pos += 1;
-                    let args = self.nested(g.stream(), g.span(), ')', |p| {
-                        let mut args = Vec::new();
-                        while p.peek().is_some() {
-                            args.push(p.expr()?);
-                            if p.peek().is_some() {
-                                p.require_punct(',', "between arguments")?;
-                            }
-                        }
-                        Ok(args)
-                    })?;
+                    let args = self.nested(&g, |p| p.list("between arguments", Parser::expr));
+                    // A mistake inside is reported; the expression goes on after the `)`.
+                    self.damaged |= args.is_err();
+                    let args = args.unwrap_or_default();
                     return Ok(Expr::Call(name, args, loc_of(i.span())));
                 }
                 Ok(Expr::Var(name, loc_of(i.span())))
             }
             Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Parenthesis => {
                 self.pos += 1;
-                self.nested(g.stream(), g.span(), ')', Parser::expr)
+                let e = self.nested(&g, Parser::expr);
+                // A mistake inside is reported; the expression goes on after the `)`.
+                self.damaged |= e.is_err();
+                Ok(e.unwrap_or(Expr::Num(0.0, loc_of(g.span()))))
             }
             _ => {
                 let found = self.describe();
@@ -667,38 +1099,44 @@ impl Parser {
         for (key, value, vspan, kspan) in &b.settings {
             let _ = self.setting(kind, &mut spec, &mut cell, key, value, *vspan, *kspan);
         }
-        // A size given with a bad value has its own error already.
-        let have_input = b.settings.iter().any(|s| s.0 == "input");
-        let have_hidden = b.settings.iter().any(|s| s.0 == "hidden");
-        // A missing size is often a misspelt one: report it only when nothing else is wrong.
-        let clean = self.errors.is_empty();
-        if clean && !have_input {
+        if !spec.bias
+            && let Some(s) = b.settings.iter().find(|s| s.0 == "bias_convention")
+        {
             let _ = self.error::<()>(
-                kind_span,
-                format!("`{kind}` needs `input: N`, the number of input features"),
+                s.3,
+                "`bias_convention` means nothing with `bias: false`: there are no biases to count; leave one of the two out",
             );
         }
-        if clean && !have_hidden {
-            let _ = self.error::<()>(
-                kind_span,
-                format!("`{kind}` needs `hidden: N`, the number of hidden features"),
-            );
+        // A size given with a bad value has its own error already. A missing one is often a
+        // misspelt one (`hiden: 4`), or in an item that did not parse: reported only when no
+        // such item exists.
+        let doubtful = b.doubtful
+            || b.settings
+                .iter()
+                .any(|s| !KINDS.iter().any(|k| is_setting(k, &s.0)));
+        for (size, what) in [
+            ("input", "the number of input features"),
+            ("hidden", "the number of hidden features"),
+        ] {
+            if !doubtful && !b.settings.iter().any(|s| s.0 == size) {
+                let _ = self.error::<()>(kind_span, format!("`{kind}` needs `{size}: N`, {what}"));
+            }
         }
         if let CellKind::Custom(c) = &mut cell {
-            if b.states.is_empty() {
+            if b.states.is_empty() && !b.broken_state {
                 let _ = self.error::<()>(
                     kind_span,
                     "a `cell` needs at least one `state`, e.g. `state h`",
                 );
             }
-            if b.assigned.is_empty() {
+            if b.equations.is_empty() {
                 let _ = self.error::<()>(
                     kind_span,
                     "a `cell` needs equations, e.g. `h = tanh(W @ x + U @ h + b)`",
                 );
             }
             for (state, _, sspan) in &b.states {
-                if !b.assigned.contains(state) {
+                if !b.equations.iter().any(|e| e.0 == *state) {
                     let _ = self.error::<()>(
                         *sspan,
                         format!(
@@ -707,13 +1145,22 @@ impl Parser {
                     );
                 }
             }
+            self.check_names(&b);
             c.output = match b.output {
                 Some((o, ospan)) => {
-                    if !b.states.iter().any(|s| s.0 == o) && !b.assigned.contains(&o) {
-                        let _ = self.error::<()>(
-                            ospan,
-                            format!("`output {o}`: the output must be a declared state or a name an equation assigns (`output y = W_hy @ h + b_y`)"),
-                        );
+                    let known = b.states.iter().any(|s| s.0 == o)
+                        || b.equations.iter().any(|e| e.0 == o)
+                        || b.broken.contains(&o);
+                    if !known {
+                        let names = b.states.iter().map(|s| s.0.as_str());
+                        let names = names.chain(b.equations.iter().map(|e| e.0.as_str()));
+                        let message = match suggest(&o, names) {
+                            Some(s) => format!("`output {o}` names nothing: did you mean `{s}`?"),
+                            None => format!(
+                                "`output {o}`: the output must be a declared state or a name an equation assigns (`output y = W_hy @ h + b_y`)"
+                            ),
+                        };
+                        let _ = self.error::<()>(ospan, message);
                     }
                     (o, loc_of(ospan))
                 }
@@ -730,7 +1177,11 @@ impl Parser {
                 .into_iter()
                 .map(|(name, dim, span)| (name, dim, loc_of(span)))
                 .collect();
-            c.equations = b.equations;
+            c.equations = b
+                .equations
+                .into_iter()
+                .filter_map(|(target, e, span)| Some((target, e?, loc_of(span))))
+                .collect();
         }
         spec.cell = cell;
         spec.name = name;
@@ -743,6 +1194,36 @@ impl Parser {
             Some(spec)
         } else {
             None
+        }
+    }
+
+    /// The names and functions of a custom cell's equations, checked as lowering checks them
+    /// (see [`crate::lower`]'s `check_names`) on everything that parsed, so that their mistakes
+    /// are reported with the parser's. Declarations and equations that did not parse are known
+    /// names without a value: their uses are not reported again.
+    fn check_names(&mut self, b: &BodyBuilder) {
+        let params: Vec<(&str, Loc)> = b.params.iter().map(|p| (p.name.as_str(), p.loc)).collect();
+        let states: Vec<(&str, Loc)> = b
+            .states
+            .iter()
+            .map(|s| (s.0.as_str(), loc_of(s.2)))
+            .collect();
+        let broken: Vec<&str> = b
+            .broken
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !params.iter().chain(&states).any(|d| d.0 == *n))
+            .collect();
+        let equations: Vec<(&str, Option<&Expr>, Loc)> = b
+            .equations
+            .iter()
+            .map(|(t, e, span)| (t.as_str(), e.as_ref(), loc_of(*span)))
+            .collect();
+        let (found, _) = crate::lower::check_names(&params, &states, &broken, &equations);
+        let tokens: TokenStream = self.tokens.iter().cloned().collect();
+        for mut d in found {
+            d.span = span_at(&tokens, d.loc());
+            self.errors.push(d);
         }
     }
 
@@ -766,16 +1247,27 @@ impl Parser {
                 ),
             }
         };
-        let boolean = |p: &mut Parser| -> PResult<bool> {
-            match value {
-                "true" => Ok(true),
-                "false" => Ok(false),
-                _ => p.error(
-                    vspan,
-                    format!("`{key}` takes `true` or `false`, found `{value}`"),
-                ),
+        // `value` as one of `options`, else an error saying `takes` and what was probably meant.
+        let choice = |p: &mut Parser, options: [&'static str; 2], takes: &str| -> PResult<usize> {
+            match options.iter().position(|o| *o == value) {
+                Some(k) => Ok(k),
+                None => {
+                    let hint = did_you_mean(value, options);
+                    p.error(
+                        vspan,
+                        format!("`{key}` takes {takes}, found `{value}`{hint}"),
+                    )
+                }
             }
         };
+        let boolean = |p: &mut Parser| -> PResult<bool> {
+            Ok(choice(p, ["true", "false"], "`true` or `false`")? == 0)
+        };
+        if kind == "cell"
+            && let Some(why) = refused_in_cell(key)
+        {
+            return self.error(kspan, format!("a `cell` takes no `{key}`: {why}"));
+        }
         match key {
             "input" => spec.input_size = number(self)?,
             "hidden" => spec.hidden_size = number(self)?,
@@ -784,59 +1276,73 @@ impl Parser {
             "bias" => spec.bias = boolean(self)?,
             "batch_first" => spec.batch_first = boolean(self)?,
             "proj" | "proj_size" if kind == "lstm" => spec.proj_size = number(self)?,
-            "reset" if kind == "gru" => spec.gru_reset = match value {
-                "after" => GruReset::AfterMatmul,
-                "before" => GruReset::BeforeMatmul,
-                _ => return self.error(
-                    vspan,
-                    format!(
-                        "`reset` takes `after` (PyTorch) or `before` (Cho et al.), found `{value}`"
-                    ),
-                ),
-            },
-            "nonlinearity" if kind == "rnn" => {
-                *cell = match value {
-                    "tanh" => CellKind::RnnTanh,
-                    "relu" => CellKind::RnnRelu,
-                    _ => {
-                        return self.error(
-                            vspan,
-                            format!("`nonlinearity` takes `tanh` or `relu`, found `{value}`"),
-                        );
-                    }
+            "reset" if kind == "gru" => {
+                let takes = "`after` (PyTorch) or `before` (Cho et al.)";
+                spec.gru_reset = match choice(self, ["after", "before"], takes)? {
+                    0 => GruReset::AfterMatmul,
+                    _ => GruReset::BeforeMatmul,
                 }
             }
-            "bias_convention" if kind != "cell" => spec.bias_convention = match value {
-                "two" => BiasConvention::Two,
-                "one" => BiasConvention::One,
-                _ => return self.error(
-                    vspan,
-                    format!(
-                        "`bias_convention` takes `two` (PyTorch) or `one` (Keras), found `{value}`"
-                    ),
-                ),
-            },
+            "nonlinearity" if kind == "rnn" => {
+                *cell = match choice(self, ["tanh", "relu"], "`tanh` or `relu`")? {
+                    0 => CellKind::RnnTanh,
+                    _ => CellKind::RnnRelu,
+                }
+            }
+            "bias_convention" => {
+                let takes = "`two` (PyTorch) or `one` (Keras)";
+                spec.bias_convention = match choice(self, ["two", "one"], takes)? {
+                    0 => BiasConvention::Two,
+                    _ => BiasConvention::One,
+                }
+            }
             _ => {
-                let allowed = match kind {
-                    "lstm" => {
-                        "input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj"
+                let allowed = settings_of(kind);
+                let owners: Vec<&str> = KINDS
+                    .into_iter()
+                    .filter(|k| *k != kind && is_setting(k, key))
+                    .collect();
+                let why = match suggest(key, allowed.iter().copied()) {
+                    _ if !owners.is_empty() => {
+                        format!(": it is a setting of `{}` only;", owners.join("` and `"))
                     }
-                    "gru" => {
-                        "input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset"
-                    }
-                    "rnn" => {
-                        "input, hidden, layers, bidirectional, bias, batch_first, bias_convention, nonlinearity"
-                    }
-                    _ => "input, hidden, layers, bidirectional, batch_first",
+                    Some(s) => format!(": did you mean `{s}`?"),
+                    None => ";".into(),
                 };
                 return self.error(
                     kspan,
-                    format!("unknown setting `{key}` for `{kind}`; expected one of: {allowed}"),
+                    format!(
+                        "unknown setting `{key}` for `{kind}`{why} expected one of: {}",
+                        allowed.join(", ")
+                    ),
                 );
             }
         }
         Ok(())
     }
+}
+
+/// Why a `cell` refuses the standard cells' setting `key`, if it does: the equations say what
+/// these settings choose for a standard cell.
+fn refused_in_cell(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "bias" => {
+            "a custom cell's biases are the parameters its equations add (`param b: [hidden]`, then `... + b`); there is nothing for `bias` to switch on or off"
+        }
+        "bias_convention" => {
+            "a custom cell's biases are the parameters its equations add, as many as they add; there is no convention to choose"
+        }
+        "proj" | "proj_size" => {
+            "`proj` projects an LSTM's output; in a `cell`, write the projection as an equation (`output y = W_hy @ h`)"
+        }
+        "reset" => {
+            "`reset` places a GRU's reset gate; in a `cell`, the equations place it (`W @ (r * h)` or `r * (W @ h)`)"
+        }
+        "nonlinearity" => {
+            "`nonlinearity` picks an `rnn`'s activation; in a `cell`, the equations apply their own (`h = tanh(...)`)"
+        }
+        _ => return None,
+    })
 }
 
 #[derive(Default)]
@@ -845,10 +1351,18 @@ struct BodyBuilder {
     params: Vec<CustomParam>,
     /// Spans until the spec is built: unassigned states are reported at their names.
     states: Vec<(String, Dim, Span)>,
-    equations: Vec<(String, Expr, Loc)>,
+    /// `target = expr` in order, `None` when the expression did not parse (its target still
+    /// counts as assigned, so that no "never assigned" or "unknown name" follows).
+    equations: Vec<(String, Option<Expr>, Span)>,
     output: Option<(String, Span)>,
-    /// Every name an equation assigns, including equations that did not parse.
-    assigned: Vec<String>,
+    /// Parameters and states whose declarations did not parse after their names: known names
+    /// without a value.
+    broken: Vec<String>,
+    /// Whether a state's declaration did not parse (no "needs at least one state" then).
+    broken_state: bool,
+    /// Whether an item failed where a setting could have been: a missing size may be in it, and
+    /// is not reported.
+    doubtful: bool,
 }
 
 #[cfg(test)]
@@ -857,19 +1371,32 @@ mod tests {
 
     #[test]
     fn a_lowering_error_maps_back_to_the_users_token() {
-        let src = "cell C {\n  input: 3, hidden: 4,\n  param W: [hidden, input],\n  state h,\n  h = tanh(W @ x + V @ h)\n}";
+        let src = "cell C {\n  input: 3, hidden: 4,\n  param W: [hidden, input],\n  state h,\n  h = tanh(W @ x + W @ h)\n}";
         let tokens = TokenStream::from_str(src).unwrap();
         let spec = parse_model(tokens.clone()).unwrap();
         let Err(Error::Parse(d)) = crate::lower::lower(&spec, 3) else {
-            panic!("`V` is undeclared: lowering must fail");
+            panic!("`W @ h` multiplies [4, 3] by 4 features: lowering must fail");
         };
-        assert_eq!((d[0].line, d[0].column), (5, 20));
+        assert_eq!((d[0].line, d[0].column), (5, 22));
         assert!(d[0].span.is_none(), "lowering has no span to give");
-        assert_eq!(d[0].loc(), Loc::new(5, 20));
+        assert_eq!(d[0].loc(), Loc::new(5, 22));
         let span = span_at(&tokens, d[0].loc()).expect("a token starts there");
         // The token itself, found inside the braces and the call's parentheses.
-        assert_eq!(span.source_text().as_deref(), Some("V"));
-        assert_eq!(loc_of(span), Loc::new(5, 20));
+        assert_eq!(span.source_text().as_deref(), Some("@"));
+        assert_eq!(loc_of(span), Loc::new(5, 22));
+    }
+
+    #[test]
+    fn name_errors_found_by_the_shared_check_get_the_tokens_span() {
+        let Err(Error::Parse(d)) = parse_str(
+            "cell C { input: 3, hidden: 4, param W_xh: [hidden, input], state h, h = tanh(W_hx @ x) }",
+        ) else {
+            panic!("`W_hx` is undeclared");
+        };
+        let span = d[0]
+            .span
+            .expect("the parser maps the place back to the token");
+        assert_eq!(span.source_text().as_deref(), Some("W_hx"));
     }
 
     #[test]
@@ -900,5 +1427,53 @@ mod tests {
         let src =
             "cell C { input: 3, hidden: 4, param W: [hidden, input], state h, h = tanh(W @ x) }";
         assert_eq!(parse_str(src).unwrap(), parse_str(src).unwrap());
+    }
+
+    /// The delimiter scan's findings as `line:column: message`.
+    fn delimiters(src: &str) -> Vec<String> {
+        delimiter_errors(src)
+            .iter()
+            .map(|d| d.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn delimiters_in_comments_strings_and_characters_do_not_count() {
+        assert!(delimiters("lstm { // }\n input: 3 /* ( /* [ */ */ }").is_empty());
+        assert!(delimiters("lstm { \"}\" '}' '\\'' r#\"}\"# br\"(\" 'a }").is_empty());
+        assert_eq!(
+            delimiters("lstm { /* }"),
+            vec!["1:8: this `/*` comment is never closed"]
+        );
+        assert_eq!(
+            delimiters("lstm { \"}"),
+            vec!["1:8: this string is never closed"]
+        );
+    }
+
+    #[test]
+    fn delimiters_report_the_one_never_closed_and_the_one_closing_nothing() {
+        assert_eq!(
+            delimiters("cell C {\n  h = tanh(x,\n}"),
+            vec!["2:11: this `(` is never closed: a `)` is missing before the `}` at 3:1"]
+        );
+        assert_eq!(
+            delimiters("lstm { input: [3, (4 }"),
+            vec![
+                "1:15: this `[` is never closed: a `]` is missing before the `}` at 1:22",
+                "1:19: this `(` is never closed: a `)` is missing before the `}` at 1:22"
+            ]
+        );
+        assert_eq!(
+            delimiters("lstm { input: 3 ] }"),
+            vec!["1:17: unexpected `]`: there is no `[` open for it to close"]
+        );
+        assert_eq!(
+            delimiters("é { (\n"),
+            vec![
+                "1:3: this `{` is never closed: a `}` is missing at the end",
+                "1:5: this `(` is never closed: a `)` is missing at the end"
+            ]
+        );
     }
 }
