@@ -542,3 +542,51 @@ fn settings_a_custom_cell_ignores_are_refused() {
         ]
     );
 }
+
+/// Every function and setting is in the grammar's reference, in the parser's module doc and in
+/// the README.
+#[test]
+fn the_grammar_reference_names_every_function_and_setting() {
+    let parser_doc: String = include_str!("../rnn-ir/src/parse.rs")
+        .lines()
+        .take_while(|l| l.starts_with("//!"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let readme = include_str!("../README.md");
+    let settings = [
+        "input",
+        "hidden",
+        "layers",
+        "bidirectional",
+        "batch_first",
+        "bias",
+        "bias_convention",
+        "proj",
+        "reset",
+        "nonlinearity",
+    ];
+    for (name, text) in [("parse.rs", &parser_doc[..]), ("README.md", readme)] {
+        for f in rnn::ir::lower::function_names() {
+            assert!(
+                text.contains(&format!("`{f}(")),
+                "{name} does not show `{f}(...)`"
+            );
+        }
+        for s in settings {
+            assert!(
+                text.contains(&format!("`{s}")),
+                "{name} does not name `{s}`"
+            );
+        }
+        for form in [
+            "output y = ",
+            "param a: []",
+            "= 1",
+            "2h",
+            "[0 .. hidden, ..]",
+            "`/`",
+        ] {
+            assert!(text.contains(form), "{name} does not show `{form}`");
+        }
+    }
+}

@@ -17,7 +17,8 @@ pub struct Diagnostic {
     pub column: usize,
     /// The offending token's span, for macros to point `compile_error!` at it: `Some` when the
     /// parser found the mistake; `None` when lowering did, which knows only the [`Loc`] (map it
-    /// back with [`parse::span_at`](crate::parse::span_at)).
+    /// back with [`parse::span_at`](crate::parse::span_at)), and for brackets of a `.rnn` file
+    /// that do not nest, found before there are tokens.
     pub span: Option<proc_macro2::Span>,
 }
 

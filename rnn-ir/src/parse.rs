@@ -42,9 +42,10 @@
 //! - `x` is the step input: `input` features in the first layer, the previous layer's output
 //!   (both directions') in the others. In sizes, `input` is that layer's input size.
 //! - `param W: [hidden, input]` declares a matrix (PyTorch's `(out, in)` layout), `param b:
-//!   [hidden]` a vector, `param a: []` a scalar (one number for every feature). `= v` (a number,
-//!   possibly negative) gives every element that initial value (`param g: [4 * hidden] = 1`);
-//!   without it the initialisation draws the parameter like PyTorch's (uniform in `±1/√hidden`).
+//!   [hidden]` a vector, `param a: []` a scalar (one number for every feature; a 0-dimensional
+//!   tensor in the weights). `= v` (a number, possibly negative) starts every element at `v`
+//!   (`param g: [4 * hidden] = 1`); without it the initialisation draws the parameter as PyTorch
+//!   draws its own (uniform in `±1/√hidden`).
 //! - `state c: dim` declares a recurrent state (`state h` is `state h: hidden`). Before the
 //!   equation that assigns it, a state's name is its value from the previous step; after, the
 //!   new value, which is carried to the next step. Every state must be assigned.
@@ -57,17 +58,17 @@
 //!   short for `2 * hidden` (one token, no space).
 //!
 //! # Expressions
-//! - `a + b`, `a - b`, `a * b`, `a / b`, `-a` are element-wise: equal shapes combine, a number
-//!   or a one-feature value (a scalar parameter, a `mean`) combines with anything, and a vector
-//!   with a batch of as many features (a bias on every row).
+//! - `+`, `-`, `*`, `/` and unary `-` are element-wise: equal shapes combine, a number or a
+//!   one-feature value (a scalar parameter, a `mean`) combines with anything, and a vector with
+//!   a batch of as many features (a bias on every row).
 //! - `W @ v` is the matrix product of a `[o, i]` matrix and a value of `i` features, giving `o`.
 //! - Numbers (`1`, `0.5`, `1e-5`) are constants.
-//! - `v[a .. b]` takes features `a` to `b - 1` (`g[hidden .. 2 * hidden]`, `g[h .. 2h]`); either
-//!   bound may be left out (`v[.. hidden]`, `v[hidden ..]`), and `v[i]` takes feature `i` alone.
-//!   `W[a .. b, ..]` takes rows of a matrix (its columns are always all taken, written `..`).
-//!   Bounds are sizes, like a parameter's dimensions.
+//! - `g[hidden .. 2 * hidden]` (or `g[h .. 2h]`) takes features `hidden` to `2·hidden - 1`;
+//!   either bound may be left out (`g[.. hidden]`, `g[hidden ..]`), and `g[i]` takes feature `i`
+//!   alone. `W[0 .. hidden, ..]` takes rows of a matrix (its columns are always all taken,
+//!   written `..`). Bounds are sizes, like a parameter's dimensions.
 //!
-//! Functions (every one element-wise unless said):
+//! Functions (element-wise unless said):
 //!
 //! | function | value |
 //! |---|---|
