@@ -407,7 +407,7 @@ pub(crate) fn check_names(
                 loc,
                 format!(
                     "`{name}` is already {earlier}: give this {} another name",
-                    &kind[2..]
+                    kind.trim_start_matches("a ")
                 ),
             ));
         } else {
