@@ -1427,3 +1427,28 @@ fn the_acceptance_cells_match_pytorch_through_rnnc_run_model() {
         }
     }
 }
+
+#[test]
+fn every_mistake_of_a_declaration_is_reported_on_its_own_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("bad.rnn");
+    std::fs::write(
+        &file,
+        "cell C { input: 3, hiden: 4,\n  parm W: [hidden, input],\n  state h,\n  h = tanh(W @ x + V @ h) }\n",
+    )
+    .unwrap();
+    let o = rnnc(&["inspect", path_str(&file)]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8(o.stderr).unwrap();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    for (line, want) in lines.iter().zip([
+        "1:20: unknown setting `hiden` for `cell`: did you mean `hidden`?",
+        "2:3: unknown keyword `parm`: did you mean `param`?",
+        "4:20: unknown name `V`",
+    ]) {
+        assert!(line.starts_with("rnnc: "), "{line}");
+        assert!(line.contains(path_str(&file)), "{line}");
+        assert!(line.contains(want), "`{want}` in {line}");
+    }
+}

@@ -220,6 +220,8 @@ fn at_least_one(s: &str) -> Result<usize, String> {
 struct Failure {
     place: String,
     error: String,
+    /// Further mistakes found with the first (a declaration's every parse error), one line each.
+    more: Vec<String>,
     closed: bool,
 }
 
@@ -227,7 +229,24 @@ fn fail(place: &Path, error: impl ToString) -> Failure {
     Failure {
         place: place.display().to_string(),
         error: error.to_string(),
+        more: Vec::new(),
         closed: false,
+    }
+}
+
+/// A failure reading or compiling a declaration: every mistake the parser or lowering found,
+/// each on its own line at its `line:column`.
+fn fail_model(place: &Path, error: Error) -> Failure {
+    match error {
+        Error::Parse(diags) if diags.len() > 1 => {
+            let mut lines = diags.iter().map(|d| d.to_string());
+            let first = lines.next().unwrap_or_default();
+            Failure {
+                more: lines.collect(),
+                ..fail(place, first)
+            }
+        }
+        e => fail(place, e),
     }
 }
 
@@ -262,6 +281,9 @@ fn main() -> ExitCode {
                 format!("{}: {}", f.place, f.error)
             };
             complain(&message);
+            for line in &f.more {
+                complain(&format!("{}: {line}", f.place));
+            }
             ExitCode::from(2)
         }
     }
@@ -310,6 +332,7 @@ fn say(text: &str) -> Result<(), Failure> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure {
             place: String::new(),
             error: String::new(),
+            more: Vec::new(),
             closed: true,
         }),
         Err(e) => Err(fail(Path::new("stdout"), e)),
@@ -356,7 +379,7 @@ fn refuse_overwrite(out: &Path, inputs: &[(String, &Path)]) -> Result<(), Failur
 fn read_model(path: &Path) -> Result<ModelSpec, Failure> {
     let text =
         String::from_utf8(read(path)?).map_err(|_| fail(path, "the file is not UTF-8 text"))?;
-    rnn::parse_str(&text).map_err(|e| fail(path, e))
+    rnn::parse_str(&text).map_err(|e| fail_model(path, e))
 }
 
 /// `prefix` as a module path ending with `.` (as [`Weights::strip_prefix`] reads it).
@@ -515,7 +538,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
             (spec, weights_path)
         }
     };
-    let program = Program::compile(&spec).map_err(|e| fail(spec_path, e))?;
+    let program = Program::compile(&spec).map_err(|e| fail_model(spec_path, e))?;
     let names: Vec<String> = program.parameters().into_iter().map(|(n, _)| n).collect();
     let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
     weights
@@ -614,7 +637,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
 fn init(args: &InitArgs) -> Result<(), Failure> {
     let (model, out) = (args.model.as_path(), args.out.as_path());
     refuse_overwrite(out, &[("--model".into(), model)])?;
-    let program = Program::compile(&read_model(model)?).map_err(|e| fail(model, e))?;
+    let program = Program::compile(&read_model(model)?).map_err(|e| fail_model(model, e))?;
     let weights = Weights::init(&program, args.seed).map_err(|e| fail(model, e))?;
     let bytes = weights::write_safetensors(&weights.tensors).map_err(|e| fail(out, e))?;
     std::fs::write(out, bytes).map_err(|e| fail(out, e))
@@ -648,7 +671,7 @@ fn inspect(args: &InspectArgs) -> Result<(), Failure> {
         optimize: !args.no_passes,
     };
     let program =
-        Program::compile_with(&spec, options).map_err(|e| fail(file.unwrap_or(here), e))?;
+        Program::compile_with(&spec, options).map_err(|e| fail_model(file.unwrap_or(here), e))?;
     // The model, its parameter count, then the whole plan: each layer's scheduled forward and
     // backward step with its storage plan (the contract every backend reads).
     let text = format!(
