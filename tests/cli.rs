@@ -115,12 +115,11 @@ fn inspect_prints_pytorch_and_one_bias_parameter_counts() {
 #[test]
 fn inspect_reads_a_rnn_file_and_shows_the_hoisted_schedule() {
     let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("enc.rnn");
-    std::fs::write(
-        &file,
+    let file = model_file(
+        &tmp,
+        "enc.rnn",
         "lstm Encoder { input: 128, hidden: 256, layers: 2, bidirectional: true }",
-    )
-    .unwrap();
+    );
     let o = rnnc(&["inspect", path_str(&file)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8(o.stdout).unwrap();
@@ -150,6 +149,13 @@ fn inspect_reads_a_rnn_file_and_shows_the_hoisted_schedule() {
 }
 
 // --- bad input: exit code 2, one line on stderr, naming what is wrong ---
+
+/// A `.rnn` file called `name` holding `text` in `dir`.
+fn model_file(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+    let file = dir.path().join(name);
+    std::fs::write(&file, text).unwrap();
+    file
+}
 
 /// Runs rnnc and returns its one-line complaint, asserting exit code 2.
 fn complaint(args: &[&str]) -> String {
@@ -850,7 +856,7 @@ fn init_writes_the_declared_names_from_a_seed() {
         vec![2, 1, 7]
     );
     // A bad model is named; nothing is written.
-    std::fs::write(p("bad.rnn"), "cell { input: 5 }").unwrap();
+    std::fs::write(p("bad.rnn"), "lstm { input: 5 }").unwrap();
     let err = complaint(&[
         "init",
         "--model",
@@ -1178,12 +1184,11 @@ fn out_never_overwrites_an_input() {
 #[test]
 fn inspect_prints_the_dsl_spellings() {
     let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("cho.rnn");
-    std::fs::write(
-        &file,
+    let file = model_file(
+        &tmp,
+        "cho.rnn",
         "gru Cho { input: 4, hidden: 6, reset: before, bias_convention: one }",
-    )
-    .unwrap();
+    );
     let o = rnnc(&["inspect", path_str(&file)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8(o.stdout).unwrap();
@@ -1431,12 +1436,11 @@ fn the_acceptance_cells_match_pytorch_through_rnnc_run_model() {
 #[test]
 fn every_mistake_of_a_declaration_is_reported_on_its_own_line() {
     let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("bad.rnn");
-    std::fs::write(
-        &file,
+    let file = model_file(
+        &tmp,
+        "bad.rnn",
         "cell C { input: 3, hiden: 4,\n  parm W: [hidden, input],\n  state h,\n  h = tanh(W @ x + V @ h) }\n",
-    )
-    .unwrap();
+    );
     let o = rnnc(&["inspect", path_str(&file)]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8(o.stderr).unwrap();
