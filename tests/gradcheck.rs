@@ -548,8 +548,13 @@ fn bptt_indrnn_and_peephole_lstm() {
 
 #[test]
 fn bptt_elman_with_output_projection() {
-    let s = acceptance_cell("elman_output");
+    let mut s = acceptance_cell("elman_output");
     assert_eq!(s.output_size(), 3, "the output has its own size");
+    check_model(&s, 4, 2, Some(vec![4, 2]), true);
+    // Stacked and bidirectional: the second layer reads both directions' 3 output features.
+    s.num_layers = 2;
+    s.bidirectional = true;
+    assert_eq!(s.layer_input_size(1), 6);
     check_model(&s, 4, 2, Some(vec![4, 2]), true);
 }
 

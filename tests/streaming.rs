@@ -73,6 +73,19 @@ fn streaming_equals_the_whole_sequence_for_every_cell() {
     for src in [common::PEEPHOLE, common::MINIMAL_GRU, common::RELU_ELMAN] {
         stream_equals_sequence(&parse_str(src).unwrap(), 6, 2);
     }
+    // Every acceptance cell, including outputs that are not states (computed after the loop in
+    // a whole-sequence run, within the step when streaming) and a stack of them. A
+    // bidirectional model cannot stream; its one-direction version does.
+    for (name, src) in common::acceptance_cells() {
+        let mut spec = parse_str(src).unwrap();
+        spec.bidirectional = false;
+        stream_equals_sequence(&spec, 6, 2);
+        if name == "elman_output" {
+            // The second layer reads the first's 3 output features, not its 8 hidden ones.
+            spec.num_layers = 2;
+            stream_equals_sequence(&spec, 5, 3);
+        }
+    }
 }
 
 fn lstm() -> (Program, Weights) {
