@@ -431,3 +431,27 @@ fn a_measurement_of_zero_repetitions_or_threads_is_refused() {
         }
     }
 }
+
+#[test]
+fn a_stack_whose_sizes_depend_on_the_layer_input_is_refused() {
+    // Layer 1 reads layer 0's output, not 5 features: an output or state sized by `input` would change size
+    // between layers, and the stack holds one size per state and for the output.
+    let output = "cell A { input: 5, hidden: 8, layers: 2, param W: [hidden, input], param U: [hidden, hidden],
+        state h, h = tanh(W @ x + U @ h), output y = concat(h, x) }";
+    let e = Program::compile(&rnn::parse_str(output).unwrap()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the output has 21 features in layer 1 but 13 in layer 0"),
+        "{e}"
+    );
+    let state = "cell B { input: 5, hidden: 8, layers: 2, param W: [hidden, input],
+        state h, state s: input, h = tanh(W @ x), s = x }";
+    let e = Program::compile(&rnn::parse_str(state).unwrap()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("state `s` has 8 features in layer 1 but 5 in layer 0"),
+        "{e}"
+    );
+    // One layer of either is fine.
+    Program::compile(&rnn::parse_str(&output.replace("layers: 2", "layers: 1")).unwrap()).unwrap();
+}

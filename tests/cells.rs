@@ -119,8 +119,16 @@ fn every_cell_runs_the_same_with_and_without_the_passes() {
         let w = Weights::init(&fast, 3).unwrap();
         let x = rnn::bench::random_tensor(vec![5, 3, spec.input_size], 4);
         let gy = rnn::bench::random_tensor(vec![5, 3, spec.output_size() * spec.directions()], 5);
+        let ld = spec.num_layers * spec.directions();
+        let h0: Vec<rnn::Tensor> = fast
+            .states()
+            .iter()
+            .enumerate()
+            .map(|(k, (_, n))| rnn::bench::random_tensor(vec![ld, 3, *n], 6 + k as u64))
+            .collect();
         let req = Request {
             input: Some(&x),
+            initial_states: h0.iter().map(Some).collect(),
             lengths: Some(&[5, 2, 4]),
             grad_output: Some(&gy),
             ..Default::default()
@@ -128,19 +136,31 @@ fn every_cell_runs_the_same_with_and_without_the_passes() {
         let exec = Exec::default();
         let a = fast.bind::<f64>(&w).unwrap().run(&req, &exec).unwrap();
         let b = slow.bind::<f64>(&w).unwrap().run(&req, &exec).unwrap();
-        let close = |x: &[f32], y: &[f32], what: &str| {
-            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+        let close = |x: &rnn::Tensor, y: &rnn::Tensor, what: &str| {
+            assert_eq!(x.shape, y.shape, "{name} {what}: shape");
+            for (i, (p, q)) in x.data.iter().zip(&y.data).enumerate() {
                 assert!(
                     (p - q).abs() <= 1e-5 + 1e-5 * q.abs(),
                     "{name} {what}[{i}]: {p} vs {q}"
                 );
             }
         };
-        close(&a.output.data, &b.output.data, "output");
+        close(&a.output, &b.output, "output");
+        assert_eq!(a.final_states.len(), b.final_states.len());
+        for (k, (x, y)) in a.final_states.iter().zip(&b.final_states).enumerate() {
+            close(x, y, &format!("final state {k}"));
+        }
         let (ga, gb) = (a.grads.unwrap(), b.grads.unwrap());
-        close(&ga.input.data, &gb.input.data, "grad.input");
+        close(&ga.input, &gb.input, "grad.input");
+        for (k, (x, y)) in ga.initial_states.iter().zip(&gb.initial_states).enumerate() {
+            close(x, y, &format!("grad of initial state {k}"));
+        }
+        assert_eq!(
+            ga.params.keys().collect::<Vec<_>>(),
+            gb.params.keys().collect::<Vec<_>>()
+        );
         for (k, g) in &ga.params {
-            close(&g.data, &gb.params[k].data, k);
+            close(g, &gb.params[k], k);
         }
     }
 }

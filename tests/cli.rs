@@ -1406,7 +1406,13 @@ fn the_acceptance_cells_match_pytorch_through_rnnc_run_model() {
         let expected =
             weights::read_safetensors(&std::fs::read(dir.join("expected.safetensors")).unwrap())
                 .unwrap();
-        for (key, t) in &read_out(&exact) {
+        let exact = read_out(&exact);
+        assert_eq!(
+            exact.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "{name}: the tensors written in f64"
+        );
+        for (key, t) in &exact {
             let w = worst(t, &expected[key]);
             assert!(w <= 1.0, "{name} {key} in f64: {w:.2} times the tolerance");
         }

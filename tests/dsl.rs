@@ -590,3 +590,83 @@ fn the_grammar_reference_names_every_function_and_setting() {
         }
     }
 }
+
+/// A cell whose equation for `h` is `body`.
+fn with_equation(body: &str) -> String {
+    format!("cell C {{ input: 3, hidden: 4, param W: [hidden, input], state h, h = {body} }}")
+}
+
+#[test]
+fn an_equation_has_a_bounded_size_and_depth() {
+    // Expressions are checked and lowered recursively: their size is bounded, so a generated
+    // file cannot overflow the stack. At the bounds, it compiles and runs (here on a test
+    // thread's small stack).
+    let chain = format!("tanh(W @ x + {})", vec!["h"; 490].join(" + "));
+    let nested = format!("tanh(W @ x + {}h{})", "(".repeat(60), ")".repeat(60));
+    for src in [with_equation(&chain), with_equation(&nested)] {
+        let p = Program::compile(&parse_str(&src).unwrap()).unwrap();
+        let w = rnn::Weights::init(&p, 0).unwrap();
+        let x = rnn::Tensor::zeros(vec![2, 1, 3]);
+        let req = rnn::Request {
+            input: Some(&x),
+            ..Default::default()
+        };
+        p.bind::<f32>(&w)
+            .unwrap()
+            .run(&req, &rnn::Exec::default())
+            .unwrap();
+    }
+    let long = with_equation(&vec!["h"; 1200].join(" + "));
+    let e = errors(&long);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("this equation is too long: more than 1000"),
+        "{e:?}"
+    );
+    let negations = with_equation(&format!("{}h", "-".repeat(100_000)));
+    assert!(errors(&negations)[0].contains("too long"));
+    let deep = with_equation(&format!("{}h{}", "(".repeat(5000), ")".repeat(5000)));
+    let e = errors(&deep);
+    assert!(
+        e[0].starts_with("1:") && e[0].contains("groups nest more than 64 deep here"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn numbers_float32_cannot_hold_are_refused() {
+    let e = errors(&with_equation("tanh(W @ x + 1e-50 * h)"));
+    assert!(
+        e[0].contains("`1e-50` is too small for float32: it would be 0"),
+        "{e:?}"
+    );
+    let e = errors(&with_equation("tanh(W @ x + 1e40 * h)"));
+    assert!(e[0].contains("`1e40` is out of float32's range"), "{e:?}");
+    let e = errors("cell C { input: 3, hidden: 4, param g: [hidden] = 1e-50, state h, h = g * h }");
+    assert!(e[0].contains("too small for float32"), "{e:?}");
+    // Zero, subnormal-free small numbers and exponents are fine.
+    parse_str(&with_equation("tanh(W @ x + 0.0 * h + 1e-30)")).unwrap();
+}
+
+#[test]
+fn an_output_equation_cannot_take_a_states_or_parameters_name() {
+    let e = errors(
+        "cell C { input: 3, hidden: 4, param W: [hidden, input], state h,\n h = tanh(W @ x),\n output h = W @ x }",
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with(
+            "3:9: `output h = ...`: `h` is a state: this equation would replace its update"
+        ),
+        "{e:?}"
+    );
+    let e = errors(
+        "cell C { input: 3, hidden: 4, param W: [hidden, input], state h,\n h = tanh(W @ x),\n output W = h }",
+    );
+    assert!(e.iter().any(|m| m.contains("`W` is a parameter")), "{e:?}");
+    // Naming a state without an equation outputs it.
+    parse_str(
+        "cell C { input: 3, hidden: 4, param W: [hidden, input], state h, state c, h = tanh(W @ x + c), c = h, output c }",
+    )
+    .unwrap();
+}

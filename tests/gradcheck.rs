@@ -281,6 +281,43 @@ fn abs_min_max_gradients() {
 }
 
 #[test]
+fn min_and_max_pass_no_gradient_at_a_tie() {
+    // As PyTorch's clamp: at a == c the constant wins and the gradient is 0.
+    let g = op_graph(|g, [x, _, _, _]| {
+        let hi = g.push(Op::Max(0.5f32.to_bits()), &[x]).unwrap();
+        let lo = g.push(Op::Min(0.5f32.to_bits()), &[x]).unwrap();
+        g.add(hi, lo).unwrap()
+    });
+    let b = backward(&g).unwrap();
+    let exec = Exec::default();
+    let x = vec![0.5, 0.2, 0.8];
+    let mut given: HashMap<Role, Vec<f64>> = HashMap::new();
+    for v in g.iter() {
+        if let Op::Input(role) = g.data(v).op {
+            given.insert(role, vec![0.0; g.shape(v).row_len()]);
+        }
+    }
+    given.insert(Role::Input, x.clone());
+    let fwd = eval_graph::<f64>(&g, 1, &given, &exec).unwrap();
+    let mut inputs: HashMap<Role, Vec<f64>> = HashMap::new();
+    for v in b.iter() {
+        if let Op::Input(role) = b.data(v).op {
+            let val = match role {
+                Role::Saved(s) => fwd[s.index()].to_vec(),
+                Role::Cotangent(OutRole::Output) => vec![1.0; 3],
+                Role::Cotangent(_) => vec![0.0; b.shape(v).row_len()],
+                other => given[&other].clone(),
+            };
+            inputs.insert(role, val);
+        }
+    }
+    let grads = eval_graph::<f64>(&b, 1, &inputs, &exec).unwrap();
+    let dx = b.output(OutRole::InputGrad).unwrap();
+    // max: [0, 0, 1]; min: [0, 1, 0]
+    assert_eq!(grads[dx.index()].to_vec(), [0.0, 1.0, 1.0]);
+}
+
+#[test]
 fn feature_sums_broadcast_back() {
     // A layer norm over the features with a [1] gain and a scalar shift:
     // (x - mean(x)) / sqrt(mean((x - mean)²) + eps) * a + c

@@ -114,6 +114,11 @@ fn in_f32_every_cell_is_as_exact_as_pytorch_in_f32() {
         let expected = weights::read_safetensors(&read(name, "expected.safetensors")).unwrap();
         let torch = weights::read_safetensors(&read(name, "pytorch_f32.safetensors")).unwrap();
         let ours = results::<f32>(name, src);
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "{name}: the same tensors"
+        );
         for (key, t) in &ours {
             let (w, bound) = (worst(t, &expected[key]), worst(&torch[key], &expected[key]));
             if name != "layernorm_lstm" {

@@ -309,7 +309,8 @@ pub fn backward(f: &Graph) -> Result<Graph, IrError> {
             // y = sign(a) is piecewise constant.
             Op::Sign => {}
             // y = max(a, c):  da = dy * [a > c];  y = min(a, c):  da = dy * [a < c]
-            // (at a tie the constant is taken to win, as `relu` at zero)
+            // (at a tie the constant wins and no gradient passes: PyTorch 2.15's `clamp` gives
+            // 0 there too, and `relu` at zero)
             Op::Max(bits) | Op::Min(bits) => {
                 let a = cx.saved(args[0]);
                 let c = cx.b.constant(f32::from_bits(bits), Shape::Scalar);

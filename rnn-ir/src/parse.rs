@@ -117,6 +117,8 @@ use crate::spec::{
     Range,
 };
 use proc_macro2::{Delimiter, Group, Span, TokenStream, TokenTree};
+use std::cell::Cell;
+use std::rc::Rc;
 use std::str::FromStr;
 
 /// The kinds of model.
@@ -405,6 +407,28 @@ fn loc_of(span: Span) -> Loc {
     Loc::new(clamp(start.line), clamp(start.column + 1))
 }
 
+/// The float32 a number literal stands for, or why it stands for none: it is not a number, or
+/// float32 cannot hold it (too large, or so small that it would silently become 0).
+fn float_literal(text: &str) -> Result<f32, String> {
+    let Ok(wide) = text.parse::<f64>() else {
+        return Err(format!("expected a number, found `{text}`"));
+    };
+    let n = wide as f32;
+    if !n.is_finite() {
+        return Err(format!(
+            "`{text}` is out of float32's range (largest magnitude {:e})",
+            f32::MAX
+        ));
+    }
+    if n == 0.0 && wide != 0.0 {
+        return Err(format!(
+            "`{text}` is too small for float32: it would be 0 (smallest magnitude {:e})",
+            f32::from_bits(1)
+        ));
+    }
+    Ok(n)
+}
+
 fn diag(span: Span, message: impl Into<String>) -> Diagnostic {
     let start = span.start();
     Diagnostic {
@@ -425,7 +449,18 @@ struct Parser {
     damaged: bool,
     /// The delimiter that closes the tokens, for a parser of a group's contents.
     close: Option<char>,
+    /// How many groups this parser's tokens sit inside.
+    depth: usize,
+    /// The nodes the equation being read may still make, shared with the parsers of its
+    /// groups: an expression tree is walked recursively (checked, lowered, dropped), so its size
+    /// is bounded.
+    budget: Rc<Cell<usize>>,
 }
+
+/// The most nodes (names, numbers, operators, calls, slices) one equation may have.
+pub const MAX_EXPRESSION_NODES: usize = 1000;
+/// The deepest groups (`(..)`, `[..]`) may nest in a declaration.
+pub const MAX_NESTING: usize = 64;
 
 type PResult<T> = Result<T, ()>;
 
@@ -438,6 +473,26 @@ impl Parser {
             errors: Vec::new(),
             damaged: false,
             close: None,
+            depth: 0,
+            budget: Rc::new(Cell::new(MAX_EXPRESSION_NODES)),
+        }
+    }
+
+    /// Counts one node of the expression being read, or fails once it has too many.
+    fn node(&mut self, span: Span) -> PResult<()> {
+        match self.budget.get() {
+            0 => {
+                self.budget.set(usize::MAX); // one report per equation
+                self.error(
+                    span,
+                    format!("this equation is too long: more than {MAX_EXPRESSION_NODES} names, numbers and operations; split it into several equations"),
+                )
+            }
+            usize::MAX => Err(()),
+            n => {
+                self.budget.set(n - 1);
+                Ok(())
+            }
         }
     }
 
@@ -567,6 +622,14 @@ impl Parser {
         };
         let mut inner = Parser::new(group.stream(), group.span_close());
         inner.close = Some(close);
+        inner.depth = self.depth + 1;
+        inner.budget = self.budget.clone();
+        if inner.depth > MAX_NESTING {
+            return self.error(
+                group.span_open(),
+                format!("groups nest more than {MAX_NESTING} deep here"),
+            );
+        }
         let result = f(&mut inner);
         if result.is_ok()
             && let Some(t) = inner.peek()
@@ -752,6 +815,7 @@ impl Parser {
                     b.output = Some((name.clone(), nspan));
                 }
                 let r = if self.eat_punct('=') {
+                    b.output_equation = true;
                     self.equation(name, nspan, b)
                 } else {
                     Ok(())
@@ -834,6 +898,7 @@ impl Parser {
     /// reported again.
     fn equation(&mut self, target: String, span: Span, b: &mut BodyBuilder) -> PResult<()> {
         self.damaged = false;
+        self.budget.set(MAX_EXPRESSION_NODES);
         let e = self.expr().ok().filter(|_| !self.damaged);
         let ok = e.is_some();
         b.equations.push((target, e, span));
@@ -909,6 +974,7 @@ impl Parser {
             } else {
                 return Ok(e);
             };
+            self.node(span)?;
             let rhs = self.term()?;
             e = Expr::Binary(op, Box::new(e), Box::new(rhs), loc_of(span));
         }
@@ -927,6 +993,7 @@ impl Parser {
             } else {
                 return Ok(e);
             };
+            self.node(span)?;
             let rhs = self.unary()?;
             e = Expr::Binary(op, Box::new(e), Box::new(rhs), loc_of(span));
         }
@@ -935,6 +1002,7 @@ impl Parser {
     fn unary(&mut self) -> PResult<Expr> {
         let span = self.span();
         if self.eat_punct('-') {
+            self.node(span)?;
             return Ok(Expr::Neg(Box::new(self.unary()?), loc_of(span)));
         }
         self.postfix()
@@ -942,11 +1010,14 @@ impl Parser {
 
     /// An atom followed by any number of slices: `g[hidden .. 2 * hidden]`, `W[0 .. hidden, ..]`.
     fn postfix(&mut self) -> PResult<Expr> {
+        let span = self.span();
+        self.node(span)?;
         let mut e = self.atom()?;
         while let Some(TokenTree::Group(g)) = self.peek().cloned()
             && g.delimiter() == Delimiter::Bracket
         {
             self.pos += 1;
+            self.node(g.span())?;
             let ranges = self.nested(&g, |p| p.list("between the axes of a slice", Parser::range));
             let Ok(ranges) = ranges else {
                 // Reported; the expression goes on after the `]`.
@@ -1011,12 +1082,9 @@ impl Parser {
         match self.peek().cloned() {
             Some(TokenTree::Literal(l)) => {
                 self.pos += 1;
-                match l.to_string().parse::<f32>() {
-                    Ok(n) if n.is_finite() => Ok(if negative { -n } else { n }),
-                    _ => self.error(
-                        l.span(),
-                        format!("expected a number as {what}, found `{l}`"),
-                    ),
+                match float_literal(&l.to_string()) {
+                    Ok(n) => Ok(if negative { -n } else { n }),
+                    Err(why) => self.error(l.span(), format!("{why} as {what}")),
                 }
             }
             _ => {
@@ -1033,9 +1101,9 @@ impl Parser {
         match self.peek().cloned() {
             Some(TokenTree::Literal(l)) => {
                 self.pos += 1;
-                match l.to_string().parse::<f32>() {
-                    Ok(n) if n.is_finite() => Ok(Expr::Num(n, loc_of(l.span()))),
-                    _ => self.error(l.span(), format!("expected a number, found `{l}`")),
+                match float_literal(&l.to_string()) {
+                    Ok(n) => Ok(Expr::Num(n, loc_of(l.span()))),
+                    Err(why) => self.error(l.span(), why),
                 }
             }
             // `h = W @` then `b = ...` on the next line: the expression is unfinished, and the
@@ -1162,6 +1230,21 @@ impl Parser {
                             ),
                         };
                         let _ = self.error::<()>(ospan, message);
+                    }
+                    let taken = if b.states.iter().any(|s| s.0 == o) {
+                        Some("a state: this equation would replace its update")
+                    } else if b.params.iter().any(|p| p.name == o) {
+                        Some("a parameter")
+                    } else if o == "x" {
+                        Some("the step input")
+                    } else {
+                        None
+                    };
+                    if let (true, Some(what)) = (b.output_equation, taken) {
+                        let _ = self.error::<()>(
+                            ospan,
+                            format!("`output {o} = ...`: `{o}` is {what}; an output computed by its own equation needs a name of its own (`output y = ...`), or write `output {o}` to output it"),
+                        );
                     }
                     (o, loc_of(ospan))
                 }
@@ -1356,6 +1439,8 @@ struct BodyBuilder {
     /// counts as assigned, so that no "never assigned" or "unknown name" follows).
     equations: Vec<(String, Option<Expr>, Span)>,
     output: Option<(String, Span)>,
+    /// Whether the output was given with its own equation (`output y = ...`).
+    output_equation: bool,
     /// Parameters and states whose declarations did not parse after their names: known names
     /// without a value.
     broken: Vec<String>,

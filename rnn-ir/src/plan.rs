@@ -839,6 +839,27 @@ pub fn verify(s: &Scheduled, plan: &StoragePlan) -> Result<(), IrError> {
         .iter()
         .map(|v| plan.keep.contains(&v) || g.outputs().iter().any(|o| o.value == v))
         .collect();
+    // last_read[x]: the last position at which x, or any value viewing it, is read (a loop
+    // value reading one computed outside the loop reads it until the loop ends); its own
+    // position if nothing reads it. Once for all values, so the check stays linear in the
+    // graph's size times the views' depth.
+    let mut last_read = pos.clone();
+    for r in g.iter() {
+        for &arg in &g.data(r).args {
+            let mut a = arg;
+            loop {
+                let mut p = pos[r.index()];
+                if s.phases[r.index()] == Phase::Loop && s.phases[a.index()] != Phase::Loop {
+                    p = p.max(loop_end);
+                }
+                last_read[a.index()] = last_read[a.index()].max(p);
+                match plan.place[a.index()] {
+                    Place::View { of, .. } => a = of,
+                    _ => break,
+                }
+            }
+        }
+    }
     for (i, b) in plan.buffers.iter().enumerate() {
         for &v in &b.values {
             let shape = g.shape(v);
@@ -868,38 +889,10 @@ pub fn verify(s: &Scheduled, plan: &StoragePlan) -> Result<(), IrError> {
         }
         for (j, &u) in b.values.iter().enumerate() {
             for &w in &b.values[j + 1..] {
-                let shared = |x: Value| {
-                    // x, and every value viewing x, read no later than `limit`.
-                    let mut last = pos[x.index()];
-                    for r in g.iter() {
-                        let reads = g.data(r).args.iter().any(|&a| {
-                            let mut a = a;
-                            loop {
-                                if a == x {
-                                    return true;
-                                }
-                                match plan.place[a.index()] {
-                                    Place::View { of, .. } => a = of,
-                                    _ => return false,
-                                }
-                            }
-                        });
-                        if reads {
-                            let mut p = pos[r.index()];
-                            if s.phases[r.index()] == Phase::Loop
-                                && s.phases[x.index()] != Phase::Loop
-                            {
-                                p = p.max(loop_end);
-                            }
-                            last = last.max(p);
-                        }
-                    }
-                    last
-                };
                 let overlap = pinned[u.index()]
                     || b.storage == Storage::Bound
                     || b.storage == Storage::Tape
-                    || shared(u) >= pos[w.index()];
+                    || last_read[u.index()] >= pos[w.index()];
                 if overlap {
                     return err(w, format!("shares b{i} with {u}, which is still live"));
                 }

@@ -96,7 +96,11 @@ impl Program {
                 layers.push(prev.clone());
                 continue;
             }
-            layers.push(compile_cell(spec, input_size, options)?);
+            let cell = compile_cell(spec, input_size, options)?;
+            if let Some(first) = layers.first() {
+                same_sizes(first, &cell, layer)?;
+            }
+            layers.push(cell);
         }
         Ok(Program {
             spec: spec.clone(),
@@ -151,6 +155,38 @@ impl Program {
     pub fn states(&self) -> &[(String, usize)] {
         &self.layers[0].forward.graph.states
     }
+}
+
+/// Refuses a layer whose output or states differ in size from layer 0's: the driver, the
+/// streaming state and `h_n` hold one size per state for the whole stack, as PyTorch's do. A
+/// custom cell whose output or state size depends on `input` can only be one layer deep.
+fn same_sizes(first: &CellProgram, cell: &CellProgram, layer: usize) -> Result<()> {
+    let out = |c: &CellProgram| {
+        let g = &c.forward.graph;
+        g.output(OutRole::Output)
+            .map_or(0, |v| g.shape(v).features())
+    };
+    if out(cell) != out(first) {
+        return Err(Error::Spec(format!(
+            "the output has {} features in layer {layer} but {} in layer 0: it depends on `input`, which differs between layers; a stack needs every layer's output to have one size",
+            out(cell),
+            out(first)
+        )));
+    }
+    for ((name, a), (_, b)) in cell
+        .forward
+        .graph
+        .states
+        .iter()
+        .zip(&first.forward.graph.states)
+    {
+        if a != b {
+            return Err(Error::Spec(format!(
+                "state `{name}` has {a} features in layer {layer} but {b} in layer 0: its size depends on `input`, which differs between layers; a stack needs every layer's states to have one size"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The dimensions of an unbatched shape as a tensor shape.
