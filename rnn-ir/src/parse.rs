@@ -59,9 +59,10 @@
 //!
 //! # Expressions
 //! - `+`, `-`, `*`, `/` and unary `-` are element-wise: equal shapes combine, a number or a
-//!   one-feature value (a scalar parameter, a `mean`) combines with anything, and a vector with
+//!   one-feature value (a scalar parameter, a `mean`) combines with any vector or batch, and a vector with
 //!   a batch of as many features (a bias on every row).
-//! - `W @ v` is the matrix product of a `[o, i]` matrix and a value of `i` features, giving `o`.
+//! - `W @ v` is the matrix product of a `[o, i]` matrix and a batched value of `i` features (the
+//!   input, a state or a value computed from them), giving `o` features on every row.
 //! - Numbers (`1`, `0.5`, `1e-5`) are constants.
 //! - `g[hidden .. 2 * hidden]` (or `g[h .. 2h]`) takes features `hidden` to `2·hidden - 1`;
 //!   either bound may be left out (`g[.. hidden]`, `g[hidden ..]`), and `g[i]` takes feature `i`
