@@ -216,16 +216,22 @@ pub fn eval<T: Real>(
             matmul(out, d, x, false, threads, by_row);
         }
         Op::SumRows => {
-            // Column by column, accumulated in f64 like every sum of a kernel's own: a bias
-            // gradient sums a whole sequence's rows.
+            // Accumulated in f64 like every sum of a kernel's own (a bias gradient sums a whole
+            // sequence's rows), 64 columns at a time so that rows are read in order.
+            const BLOCK: usize = 64;
             let a = args[0];
             let out = dst.row(0);
-            for (j, o) in out.iter_mut().enumerate() {
-                let mut sum = 0.0f64;
+            for (b, o) in out.chunks_mut(BLOCK).enumerate() {
+                let start = b * BLOCK;
+                let mut acc = [0.0f64; BLOCK];
                 for r in 0..a.rows {
-                    sum += a.row(r)[j].to_f64();
+                    for (s, &x) in acc.iter_mut().zip(&a.row(r)[start..start + o.len()]) {
+                        *s += x.to_f64();
+                    }
                 }
-                *o = T::from_f64(sum);
+                for (o, &s) in o.iter_mut().zip(&acc) {
+                    *o = T::from_f64(s);
+                }
             }
         }
         Op::Broadcast => {
