@@ -1462,3 +1462,29 @@ fn every_mistake_of_a_declaration_is_reported_on_its_own_line() {
         assert!(line.contains(want), "`{want}` in {line}");
     }
 }
+
+#[test]
+fn weights_of_another_model_without_model_are_named_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tmp.path().join("w.safetensors");
+    let mut t = BTreeMap::new();
+    t.insert("W_l0".to_string(), Tensor::zeros(vec![4, 3]));
+    std::fs::write(&w, weights::write_safetensors(&t).unwrap()).unwrap();
+    let x = tmp.path().join("x.npy");
+    std::fs::write(&x, npy::write_f32(&Tensor::zeros(vec![2, 1, 3]))).unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let err = complaint(&[
+        "run",
+        "--weights",
+        path_str(&w),
+        "--input",
+        path_str(&x),
+        "--out",
+        path_str(&out),
+    ]);
+    assert!(
+        err.contains("missing tensor `weight_ih_l0` (a matrix)"),
+        "{err}"
+    );
+    assert!(err.contains("give its `.rnn` file with `--model`"), "{err}");
+}

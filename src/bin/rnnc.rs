@@ -527,6 +527,8 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
                         &["weight_ih_l0", "weight_hh_l0"],
                         &prefix,
                     );
+                    // Inference looks for the first layer's matrices, of shapes it cannot know yet.
+                    f.error = f.error.replace(" (expected shape [])", " (a matrix)");
                     if missing && !f.error.contains("--prefix") {
                         f.error.push_str(
                             "; without `--model` the weights must be a PyTorch nn.RNN, nn.LSTM or nn.GRU state dict (for another model, give its `.rnn` file with `--model`)",
