@@ -1183,70 +1183,61 @@ fn out_never_overwrites_an_input() {
 
 #[test]
 fn inspect_prints_the_dsl_spellings() {
+    // What `rnnc inspect` prints for `args`, which must succeed.
+    let inspect = |args: &[&str]| -> String {
+        let o = rnnc(args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
     let tmp = tempfile::tempdir().unwrap();
     let file = model_file(
         &tmp,
         "cho.rnn",
         "gru Cho { input: 4, hidden: 6, reset: before, bias_convention: one }",
     );
-    let o = rnnc(&["inspect", path_str(&file)]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let text = String::from_utf8(o.stdout).unwrap();
-    for line in [
-        "model: gru Cho",
-        "  reset: before",
-        "  bias_convention: one",
-    ] {
-        assert!(
-            text.lines().any(|l| l.starts_with(line)),
-            "`{line}` in:\n{text}"
-        );
-    }
-    let o = rnnc(&[
-        "inspect",
-        "--cell",
-        "rnn-relu",
-        "--input-size",
-        "4",
-        "--hidden-size",
-        "6",
-    ]);
-    let text = String::from_utf8(o.stdout).unwrap();
-    for line in [
-        "model: rnn",
-        "  nonlinearity: relu",
-        "  bias_convention: two",
-    ] {
-        assert!(
-            text.lines().any(|l| l.starts_with(line)),
-            "`{line}` in:\n{text}"
-        );
-    }
-    let o = rnnc(&[
-        "inspect",
-        "--cell",
-        "gru",
-        "--input-size",
-        "4",
-        "--hidden-size",
-        "6",
-    ]);
-    let text = String::from_utf8(o.stdout).unwrap();
-    assert!(
-        text.lines().any(|l| l.starts_with("  reset: after")),
-        "{text}"
-    );
-    // No Rust debug names anywhere.
-    for debug in [
-        "AfterMatmul",
-        "BeforeMatmul",
-        "Matmul",
-        "Two",
-        "One",
-        "RnnRelu",
-        "Gru",
-    ] {
-        assert!(!text.contains(debug), "`{debug}` in:\n{text}");
+    let sizes = ["--input-size", "4", "--hidden-size", "6"];
+    let cases: [(Vec<&str>, &[&str]); 3] = [
+        (
+            vec!["inspect", path_str(&file)],
+            &[
+                "model: gru Cho",
+                "  reset: before",
+                "  bias_convention: one",
+            ],
+        ),
+        (
+            [&["inspect", "--cell", "rnn-relu"][..], &sizes].concat(),
+            &[
+                "model: rnn",
+                "  nonlinearity: relu",
+                "  bias_convention: two",
+            ],
+        ),
+        (
+            [&["inspect", "--cell", "gru"][..], &sizes].concat(),
+            &["  reset: after"],
+        ),
+    ];
+    for (args, lines) in cases {
+        let text = inspect(&args);
+        for line in lines {
+            assert!(
+                text.lines().any(|l| l.starts_with(line)),
+                "`{line}` in:\n{text}"
+            );
+        }
+        // No Rust debug names anywhere.
+        for debug in [
+            "AfterMatmul",
+            "BeforeMatmul",
+            "Matmul",
+            "Two",
+            "One",
+            "RnnRelu",
+            "Gru",
+        ] {
+            assert!(!text.contains(debug), "`{debug}` in:\n{text}");
+        }
     }
 }
 
@@ -1289,18 +1280,7 @@ fn a_fortran_order_big_endian_input_is_read_as_numpy_reads_it() {
             }
         }
     }
-    let npy_file = |dict: &str, data: Vec<u8>| {
-        let mut text = dict.to_string();
-        while !(10 + text.len() + 1).is_multiple_of(64) {
-            text.push(' ');
-        }
-        text.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend((text.len() as u16).to_le_bytes());
-        out.extend(text.as_bytes());
-        out.extend(data);
-        out
-    };
+    let npy_file = |dict: &str, data: Vec<u8>| npy::framed(1, dict, &data);
     std::fs::write(
         s.root.join("input.npy"),
         npy_file(

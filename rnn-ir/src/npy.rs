@@ -474,14 +474,27 @@ fn write(descr: &str, shape: &[usize], data: Vec<u8>) -> Vec<u8> {
     } else {
         format!("({})", dims.join(", "))
     };
-    let mut text = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    // Pad so that the data starts on a 64-byte boundary, ending the header with a newline.
-    while (10 + text.len() + 1) % 64 != 0 {
+    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    framed(1, &dict, &data)
+}
+
+/// The bytes of an `.npy` file of format `version` (1, 2 or 3) whose header is the Python dict
+/// literal `dict` (`{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }`), padded with
+/// spaces and a newline as numpy pads it so that the data starts on a 64-byte boundary, then
+/// `data`: a file of any dtype, order or version numpy writes, byte for byte.
+pub fn framed(version: u8, dict: &str, data: &[u8]) -> Vec<u8> {
+    let mut text = dict.to_string();
+    let prefix = if version == 1 { 10 } else { 12 };
+    while !(prefix + text.len() + 1).is_multiple_of(64) {
         text.push(' ');
     }
     text.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((text.len() as u16).to_le_bytes());
+    let mut out = vec![0x93, b'N', b'U', b'M', b'P', b'Y', version, 0];
+    if version == 1 {
+        out.extend((text.len() as u16).to_le_bytes());
+    } else {
+        out.extend((text.len() as u32).to_le_bytes());
+    }
     out.extend(text.as_bytes());
     out.extend(data);
     out
@@ -505,24 +518,7 @@ pub fn write_i64(shape: &[usize], data: &[i64]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    /// A hand-built `.npy` file: `version` (1, 2 or 3), the header dict's text, then `data`.
-    fn npy(version: u8, dict: &str, data: &[u8]) -> Vec<u8> {
-        let mut text = dict.to_string();
-        let prefix = if version == 1 { 10 } else { 12 };
-        while !(prefix + text.len() + 1).is_multiple_of(64) {
-            text.push(' ');
-        }
-        text.push('\n');
-        let mut out = vec![0x93, b'N', b'U', b'M', b'P', b'Y', version, 0];
-        if version == 1 {
-            out.extend((text.len() as u16).to_le_bytes());
-        } else {
-            out.extend((text.len() as u32).to_le_bytes());
-        }
-        out.extend(text.as_bytes());
-        out.extend(data);
-        out
-    }
+    use super::framed as npy;
 
     fn le_f32(xs: &[f32]) -> Vec<u8> {
         xs.iter().flat_map(|x| x.to_le_bytes()).collect()
