@@ -307,7 +307,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
 /// step `x_t`, for a tanh RNN of the W5 shape: the chapter's vanishing-gradient experiment.
 pub fn gradient_norms(program: &Program, weights: &Weights, x: &Tensor) -> Result<Vec<f64>> {
     let (t, b) = (x.shape[0], x.shape[1]);
-    let width = program.spec.output_size() * program.spec.directions();
+    let width = program.output_size() * program.spec.directions();
     let gy = last_step_seed(t, b, width);
     let req = Request {
         input: Some(x),

@@ -223,7 +223,7 @@ fn check_request(p: &Program, req: &Request) -> Result<(usize, usize, Vec<usize>
         }
     };
     if let Some(gy) = req.grad_output {
-        let width = spec.directions() * spec.output_size();
+        let width = spec.directions() * p.output_size();
         let want = if spec.batch_first {
             vec![b, t, width]
         } else {
@@ -323,7 +323,7 @@ pub fn run<T: Real, E: SequenceExecutor<T>>(
     };
     let spec = &program.spec;
     let dirs = spec.directions();
-    let out_size = spec.output_size();
+    let out_size = program.output_size();
     let states = program.states().to_vec();
     let x = req.input.expect("checked");
     let mut layer_in: Vec<T> = to_real(&x.data);

@@ -562,12 +562,7 @@ enum Arity {
 }
 
 fn arity(f: &str) -> Option<Arity> {
-    match f {
-        "min" | "max" => Some(Arity::ValueAndConstant),
-        "concat" => Some(Arity::AtLeastOne),
-        _ if function_names().any(|n| n == f) => Some(Arity::One),
-        _ => None,
-    }
+    FUNCTIONS.iter().find(|(n, _)| *n == f).map(|(_, a)| *a)
 }
 
 /// `"did you mean `s`? "` when one of `candidates` is close to `word`, else nothing.
@@ -588,27 +583,22 @@ pub(crate) fn custom_output_size(cell: &CustomCell, input: usize, hidden: usize)
     g.output(OutRole::Output).map(|v| g.shape(v).features())
 }
 
-/// The functions of the equation language: name, arguments, what it does.
-const FUNCTIONS: &[(&str, &str)] = &[
-    ("sigmoid", "1 / (1 + e^-a)"),
-    ("tanh", "tanh(a)"),
-    ("relu", "max(a, 0)"),
-    ("exp", "e^a"),
-    ("log", "the natural logarithm"),
-    ("sqrt", "the square root"),
-    ("softplus", "ln(1 + e^a)"),
-    ("abs", "|a|"),
-    ("min", "min(a, c) against a constant c"),
-    ("max", "max(a, c) against a constant c"),
-    (
-        "mean",
-        "the mean over the feature axis, broadcast back over it",
-    ),
-    (
-        "sum",
-        "the sum over the feature axis, broadcast back over it",
-    ),
-    ("concat", "the arguments joined along the feature axis"),
+/// The functions of the equation language and how each takes its arguments (what they do is
+/// documented in the parser's module doc and the README, which a test keeps complete).
+const FUNCTIONS: &[(&str, Arity)] = &[
+    ("sigmoid", Arity::One),
+    ("tanh", Arity::One),
+    ("relu", Arity::One),
+    ("exp", Arity::One),
+    ("log", Arity::One),
+    ("sqrt", Arity::One),
+    ("softplus", Arity::One),
+    ("abs", Arity::One),
+    ("min", Arity::ValueAndConstant),
+    ("max", Arity::ValueAndConstant),
+    ("mean", Arity::One),
+    ("sum", Arity::One),
+    ("concat", Arity::AtLeastOne),
 ];
 
 /// The names of the equation language's functions, for suggestions.

@@ -44,6 +44,13 @@ pub struct CellProgram {
 }
 
 impl CellProgram {
+    /// Features of the step's output `y_t`.
+    pub fn output_size(&self) -> usize {
+        let g = &self.forward.graph;
+        g.output(OutRole::Output)
+            .map_or(0, |v| g.shape(v).features())
+    }
+
     /// The forward plan for a run that does (`training`) or does not want gradients.
     pub fn forward_plan(&self, training: bool) -> &StoragePlan {
         if training {
@@ -149,6 +156,13 @@ impl Program {
                     .unwrap_or(u128::MAX)
             })
             .fold(0u128, u128::saturating_add)
+    }
+
+    /// Features of each direction's output `y_t`, as the compiled cell computes it (every layer
+    /// has the same: [`Program::compile`] refuses a stack where they differ). The same number as
+    /// [`ModelSpec::output_size`], without lowering a custom cell again.
+    pub fn output_size(&self) -> usize {
+        self.layers[0].output_size()
     }
 
     /// The recurrent states' names and sizes (`h`, and `c` for an LSTM).

@@ -280,7 +280,7 @@ impl<'p, T: Real> Bound<'p, T> {
         if batch == 0 {
             return Err(Error::Argument("a stream needs at least one row".into()));
         }
-        let out = program.spec.output_size();
+        let out = program.output_size();
         Ok(Stream {
             bound: self,
             batch,
