@@ -74,12 +74,19 @@ fn min_gru_gates_are_all_computed_before_the_loop() {
     // update alone.
     let p = Program::compile(&cell(include_str!("../examples/cells/min_gru.rnn"))).unwrap();
     let f = &p.layers[0].forward;
+    let mut seen = 0;
     for v in f.graph.iter() {
         let op = f.graph.data(v).op;
         if matches!(op, Op::MatMul | Op::Sigmoid) {
             assert_eq!(f.phases[v.index()], Phase::Pre, "{v} = {}", op.mnemonic());
+            seen += 1;
         }
     }
+    assert!(
+        seen >= 2,
+        "a product and the gate's sigmoid:\n{}",
+        f.to_text()
+    );
 }
 
 #[test]
@@ -100,6 +107,20 @@ fn row_slices_of_one_weight_are_not_stacked_again() {
     // The peephole cell slices W and U by rows, gate by gate; fusion reads W and U themselves.
     let p = Program::compile(&cell(include_str!("../examples/cells/peephole_lstm.rnn"))).unwrap();
     let f = &p.layers[0].forward.graph;
+    // Both products read a whole parameter: `W` (32 × 5) with x, `U` (32 × 8) with h.
+    let whole: Vec<_> = f
+        .iter()
+        .filter(|&v| f.data(v).op == Op::MatMul)
+        .map(|v| f.data(f.data(v).args[0]).op)
+        .collect();
+    assert_eq!(whole.len(), 2, "{}", p.layers[0].forward.to_text());
+    assert!(
+        whole
+            .iter()
+            .all(|op| matches!(op, Op::Input(rnn::ir::graph::Role::Param(_)))),
+        "{}",
+        p.layers[0].forward.to_text()
+    );
     assert!(
         !f.iter()
             .any(|v| f.data(v).op == Op::Concat

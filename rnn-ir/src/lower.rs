@@ -485,7 +485,8 @@ impl Names<'_, '_> {
                     None => {
                         let known: Vec<String> =
                             function_names().map(|f| format!("`{f}`")).collect();
-                        let hint = did_you_mean(f, function_names());
+                        let hint = crate::error::suggest(f, function_names())
+                            .map_or_else(String::new, |s| format!("did you mean `{s}`? "));
                         Some((
                             *loc,
                             format!(
@@ -563,12 +564,6 @@ enum Arity {
 
 fn arity(f: &str) -> Option<Arity> {
     FUNCTIONS.iter().find(|(n, _)| *n == f).map(|(_, a)| *a)
-}
-
-/// `"did you mean `s`? "` when one of `candidates` is close to `word`, else nothing.
-fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
-    crate::error::suggest(word, candidates)
-        .map_or_else(String::new, |s| format!("did you mean `{s}`? "))
 }
 
 /// Lowering knows only where a mistake was written, not the token's span.

@@ -20,7 +20,8 @@ use std::collections::BTreeMap;
 /// `g` with every group of matmuls sharing a right operand fused into one.
 pub fn fuse(g: &Graph) -> Result<Graph, IrError> {
     // Group the matmuls by right operand; a weight must be defined before the group's first
-    // matmul so that the stacked weight can be built there.
+    // matmul, or be a slice of a value that is (`W[h .. 2h, ..]` written beside its product),
+    // so that the stacked weight can be built there.
     let mut groups: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
     for v in g.iter() {
         let d = g.data(v);
@@ -31,7 +32,11 @@ pub fn fuse(g: &Graph) -> Result<Graph, IrError> {
     let mut member: BTreeMap<Value, (Value, usize)> = BTreeMap::new();
     for (_, members) in groups.iter_mut() {
         let first = members[0];
-        members.retain(|&m| g.data(m).args[0] < first || m == first);
+        members.retain(|&m| {
+            let w = g.data(m).args[0];
+            let d = g.data(w);
+            w < first || m == first || matches!(d.op, Op::Slice { .. }) && d.args[0] < first
+        });
         let mut seen_weights = Vec::new();
         members.retain(|&m| {
             let w = g.data(m).args[0];
@@ -59,10 +64,18 @@ pub fn fuse(g: &Graph) -> Result<Graph, IrError> {
             return Ok(nv);
         };
         if v == leader {
-            let weights: Vec<Value> = groups[&g.data(v).args[1]]
-                .iter()
-                .map(|m| map[&g.data(*m).args[0]])
-                .collect();
+            let mut weights = Vec::new();
+            for m in &groups[&g.data(v).args[1]] {
+                let w = g.data(*m).args[0];
+                weights.push(match map.get(&w) {
+                    Some(&nw) => nw,
+                    // A slice defined after the leader: taken again here, of the same source.
+                    None => {
+                        let d = g.data(w);
+                        out.push(d.op, &[map[&d.args[0]]])?
+                    }
+                });
+            }
             let stacked = match rejoin(out, &weights)? {
                 Some(whole) => whole,
                 None => {
