@@ -101,11 +101,7 @@ impl Weights {
         if prefix.is_empty() {
             return Ok(self);
         }
-        let prefix = if prefix.ends_with('.') {
-            prefix.to_string()
-        } else {
-            format!("{prefix}.")
-        };
+        let prefix = module_prefix(prefix);
         let modules = module_paths(self.tensors.keys().map(String::as_str));
         let tensors: BTreeMap<String, Tensor> = self
             .tensors
@@ -170,6 +166,16 @@ pub fn prefixes_holding<'a>(
     out.sort();
     out.dedup();
     out
+}
+
+/// `prefix` as the module path [`Weights::strip_prefix`] strips: ending with `.` (`rnn` is
+/// `rnn.`), or empty.
+pub fn module_prefix(prefix: &str) -> String {
+    if prefix.is_empty() || prefix.ends_with('.') {
+        prefix.to_string()
+    } else {
+        format!("{prefix}.")
+    }
 }
 
 /// The distinct module paths (`rnn.`, `fc.`) of `names`: each dotted name up to its last `.`.

@@ -382,15 +382,6 @@ fn read_model(path: &Path) -> Result<ModelSpec, Failure> {
     rnn::parse_str(&text).map_err(|e| fail_model(path, e))
 }
 
-/// `prefix` as a module path ending with `.` (as [`Weights::strip_prefix`] reads it).
-fn module_prefix(prefix: &str) -> String {
-    if prefix.is_empty() || prefix.ends_with('.') {
-        prefix.to_string()
-    } else {
-        format!("{prefix}.")
-    }
-}
-
 /// A weights error with the names spelt as in the file (the stripped `prefix` put back); when
 /// names are missing or unexpected and the file holds the `wanted` ones under a module prefix,
 /// it says which `--prefix` to pass.
@@ -504,7 +495,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         tensors: weights::read_safetensors(&read(weights_path)?)
             .map_err(|e| fail(weights_path, e))?,
     };
-    let prefix = module_prefix(args.prefix.as_deref().unwrap_or(""));
+    let prefix = weights::module_prefix(args.prefix.as_deref().unwrap_or(""));
     if !prefix.is_empty() {
         weights = weights
             .strip_prefix(&prefix)
