@@ -1335,15 +1335,8 @@ fn a_fortran_order_big_endian_input_is_read_as_numpy_reads_it() {
 fn the_acceptance_cells_match_pytorch_through_rnnc_run_model() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
-    let worst = |a: &Tensor, e: &Tensor| -> f64 {
-        assert_eq!(a.shape, e.shape);
-        a.data
-            .iter()
-            .zip(&e.data)
-            .map(|(&a, &e)| (a as f64 - e as f64).abs() / (1e-6 + 1e-5 * (e as f64).abs()))
-            .fold(0.0, f64::max)
-    };
-    for name in ["layernorm_lstm", "min_gru", "elman_output"] {
+    let worst = |a: &Tensor, e: &Tensor| common::tolerance_ratio(a, e, 1e-5, 1e-6);
+    for name in common::PYTORCH_CELLS {
         let dir = root.join("tests/fixtures/cells").join(name);
         let model = root.join("examples/cells").join(format!("{name}.rnn"));
         let f = |file: &str| path_str(&dir.join(file)).to_string();

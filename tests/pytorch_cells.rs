@@ -25,27 +25,15 @@ const RTOL: f64 = 1e-5;
 const ATOL: f64 = 1e-6;
 
 /// The cases: fixture folder and the `.rnn` file of `examples/cells/` it was made for.
-const CASES: [(&str, &str); 3] = [
-    (
-        "layernorm_lstm",
-        include_str!("../examples/cells/layernorm_lstm.rnn"),
-    ),
-    ("min_gru", include_str!("../examples/cells/min_gru.rnn")),
-    (
-        "elman_output",
-        include_str!("../examples/cells/elman_output.rnn"),
-    ),
-];
+fn cases() -> impl Iterator<Item = (&'static str, &'static str)> {
+    common::acceptance_cells()
+        .into_iter()
+        .filter(|(name, _)| common::PYTORCH_CELLS.contains(name))
+}
 
 /// How far `actual` is from `expected`, in units of the tolerance: at most 1 means it matches.
 fn worst(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.shape, expected.shape);
-    actual
-        .data
-        .iter()
-        .zip(&expected.data)
-        .map(|(&a, &e)| (a as f64 - e as f64).abs() / (ATOL + RTOL * (e as f64).abs()))
-        .fold(0.0, f64::max)
+    common::tolerance_ratio(actual, expected, RTOL, ATOL)
 }
 
 fn read(name: &str, file: &str) -> Vec<u8> {
@@ -93,7 +81,12 @@ fn results<T: Real>(name: &str, src: &str) -> BTreeMap<String, Tensor> {
 
 #[test]
 fn in_f64_every_cell_computes_what_pytorch_computes() {
-    for (name, src) in CASES {
+    assert_eq!(
+        cases().count(),
+        common::PYTORCH_CELLS.len(),
+        "every case has its cell"
+    );
+    for (name, src) in cases() {
         let expected = weights::read_safetensors(&read(name, "expected.safetensors")).unwrap();
         let ours = results::<f64>(name, src);
         assert_eq!(
@@ -110,7 +103,7 @@ fn in_f64_every_cell_computes_what_pytorch_computes() {
 
 #[test]
 fn in_f32_every_cell_is_as_exact_as_pytorch_in_f32() {
-    for (name, src) in CASES {
+    for (name, src) in cases() {
         let expected = weights::read_safetensors(&read(name, "expected.safetensors")).unwrap();
         let torch = weights::read_safetensors(&read(name, "pytorch_f32.safetensors")).unwrap();
         let ours = results::<f32>(name, src);

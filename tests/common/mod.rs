@@ -75,6 +75,21 @@ impl Case {
     }
 }
 
+/// How far `actual` is from `expected` in units of the tolerance `atol + rtol·|e|`, at its worst
+/// element: at most 1 means every element is within it.
+pub fn tolerance_ratio(actual: &Tensor, expected: &Tensor, rtol: f64, atol: f64) -> f64 {
+    assert_eq!(actual.shape, expected.shape, "shape");
+    actual
+        .data
+        .iter()
+        .zip(&expected.data)
+        .map(|(&a, &e)| (a as f64 - e as f64).abs() / (atol + rtol * (e as f64).abs()))
+        .fold(0.0, f64::max)
+}
+
+/// The acceptance cells matched against PyTorch (fixtures in `tests/fixtures/cells/`).
+pub const PYTORCH_CELLS: [&str; 3] = ["layernorm_lstm", "min_gru", "elman_output"];
+
 /// Asserts `|a - e| <= atol + rtol·|e|` element-wise, naming the tensor and the worst element.
 pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, rtol: f64, atol: f64) {
     assert_eq!(actual.shape, expected.shape, "`{name}`: shape");
