@@ -40,6 +40,69 @@ use crate::tensor::{Real, Tensor};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+/// What the driver needs to know of a model: sizes, layout and parameter names, with no graphs.
+///
+/// A [`Program`] gives it ([`Program::layout`]); code emitted for one model writes it as a
+/// constant, so the emitted model and the interpreter run through the same driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout<'a> {
+    /// Features of the model's input.
+    pub input_size: usize,
+    /// Whether inputs and outputs are `(batch, time, features)`.
+    pub batch_first: bool,
+    /// Directions per layer (1 or 2).
+    pub directions: usize,
+    /// Features of each direction's output.
+    pub output_size: usize,
+    /// The recurrent states' names and sizes (`h`, and `c` for an LSTM), the same in every layer.
+    pub states: Cow<'a, [(Cow<'a, str>, usize)]>,
+    /// Per layer: its input features and its parameters' base names (without the `_l{k}`
+    /// suffix) and dimensions, in the cell's parameter order.
+    pub layers: Cow<'a, [LayerLayout<'a>]>,
+}
+
+/// One layer of a [`Layout`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerLayout<'a> {
+    /// Features of the layer's input.
+    pub input_size: usize,
+    /// The parameters' base names and dimensions, in the cell's parameter order.
+    pub params: Cow<'a, [(Cow<'a, str>, Cow<'a, [usize]>)]>,
+}
+
+impl Program {
+    /// The model as the driver sees it.
+    pub fn layout(&self) -> Layout<'_> {
+        let states = self
+            .states()
+            .iter()
+            .map(|(n, s)| (Cow::Borrowed(n.as_str()), *s))
+            .collect();
+        let layers = self
+            .layers
+            .iter()
+            .map(|cell| LayerLayout {
+                input_size: cell.input_size,
+                params: cell
+                    .forward
+                    .graph
+                    .params
+                    .iter()
+                    .map(|p| (Cow::Borrowed(p.name.as_str()), Cow::Owned(p.dims())))
+                    .collect(),
+            })
+            .collect();
+        Layout {
+            input_size: self.spec.input_size,
+            batch_first: self.spec.batch_first,
+            directions: self.spec.directions(),
+            output_size: self.output_size(),
+            states: Cow::Owned(states),
+            layers: Cow::Owned(layers),
+        }
+    }
+}
+
 /// The shape of one run of an executor: `steps` time steps of `batch` rows, row `b` taking
 /// part in steps `t < lengths[b]`.
 #[derive(Clone, Copy, Debug)]
@@ -144,8 +207,8 @@ pub struct Response {
 }
 
 /// Checks a request against the model and returns `(T, B, lengths)`.
-fn check_request(p: &Program, req: &Request) -> Result<(usize, usize, Vec<usize>)> {
-    let spec = &p.spec;
+fn check_request(p: &Layout, req: &Request) -> Result<(usize, usize, Vec<usize>)> {
+    let spec = p;
     let x = req
         .input
         .ok_or_else(|| Error::Argument("no input given".into()))?;
@@ -178,11 +241,11 @@ fn check_request(p: &Program, req: &Request) -> Result<(usize, usize, Vec<usize>
             found,
         });
     }
-    let ld = spec.num_layers * spec.directions();
-    let states = p.states();
+    let ld = p.layers.len() * p.directions;
+    let states = &p.states;
     for list in [&req.initial_states, &req.grad_final_states] {
         if list.iter().skip(states.len()).any(Option::is_some) {
-            let names: Vec<&str> = states.iter().map(|s| s.0.as_str()).collect();
+            let names: Vec<&str> = states.iter().map(|s| s.0.as_ref()).collect();
             return Err(Error::Argument(format!(
                 "{} states given, but the cell has {} ({})",
                 list.len(),
@@ -223,7 +286,7 @@ fn check_request(p: &Program, req: &Request) -> Result<(usize, usize, Vec<usize>
         }
     };
     if let Some(gy) = req.grad_output {
-        let width = spec.directions() * p.output_size();
+        let width = p.directions * p.output_size;
         let want = if spec.batch_first {
             vec![b, t, width]
         } else {
@@ -308,49 +371,105 @@ pub struct RawResponse<T> {
     pub final_states: Vec<Vec<T>>,
 }
 
+/// What a forward pass kept for [`backward`]: every (layer, direction)'s tape and input, and
+/// the shape of the run.
+pub struct Tape<T, E> {
+    steps: usize,
+    batch: usize,
+    lengths: Vec<usize>,
+    packed: bool,
+    input_shape: Vec<usize>,
+    /// Per (layer, direction): the executor's tape.
+    tapes: Vec<E>,
+    /// Per (layer, direction): its input as its forward pass read it (reversed for the reverse
+    /// direction).
+    inputs: Vec<Vec<T>>,
+}
+
+impl<T, E> std::fmt::Debug for Tape<T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tape")
+            .field("steps", &self.steps)
+            .field("batch", &self.batch)
+            .field("lengths", &self.lengths)
+            .field("input_shape", &self.input_shape)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Runs `req` on `program` through `executor` (see the module doc); every argument is checked
-/// first.
+/// first. With `req.grad_output`, the backward pass runs too.
 pub fn run<T: Real, E: SequenceExecutor<T>>(
     program: &Program,
     executor: &E,
     req: &Request,
 ) -> Result<RawResponse<T>> {
-    let (steps, batch, lengths) = check_request(program, req)?;
+    run_layout(&program.layout(), executor, req)
+}
+
+/// [`run`] for a model given by its [`Layout`].
+pub fn run_layout<T: Real, E: SequenceExecutor<T>>(
+    layout: &Layout,
+    executor: &E,
+    req: &Request,
+) -> Result<RawResponse<T>> {
+    let Some(gy) = req.grad_output else {
+        return Ok(forward(layout, executor, req, false)?.0);
+    };
+    // Every argument, the gradients' included, is checked before any work.
+    check_request(layout, req)?;
+    let (mut raw, tape) = forward(layout, executor, req, true)?;
+    let tape = tape.expect("a tape was asked for");
+    let grads = backward(layout, executor, tape, gy, &req.grad_final_states)?;
+    raw.response.grads = Some(grads);
+    Ok(raw)
+}
+
+/// The forward pass of `req` (its `grad_output` and `grad_final_states` are not read): outputs
+/// and final states, and with `keep` the [`Tape`] that [`backward`] reads.
+#[allow(clippy::type_complexity)]
+pub fn forward<T: Real, E: SequenceExecutor<T>>(
+    layout: &Layout,
+    executor: &E,
+    req: &Request,
+    keep: bool,
+) -> Result<(RawResponse<T>, Option<Tape<T, E::Tape>>)> {
+    let forward_only = Request {
+        grad_output: None,
+        grad_final_states: Vec::new(),
+        ..req.clone()
+    };
+    let (steps, batch, lengths) = check_request(layout, &forward_only)?;
     let seq = Seq {
         steps,
         batch,
         lengths: &lengths,
     };
-    let spec = &program.spec;
-    let dirs = spec.directions();
-    let out_size = program.output_size();
-    let states = program.states().to_vec();
+    let dirs = layout.directions;
+    let out_size = layout.output_size;
+    let states = &layout.states;
     let x = req.input.expect("checked");
     let mut layer_in: Vec<T> = to_real(&x.data);
-    if spec.batch_first {
-        layer_in = swap_tb(&layer_in, batch, steps, spec.input_size);
+    if layout.batch_first {
+        layer_in = swap_tb(&layer_in, batch, steps, layout.input_size);
     }
     let packed = req.lengths.is_some();
-    let zero_past = |buf: &mut [T], n: usize| {
-        if packed {
-            for t in 0..steps {
-                for b in (0..batch).filter(|&b| t >= lengths[b]) {
-                    let r = t * batch + b;
-                    buf[r * n..(r + 1) * n].fill(T::ZERO);
-                }
-            }
-        }
-    };
-    zero_past(&mut layer_in, spec.input_size);
-    let want_grads = req.grad_output.is_some();
+    zero_past(
+        packed,
+        &lengths,
+        steps,
+        batch,
+        &mut layer_in,
+        layout.input_size,
+    );
 
     // Forward, layer by layer; both directions of a layer read the same input.
     let mut finals: Vec<Vec<Vec<T>>> = vec![Vec::new(); states.len()];
-    let mut tapes: Vec<Option<E::Tape>> = Vec::new();
+    let mut tapes: Vec<E::Tape> = Vec::new();
     // Each (layer, direction)'s input as its forward pass read it (reversed for the
     // reverse direction): the backward pass reads it again.
     let mut inputs: Vec<Vec<T>> = Vec::new();
-    for (layer, cell) in program.layers.iter().enumerate() {
+    for (layer, cell) in layout.layers.iter().enumerate() {
         let in_size = cell.input_size;
         let mut outs = Vec::new();
         for dir in 0..dirs {
@@ -360,12 +479,12 @@ pub fn run<T: Real, E: SequenceExecutor<T>>(
                 Cow::Owned(reverse_within(&layer_in, batch, in_size, &lengths))
             };
             let carried = initial(
-                &states,
+                states,
                 req.initial_states.as_slice(),
                 layer * dirs + dir,
                 batch,
             );
-            let r = executor.forward(layer, dir, seq, &xs, carried, want_grads)?;
+            let r = executor.forward(layer, dir, seq, &xs, carried, keep)?;
             let mut y = r.output;
             if dir == 1 {
                 y = reverse_within(&y, batch, out_size, &lengths);
@@ -374,8 +493,13 @@ pub fn run<T: Real, E: SequenceExecutor<T>>(
             for (k, c) in r.finals.into_iter().enumerate() {
                 finals[k].push(c);
             }
-            tapes.push(r.tape);
-            inputs.push(xs.into_owned());
+            if keep {
+                tapes.push(
+                    r.tape
+                        .ok_or_else(|| Error::Argument("the forward pass kept no tape".into()))?,
+                );
+                inputs.push(xs.into_owned());
+            }
         }
         layer_in = if dirs == 1 {
             outs.pop().unwrap()
@@ -390,51 +514,91 @@ pub fn run<T: Real, E: SequenceExecutor<T>>(
     }
     let width = dirs * out_size;
     let mut output = layer_in;
-    if spec.batch_first {
+    if layout.batch_first {
         output = swap_tb(&output, steps, batch, width);
     }
-    let out_shape = if spec.batch_first {
+    let out_shape = if layout.batch_first {
         vec![batch, steps, width]
     } else {
         vec![steps, batch, width]
     };
     let final_states: Vec<Tensor> = finals
         .iter()
-        .zip(&states)
+        .zip(states.iter())
         .map(|(f, (_, n))| Tensor {
             shape: vec![f.len(), batch, *n],
             data: f.iter().flat_map(|v| to_f32(v)).collect(),
         })
         .collect();
-    let raw_output = output;
     let raw_finals: Vec<Vec<T>> = finals.iter().map(|f| f.concat()).collect();
-    let output = Tensor {
-        shape: out_shape,
-        data: to_f32(&raw_output),
+    let response = Response {
+        output: Tensor {
+            shape: out_shape,
+            data: to_f32(&output),
+        },
+        final_states,
+        grads: None,
     };
-    let raw = |response| RawResponse {
-        response,
-        output: raw_output,
-        final_states: raw_finals,
-    };
-    let Some(gy) = req.grad_output else {
-        return Ok(raw(Response {
+    let tape = keep.then(|| Tape {
+        steps,
+        batch,
+        lengths,
+        packed,
+        input_shape: x.shape.clone(),
+        tapes,
+        inputs,
+    });
+    Ok((
+        RawResponse {
+            response,
             output,
-            final_states,
-            grads: None,
-        }));
+            final_states: raw_finals,
+        },
+        tape,
+    ))
+}
+
+/// The backward pass of a [`forward`] that kept its `tape`: the gradients of
+/// `sum(output · grad_output)` plus `sum(h_n · grad_h_n)` for each given final-state gradient,
+/// with respect to the input, the initial states and every parameter.
+pub fn backward<T: Real, E: SequenceExecutor<T>>(
+    layout: &Layout,
+    executor: &E,
+    tape: Tape<T, E::Tape>,
+    grad_output: &Tensor,
+    grad_final_states: &[Option<&Tensor>],
+) -> Result<Gradients> {
+    let Tape {
+        steps,
+        batch,
+        lengths,
+        packed,
+        input_shape,
+        tapes,
+        inputs,
+    } = tape;
+    check_backward(layout, steps, batch, grad_output, grad_final_states)?;
+    let seq = Seq {
+        steps,
+        batch,
+        lengths: &lengths,
     };
+    let dirs = layout.directions;
+    let out_size = layout.output_size;
+    let width = dirs * out_size;
+    let states = &layout.states;
+    let layers = layout.layers.len();
 
     // Backward, last layer first; each direction's input gradient adds into the layer's.
-    let mut d_out: Vec<T> = to_real(&gy.data);
-    if spec.batch_first {
+    let mut d_out: Vec<T> = to_real(&grad_output.data);
+    if layout.batch_first {
         d_out = swap_tb(&d_out, batch, steps, width);
     }
-    zero_past(&mut d_out, width);
+    zero_past(packed, &lengths, steps, batch, &mut d_out, width);
     let mut params = BTreeMap::new();
-    let mut d_initial: Vec<Vec<Vec<T>>> =
-        vec![vec![Vec::new(); spec.num_layers * dirs]; states.len()];
-    for (layer, cell) in program.layers.iter().enumerate().rev() {
+    let mut d_initial: Vec<Vec<Vec<T>>> = vec![vec![Vec::new(); layers * dirs]; states.len()];
+    let mut tapes: Vec<Option<E::Tape>> = tapes.into_iter().map(Some).collect();
+    for (layer, cell) in layout.layers.iter().enumerate().rev() {
         let in_size = cell.input_size;
         let mut d_in = vec![T::ZERO; steps * batch * in_size];
         for dir in 0..dirs {
@@ -449,17 +613,15 @@ pub fn run<T: Real, E: SequenceExecutor<T>>(
             }
             let tape = tapes[index]
                 .take()
-                .ok_or_else(|| Error::Argument("the forward pass kept no tape".into()))?;
-            let carried = initial(&states, req.grad_final_states.as_slice(), index, batch);
+                .expect("one tape per (layer, direction)");
+            let carried = initial(states, grad_final_states, index, batch);
             let r = executor.backward(layer, dir, seq, &inputs[index], tape, &dy, carried)?;
             let suffix = ModelSpec::param_suffix(layer, dir);
-            for (info, grad) in cell.forward.graph.params.iter().zip(r.param_grads) {
-                let name = format!("{}{suffix}", info.name);
-                let shape = info.dims();
+            for ((name, dims), grad) in cell.params.iter().zip(r.param_grads) {
                 params.insert(
-                    name,
+                    format!("{name}{suffix}"),
                     Tensor {
-                        shape,
+                        shape: dims.to_vec(),
                         data: to_f32(&grad),
                     },
                 );
@@ -477,36 +639,92 @@ pub fn run<T: Real, E: SequenceExecutor<T>>(
         }
         d_out = d_in;
     }
-    if spec.batch_first {
-        d_out = swap_tb(&d_out, steps, batch, spec.input_size);
+    if layout.batch_first {
+        d_out = swap_tb(&d_out, steps, batch, layout.input_size);
     }
     let initial_states = d_initial
         .iter()
-        .zip(&states)
+        .zip(states.iter())
         .map(|(d, (_, n))| Tensor {
             shape: vec![d.len(), batch, *n],
             data: d.iter().flat_map(|v| to_f32(v)).collect(),
         })
         .collect();
-    let grads = Gradients {
+    Ok(Gradients {
         input: Tensor {
-            shape: x.shape.clone(),
+            shape: input_shape,
             data: to_f32(&d_out),
         },
         initial_states,
         params,
+    })
+}
+
+/// Checks the gradients given to [`backward`] against the run its tape came from.
+fn check_backward(
+    layout: &Layout,
+    steps: usize,
+    batch: usize,
+    grad_output: &Tensor,
+    grad_final_states: &[Option<&Tensor>],
+) -> Result<()> {
+    let width = layout.directions * layout.output_size;
+    let want = if layout.batch_first {
+        vec![batch, steps, width]
+    } else {
+        vec![steps, batch, width]
     };
-    Ok(raw(Response {
-        output,
-        final_states,
-        grads: Some(grads),
-    }))
+    check_tensor("grad_output".into(), grad_output, want)?;
+    let states = &layout.states;
+    if grad_final_states
+        .iter()
+        .skip(states.len())
+        .any(Option::is_some)
+    {
+        let names: Vec<&str> = states.iter().map(|s| s.0.as_ref()).collect();
+        return Err(Error::Argument(format!(
+            "{} state gradients given, but the cell has {} states ({})",
+            grad_final_states.len(),
+            states.len(),
+            names.join(", ")
+        )));
+    }
+    let ld = layout.layers.len() * layout.directions;
+    for (k, s) in grad_final_states.iter().enumerate() {
+        if let Some(s) = s {
+            check_tensor(
+                format!("grad_{}_n", states[k].0),
+                s,
+                vec![ld, batch, states[k].1],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Zeroes the rows of a time-major `T·B × n` buffer past each sequence's length (packed runs).
+fn zero_past<T: Real>(
+    packed: bool,
+    lengths: &[usize],
+    steps: usize,
+    batch: usize,
+    buf: &mut [T],
+    n: usize,
+) {
+    if packed {
+        for t in 0..steps {
+            for b in (0..batch).filter(|&b| t >= lengths[b]) {
+                let r = t * batch + b;
+                buf[r * n..(r + 1) * n].fill(T::ZERO);
+            }
+        }
+    }
 }
 
 /// The carried values for `(layer, direction)` number `index`: slices of the given
 /// `(L·D, B, n)` tensors, zeros where none is given.
 fn initial<T: Real>(
-    states: &[(String, usize)],
+    states: &[(Cow<'_, str>, usize)],
     given: &[Option<&Tensor>],
     index: usize,
     batch: usize,

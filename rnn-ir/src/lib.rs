@@ -64,7 +64,7 @@ pub mod tensor;
 pub mod weights;
 
 #[cfg(feature = "runtime")]
-pub use driver::{Gradients, RawResponse, Request, Response};
+pub use driver::{Gradients, Layout, RawResponse, Request, Response};
 pub use error::{Error, Result};
 #[cfg(feature = "runtime")]
 pub use interp::{Bound, Exec, State, Stream};
