@@ -22,18 +22,132 @@
 //! ```
 
 #![warn(missing_docs)]
+#![cfg_attr(not(feature = "std"), no_std)]
 
+#[cfg(feature = "std")]
 pub mod bench;
+#[cfg(feature = "cli")]
+pub mod emit;
+#[doc(hidden)]
+pub mod rt;
+
+/// Expands to its input with the facade's `std` feature and to nothing without it: how emitted
+/// code declares the parts of a model that need a heap.
+#[cfg(feature = "std")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __std {
+    ($($item:tt)*) => { $($item)* };
+}
+
+/// See the `std` variant.
+#[cfg(not(feature = "std"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __std {
+    ($($item:tt)*) => {};
+}
+
+/// Declares a vanilla RNN (or a custom cell written as equations) as a size-specialised Rust
+/// model.
+///
+/// # Grammar
+/// ```text
+/// rnn! { [#[attr]]* [pub] struct Name { setting, ... } }
+/// setting := input: N | hidden: N | layers: N | bidirectional: bool | batch_first: bool
+///          | bias: bool | bias_convention: two | one | nonlinearity: tanh | relu
+/// ```
+/// A body with `param`, `state`, `output` or equations declares a custom cell (the language of
+/// `.rnn` files, `rnn::ir::parse`): `param W: [hidden, input]`, `state h`, `h = tanh(W @ x + ...)`.
+///
+/// The declared struct holds every weight in a fixed-size array named as PyTorch names it, and
+/// provides the constants `PARAMETERS`, `INPUT_SIZE`, `HIDDEN_SIZE`, `OUTPUT_SIZE`, `LAYERS`,
+/// `DIRECTIONS`, `BATCH_FIRST`, `ZERO`; `parameters()` and `parameters_mut()`; for
+/// unidirectional models a `NameState` and `step` (only `core`: no heap, no `std`). With the
+/// `std` feature (default): `init(seed)`, `zeroed()`, `from_safetensors`, `to_safetensors`,
+/// `from_weights`, `to_weights`, and `forward` / `forward_train` / `backward` / `run` over a
+/// batch of sequences (packed lengths, initial states, batch-first as declared), through the
+/// same driver as the interpreter.
+///
+/// ```
+/// rnn::rnn! { pub struct Elman { input: 4, hidden: 8, nonlinearity: relu } }
+///
+/// let model = Elman::init(0);
+/// let mut state = ElmanState::ZERO;
+/// let y = model.step(&[0.5; 4], &mut state);
+/// assert_eq!(y.len(), Elman::OUTPUT_SIZE);
+/// assert_eq!(Elman::PARAMETERS, 8 * 4 + 8 * 8 + 2 * 8);
+///
+/// rnn::rnn! { struct MinGru { input: 3, hidden: 5,
+///     param W_z: [hidden, input], param W_h: [hidden, input],
+///     state h,
+///     z = sigmoid(W_z @ x),
+///     h = (1 - z) * h + z * (W_h @ x) } }
+/// let cell = MinGru::init(1);
+/// let mut s = MinGruState::default();
+/// let _ = cell.step(&[1.0, 2.0, 3.0], &mut s);
+/// ```
+pub use rnn_macros::rnn;
+
+/// Declares an LSTM as a size-specialised Rust model (see [`rnn!`] for what it provides).
+///
+/// # Grammar
+/// ```text
+/// lstm! { [#[attr]]* [pub] struct Name { setting, ... } }
+/// setting := input: N | hidden: N | layers: N | bidirectional: bool | batch_first: bool
+///          | bias: bool | bias_convention: two | one | proj: N
+/// ```
+///
+/// ```
+/// use rnn::{Request, Tensor};
+/// rnn::lstm! { pub struct Encoder { input: 3, hidden: 4, layers: 2, bidirectional: true } }
+///
+/// let model = Encoder::init(42);
+/// let x = Tensor::zeros(vec![5, 2, 3]); // (time, batch, features)
+/// let out = model.forward(&Request { input: Some(&x), ..Request::default() })?;
+/// assert_eq!(out.output.shape, vec![5, 2, 8]);
+/// assert_eq!(out.final_states[1].shape, vec![4, 2, 4]); // c_n
+/// # Ok::<(), rnn::Error>(())
+/// ```
+pub use rnn_macros::lstm;
+
+/// Declares a GRU as a size-specialised Rust model (see [`rnn!`] for what it provides).
+///
+/// # Grammar
+/// ```text
+/// gru! { [#[attr]]* [pub] struct Name { setting, ... } }
+/// setting := input: N | hidden: N | layers: N | bidirectional: bool | batch_first: bool
+///          | bias: bool | bias_convention: two | one | reset: after | before
+/// ```
+/// `reset: after` is PyTorch's GRU (`n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))`);
+/// `reset: before` applies the reset gate to `h` before the product (Cho et al.).
+///
+/// ```
+/// rnn::gru! { struct Speech { input: 2, hidden: 3, reset: before } }
+///
+/// let model = Speech::init(7);
+/// let mut state = SpeechState::ZERO;
+/// for x in [[0.1, 0.2], [0.3, 0.4]] {
+///     let h = model.step(&x, &mut state);
+///     assert!(h.iter().all(|v| v.abs() < 1.0));
+/// }
+/// ```
+pub use rnn_macros::gru;
 
 /// The Rust code blocks of `README.md`, compiled and run as doctests (`cargo test --doc`), so the
 /// README's example cannot drift from the API.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "std"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+#[cfg(feature = "std")]
 pub use rnn_ir as ir;
+#[cfg(feature = "std")]
 pub use rnn_ir::parse::parse_str;
+#[cfg(feature = "std")]
 pub use rnn_ir::{
     Bound, CellKind, CompileOptions, Error, Exec, Gradients, ModelSpec, Program, Request, Response,
     Result, State, Stream, Tensor, Weights,
 };
+#[cfg(feature = "std")]
+pub use rt::Tape;

@@ -61,13 +61,16 @@ pub struct Layout<'a> {
     pub layers: Cow<'a, [LayerLayout<'a>]>,
 }
 
+/// A parameter's base name and dimensions.
+pub type ParamLayout<'a> = (Cow<'a, str>, Cow<'a, [usize]>);
+
 /// One layer of a [`Layout`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerLayout<'a> {
     /// Features of the layer's input.
     pub input_size: usize,
     /// The parameters' base names and dimensions, in the cell's parameter order.
-    pub params: Cow<'a, [(Cow<'a, str>, Cow<'a, [usize]>)]>,
+    pub params: Cow<'a, [ParamLayout<'a>]>,
 }
 
 impl Program {

@@ -45,6 +45,7 @@
 pub mod autodiff;
 #[cfg(feature = "runtime")]
 pub mod driver;
+pub mod emit;
 pub mod error;
 pub mod graph;
 #[cfg(feature = "runtime")]

@@ -206,7 +206,7 @@ impl<'a, T> MatRef<'a, T> {
 }
 
 /// A mutable row-major view: `rows × cols` elements, rows `row_stride` apart.
-pub(crate) struct MatMut<'a, T> {
+pub struct MatMut<'a, T> {
     /// The elements; element `(i, j)` is at `data[i * row_stride + j]`.
     pub data: &'a mut [T],
     /// Rows.
@@ -223,7 +223,7 @@ const SMALL_ROWS: usize = 8;
 /// `dst = a · b` (or `dst += a · b` when `accumulate`), computed by the `gemm` crate on
 /// `threads` threads; `by_row` runs products of a few rows one row at a time (no allocation).
 /// Every operand's extent is checked against its slice.
-pub(crate) fn matmul<T: Real>(
+pub fn matmul<T: Real>(
     dst: MatMut<'_, T>,
     a: MatRef<T>,
     b: MatRef<T>,

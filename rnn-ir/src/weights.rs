@@ -22,21 +22,29 @@ impl Weights {
     /// shape, finite, and nothing else.
     pub fn check(&self, p: &Program) -> Result<()> {
         let params = p.parameters();
-        for (name, shape) in &params {
+        self.check_params(params.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
+    }
+
+    /// [`Weights::check`] against a list of parameter names and shapes.
+    pub fn check_params<'a>(
+        &self,
+        params: impl IntoIterator<Item = (&'a str, &'a [usize])> + Clone,
+    ) -> Result<()> {
+        for (name, shape) in params.clone() {
             let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
-                name: name.clone(),
-                expected: shape.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
             })?;
             if t.shape != *shape {
                 return Err(Error::TensorShape {
-                    name: name.clone(),
-                    expected: shape.clone(),
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
                     found: t.shape.clone(),
                 });
             }
             if let Some((index, found)) = t.first_non_finite() {
                 return Err(Error::NonFinite {
-                    name: name.clone(),
+                    name: name.to_string(),
                     index,
                     found,
                 });
@@ -45,7 +53,7 @@ impl Weights {
         if let Some(extra) = self
             .tensors
             .keys()
-            .find(|k| !params.iter().any(|(n, _)| n == *k))
+            .find(|k| !params.clone().into_iter().any(|(n, _)| n == k.as_str()))
         {
             return Err(Error::UnexpectedTensor {
                 name: extra.clone(),
@@ -60,20 +68,41 @@ impl Weights {
     /// stream skips the declared ones, so declaring one parameter's value changes no other's.
     /// Fails, rather than aborting, when the parameters do not fit in memory.
     pub fn init(p: &Program, seed: u64) -> Result<Weights> {
-        let k = 1.0 / (p.spec.hidden_size as f64).sqrt();
-        let mut uniform = SeededUniform::new(seed);
+        let infos = p.parameter_infos();
+        Weights::init_params(
+            infos
+                .iter()
+                .map(|(name, info)| (name.as_str(), info.dims(), info.init)),
+            p.spec.hidden_size,
+            seed,
+        )
+    }
+
+    /// [`Weights::init`] for parameters given as `(name, dims, declared value)` in the
+    /// program's parameter order, for a model of `hidden` features.
+    pub fn init_params<'a>(
+        params: impl IntoIterator<Item = (&'a str, Vec<usize>, Option<f32>)>,
+        hidden: usize,
+        seed: u64,
+    ) -> Result<Weights> {
         let mut tensors = BTreeMap::new();
-        for (name, info) in p.parameter_infos() {
-            let shape = info.dims();
+        let mut list = Vec::new();
+        for (name, shape, init) in params {
             let n: usize = shape.iter().product();
             let mut data = Vec::new();
             data.try_reserve_exact(n).map_err(|_| {
                 Error::Argument(format!("cannot allocate {n} floats for `{name}` {shape:?}"))
             })?;
-            match info.init {
-                Some(value) => data.resize(n, value),
-                None => data.extend(uniform.by_ref().take(n).map(|u| (u * k) as f32)),
-            }
+            data.resize(n, 0.0);
+            list.push((name.to_string(), shape, init, data));
+        }
+        init_into(
+            list.iter_mut()
+                .map(|(_, _, init, data)| (*init, data.as_mut_slice())),
+            hidden,
+            seed,
+        );
+        for (name, shape, _, data) in list {
             tensors.insert(name, Tensor { shape, data });
         }
         Ok(Weights { tensors })
@@ -133,6 +162,28 @@ impl Weights {
         };
         w.check(p)?;
         Ok(w)
+    }
+}
+
+/// Fills parameters, in the program's parameter order, as [`Weights::init`] does: each
+/// `(declared value, elements)` gets its declared value, or the next numbers of the uniform
+/// stream of `seed` scaled to `±1/√hidden`.
+pub fn init_into<'a>(
+    params: impl IntoIterator<Item = (Option<f32>, &'a mut [f32])>,
+    hidden: usize,
+    seed: u64,
+) {
+    let k = 1.0 / (hidden as f64).sqrt();
+    let mut uniform = SeededUniform::new(seed);
+    for (init, data) in params {
+        match init {
+            Some(value) => data.fill(value),
+            None => {
+                for (x, u) in data.iter_mut().zip(uniform.by_ref()) {
+                    *x = (u * k) as f32;
+                }
+            }
+        }
     }
 }
 

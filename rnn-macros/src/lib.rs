@@ -1,9 +1,29 @@
-//! `rnn-macros`: the `rnn!`, `lstm!`, `gru!` and `seq2seq!` declaration macros.
+//! `rnn-macros`: the `rnn!`, `lstm!` and `gru!` declaration macros of `rnn`.
 //!
-//! This crate stays a shell: each macro will be one call into `rnn-ir` (which parses the same
-//! declaration language on `proc_macro2` tokens and owns the Rust emitter), turning its errors
-//! into `compile_error!` at the user's tokens. The macros themselves land with their own issue;
-//! until then the crate exports nothing, and the declaration language is available through
-//! `rnn_ir::parse` and `rnnc inspect`.
+//! A shell: each macro is one call into `rnn_ir::emit::expand`, which parses the declaration
+//! (the language of `.rnn` files), compiles it and emits the model; mistakes come back as
+//! `compile_error!`s on the user's tokens. Use them through the `rnn` facade (`rnn::lstm!`),
+//! whose documentation states the grammar.
 
 #![warn(missing_docs)]
+
+use proc_macro::TokenStream;
+
+/// A vanilla RNN (`nonlinearity: tanh | relu`), or a custom cell written as equations. See
+/// `rnn::rnn!`.
+#[proc_macro]
+pub fn rnn(input: TokenStream) -> TokenStream {
+    rnn_ir::emit::expand("rnn", input.into()).into()
+}
+
+/// An LSTM. See `rnn::lstm!`.
+#[proc_macro]
+pub fn lstm(input: TokenStream) -> TokenStream {
+    rnn_ir::emit::expand("lstm", input.into()).into()
+}
+
+/// A GRU (`reset: after | before`). See `rnn::gru!`.
+#[proc_macro]
+pub fn gru(input: TokenStream) -> TokenStream {
+    rnn_ir::emit::expand("gru", input.into()).into()
+}

@@ -73,6 +73,8 @@ enum Command {
     Init(InitArgs),
     /// Print a model's spec, its parameter count and the IR of its step and backward step.
     Inspect(InspectArgs),
+    /// Print the Rust that `rnn!` / `lstm!` / `gru!` would emit for a model, formatted.
+    Emit(EmitArgs),
     /// Time the workloads W1–W6 (all when none is named).
     Bench(BenchArgs),
 }
@@ -153,8 +155,9 @@ struct InitArgs {
     out: PathBuf,
 }
 
+/// A model given as a `.rnn` file or by flags (`inspect`, `emit`).
 #[derive(Args)]
-struct InspectArgs {
+struct ModelArgs {
     /// A `.rnn` declaration file (instead of the flags below).
     file: Option<PathBuf>,
     /// The standard cell.
@@ -183,9 +186,24 @@ struct InspectArgs {
     /// One bias per gate (Keras, the chapter's counts) instead of PyTorch's two.
     #[arg(long)]
     one_bias: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
     /// Print the graphs before optimisation (no passes, no hoisting).
     #[arg(long)]
     no_passes: bool,
+}
+
+#[derive(Args)]
+struct EmitArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The declared struct's name (default: the `.rnn` file's model name, else `Model`).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(Args)]
@@ -269,6 +287,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run(&args),
         Some(Command::Init(args)) => init(&args),
         Some(Command::Inspect(args)) => inspect(&args),
+        Some(Command::Emit(args)) => emit(&args),
         Some(Command::Bench(args)) => run_bench(&args),
     };
     match result {
@@ -636,11 +655,11 @@ fn init(args: &InitArgs) -> Result<(), Failure> {
     std::fs::write(out, bytes).map_err(|e| fail(out, e))
 }
 
-fn inspect(args: &InspectArgs) -> Result<(), Failure> {
-    let file = args.file.as_deref();
+/// The model `args` give: a `.rnn` file's, or the one the flags describe.
+fn model_spec(args: &ModelArgs) -> Result<ModelSpec, Failure> {
     let here = Path::new("");
-    let spec = match file {
-        Some(path) => read_model(path)?,
+    match args.file.as_deref() {
+        Some(path) => read_model(path),
         None => {
             let (Some(cell), Some(input), Some(hidden)) =
                 (args.cell, args.input_size, args.hidden_size)
@@ -657,9 +676,29 @@ fn inspect(args: &InspectArgs) -> Result<(), Failure> {
             if args.one_bias {
                 spec.bias_convention = BiasConvention::One;
             }
-            spec
+            Ok(spec)
         }
-    };
+    }
+}
+
+fn emit(args: &EmitArgs) -> Result<(), Failure> {
+    let here = Path::new("");
+    let file = args.model.file.as_deref();
+    let spec = model_spec(&args.model)?;
+    let program = Program::compile(&spec).map_err(|e| fail_model(file.unwrap_or(here), e))?;
+    let name = args
+        .name
+        .clone()
+        .or_else(|| spec.name.clone())
+        .unwrap_or_else(|| "Model".into());
+    let code = rnn::emit::rust(&program, &name).map_err(|e| fail(here, e))?;
+    say(code.trim_end())
+}
+
+fn inspect(args: &InspectArgs) -> Result<(), Failure> {
+    let file = args.model.file.as_deref();
+    let here = Path::new("");
+    let spec = model_spec(&args.model)?;
     let options = rnn::CompileOptions {
         optimize: !args.no_passes,
     };

@@ -1,0 +1,890 @@
+//! The Rust emitter: a compiled [`Program`] and its plans as size-specialised Rust, the code
+//! that `rnn!`, `lstm!` and `gru!` expand to (the macros are one call into [`expand`]; `rnnc
+//! emit` and the snapshot tests call [`emit_model`]).
+//!
+//! # What a declaration becomes
+//! For `lstm! { pub struct Encoder { input: 8, hidden: 16 } }`:
+//! - `pub struct Encoder`: every parameter a field of fixed size, named as PyTorch names it
+//!   (`weight_ih_l0: [[f32; 8]; 64]`, a scalar parameter an `f32`), with the constants
+//!   `PARAMETERS`, `INPUT_SIZE`, `HIDDEN_SIZE`, `OUTPUT_SIZE`, `LAYERS`, `DIRECTIONS`,
+//!   `BATCH_FIRST` and `ZERO` (every weight zero, for a `static`);
+//!   `parameters()` / `parameters_mut()` list `(name, elements)`.
+//! - `pub struct EncoderState` (unidirectional models): each recurrent state of each layer,
+//!   and `Encoder::step(&self, &x, &mut state) -> y`, one time step of one sequence. `step`
+//!   and the state use only `core`: no heap, no `std`.
+//! - With the facade's `std` feature: `Encoder::init(seed)`, `zeroed()`,
+//!   `from_safetensors(bytes)`, `to_safetensors()`, `from_weights` / `to_weights`; `forward`,
+//!   `forward_train` and `backward` over a batch of sequences, and `run` (both, as the
+//!   interpreter's `Program::run`). The models are boxed: their weights never sit on the stack.
+//!
+//! # How it runs
+//! Layers, directions, packed lengths, initial states, batch-first layout and the
+//! reverse-time backward pass are the shared driver's ([`crate::driver`]): the model supplies a
+//! `SequenceExecutor` whose kernels are the plans of [`Program`] emitted by [`kernel`] with
+//! every size a constant. The streaming `step` cannot call the driver (it is `core`-only), so
+//! it runs the same inference plan per layer, in layer order, itself.
+//!
+//! Every kernel is emitted once and compiled twice: inside a `#[target_feature(enable =
+//! "avx2,fma")]` function (taken when the CPU has them: products in explicit 256-bit FMA, the
+//! element-wise loops vectorised by the compiler at 256 bits) and as portable code.
+//!
+//! # Hygiene
+//! Output is deterministic (the program's orders, never a hash map's), names every outside item
+//! by an absolute path (`::core::`, `::rnn::`), marks its impls `#[automatically_derived]`,
+//! and keeps its helpers inside `const _: () = { ... };` blocks, so that nothing but the
+//! declared struct and its state type enters the user's namespace.
+
+pub mod kernel;
+
+use crate::error::{Diagnostic, Error};
+use crate::graph::{OutRole, Shape};
+use crate::parse::{parse_body, span_at};
+use crate::program::{CellProgram, Program};
+use kernel::{Body, Mode};
+use proc_macro2::{Delimiter, Ident, Literal, Span, TokenStream, TokenTree};
+use quote::{format_ident, quote, quote_spanned};
+
+fn lit(n: usize) -> Literal {
+    Literal::usize_unsuffixed(n)
+}
+
+/// Expands a macro invocation `[#[attr]] [vis] struct Name { declaration }` of kind `kind`
+/// (`rnn`, `lstm` or `gru`; an `rnn` body with equations is a custom `cell`). Mistakes come
+/// back as `compile_error!`s at the offending tokens, all at once, beside an empty struct of
+/// the declared name (so that its other uses do not add errors of their own).
+pub fn expand(kind: &str, input: TokenStream) -> TokenStream {
+    let head = match Head::parse(input) {
+        Ok(head) => head,
+        Err((span, message)) => return compile_error(span, &message),
+    };
+    let kind = if kind == "rnn" && is_custom(&head.body) {
+        "cell"
+    } else {
+        kind
+    };
+    let fail = |errors: Vec<(Span, String)>| {
+        let mut out: TokenStream = errors
+            .iter()
+            .map(|(span, m)| compile_error(*span, m))
+            .collect();
+        let (attrs, vis, name) = (&head.attrs, &head.vis, &head.name);
+        out.extend(quote!(#(#attrs)* #vis struct #name;));
+        out
+    };
+    let spec = parse_body(
+        kind,
+        head.kind_span,
+        Some(head.name.to_string()),
+        head.body.clone(),
+    );
+    let program = spec.and_then(|spec| Program::compile(&spec));
+    match program {
+        Ok(program) => emit_model(&program, &head.name, &head.vis, &head.attrs),
+        Err(Error::Parse(diagnostics)) => fail(
+            diagnostics
+                .iter()
+                .map(|d| (diagnostic_span(d, &head), d.message.clone()))
+                .collect(),
+        ),
+        Err(e) => fail(vec![(head.body_span, e.to_string())]),
+    }
+}
+
+/// Where a diagnostic points: its token, found again from its line and column when lowering
+/// reported it, else the whole declaration body.
+fn diagnostic_span(d: &Diagnostic, head: &Head) -> Span {
+    d.span
+        .or_else(|| span_at(&head.body, d.loc()))
+        .unwrap_or(head.body_span)
+}
+
+fn compile_error(span: Span, message: &str) -> TokenStream {
+    quote_spanned!(span=> ::core::compile_error! { #message })
+}
+
+/// Whether an `rnn!` body declares a custom cell: an item is an equation or starts with a
+/// cell keyword.
+fn is_custom(body: &TokenStream) -> bool {
+    body.clone().into_iter().any(|t| match t {
+        TokenTree::Punct(p) => p.as_char() == '=',
+        TokenTree::Ident(i) => matches!(i.to_string().as_str(), "param" | "state" | "output"),
+        _ => false,
+    })
+}
+
+/// The part of a macro invocation before the declaration: attributes, visibility, name.
+struct Head {
+    attrs: Vec<TokenStream>,
+    vis: TokenStream,
+    name: Ident,
+    kind_span: Span,
+    body: TokenStream,
+    body_span: Span,
+}
+
+impl Head {
+    /// Parses `[#[attr]]* [pub [(..)]] struct Name { body }`.
+    fn parse(input: TokenStream) -> Result<Head, (Span, String)> {
+        let mut it = input.into_iter().peekable();
+        let mut attrs = Vec::new();
+        while let Some(TokenTree::Punct(p)) = it.peek() {
+            if p.as_char() != '#' {
+                break;
+            }
+            let pound = it.next().expect("peeked");
+            match it.next() {
+                Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Bracket => {
+                    attrs.push(quote!(#pound #g));
+                }
+                other => {
+                    let span = other.map_or(pound.span(), |t| t.span());
+                    return Err((span, "expected `[` after `#` (an attribute)".into()));
+                }
+            }
+        }
+        let mut vis = TokenStream::new();
+        if let Some(TokenTree::Ident(i)) = it.peek()
+            && i == "pub"
+        {
+            vis.extend(it.next());
+            if let Some(TokenTree::Group(g)) = it.peek()
+                && g.delimiter() == Delimiter::Parenthesis
+            {
+                vis.extend(it.next());
+            }
+        }
+        let kind_span = match it.next() {
+            Some(TokenTree::Ident(i)) if i == "struct" => i.span(),
+            Some(t) => {
+                return Err((
+                    t.span(),
+                    format!(
+                        "expected `struct Name {{ ... }}`, found `{t}`: a declaration reads \
+                         `pub struct Name {{ input: 8, hidden: 16 }}`"
+                    ),
+                ));
+            }
+            None => {
+                return Err((
+                    Span::call_site(),
+                    "expected `struct Name { ... }`: a declaration reads \
+                     `pub struct Name { input: 8, hidden: 16 }`"
+                        .into(),
+                ));
+            }
+        };
+        let name = match it.next() {
+            Some(TokenTree::Ident(i)) => i,
+            Some(t) => return Err((t.span(), format!("expected the model's name, found `{t}`"))),
+            None => return Err((kind_span, "expected the model's name after `struct`".into())),
+        };
+        let (body, body_span) = match it.next() {
+            Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Brace => {
+                (g.stream(), g.span())
+            }
+            Some(t) => {
+                return Err((
+                    t.span(),
+                    format!("expected `{{` and the declaration's settings, found `{t}`"),
+                ));
+            }
+            None => {
+                return Err((
+                    name.span(),
+                    "expected `{` and the declaration's settings after the name".into(),
+                ));
+            }
+        };
+        if let Some(t) = it.next() {
+            return Err((
+                t.span(),
+                format!("unexpected `{t}` after the declaration: one model per invocation"),
+            ));
+        }
+        Ok(Head {
+            attrs,
+            vis,
+            name,
+            kind_span,
+            body,
+            body_span,
+        })
+    }
+}
+
+/// One parameter of the model as a field.
+struct Field {
+    /// The PyTorch name, which is the field's name.
+    name: String,
+    ident: Ident,
+    dims: Vec<usize>,
+    shape: Shape,
+    scalar: bool,
+    init: Option<f32>,
+}
+
+impl Field {
+    fn ty(&self) -> TokenStream {
+        match self.shape {
+            _ if self.scalar => quote!(f32),
+            Shape::Matrix(o, i) => {
+                let (o, i) = (lit(o), lit(i));
+                quote!([[f32; #i]; #o])
+            }
+            s => {
+                let n = lit(s.row_len());
+                quote!([f32; #n])
+            }
+        }
+    }
+
+    fn zero(&self) -> TokenStream {
+        match self.shape {
+            _ if self.scalar => quote!(0.0),
+            Shape::Matrix(o, i) => {
+                let (o, i) = (lit(o), lit(i));
+                quote!([[0.0; #i]; #o])
+            }
+            s => {
+                let n = lit(s.row_len());
+                quote!([0.0; #n])
+            }
+        }
+    }
+
+    /// `&self.name` as a flat slice.
+    fn slice(&self, this: &TokenStream) -> TokenStream {
+        let id = &self.ident;
+        match self.shape {
+            _ if self.scalar => quote!(::core::slice::from_ref(&#this.#id)),
+            Shape::Matrix(..) => quote!(#this.#id.as_flattened()),
+            _ => quote!(&#this.#id[..]),
+        }
+    }
+
+    fn slice_mut(&self, this: &TokenStream) -> TokenStream {
+        let id = &self.ident;
+        match self.shape {
+            _ if self.scalar => quote!(::core::slice::from_mut(&mut #this.#id)),
+            Shape::Matrix(..) => quote!(#this.#id.as_flattened_mut()),
+            _ => quote!(&mut #this.#id[..]),
+        }
+    }
+}
+
+/// The Rust a macro emits for `program`, declared as `vis struct name` with `attrs`.
+pub fn emit_model(
+    program: &Program,
+    name: &Ident,
+    vis: &TokenStream,
+    attrs: &[TokenStream],
+) -> TokenStream {
+    let spec = &program.spec;
+    let state_name = format_ident!("{}State", name);
+    let dirs = spec.directions();
+    let layers = program.layers.len();
+    let fields: Vec<Field> = program
+        .parameter_infos()
+        .into_iter()
+        .map(|(n, info)| Field {
+            ident: Ident::new(&n, Span::call_site()),
+            name: n,
+            dims: info.dims(),
+            shape: info.shape,
+            scalar: info.scalar,
+            init: info.init,
+        })
+        .collect();
+    let per_cell = fields.len() / (layers * dirs);
+    let cell_fields = |layer: usize, dir: usize| {
+        let start = (layer * dirs + dir) * per_cell;
+        &fields[start..start + per_cell]
+    };
+    let this = quote!(self);
+    let m = quote!(m);
+
+    // The struct.
+    let field_decls = fields.iter().map(|f| {
+        let (id, ty) = (&f.ident, f.ty());
+        let doc = format!(" `{}`, shape {:?}.", f.name, f.dims);
+        quote!(#[doc = #doc] pub #id: #ty,)
+    });
+    let zero_fields = fields.iter().map(|f| {
+        let (id, z) = (&f.ident, f.zero());
+        quote!(#id: #z,)
+    });
+    let nparams: usize = fields
+        .iter()
+        .map(|f| f.dims.iter().product::<usize>())
+        .sum();
+    let nfields = lit(fields.len());
+    let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+    let slices: Vec<TokenStream> = fields.iter().map(|f| f.slice(&this)).collect();
+    let slices_mut: Vec<TokenStream> = fields.iter().map(|f| f.slice_mut(&this)).collect();
+    let out_size = program.output_size();
+    let (input_size, hidden) = (lit(spec.input_size), lit(spec.hidden_size));
+    let width = lit(dirs * out_size);
+    let (layers_lit, dirs_lit) = (lit(layers), lit(dirs));
+    let batch_first = spec.batch_first;
+    let nparams_lit = lit(nparams);
+    let kind = match spec.cell {
+        crate::spec::CellKind::Custom(_) => "custom cell",
+        ref k => k.name(),
+    };
+    let doc = format!(
+        " A {kind} model: input {}, hidden {}, {} layer(s), {} direction(s), {} parameters.",
+        spec.input_size, spec.hidden_size, layers, dirs, nparams
+    );
+
+    // Parameters of each (layer, direction) in the cell's order, for the kernels.
+    let param_fns = (0..layers).map(|l| {
+        let f = format_ident!("params_l{}", l);
+        let np = lit(per_cell);
+        let dir_lists = (0..dirs).map(|d| {
+            let list = cell_fields(l, d).iter().map(|f| f.slice(&m));
+            let d = lit(d);
+            quote!(#d => [#(#list),*],)
+        });
+        quote! {
+            #[inline(always)]
+            fn #f(m: &#name, dir: usize) -> [&[f32]; #np] {
+                match dir {
+                    #(#dir_lists)*
+                    _ => ::core::unreachable!(),
+                }
+            }
+        }
+    });
+    let param_fns: TokenStream = param_fns.collect();
+
+    // Kernels: one set per distinct layer input size.
+    let kernel_of = |l: usize| {
+        let size = program.layers[l].input_size;
+        program
+            .layers
+            .iter()
+            .position(|c| c.input_size == size)
+            .expect("layer l itself matches")
+    };
+    let mut step_kernels = TokenStream::new();
+    let mut seq_kernels = TokenStream::new();
+    for (l, cell) in program.layers.iter().enumerate() {
+        if kernel_of(l) != l {
+            continue;
+        }
+        if dirs == 1 {
+            step_kernels.extend(step_kernel(cell, l, per_cell));
+        }
+        seq_kernels.extend(sequence_kernels(cell, l, per_cell));
+    }
+
+    // The streaming step (unidirectional models).
+    let states = program.states();
+    let state_fields = states.iter().map(|(n, size)| {
+        let id = format_ident!("{}", n);
+        let size = lit(*size);
+        let doc = format!(" `{n}` of each layer.");
+        quote!(#[doc = #doc] pub #id: [[f32; #size]; #layers_lit],)
+    });
+    let state_zero = states.iter().map(|(n, size)| {
+        let id = format_ident!("{}", n);
+        let size = lit(*size);
+        quote!(#id: [[0.0; #size]; #layers_lit],)
+    });
+    let step_items = if dirs == 1 {
+        let mut calls = TokenStream::new();
+        let mut input = quote!(&x[..]);
+        for l in 0..layers {
+            let k = format_ident!("step_l{}", kernel_of(l));
+            let pf = format_ident!("params_l{}", l);
+            let y = format_ident!("y{}", l);
+            let carried = states.iter().map(|(n, _)| {
+                let id = format_ident!("{}", n);
+                let l = lit(l);
+                quote!(&mut state.#id[#l])
+            });
+            let out = lit(out_size);
+            calls.extend(quote! {
+                let mut #y = [0.0f32; #out];
+                #k(#pf(self, 0), #input, #(#carried,)* &mut #y);
+            });
+            input = quote!(&#y[..]);
+        }
+        let last = format_ident!("y{}", layers - 1);
+        let out = lit(out_size);
+        let state_doc =
+            format!(" The recurrent state of a [`{name}`] between two calls of [`{name}::step`].");
+        quote! {
+            #[doc = #state_doc]
+            #[derive(::core::clone::Clone, ::core::marker::Copy, ::core::fmt::Debug, ::core::cmp::PartialEq)]
+            #vis struct #state_name {
+                #(#state_fields)*
+            }
+
+            #[automatically_derived]
+            impl #state_name {
+                /// Every state zero: the start of a sequence.
+                pub const ZERO: Self = Self { #(#state_zero)* };
+            }
+
+            #[automatically_derived]
+            impl ::core::default::Default for #state_name {
+                fn default() -> Self {
+                    Self::ZERO
+                }
+            }
+
+            const _: () = {
+                #param_fns
+                #step_kernels
+
+                #[automatically_derived]
+                impl #name {
+                    /// One time step of one sequence: reads `x`, updates `state` in place and
+                    /// returns the output. Allocates nothing and needs only `core`.
+                    pub fn step(&self, x: &[f32; #input_size], state: &mut #state_name) -> [f32; #out] {
+                        #calls
+                        #last
+                    }
+
+                    /// [`Self::step`] on slices: `x` must hold `INPUT_SIZE` numbers and `y`
+                    /// `OUTPUT_SIZE`; anything else is an error naming the argument.
+                    pub fn step_slices(
+                        &self,
+                        x: &[f32],
+                        state: &mut #state_name,
+                        y: &mut [f32],
+                    ) -> ::core::result::Result<(), ::rnn::rt::LengthError> {
+                        let x: &[f32; #input_size] = x.try_into().map_err(|_| {
+                            ::rnn::rt::LengthError { argument: "x", expected: #input_size, found: x.len() }
+                        })?;
+                        if y.len() != #out {
+                            return ::core::result::Result::Err(::rnn::rt::LengthError {
+                                argument: "y", expected: #out, found: y.len(),
+                            });
+                        }
+                        y.copy_from_slice(&self.step(x, state));
+                        ::core::result::Result::Ok(())
+                    }
+                }
+            };
+        }
+    } else {
+        TokenStream::new()
+    };
+
+    // Everything that needs `std`.
+    let layout_states = states.iter().map(|(n, size)| {
+        let size = lit(*size);
+        quote!(::rnn::rt::state(#n, #size))
+    });
+    // The layout's tables are statics (a `Cow` has a destructor, so no constant promotion).
+    let mut layout_tables = TokenStream::new();
+    let layout_layers: Vec<TokenStream> = program
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(l, cell)| {
+            let input = lit(cell.input_size);
+            let params = cell_fields(l, 0).iter().zip(&cell.forward.graph.params).map(|(f, p)| {
+                let dims = f.dims.iter().map(|&d| lit(d));
+                let base = &p.name;
+                quote!(::rnn::rt::param(#base, &[#(#dims),*]))
+            });
+            let table = format_ident!("PARAMS_L{}", l);
+            let n = lit(per_cell);
+            layout_tables.extend(quote! {
+                static #table: [(::rnn::rt::Cow<'static, str>, ::rnn::rt::Cow<'static, [usize]>); #n] =
+                    [#(#params),*];
+            });
+            quote!(::rnn::rt::layer(#input, &#table))
+        })
+        .collect();
+    let nstates = lit(states.len());
+    let param_entries = fields.iter().map(|f| {
+        let n = &f.name;
+        let dims = f.dims.iter().map(|&d| lit(d));
+        let data = f.slice_mut(&quote!(model));
+        let init = match f.init {
+            Some(v) => {
+                let v = Literal::f32_suffixed(v);
+                quote!(::core::option::Option::Some(#v))
+            }
+            None => quote!(::core::option::Option::None),
+        };
+        quote!(::rnn::rt::Param { name: #n, dims: &[#(#dims),*], init: #init, data: #data })
+    });
+    let param_entries: Vec<TokenStream> = param_entries.collect();
+    let save_entries = fields.iter().map(|f| {
+        let n = &f.name;
+        let dims = f.dims.iter().map(|&d| lit(d));
+        let data = f.slice(&this);
+        quote!((#n, &[#(#dims),*], #data))
+    });
+    let save_entries: Vec<TokenStream> = save_entries.collect();
+    let exec_forward = (0..layers).map(|l| {
+        let k = kernel_of(l);
+        let (inf, train) = (
+            format_ident!("forward_l{}", k),
+            format_ident!("forward_train_l{}", k),
+        );
+        let pf = format_ident!("params_l{}", l);
+        let l = lit(l);
+        quote! {
+            #l => if training {
+                #train(#pf(m, dir), seq.steps, seq.batch, seq.lengths, x, initial)
+            } else {
+                #inf(#pf(m, dir), seq.steps, seq.batch, seq.lengths, x, initial)
+            },
+        }
+    });
+    let exec_backward = (0..layers).map(|l| {
+        let k = kernel_of(l);
+        let f = format_ident!("backward_l{}", k);
+        let pf = format_ident!("params_l{}", l);
+        let sizes = cell_fields(l, 0)
+            .iter()
+            .map(|f| lit(f.dims.iter().product::<usize>()));
+        let input = lit(program.layers[l].input_size);
+        let l = lit(l);
+        quote! {
+            #l => ::rnn::rt::backward_result(
+                #f(#pf(m, dir), seq.steps, seq.batch, seq.lengths, x, &tape, dy, final_grads),
+                &[#(#sizes),*],
+                seq.steps * seq.batch * #input,
+            ),
+        }
+    });
+    let std_items = quote! {
+        ::rnn::__std! {
+            // SAFETY: every field is an `f32` or an array of them.
+            unsafe impl ::rnn::rt::Zeroable for #name {}
+
+            const _: () = {
+                #layout_tables
+                static STATES: [(::rnn::rt::Cow<'static, str>, usize); #nstates] =
+                    [#(#layout_states),*];
+                static LAYERS: [::rnn::rt::LayerLayout<'static>; #layers_lit] =
+                    [#(#layout_layers),*];
+                static LAYOUT: ::rnn::rt::Layout<'static> = ::rnn::rt::layout(
+                    #input_size,
+                    #batch_first,
+                    #dirs_lit,
+                    #out_size,
+                    &STATES,
+                    &LAYERS,
+                );
+
+                #param_fns
+                #seq_kernels
+
+                struct Exec<'a>(&'a #name);
+
+                impl ::rnn::rt::SequenceExecutor<f32> for Exec<'_> {
+                    type Tape = ::rnn::rt::Buffers;
+
+                    fn forward(
+                        &self,
+                        layer: usize,
+                        dir: usize,
+                        seq: ::rnn::rt::Seq<'_>,
+                        x: &[f32],
+                        initial: ::rnn::rt::Vec<::rnn::rt::Vec<f32>>,
+                        training: bool,
+                    ) -> ::rnn::rt::Result<::rnn::rt::Forward<f32, ::rnn::rt::Buffers>> {
+                        let m = self.0;
+                        let r = match layer {
+                            #(#exec_forward)*
+                            _ => ::core::unreachable!(),
+                        };
+                        ::rnn::rt::forward_result(r, training)
+                    }
+
+                    fn backward(
+                        &self,
+                        layer: usize,
+                        dir: usize,
+                        seq: ::rnn::rt::Seq<'_>,
+                        x: &[f32],
+                        tape: ::rnn::rt::Buffers,
+                        dy: &[f32],
+                        final_grads: ::rnn::rt::Vec<::rnn::rt::Vec<f32>>,
+                    ) -> ::rnn::rt::Result<::rnn::rt::Backward<f32>> {
+                        let m = self.0;
+                        ::core::result::Result::Ok(match layer {
+                            #(#exec_backward)*
+                            _ => ::core::unreachable!(),
+                        })
+                    }
+                }
+
+                #[automatically_derived]
+                impl #name {
+                    /// A model with every weight zero, on the heap.
+                    pub fn zeroed() -> ::rnn::rt::Box<Self> {
+                        ::rnn::rt::boxed_zeroed::<Self>()
+                    }
+
+                    /// PyTorch's initialisation (every weight uniform in `±1/√hidden`, declared
+                    /// values kept) from `seed`: the same weights as `rnn::Weights::init` gives
+                    /// the same declaration.
+                    pub fn init(seed: u64) -> ::rnn::rt::Box<Self> {
+                        let mut model = Self::zeroed();
+                        ::rnn::rt::init(&mut [#(#param_entries),*], #hidden, seed);
+                        model
+                    }
+
+                    /// The model with the weights of a PyTorch `state_dict` (every parameter
+                    /// by its PyTorch name, with its shape, finite, and nothing else).
+                    pub fn from_weights(weights: &::rnn::rt::Weights) -> ::rnn::rt::Result<::rnn::rt::Box<Self>> {
+                        let mut model = Self::zeroed();
+                        ::rnn::rt::load(weights, &mut [#(#param_entries),*])?;
+                        ::core::result::Result::Ok(model)
+                    }
+
+                    /// [`Self::from_weights`] from safetensors bytes.
+                    pub fn from_safetensors(bytes: &[u8]) -> ::rnn::rt::Result<::rnn::rt::Box<Self>> {
+                        let mut model = Self::zeroed();
+                        ::rnn::rt::from_safetensors(bytes, &mut [#(#param_entries),*])?;
+                        ::core::result::Result::Ok(model)
+                    }
+
+                    /// The weights by PyTorch name.
+                    pub fn to_weights(&self) -> ::rnn::rt::Weights {
+                        ::rnn::rt::to_weights(&[#(#save_entries),*])
+                    }
+
+                    /// The weights as safetensors bytes, PyTorch's names.
+                    pub fn to_safetensors(&self) -> ::rnn::rt::Result<::rnn::rt::Vec<u8>> {
+                        ::rnn::rt::to_safetensors(&[#(#save_entries),*])
+                    }
+
+                    /// The forward pass over a batch of sequences: `request.input` is
+                    /// `(time, batch, INPUT_SIZE)` (or batch-first as declared), with optional
+                    /// per-sequence lengths (packed semantics) and initial states. Returns the
+                    /// outputs and final states; every argument is checked first.
+                    pub fn forward(&self, request: &::rnn::rt::Request<'_>) -> ::rnn::rt::Result<::rnn::rt::Response> {
+                        ::rnn::rt::forward(&LAYOUT, &Exec(self), request, false)
+                            .map(|(raw, _)| raw.response)
+                    }
+
+                    /// [`Self::forward`], keeping what [`Self::backward`] needs.
+                    pub fn forward_train(
+                        &self,
+                        request: &::rnn::rt::Request<'_>,
+                    ) -> ::rnn::rt::Result<(::rnn::rt::Response, ::rnn::rt::Tape)> {
+                        let (raw, tape) = ::rnn::rt::forward(&LAYOUT, &Exec(self), request, true)?;
+                        ::core::result::Result::Ok((raw.response, tape.expect("a tape was asked for")))
+                    }
+
+                    /// Back-propagation through time from a [`Self::forward_train`]: the
+                    /// gradients of `Σ output · grad_output + Σ h_n · grad_h_n` with respect to
+                    /// every parameter (by PyTorch name), the input and the initial states.
+                    pub fn backward(
+                        &self,
+                        tape: ::rnn::rt::Tape,
+                        grad_output: &::rnn::rt::Tensor,
+                        grad_final_states: &[::core::option::Option<&::rnn::rt::Tensor>],
+                    ) -> ::rnn::rt::Result<::rnn::rt::Gradients> {
+                        ::rnn::rt::backward(&LAYOUT, &Exec(self), tape, grad_output, grad_final_states)
+                    }
+
+                    /// Forward, and backward when the request has `grad_output`: what the
+                    /// interpreter's `Program::run` does, with this model's kernels.
+                    pub fn run(&self, request: &::rnn::rt::Request<'_>) -> ::rnn::rt::Result<::rnn::rt::Response> {
+                        ::rnn::rt::run_layout(&LAYOUT, &Exec(self), request).map(|raw| raw.response)
+                    }
+                }
+            };
+        }
+    };
+
+    quote! {
+        #(#attrs)*
+        #[doc = #doc]
+        #[allow(non_snake_case)]
+        #vis struct #name {
+            #(#field_decls)*
+        }
+
+        #[automatically_derived]
+        impl #name {
+            /// The number of parameters (PyTorch's count).
+            pub const PARAMETERS: usize = #nparams_lit;
+            /// Features of the input.
+            pub const INPUT_SIZE: usize = #input_size;
+            /// Features of the hidden state.
+            pub const HIDDEN_SIZE: usize = #hidden;
+            /// Features of the output at each step (both directions').
+            pub const OUTPUT_SIZE: usize = #width;
+            /// Stacked layers.
+            pub const LAYERS: usize = #layers_lit;
+            /// Directions per layer.
+            pub const DIRECTIONS: usize = #dirs_lit;
+            /// Whether inputs and outputs are `(batch, time, features)`.
+            pub const BATCH_FIRST: bool = #batch_first;
+            /// Every weight zero (for a `static`; on the heap, `zeroed()` builds it in place).
+            pub const ZERO: Self = Self { #(#zero_fields)* };
+
+            /// Every parameter as `(PyTorch name, elements)`, in `state_dict` order.
+            pub fn parameters(&self) -> [(&'static str, &[f32]); #nfields] {
+                [#((#names, #slices)),*]
+            }
+
+            /// Every parameter as `(PyTorch name, elements)`, mutable (an optimiser's step).
+            pub fn parameters_mut(&mut self) -> [(&'static str, &mut [f32]); #nfields] {
+                [#((#names, #slices_mut)),*]
+            }
+        }
+
+        #step_items
+        #std_items
+    }
+}
+
+/// The streaming step of layer `l`'s cell: its inference plan, one row, arrays only.
+fn step_kernel(cell: &CellProgram, l: usize, nparams: usize) -> TokenStream {
+    let body = Body {
+        s: &cell.forward,
+        plan: cell.forward_plan(false),
+        forward: None,
+        reverse: false,
+        mode: Mode::Step,
+    }
+    .emit();
+    let g = &cell.forward.graph;
+    let carried: Vec<Ident> = (0..g.states.len())
+        .map(|k| format_ident!("cur{}", k))
+        .collect();
+    let sizes = g.states.iter().map(|(_, n)| lit(*n));
+    let out = lit(g
+        .shape(g.output(OutRole::Output).expect("a cell has an output"))
+        .row_len());
+    let unpack = param_unpack(nparams);
+    let args = quote! {
+        p: [&[f32]; #nparams], x: &[f32], #(#carried: &mut [f32; #sizes],)* y: &mut [f32; #out]
+    };
+    let names = quote!(p, x, #(#carried,)* y);
+    dispatched(
+        &format_ident!("step_l{}", l),
+        args,
+        names,
+        quote!(()),
+        quote! {
+            #unpack
+            #body
+        },
+    )
+}
+
+/// Layer `l`'s sequence kernels: the forward pass for inference and for training, and the
+/// backward pass.
+fn sequence_kernels(cell: &CellProgram, l: usize, nparams: usize) -> TokenStream {
+    let unpack = param_unpack(nparams);
+    let g = &cell.forward.graph;
+    let carried: Vec<Ident> = (0..g.states.len())
+        .map(|k| format_ident!("cur{}", k))
+        .collect();
+    let take = quote! {
+        let mut initial = initial.into_iter();
+        #(let mut #carried = initial.next().unwrap_or_default();)*
+    };
+    let mut out = TokenStream::new();
+    for (name, training) in [("forward_l", false), ("forward_train_l", true)] {
+        let body = Body {
+            s: &cell.forward,
+            plan: cell.forward_plan(training),
+            forward: None,
+            reverse: false,
+            mode: Mode::Sequence,
+        }
+        .emit();
+        let args = quote! {
+            p: [&[f32]; #nparams], steps: usize, batch: usize, lengths: &[usize], x: &[f32],
+            initial: ::rnn::rt::Vec<::rnn::rt::Vec<f32>>
+        };
+        out.extend(dispatched(
+            &format_ident!("{}{}", name, l),
+            args,
+            quote!(p, steps, batch, lengths, x, initial),
+            quote!(::rnn::rt::KernelResult),
+            quote! {
+                #unpack
+                #take
+                #body
+            },
+        ));
+    }
+    let body = Body {
+        s: &cell.backward,
+        plan: &cell.backward_plan,
+        forward: Some((&cell.forward, &cell.training)),
+        reverse: true,
+        mode: Mode::Sequence,
+    }
+    .emit();
+    let bg = &cell.backward.graph;
+    let bcarried: Vec<Ident> = (0..bg.states.len())
+        .map(|k| format_ident!("cur{}", k))
+        .collect();
+    let args = quote! {
+        p: [&[f32]; #nparams], steps: usize, batch: usize, lengths: &[usize], x: &[f32],
+        tape: &[::rnn::rt::Vec<f32>], dy: &[f32], initial: ::rnn::rt::Vec<::rnn::rt::Vec<f32>>
+    };
+    out.extend(dispatched(
+        &format_ident!("backward_l{}", l),
+        args,
+        quote!(p, steps, batch, lengths, x, tape, dy, initial),
+        quote!(::rnn::rt::KernelResult),
+        quote! {
+            #unpack
+            let mut initial = initial.into_iter();
+            #(let mut #bcarried = initial.next().unwrap_or_default();)*
+            #body
+        },
+    ));
+    out
+}
+
+/// `let p0 = p[0]; ...`.
+fn param_unpack(n: usize) -> TokenStream {
+    let names = (0..n).map(|i| format_ident!("p{}", i));
+    quote!(let [#(#names),*] = p;)
+}
+
+/// A kernel `name(args) -> ret` whose body is compiled twice, for AVX2 + FMA and portably,
+/// and which takes the path `::rnn::rt::isa()` chooses.
+fn dispatched(
+    name: &Ident,
+    args: TokenStream,
+    arg_names: TokenStream,
+    ret: TokenStream,
+    body: TokenStream,
+) -> TokenStream {
+    let inner = format_ident!("{}_body", name);
+    let avx2 = format_ident!("{}_avx2", name);
+    quote! {
+        #[inline(always)]
+        #[allow(unused_mut, unused_variables, clippy::all)]
+        fn #inner(isa: ::rnn::rt::Isa, #args) -> #ret {
+            #body
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::all)]
+        fn #avx2(#args) -> #ret {
+            #inner(::rnn::rt::Isa::Avx2, #arg_names)
+        }
+
+        #[allow(clippy::all)]
+        fn #name(#args) -> #ret {
+            #[cfg(target_arch = "x86_64")]
+            if ::rnn::rt::isa() == ::rnn::rt::Isa::Avx2 {
+                // SAFETY: `isa()` reports AVX2 only when the CPU has AVX2 and FMA.
+                return unsafe { #avx2(#arg_names) };
+            }
+            #inner(::rnn::rt::Isa::Portable, #arg_names)
+        }
+    }
+}

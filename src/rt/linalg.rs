@@ -1,0 +1,322 @@
+//! The products and reductions emitted code calls, with the sizes as constants: a matrix times
+//! a batch of rows (`x · Wᵀ`), its transpose (`d · W`), the weight gradient (`Σ dᵀ x`) and
+//! row and feature sums.
+//!
+//! One row (the streaming step, a batch of one) runs an explicit 256-bit AVX2 + FMA kernel
+//! behind [`Isa::Avx2`], or a portable loop with the same order of summation behind
+//! [`Isa::Portable`]; the two differ only by FMA's single rounding. Several rows go to the `gemm`
+//! crate (feature `std`; without it, one row at a time).
+//!
+//! PyTorch stores a weight `(out, in)` row-major. `x · Wᵀ` is then a dot product per output
+//! (rows of `W` are contiguous): the AVX2 kernel takes four outputs at a time, eight lanes of
+//! the input each, so every weight is read once per row of `x`, in order (the streaming step is
+//! bound by reading the weights).
+
+use super::Isa;
+
+/// `y[r] = W · x[r]` for `rows` rows: `W` is `O × I` row-major, row `r` of `x` starts at
+/// `r · xs`, of `y` at `r · ys`.
+#[inline]
+pub fn matmul<const O: usize, const I: usize>(
+    isa: Isa,
+    rows: usize,
+    w: &[f32],
+    x: &[f32],
+    xs: usize,
+    y: &mut [f32],
+    ys: usize,
+) {
+    let w = &w[..O * I];
+    #[cfg(feature = "std")]
+    if rows > 1 {
+        use rnn_ir::tensor::{MatMut, MatRef, matmul};
+        let a = MatRef {
+            data: x,
+            rows,
+            cols: I,
+            row_stride: xs,
+            col_stride: 1,
+        };
+        let b = MatRef {
+            data: w,
+            rows: O,
+            cols: I,
+            row_stride: I,
+            col_stride: 1,
+        }
+        .t();
+        let dst = MatMut {
+            data: y,
+            rows,
+            cols: O,
+            row_stride: ys,
+        };
+        matmul(dst, a, b, false, 1, false);
+        return;
+    }
+    for r in 0..rows {
+        let x = &x[r * xs..][..I];
+        let y = &mut y[r * ys..][..O];
+        matvec::<O, I>(isa, w, x, y);
+    }
+}
+
+/// `y = W · x` for one row.
+#[inline(always)]
+fn matvec<const O: usize, const I: usize>(isa: Isa, w: &[f32], x: &[f32], y: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only handed out when the CPU has AVX2 and FMA (see `isa`).
+        Isa::Avx2 => unsafe { avx2::matvec::<O, I>(w, x, y) },
+        _ => portable::matvec::<O, I>(w, x, y),
+    }
+}
+
+/// `y[r] = d[r] · W` for `rows` rows (`W` is `O × I`; `y` has `I` features): the product that
+/// carries a gradient back through `W · x`.
+#[inline]
+pub fn matmul_t<const O: usize, const I: usize>(
+    isa: Isa,
+    rows: usize,
+    w: &[f32],
+    d: &[f32],
+    ds: usize,
+    y: &mut [f32],
+    ys: usize,
+) {
+    let w = &w[..O * I];
+    #[cfg(feature = "std")]
+    if rows > 1 {
+        use rnn_ir::tensor::{MatMut, MatRef, matmul};
+        let a = MatRef {
+            data: d,
+            rows,
+            cols: O,
+            row_stride: ds,
+            col_stride: 1,
+        };
+        let b = MatRef {
+            data: w,
+            rows: O,
+            cols: I,
+            row_stride: I,
+            col_stride: 1,
+        };
+        let dst = MatMut {
+            data: y,
+            rows,
+            cols: I,
+            row_stride: ys,
+        };
+        matmul(dst, a, b, false, 1, false);
+        return;
+    }
+    let _ = isa;
+    for r in 0..rows {
+        let d = &d[r * ds..][..O];
+        let y = &mut y[r * ys..][..I];
+        y.fill(0.0);
+        for (o, &s) in d.iter().enumerate() {
+            let w = &w[o * I..][..I];
+            for i in 0..I {
+                y[i] += s * w[i];
+            }
+        }
+    }
+}
+
+/// `y = Σ_r d[r]ᵀ · x[r]` (`O × I`, overwritten): a weight's gradient summed over `rows` rows.
+#[inline]
+pub fn outer_sum<const O: usize, const I: usize>(
+    isa: Isa,
+    rows: usize,
+    d: &[f32],
+    ds: usize,
+    x: &[f32],
+    xs: usize,
+    y: &mut [f32],
+) {
+    let y = &mut y[..O * I];
+    #[cfg(feature = "std")]
+    if rows > 1 {
+        use rnn_ir::tensor::{MatMut, MatRef, matmul};
+        let a = MatRef {
+            data: d,
+            rows,
+            cols: O,
+            row_stride: ds,
+            col_stride: 1,
+        }
+        .t();
+        let b = MatRef {
+            data: x,
+            rows,
+            cols: I,
+            row_stride: xs,
+            col_stride: 1,
+        };
+        let dst = MatMut {
+            data: y,
+            rows: O,
+            cols: I,
+            row_stride: I,
+        };
+        matmul(dst, a, b, false, 1, false);
+        return;
+    }
+    let _ = isa;
+    y.fill(0.0);
+    for r in 0..rows {
+        let d = &d[r * ds..][..O];
+        let x = &x[r * xs..][..I];
+        for (o, &s) in d.iter().enumerate() {
+            let y = &mut y[o * I..][..I];
+            for i in 0..I {
+                y[i] += s * x[i];
+            }
+        }
+    }
+}
+
+/// `y = Σ_r a[r]` (`N` features), accumulated in `f64` as the interpreter does (a bias
+/// gradient sums a whole sequence's rows).
+#[inline]
+pub fn sum_rows<const N: usize>(rows: usize, a: &[f32], stride: usize, y: &mut [f32]) {
+    const BLOCK: usize = 64;
+    let y = &mut y[..N];
+    for (b, out) in y.chunks_mut(BLOCK).enumerate() {
+        let start = b * BLOCK;
+        let mut acc = [0.0f64; BLOCK];
+        for r in 0..rows {
+            let row = &a[r * stride + start..][..out.len()];
+            for (s, &x) in acc.iter_mut().zip(row) {
+                *s += x as f64;
+            }
+        }
+        for (o, &s) in out.iter_mut().zip(&acc) {
+            *o = s as f32;
+        }
+    }
+}
+
+/// The sum of one row's `N` features, accumulated in `f64` (a layer norm's statistics).
+#[inline]
+pub fn sum_features<const N: usize>(a: &[f32]) -> f32 {
+    let mut sum = 0.0f64;
+    for &x in &a[..N] {
+        sum += x as f64;
+    }
+    sum as f32
+}
+
+/// The portable kernels: plain loops in the AVX2 kernels' order of summation.
+mod portable {
+    /// Lanes of the AVX2 kernel, mirrored so both paths sum in the same order.
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    pub fn matvec<const O: usize, const I: usize>(w: &[f32], x: &[f32], y: &mut [f32]) {
+        let x = &x[..I];
+        for (o, y) in y[..O].iter_mut().enumerate() {
+            let w = &w[o * I..][..I];
+            let mut acc = [0.0f32; LANES];
+            let full = I / LANES * LANES;
+            for c in (0..full).step_by(LANES) {
+                for l in 0..LANES {
+                    acc[l] += w[c + l] * x[c + l];
+                }
+            }
+            let mut sum = super::hsum(acc);
+            for c in full..I {
+                sum += w[c] * x[c];
+            }
+            *y = sum;
+        }
+    }
+}
+
+/// The horizontal sum of eight lanes in the order the AVX2 kernel adds them.
+#[inline(always)]
+fn hsum(a: [f32; 8]) -> f32 {
+    let q = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let p = [q[0] + q[2], q[1] + q[3]];
+    p[0] + p[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::*;
+
+    /// `y = W · x`: four outputs at a time, each an eight-lane FMA accumulator over the input.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn matvec<const O: usize, const I: usize>(w: &[f32], x: &[f32], y: &mut [f32]) {
+        let (w, x, y) = (&w[..O * I], &x[..I], &mut y[..O]);
+        let full = I / 8 * 8;
+        let mut o = 0;
+        while o + 4 <= O {
+            let rows = [
+                &w[o * I..][..I],
+                &w[(o + 1) * I..][..I],
+                &w[(o + 2) * I..][..I],
+                &w[(o + 3) * I..][..I],
+            ];
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c < full {
+                // SAFETY: `c + 8 <= full <= I`, the length of `x` and of every row.
+                unsafe {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add(c));
+                    for k in 0..4 {
+                        let wv = _mm256_loadu_ps(rows[k].as_ptr().add(c));
+                        acc[k] = _mm256_fmadd_ps(wv, xv, acc[k]);
+                    }
+                }
+                c += 8;
+            }
+            for k in 0..4 {
+                let mut sum = hsum(acc[k]);
+                for c in full..I {
+                    sum += rows[k][c] * x[c];
+                }
+                y[o + k] = sum;
+            }
+            o += 4;
+        }
+        while o < O {
+            let row = &w[o * I..][..I];
+            let mut acc = _mm256_setzero_ps();
+            let mut c = 0;
+            while c < full {
+                // SAFETY: as above.
+                unsafe {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add(c));
+                    let wv = _mm256_loadu_ps(row.as_ptr().add(c));
+                    acc = _mm256_fmadd_ps(wv, xv, acc);
+                }
+                c += 8;
+            }
+            let mut sum = hsum(acc);
+            for c in full..I {
+                sum += row[c] * x[c];
+            }
+            y[o] = sum;
+            o += 1;
+        }
+    }
+
+    /// The eight lanes of `v` added as [`super::hsum`] adds them.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let hi = _mm256_extractf128_ps(v, 1);
+        let lo = _mm256_castps256_ps128(v);
+        let q = _mm_add_ps(lo, hi); // [a0+a4, a1+a5, a2+a6, a3+a7]
+        let p = _mm_add_ps(q, _mm_movehl_ps(q, q)); // [q0+q2, q1+q3, ..]
+        let s = _mm_add_ss(p, _mm_shuffle_ps(p, p, 1));
+        _mm_cvtss_f32(s)
+    }
+}

@@ -1,0 +1,169 @@
+//! The runtime of the code that `rnn!`, `lstm!` and `gru!` emit: the only items the expansion
+//! names besides `core`. Not meant to be called by hand; its items are public because the
+//! expansion lives in the user's crate.
+//!
+//! What needs only `core` (the streaming `step`): the SIMD path ([`Isa`], [`isa`]), the
+//! products ([`matmul`], [`matmul_t`], [`outer_sum`]), sums and the element-wise functions
+//! ([`math`]). What needs `std` (feature `std`): buffers, the sequence executor's glue, weight
+//! files and initialisation.
+
+pub mod linalg;
+pub mod math;
+#[cfg(feature = "std")]
+mod model;
+
+pub use linalg::{matmul, matmul_t, outer_sum, sum_features, sum_rows};
+#[cfg(feature = "std")]
+pub use model::*;
+
+use core::sync::atomic::{AtomicU8, Ordering};
+
+/// The instruction set a kernel runs on. The emitted code runs its whole body once per
+/// variant: the AVX2 one inside a `#[target_feature(enable = "avx2,fma")]` function, so that the
+/// element-wise loops are 256-bit as well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust loops, compiled for the target's baseline.
+    Portable,
+    /// 256-bit AVX2 with FMA (x86-64 only).
+    Avx2,
+}
+
+/// 0: not yet detected; 1: portable; 2: AVX2.
+static DETECTED: AtomicU8 = AtomicU8::new(0);
+
+#[cfg(feature = "std")]
+std::thread_local! {
+    /// The path this thread's kernels take instead of the detected one ([`with_isa`]).
+    static OVERRIDE: core::cell::Cell<Option<Isa>> = const { core::cell::Cell::new(None) };
+}
+
+/// The path kernels take: AVX2 + FMA where the CPU has them (detected once at run time with
+/// `std`; without `std`, when the crate is compiled with those target features), unless this
+/// thread runs inside [`with_isa`].
+#[inline]
+pub fn isa() -> Isa {
+    #[cfg(feature = "std")]
+    if let Some(isa) = OVERRIDE.with(|o| o.get()) {
+        return isa;
+    }
+    detected()
+}
+
+/// The best path this machine supports.
+pub fn detected() -> Isa {
+    match DETECTED.load(Ordering::Relaxed) {
+        2 => Isa::Avx2,
+        1 => Isa::Portable,
+        _ => {
+            let isa = detect();
+            DETECTED.store(if isa == Isa::Avx2 { 2 } else { 1 }, Ordering::Relaxed);
+            isa
+        }
+    }
+}
+
+fn detect() -> Isa {
+    #[cfg(all(target_arch = "x86_64", feature = "std"))]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+    }
+    #[cfg(all(
+        target_arch = "x86_64",
+        not(feature = "std"),
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        return Isa::Avx2;
+    }
+    #[allow(unreachable_code)]
+    Isa::Portable
+}
+
+/// Runs `f` with every emitted kernel on this thread taking `isa` (to test the portable path
+/// on a machine with AVX2, or to compare the two). `None` when `isa` is AVX2 and this CPU does
+/// not have it: then `f` does not run.
+#[cfg(feature = "std")]
+pub fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> Option<R> {
+    if isa == Isa::Avx2 && detected() != Isa::Avx2 {
+        return None;
+    }
+    let previous = OVERRIDE.with(|o| o.replace(Some(isa)));
+    struct Restore(Option<Isa>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(previous);
+    Some(f())
+}
+
+/// A slice of the wrong length given to an emitted model's `core`-only entry point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LengthError {
+    /// The argument.
+    pub argument: &'static str,
+    /// The length it must have.
+    pub expected: usize,
+    /// The length it has.
+    pub found: usize,
+}
+
+impl core::fmt::Display for LengthError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "`{}` has {} elements, expected {}",
+            self.argument, self.found, self.expected
+        )
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for LengthError {}
+
+/// `|x|`.
+#[inline(always)]
+pub fn abs(x: f32) -> f32 {
+    f32::from_bits(x.to_bits() & 0x7fff_ffff)
+}
+
+/// `1`, `-1` or `0` by the sign of `x` (0 for zero and NaN), as the interpreter's `sign`.
+#[inline(always)]
+pub fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// `max(x, 0)` (0 for NaN, as the interpreter).
+#[inline(always)]
+pub fn relu(x: f32) -> f32 {
+    if x > 0.0 { x } else { 0.0 }
+}
+
+/// `1` where `x > 0`, else `0`: relu's derivative.
+#[inline(always)]
+pub fn step(x: f32) -> f32 {
+    if x > 0.0 { 1.0 } else { 0.0 }
+}
+
+/// `max(x, c)` as the interpreter computes it (`x` when not below `c`).
+#[inline(always)]
+pub fn max(x: f32, c: f32) -> f32 {
+    if x < c { c } else { x }
+}
+
+/// `min(x, c)` as the interpreter computes it (`x` when not above `c`).
+#[inline(always)]
+pub fn min(x: f32, c: f32) -> f32 {
+    if x > c { c } else { x }
+}

@@ -1,0 +1,414 @@
+//! One test body, every backend: the PyTorch reference cases, the equivalence of every
+//! macro-declared model with the interpreter (forward, packed, bidirectional, backward,
+//! streaming), and bad input, each written once over [`backends::backends`] (the interpreter,
+//! and the emitted Rust on its portable and AVX2 paths).
+
+mod backends;
+mod common;
+
+use backends::{Backend, CELL_MODELS, DECLARED, FIXTURE_MODELS, backends, program};
+use common::{Case, Rng, assert_close, rnn_cases, tolerance_ratio};
+use rnn::ir::weights::{self, infer_spec};
+use rnn::{Error, Program, Request, Response, Tensor, Weights};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const RTOL: f64 = 1e-5;
+const ATOL: f64 = 1e-6;
+
+/// Every tensor of a response under PyTorch's names: `output`, `h_n`, `grad.input`, `grad.h0`
+/// (of the states in `given`), `grad.<parameter>`.
+fn named(program: &Program, out: Response, given: &[bool]) -> BTreeMap<String, Tensor> {
+    let states = program.states();
+    let mut got = BTreeMap::new();
+    got.insert("output".to_string(), out.output);
+    for (k, s) in out.final_states.into_iter().enumerate() {
+        got.insert(format!("{}_n", states[k].0), s);
+    }
+    if let Some(grads) = out.grads {
+        got.insert("grad.input".into(), grads.input);
+        for (k, g) in grads.initial_states.into_iter().enumerate() {
+            if given.get(k).copied().unwrap_or(true) {
+                got.insert(format!("grad.{}0", states[k].0), g);
+            }
+        }
+        for (name, g) in grads.params {
+            got.insert(format!("grad.{name}"), g);
+        }
+    }
+    got
+}
+
+#[test]
+fn every_pytorch_case_matches_on_every_backend() {
+    let cases = rnn_cases();
+    assert_eq!(cases.len(), FIXTURE_MODELS.len(), "a model for every case");
+    for backend in backends() {
+        for name in &cases {
+            let case = Case::load(name);
+            let model_name = FIXTURE_MODELS.iter().find(|(c, _)| c == name).unwrap().1;
+            let program = program(model_name);
+            // The declared model is the one PyTorch ran.
+            let mut spec = infer_spec(&case.weights, Some(case.cell())).unwrap();
+            spec.batch_first = case.batch_first();
+            let inferred = Program::compile(&spec).unwrap();
+            assert_eq!(program.parameters(), inferred.parameters(), "{name}");
+            assert_eq!(program.spec.batch_first, spec.batch_first, "{name}");
+
+            let weights = Weights {
+                tensors: case.weights.clone(),
+            };
+            let model = backend.model(model_name, &weights);
+            let req = Request {
+                input: Some(&case.input),
+                initial_states: vec![case.h0.as_ref(), case.c0.as_ref()],
+                lengths: case.lengths.as_deref(),
+                grad_output: Some(&case.grad_output),
+                grad_final_states: vec![],
+            };
+            let out = backend.scope(|| model.run(&req)).unwrap();
+            let got = named(&program, out, &[case.h0.is_some(), case.c0.is_some()]);
+            let expected_keys: Vec<_> = case.expected.keys().collect();
+            assert_eq!(
+                got.keys().collect::<Vec<_>>(),
+                expected_keys,
+                "{backend:?} {name}: the set of results"
+            );
+            for (key, expected) in &case.expected {
+                assert_close(
+                    &format!("{backend:?} {name}: {key}"),
+                    &got[key],
+                    expected,
+                    RTOL,
+                    ATOL,
+                );
+            }
+        }
+    }
+}
+
+fn cell_fixture(name: &str, file: &str) -> Vec<u8> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cells");
+    std::fs::read(dir.join(name).join(file)).unwrap()
+}
+
+/// The LayerNorm-LSTM, minGRU and the chapter's Elman cell against PyTorch modules
+/// (`tests/fixtures/make_cell_cases.py`), in `f32`: within 1e-5 relative + 1e-6 absolute of the
+/// exact values, or (the LayerNorm-LSTM's ill-conditioned gradients; see `pytorch_cells.rs`)
+/// within PyTorch's own float32 error.
+#[test]
+fn the_pytorch_cells_match_on_every_backend() {
+    for backend in backends() {
+        for &cell in &common::PYTORCH_CELLS {
+            let model_name = CELL_MODELS.iter().find(|(c, _)| *c == cell).unwrap().1;
+            let program = program(model_name);
+            let weights =
+                Weights::from_safetensors(&cell_fixture(cell, "weights.safetensors"), &program)
+                    .unwrap();
+            let load = |f: &str| rnn::ir::npy::read_f32(&cell_fixture(cell, f)).unwrap();
+            let (input, gy) = (load("input.npy"), load("grad_output.npy"));
+            let states: Vec<Tensor> = program
+                .states()
+                .iter()
+                .map(|(s, _)| load(&format!("{s}0.npy")))
+                .collect();
+            let req = Request {
+                input: Some(&input),
+                initial_states: states.iter().map(Some).collect(),
+                grad_output: Some(&gy),
+                ..Default::default()
+            };
+            let model = backend.model(model_name, &weights);
+            let out = backend.scope(|| model.run(&req)).unwrap();
+            let ours = named(&program, out, &[]);
+            let expected =
+                weights::read_safetensors(&cell_fixture(cell, "expected.safetensors")).unwrap();
+            let torch =
+                weights::read_safetensors(&cell_fixture(cell, "pytorch_f32.safetensors")).unwrap();
+            assert_eq!(
+                ours.keys().collect::<Vec<_>>(),
+                expected.keys().collect::<Vec<_>>(),
+                "{backend:?} {cell}: the same tensors"
+            );
+            for (key, t) in &ours {
+                let w = tolerance_ratio(t, &expected[key], RTOL, ATOL);
+                let bound = tolerance_ratio(&torch[key], &expected[key], RTOL, ATOL);
+                let allowed = if cell == "layernorm_lstm" {
+                    bound.max(1.0)
+                } else {
+                    1.0
+                };
+                assert!(
+                    w <= allowed,
+                    "{backend:?} {cell} {key}: {w:.2} times the tolerance (PyTorch's float32: {bound:.2})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_declared_acceptance_cells_are_the_files_of_examples_cells() {
+    for (file, src) in common::acceptance_cells() {
+        let name = CELL_MODELS.iter().find(|(c, _)| *c == file).unwrap().1;
+        let from_file = Program::compile(&rnn::parse_str(src).unwrap()).unwrap();
+        assert_eq!(
+            program(name).to_string(),
+            from_file.to_string(),
+            "{name} is examples/cells/{file}.rnn"
+        );
+    }
+}
+
+/// A random request for `program`: `steps × batch` input, and with `packed` random lengths
+/// (one sequence full length), random initial states and final-state gradients.
+struct Inputs {
+    x: Tensor,
+    gy: Tensor,
+    states: Vec<Tensor>,
+    grad_finals: Vec<Tensor>,
+    lengths: Vec<i64>,
+}
+
+impl Inputs {
+    fn new(program: &Program, rng: &mut Rng, steps: usize, batch: usize) -> Inputs {
+        let spec = &program.spec;
+        let shape = |n: usize| {
+            if spec.batch_first {
+                vec![batch, steps, n]
+            } else {
+                vec![steps, batch, n]
+            }
+        };
+        let width = spec.directions() * program.output_size();
+        let ld = spec.num_layers * spec.directions();
+        let mut lengths: Vec<i64> = (0..batch).map(|_| rng.range(1, steps) as i64).collect();
+        lengths[0] = steps as i64;
+        Inputs {
+            x: rng.tensor(shape(spec.input_size)),
+            gy: rng.tensor(shape(width)),
+            states: program
+                .states()
+                .iter()
+                .map(|(_, n)| rng.tensor(vec![ld, batch, *n]))
+                .collect(),
+            grad_finals: program
+                .states()
+                .iter()
+                .map(|(_, n)| rng.tensor(vec![ld, batch, *n]))
+                .collect(),
+            lengths,
+        }
+    }
+
+    /// The plain request (`packed` false) or the one with everything given.
+    fn request(&self, packed: bool, backward: bool) -> Request<'_> {
+        Request {
+            input: Some(&self.x),
+            initial_states: if packed {
+                self.states.iter().map(Some).collect()
+            } else {
+                vec![]
+            },
+            lengths: packed.then_some(self.lengths.as_slice()),
+            grad_output: backward.then_some(&self.gy),
+            grad_final_states: if packed && backward {
+                self.grad_finals.iter().map(Some).collect()
+            } else {
+                vec![]
+            },
+        }
+    }
+}
+
+fn assert_same(what: &str, ours: &BTreeMap<String, Tensor>, reference: &BTreeMap<String, Tensor>) {
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        reference.keys().collect::<Vec<_>>(),
+        "{what}: the same tensors"
+    );
+    for (key, t) in reference {
+        assert_close(&format!("{what}: {key}"), &ours[key], t, RTOL, ATOL);
+    }
+}
+
+#[test]
+fn every_declared_model_equals_the_interpreter_forward_packed_and_backward() {
+    let mut rng = Rng(7);
+    for &(name, _, _) in DECLARED {
+        let program = program(name);
+        let weights = Weights::init(&program, rng.next_u64()).unwrap();
+        let (steps, batch) = (rng.range(1, 6), rng.range(1, 4));
+        let inputs = Inputs::new(&program, &mut rng, steps, batch);
+        let reference = Backend::Interpreter.model(name, &weights);
+        for backend in backends() {
+            if backend == Backend::Interpreter {
+                continue;
+            }
+            let model = backend.model(name, &weights);
+            for packed in [false, true] {
+                for backward in [false, true] {
+                    let req = inputs.request(packed, backward);
+                    let what = format!(
+                        "{backend:?} {name} T={steps} B={batch} packed={packed} backward={backward}"
+                    );
+                    let want = named(&program, reference.run(&req).unwrap(), &[]);
+                    let got = named(&program, backend.scope(|| model.run(&req)).unwrap(), &[]);
+                    assert_same(&what, &got, &want);
+                    let split = named(
+                        &program,
+                        backend.scope(|| model.run_split(&req)).unwrap(),
+                        &[],
+                    );
+                    assert_same(&format!("{what} (forward_train + backward)"), &split, &want);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn streaming_equals_the_whole_sequence_on_every_backend() {
+    let mut rng = Rng(11);
+    for &(name, _, _) in DECLARED {
+        let program = program(name);
+        if program.spec.bidirectional {
+            continue;
+        }
+        let weights = Weights::init(&program, rng.next_u64()).unwrap();
+        let steps = 5;
+        let xs: Vec<Vec<f32>> = (0..steps)
+            .map(|_| rng.tensor(vec![program.spec.input_size]).data)
+            .collect();
+        // One sequence: time-major and batch-first hold the same numbers.
+        let shape = if program.spec.batch_first {
+            vec![1, steps, program.spec.input_size]
+        } else {
+            vec![steps, 1, program.spec.input_size]
+        };
+        let x = Tensor {
+            shape,
+            data: xs.concat(),
+        };
+        for backend in backends() {
+            let model = backend.model(name, &weights);
+            let whole = backend
+                .scope(|| {
+                    model.run(&Request {
+                        input: Some(&x),
+                        ..Request::default()
+                    })
+                })
+                .unwrap()
+                .output;
+            let streamed = backend.scope(|| model.stream(&xs)).unwrap();
+            let streamed = Tensor {
+                shape: whole.shape.clone(),
+                data: streamed.concat(),
+            };
+            assert_close(
+                &format!("{backend:?} {name}: streamed"),
+                &streamed,
+                &whole,
+                RTOL,
+                ATOL,
+            );
+        }
+    }
+}
+
+/// Bad input gets the same typed error on every backend.
+#[test]
+fn bad_input_is_the_same_typed_error_on_every_backend() {
+    let name = "LstmPacked";
+    let program = program(name);
+    let weights = Weights::init(&program, 3).unwrap();
+    let good = Tensor::zeros(vec![4, 2, 3]);
+    let wrong_features = Tensor::zeros(vec![4, 2, 5]);
+    let mut nan = Tensor::zeros(vec![4, 2, 3]);
+    nan.data[5] = f32::NAN;
+    let wrong_h0 = Tensor::zeros(vec![2, 2, 4]);
+    let wrong_gy = Tensor::zeros(vec![4, 2, 3]);
+    let lengths_zero = [0i64, 4];
+    let lengths_long = [5i64, 4];
+    let lengths_count = [4i64];
+    let cases: Vec<(&str, Request)> = vec![
+        ("no input", Request::default()),
+        (
+            "wrong features",
+            Request {
+                input: Some(&wrong_features),
+                ..Request::default()
+            },
+        ),
+        (
+            "NaN",
+            Request {
+                input: Some(&nan),
+                ..Request::default()
+            },
+        ),
+        (
+            "h0 shape",
+            Request {
+                input: Some(&good),
+                initial_states: vec![Some(&wrong_h0)],
+                ..Request::default()
+            },
+        ),
+        (
+            "grad_output shape",
+            Request {
+                input: Some(&good),
+                grad_output: Some(&wrong_gy),
+                ..Request::default()
+            },
+        ),
+        (
+            "length zero",
+            Request {
+                input: Some(&good),
+                lengths: Some(&lengths_zero),
+                ..Request::default()
+            },
+        ),
+        (
+            "length too long",
+            Request {
+                input: Some(&good),
+                lengths: Some(&lengths_long),
+                ..Request::default()
+            },
+        ),
+        (
+            "lengths count",
+            Request {
+                input: Some(&good),
+                lengths: Some(&lengths_count),
+                ..Request::default()
+            },
+        ),
+    ];
+    let reference: Vec<String> = {
+        let model = Backend::Interpreter.model(name, &weights);
+        cases
+            .iter()
+            .map(|(what, req)| match model.run(req) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{what}: accepted"),
+            })
+            .collect()
+    };
+    for backend in backends() {
+        let model = backend.model(name, &weights);
+        for ((what, req), want) in cases.iter().zip(&reference) {
+            let err = backend.scope(|| model.run(req)).err();
+            let err = err.unwrap_or_else(|| panic!("{backend:?} {what}: accepted"));
+            assert_eq!(&err.to_string(), want, "{backend:?} {what}");
+            assert!(
+                !matches!(err, Error::Ir(_)),
+                "{backend:?} {what}: a user error, not an internal one"
+            );
+        }
+    }
+}
