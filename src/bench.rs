@@ -186,12 +186,25 @@ fn spec(cell: CellKind, input: usize, hidden: usize) -> ModelSpec {
     ModelSpec::new(cell, input, hidden)
 }
 
-/// Runs workload `w` on `backend` with `threads` threads for `reps` timed repetitions (after one
-/// warm-up). Zero repetitions or threads are an [`Error::Argument`](crate::Error::Argument).
+/// The backends [`measure`] times.
+pub const BACKENDS: [&str; 2] = ["interp", "macro"];
+
+/// The workloads' models declared with the macros at the workloads' sizes: the `macro`
+/// backend runs the code they emit.
+mod models {
+    crate::lstm! { pub struct Lstm256 { input: 256, hidden: 256 } }
+    crate::gru! { pub struct Gru64x128 { input: 64, hidden: 128 } }
+    crate::rnn! { pub struct Rnn32x64 { input: 32, hidden: 64 } }
+}
+
+/// Runs workload `w` on `backend` (`interp` or `macro`) with `threads` threads for `reps` timed
+/// repetitions (after one warm-up). Zero repetitions or threads, an unknown backend, or a
+/// workload the backend does not run are an [`Error::Argument`](crate::Error::Argument).
 pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Result<Measurement> {
-    if backend != "interp" {
+    if !BACKENDS.contains(&backend) {
         return Err(crate::Error::Argument(format!(
-            "unknown backend `{backend}`: expected `interp`"
+            "unknown backend `{backend}`: expected one of {}",
+            BACKENDS.join(", ")
         )));
     }
     if reps == 0 {
@@ -204,12 +217,25 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
             "`threads` is 0: at least 1 is needed".into(),
         ));
     }
+    let emitted = backend == "macro";
+    if emitted && threads != 1 {
+        return Err(crate::Error::Argument(format!(
+            "the macro backend runs on one thread; {threads} were asked for"
+        )));
+    }
+    if emitted && w.id == "W6" {
+        return Err(crate::Error::Argument(
+            "W6 (a Linear layer) is not a recurrent model: the macro backend does not run it"
+                .into(),
+        ));
+    }
     let exec = Exec { threads };
     let (times, flops, per_step) = match w.id {
         "W1" | "W2" => {
             let (i, h, b, t) = (256, 256, 32, 512);
             let program = Program::compile(&spec(CellKind::Lstm, i, h))?;
-            let bound = program.bind::<f32>(&Weights::init(&program, 1)?)?;
+            let weights = Weights::init(&program, 1)?;
+            let bound = program.bind::<f32>(&weights)?;
             let x = random_tensor(vec![t, b, i], 2);
             let gy = random_tensor(vec![t, b, h], 3);
             let train = w.id == "W2";
@@ -219,11 +245,13 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
                 ..Default::default()
             };
             let fwd = cell_flops(4, i, h, b, t);
-            (
-                time(reps, || bound.run(&req, &exec).map(drop))?,
-                if train { 3.0 * fwd } else { fwd },
-                1,
-            )
+            let times = if emitted {
+                let model = models::Lstm256::from_weights(&weights)?;
+                time(reps, || model.run(&req).map(drop))?
+            } else {
+                time(reps, || bound.run(&req, &exec).map(drop))?
+            };
+            (times, if train { 3.0 * fwd } else { fwd }, 1)
         }
         "W3" | "W4" => {
             let (cell, gates, i, h) = if w.id == "W3" {
@@ -233,25 +261,55 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
             };
             let steps = 1000;
             let program = Program::compile(&spec(cell, i, h))?;
-            let bound = program.bind::<f32>(&Weights::init(&program, 1)?)?;
+            let weights = Weights::init(&program, 1)?;
+            let bound = program.bind::<f32>(&weights)?;
             let xs: Vec<Vec<f32>> = (0..steps)
                 .map(|s| random_tensor(vec![1, 1, i], 10 + s as u64).data)
                 .collect();
-            // The streaming API: bound once, one call per step, nothing allocated per step.
-            let mut stream = bound.stream(1, exec)?;
-            let times = time(reps, || {
-                let mut state = stream.zero_state();
-                for x in &xs {
-                    stream.step(&mut state, x)?;
+            let times = match (emitted, w.id) {
+                (true, "W3") => {
+                    let model = models::Gru64x128::from_weights(&weights)?;
+                    let xs: Vec<[f32; 64]> = xs.iter().map(|x| x[..].try_into().unwrap()).collect();
+                    time(reps, || {
+                        let mut state = models::Gru64x128State::ZERO;
+                        for x in &xs {
+                            std::hint::black_box(model.step(x, &mut state));
+                        }
+                        Ok(())
+                    })?
                 }
-                Ok(())
-            })?;
+                (true, _) => {
+                    let model = models::Lstm256::from_weights(&weights)?;
+                    let xs: Vec<[f32; 256]> =
+                        xs.iter().map(|x| x[..].try_into().unwrap()).collect();
+                    time(reps, || {
+                        let mut state = models::Lstm256State::ZERO;
+                        for x in &xs {
+                            std::hint::black_box(model.step(x, &mut state));
+                        }
+                        Ok(())
+                    })?
+                }
+                _ => {
+                    // The streaming API: bound once, one call per step, nothing allocated per
+                    // step.
+                    let mut stream = bound.stream(1, exec)?;
+                    time(reps, || {
+                        let mut state = stream.zero_state();
+                        for x in &xs {
+                            stream.step(&mut state, x)?;
+                        }
+                        Ok(())
+                    })?
+                }
+            };
             (times, cell_flops(gates, i, h, 1, 1), steps)
         }
         "W5" => {
             let (i, h, b, t) = (32, 64, 1, 100);
             let program = Program::compile(&spec(CellKind::RnnTanh, i, h))?;
-            let bound = program.bind::<f32>(&Weights::init(&program, 1)?)?;
+            let weights = Weights::init(&program, 1)?;
+            let bound = program.bind::<f32>(&weights)?;
             let x = random_tensor(vec![t, b, i], 2);
             let gy = last_step_seed(t, b, h);
             let req = Request {
@@ -259,11 +317,13 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
                 grad_output: Some(&gy),
                 ..Default::default()
             };
-            (
-                time(reps, || bound.run(&req, &exec).map(drop))?,
-                3.0 * cell_flops(1, i, h, b, t),
-                1,
-            )
+            let times = if emitted {
+                let model = models::Rnn32x64::from_weights(&weights)?;
+                time(reps, || model.run(&req).map(drop))?
+            } else {
+                time(reps, || bound.run(&req, &exec).map(drop))?
+            };
+            (times, 3.0 * cell_flops(1, i, h, b, t), 1)
         }
         "W6" => {
             let (rows, n) = (32 * 512, 256);

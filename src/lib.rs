@@ -24,6 +24,10 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(feature = "std"), no_std)]
 
+// The emitted code names the facade `::rnn`; inside the facade itself (its benchmark models)
+// that is this crate.
+extern crate self as rnn;
+
 #[cfg(feature = "std")]
 pub mod bench;
 #[cfg(feature = "cli")]

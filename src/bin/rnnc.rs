@@ -64,6 +64,23 @@ enum Backend {
     Interp,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BenchBackend {
+    /// The reference interpreter.
+    Interp,
+    /// The Rust the macros emit, for the workloads' models declared in the facade.
+    Macro,
+}
+
+impl BenchBackend {
+    fn name(self) -> &'static str {
+        match self {
+            BenchBackend::Interp => "interp",
+            BenchBackend::Macro => "macro",
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a model (a `.rnn` file, or a PyTorch RNN/LSTM/GRU state dict) on an input; optionally
@@ -212,7 +229,7 @@ struct BenchArgs {
     workloads: Vec<String>,
     /// The backend to time.
     #[arg(long, value_enum, default_value = "interp")]
-    backend: Backend,
+    backend: BenchBackend,
     /// Threads for the matrix products (at least 1).
     #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     threads: usize,
@@ -784,7 +801,7 @@ fn run_bench(args: &BenchArgs) -> Result<(), Failure> {
             .collect::<Result<_, _>>()?
     };
     for w in chosen {
-        let m = bench::measure(w, "interp", threads, reps).map_err(|e| fail(here, e))?;
+        let m = bench::measure(w, args.backend.name(), threads, reps).map_err(|e| fail(here, e))?;
         say(&format!("{}\n", if json { m.json() } else { m.line() }))?;
     }
     Ok(())
