@@ -1,5 +1,6 @@
-//! The interpreter's streaming `step` allocates nothing per call after the first: a global
-//! allocator counts the allocations made by this test's thread while it steps.
+//! The streaming `step` allocates nothing: the interpreter's after its first call, the emitted
+//! models' ever (on both SIMD paths). A global allocator counts the allocations made by this
+//! test's thread while it steps.
 //!
 //! One test in its own binary, so that no other test's allocations are counted.
 
@@ -106,6 +107,57 @@ fn streaming_step_allocates_nothing_after_the_first_call() {
                 "{} with batch {batch}: {n} allocations in 19 steps",
                 spec.cell.name()
             );
+        }
+    }
+}
+
+rnn::gru! { struct StreamGru { input: 64, hidden: 128 } }
+rnn::lstm! { struct StreamLstm { input: 5, hidden: 7, layers: 3, proj: 3 } }
+rnn::rnn! { struct StreamPeephole {
+    input: 3, hidden: 4,
+    param W: [hidden, input], param U: [hidden, hidden], param b: [hidden],
+    param p_i: [hidden], param p_f: [hidden],
+    state h, state c,
+    i = sigmoid(W @ x + U @ h + b),
+    c = i * c + p_i * c + p_f * h,
+    h = tanh(c) * i,
+    output h
+} }
+
+#[test]
+fn an_emitted_step_allocates_nothing_on_either_path() {
+    let gru = StreamGru::init(1);
+    let lstm = StreamLstm::init(2);
+    let peephole = StreamPeephole::init(3);
+    for isa in [rnn::rt::Isa::Portable, rnn::rt::Isa::Avx2] {
+        let ran = rnn::rt::with_isa(isa, || {
+            let mut s = StreamGruState::ZERO;
+            let n = allocations(|| {
+                for t in 0..20 {
+                    std::hint::black_box(gru.step(&[t as f32 / 20.0; 64], &mut s));
+                }
+            });
+            assert_eq!(n, 0, "GRU on {isa:?}: {n} allocations in 20 steps");
+            let mut s = StreamLstmState::ZERO;
+            let n = allocations(|| {
+                for t in 0..20 {
+                    std::hint::black_box(lstm.step(&[t as f32 / 20.0; 5], &mut s));
+                }
+            });
+            assert_eq!(n, 0, "stacked LSTM on {isa:?}: {n} allocations in 20 steps");
+            let mut s = StreamPeepholeState::ZERO;
+            let mut y = [0.0; 4];
+            let n = allocations(|| {
+                for t in 0..20 {
+                    peephole
+                        .step_slices(&[t as f32 / 20.0; 3], &mut s, &mut y)
+                        .unwrap();
+                }
+            });
+            assert_eq!(n, 0, "custom cell on {isa:?}: {n} allocations in 20 steps");
+        });
+        if ran.is_none() {
+            eprintln!("no AVX2 + FMA on this CPU: the AVX2 path is not checked");
         }
     }
 }

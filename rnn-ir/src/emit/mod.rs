@@ -328,11 +328,14 @@ pub fn emit_model(
     let batch_first = spec.batch_first;
     let nparams_lit = lit(nparams);
     let kind = match spec.cell {
-        crate::spec::CellKind::Custom(_) => "custom cell",
-        ref k => k.name(),
+        crate::spec::CellKind::RnnTanh => "A tanh RNN",
+        crate::spec::CellKind::RnnRelu => "A ReLU RNN",
+        crate::spec::CellKind::Lstm => "An LSTM",
+        crate::spec::CellKind::Gru => "A GRU",
+        crate::spec::CellKind::Custom(_) => "A custom cell's",
     };
     let doc = format!(
-        " A {kind} model: input {}, hidden {}, {} layer(s), {} direction(s), {} parameters.",
+        " {kind} model: input {}, hidden {}, {} layer(s), {} direction(s), {} parameters.",
         spec.input_size, spec.hidden_size, layers, dirs, nparams
     );
 

@@ -1,0 +1,77 @@
+//! The Rust the macros emit, formatted with `prettyplease` and pinned with `insta`, for a tanh
+//! RNN, an LSTM, a GRU in both reset forms, a 2-layer bidirectional LSTM and a custom cell, at
+//! sizes small enough to read; and a malformed declaration, whose expansion is its
+//! `compile_error!`s beside an empty struct. `rnnc emit` prints the same text.
+
+use rnn::{Program, parse_str};
+
+/// The formatted expansion of `src` declared as `pub struct name`.
+fn emitted(src: &str, name: &str) -> String {
+    let program = Program::compile(&parse_str(src).unwrap()).unwrap();
+    rnn::emit::rust(&program, name).unwrap()
+}
+
+#[test]
+fn a_tanh_rnn() {
+    insta::assert_snapshot!("tanh_rnn", emitted("rnn { input: 2, hidden: 3 }", "Elman"));
+}
+
+#[test]
+fn an_lstm() {
+    insta::assert_snapshot!("lstm", emitted("lstm { input: 2, hidden: 3 }", "Lstm"));
+}
+
+#[test]
+fn a_gru_with_the_reset_after_the_product() {
+    insta::assert_snapshot!(
+        "gru_reset_after",
+        emitted("gru { input: 2, hidden: 3, reset: after }", "Gru")
+    );
+}
+
+#[test]
+fn a_gru_with_the_reset_before_the_product() {
+    insta::assert_snapshot!(
+        "gru_reset_before",
+        emitted("gru { input: 2, hidden: 3, reset: before }", "ChoGru")
+    );
+}
+
+#[test]
+fn a_two_layer_bidirectional_lstm() {
+    insta::assert_snapshot!(
+        "lstm_2layer_bidirectional",
+        emitted(
+            "lstm { input: 2, hidden: 3, layers: 2, bidirectional: true }",
+            "Encoder"
+        )
+    );
+}
+
+#[test]
+fn a_custom_cell() {
+    let src = "cell MinGru {
+        input: 2, hidden: 3,
+        param W_z: [hidden, input], param b_z: [hidden],
+        param W_h: [hidden, input], param b_h: [hidden],
+        state h,
+        z = sigmoid(W_z @ x + b_z),
+        h = (1 - z) * h + z * (W_h @ x + b_h),
+    }";
+    insta::assert_snapshot!("custom_min_gru", emitted(src, "MinGru"));
+}
+
+#[test]
+fn a_malformed_declaration_expands_to_its_errors_and_an_empty_struct() {
+    let tokens: proc_macro2::TokenStream = "pub struct Broken { input: 0, hiden: 4, layers: true }"
+        .parse()
+        .unwrap();
+    let file: syn::File = syn::parse2(rnn::ir::emit::expand("lstm", tokens)).unwrap();
+    insta::assert_snapshot!("malformed", prettyplease::unparse(&file));
+}
+
+#[test]
+fn the_expansion_is_deterministic() {
+    let src = "lstm { input: 2, hidden: 3, layers: 2, bidirectional: true }";
+    assert_eq!(emitted(src, "A"), emitted(src, "A"));
+}
