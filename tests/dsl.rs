@@ -125,11 +125,20 @@ fn invalid_option_combinations() {
         errors("gru { input: 3, hidden: 4, proj: 2 }")[0]
             .contains("unknown setting `proj` for `gru`")
     );
-    assert!(
-        errors("lstm { input: 3, hidden: 4, proj: 4 }")[0]
-            .contains("`proj` must be smaller than `hidden` (4), found 4")
+    // Sizes out of range are reported at their values.
+    assert_eq!(
+        errors("lstm { input: 3, hidden: 4, proj: 4 }"),
+        vec!["1:35: `proj` must be smaller than `hidden` (4), found 4"]
     );
-    assert!(errors("lstm { input: 0, hidden: 4 }")[0].contains("`input` must be at least 1"));
+    assert_eq!(
+        errors("lstm { input: 0, hidden: 4 }"),
+        vec!["1:15: `input` must be at least 1, found `0`"]
+    );
+    // A value missing at the end of the body is reported at its `}`.
+    assert_eq!(
+        errors("lstm {\n  input: 3,\n  hidden:\n}"),
+        vec!["4:1: expected a value for `hidden`, found the end of the declaration"]
+    );
 }
 
 #[test]
@@ -144,7 +153,7 @@ fn custom_cell_mistakes_point_at_the_token() {
     let e = errors(&format!("{base}  h = tanh(U @ x)\n}}"));
     assert_eq!(
         e[0],
-        "5:14: matmul needs [o, i] @ batch[i], found [4, 4] @ batch[3]"
+        "5:14: `@` multiplies an `[out, in]` matrix by a value of `in` features, found `U` (a [4, 4] matrix) @ `x` (3 features): make the matrix [4, 3], or multiply it by a value of 4 features"
     );
 
     let e = errors(&format!("{base}  h = W @ x,\n  W = h\n}}"));
@@ -163,7 +172,7 @@ fn custom_cell_mistakes_point_at_the_token() {
 
     let e = errors("cell C { input: 3, hidden: 4, param W: [5, input], state h, h = tanh(W @ x) }");
     assert!(
-        e[0].contains("state `h` has size 4, but this equation gives batch[5]"),
+        e[0].contains("state `h` has size 4, but this equation gives 5 features"),
         "{e:?}"
     );
 }
@@ -254,6 +263,7 @@ fn the_body_goes_on_after_a_missing_separator_or_an_unfinished_equation() {
         vec![
             "1:17: expected `,` or `;` between items, found `hidden`",
             "1:27: expected `,` or `;` between items, found `layers`",
+            "1:35: `layers` must be at least 1, found `0`",
         ]
     );
     // `a = h` is read as the next equation, so `output a` names something.
@@ -280,9 +290,9 @@ fn lowering_reports_every_independent_mistake_at_once() {
     assert_eq!(
         e,
         vec![
-            "5:12: matmul needs [o, i] @ batch[i], found [4, 4] @ batch[3]",
-            "5:22: matmul needs [o, i] @ batch[i], found [4, 3] @ batch[4]",
-            "6:20: `add` cannot combine shapes batch[4] and [5]",
+            "5:12: `@` multiplies an `[out, in]` matrix by a value of `in` features, found `U` (a [4, 4] matrix) @ `x` (3 features): make the matrix [4, 3], or multiply it by a value of 4 features",
+            "5:22: `@` multiplies an `[out, in]` matrix by a value of `in` features, found `W` (a [4, 3] matrix) @ `h` (4 features): make the matrix [4, 4], or multiply it by a value of 3 features",
+            "6:20: `+` cannot combine 4 features and `b` (a [5] vector): both sides need as many features, or one side a single one (a number, a scalar parameter, a `mean`)",
         ]
     );
 }

@@ -297,7 +297,7 @@ fn lower_custom(cell: &CustomCell, input_size: usize, hidden: usize) -> Result<G
                     *loc,
                     format!(
                         "state `{target}` has size {want}, but this equation gives {}",
-                        g.shape(v)
+                        shape_words(g.shape(v))
                     ),
                 ));
                 env.remove(target.as_str());
@@ -628,17 +628,23 @@ fn eval(
             let a = eval(g, env, a, sizes, errors)?;
             reported(g.push(Op::Neg, &[a]), e, errors)
         }
-        Expr::Binary(op, a, b, _) => {
-            let a = eval(g, env, a, sizes, errors);
-            let b = eval(g, env, b, sizes, errors);
+        Expr::Binary(bin, ea, eb, _) => {
+            let a = eval(g, env, ea, sizes, errors);
+            let b = eval(g, env, eb, sizes, errors);
             let (a, b) = (a?, b?);
-            let op = match op {
+            let op = match bin {
                 BinOp::Add => Op::Add,
                 BinOp::Sub => Op::Sub,
                 BinOp::Mul => Op::Mul,
                 BinOp::Div => Op::Div,
                 BinOp::MatMul => Op::MatMul,
             };
+            let (sa, sb) = (g.shape(a), g.shape(b));
+            if op.infer(&[sa, sb]).is_err() {
+                // The graph's objection is in its own terms (`batch[4]`): say it in the
+                // equation's, with the operands' names.
+                return failed(e, errors, shape_mistake(*bin, ea, sa, eb, sb));
+            }
             reported(g.push(op, &[a, b]), e, errors)
         }
         Expr::Call(f, args, _) => {
@@ -763,6 +769,51 @@ fn eval(
             }
             reported(g.slice(base, start, end - start), e, errors)
         }
+    }
+}
+
+/// A shape in the words of the equation language: `4 features` (a value of the step, one row per
+/// sequence: the input, a state, what is computed from them), `a [4] vector` and `a [4, 3]
+/// matrix` (parameters), `a number`.
+fn shape_words(s: Shape) -> String {
+    match s {
+        Shape::Batch(n) => format!("{n} features"),
+        Shape::Vector(n) => format!("a [{n}] vector"),
+        Shape::Matrix(r, c) => format!("a [{r}, {c}] matrix"),
+        Shape::Scalar => "a number".into(),
+    }
+}
+
+/// Why `a op b` is ill-shaped, naming the operands that are names, and what would fit.
+fn shape_mistake(op: BinOp, a: &Expr, sa: Shape, b: &Expr, sb: Shape) -> String {
+    let operand = |e: &Expr, s: Shape| match e {
+        Expr::Var(name, _) => format!("`{name}` ({})", shape_words(s)),
+        _ => shape_words(s),
+    };
+    let (da, db) = (operand(a, sa), operand(b, sb));
+    let symbol = match op {
+        BinOp::Add => '+',
+        BinOp::Sub => '-',
+        BinOp::Mul => '*',
+        BinOp::Div => '/',
+        BinOp::MatMul => '@',
+    };
+    match (op, sa, sb) {
+        (BinOp::MatMul, Shape::Matrix(o, i), Shape::Batch(n)) => format!(
+            "`@` multiplies an `[out, in]` matrix by a value of `in` features, found {da} @ {db}: make the matrix [{o}, {n}], or multiply it by a value of {i} features"
+        ),
+        (BinOp::MatMul, Shape::Matrix(..), _) => format!(
+            "`@` multiplies a matrix by the input, a state or a value computed from them, found {da} @ {db}"
+        ),
+        (BinOp::MatMul, ..) => format!(
+            "`@` needs a matrix parameter on its left (`W @ x`, with `param W: [out, in]`), found {da} @ {db}"
+        ),
+        (_, Shape::Matrix(..), _) | (_, _, Shape::Matrix(..)) => format!(
+            "`{symbol}` cannot combine {da} and {db}: a matrix combines only with a matrix of its shape or a number; to apply it to a value, write `W @ x`"
+        ),
+        _ => format!(
+            "`{symbol}` cannot combine {da} and {db}: both sides need as many features, or one side a single one (a number, a scalar parameter, a `mean`)"
+        ),
     }
 }
 

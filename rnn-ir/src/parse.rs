@@ -367,13 +367,18 @@ pub fn parse_model(tokens: TokenStream) -> Result<ModelSpec, Error> {
 
 /// Parses the braced body of a declaration whose kind (`rnn`, `lstm`, `gru`, `cell`) and name
 /// the caller has already read (the macros read `pub struct Name` themselves).
+///
+/// What the body lacks as a whole (a size, a state) is reported at `kind_span` (the macros pass
+/// the model's name), and what it lacks at its end (a value after `hidden:`) at `end_span`, the
+/// body's `}`.
 pub fn parse_body(
     kind: &str,
     kind_span: Span,
     name: Option<String>,
     body: TokenStream,
+    end_span: Span,
 ) -> Result<ModelSpec, Error> {
-    let mut p = Parser::new(body, kind_span);
+    let mut p = Parser::new(body, end_span);
     let spec = p.body(kind, kind_span, name);
     p.finish(spec)
 }
@@ -698,13 +703,12 @@ impl Parser {
         };
         let body = self
             .group(Delimiter::Brace, "`{` opening the declaration's body")
-            .ok()?
-            .stream();
+            .ok()?;
         if let Some(t) = self.peek() {
             let span = t.span();
             let _ = self.error::<()>(span, "unexpected tokens after the declaration's `}`");
         }
-        let mut inner = Parser::new(body, kind_span);
+        let mut inner = Parser::new(body.stream(), body.span_close());
         let spec = inner.body(&kind, kind_span, name);
         self.errors.append(&mut inner.errors);
         spec
@@ -843,8 +847,11 @@ impl Parser {
                     }
                 };
                 self.pos += 1;
-                if b.settings.iter().any(|(k, _, _, _)| *k == word) {
-                    return self.error(span, format!("`{word}` is given twice"));
+                if let Some((_, first, _, _)) = b.settings.iter().find(|s| s.0 == word) {
+                    return self.error(
+                        span,
+                        format!("`{word}` is given twice (`{word}: {first}` above): keep one"),
+                    );
                 }
                 b.settings.push((word, value.0, value.1, span));
                 Ok(())
@@ -1169,6 +1176,21 @@ impl Parser {
         for (key, value, vspan, kspan) in &b.settings {
             let _ = self.setting(kind, &mut spec, &mut cell, key, value, *vspan, *kspan);
         }
+        if let Some(s) = b
+            .settings
+            .iter()
+            .find(|s| s.0 == "proj" || s.0 == "proj_size")
+            && spec.hidden_size > 0
+            && spec.proj_size >= spec.hidden_size
+        {
+            let _ = self.error::<()>(
+                s.2,
+                format!(
+                    "`{}` must be smaller than `hidden` ({}), found {}",
+                    s.0, spec.hidden_size, spec.proj_size
+                ),
+            );
+        }
         if !spec.bias
             && let Some(s) = b.settings.iter().find(|s| s.0 == "bias_convention")
         {
@@ -1332,6 +1354,27 @@ impl Parser {
                 ),
             }
         };
+        // A size, from `least` to the largest supported: checked here, at its value, rather
+        // than by `ModelSpec::validate`, which knows no spans.
+        let size = |p: &mut Parser, least: usize| -> PResult<usize> {
+            let n = number(p)?;
+            if n < least {
+                return p.error(
+                    vspan,
+                    format!("`{key}` must be at least {least}, found `{value}`"),
+                );
+            }
+            if n > ModelSpec::MAX_SIZE {
+                return p.error(
+                    vspan,
+                    format!(
+                        "`{key}` is {n}, more than the largest size supported ({})",
+                        ModelSpec::MAX_SIZE
+                    ),
+                );
+            }
+            Ok(n)
+        };
         // `value` as one of `options`, else an error saying `takes` and what was probably meant.
         let choice = |p: &mut Parser, options: [&'static str; 2], takes: &str| -> PResult<usize> {
             match options.iter().position(|o| *o == value) {
@@ -1354,13 +1397,13 @@ impl Parser {
             return self.error(kspan, format!("a `cell` takes no `{key}`: {why}"));
         }
         match key {
-            "input" => spec.input_size = number(self)?,
-            "hidden" => spec.hidden_size = number(self)?,
-            "layers" => spec.num_layers = number(self)?,
+            "input" => spec.input_size = size(self, 1)?,
+            "hidden" => spec.hidden_size = size(self, 1)?,
+            "layers" => spec.num_layers = size(self, 1)?,
             "bidirectional" => spec.bidirectional = boolean(self)?,
             "bias" => spec.bias = boolean(self)?,
             "batch_first" => spec.batch_first = boolean(self)?,
-            "proj" | "proj_size" if kind == "lstm" => spec.proj_size = number(self)?,
+            "proj" | "proj_size" if kind == "lstm" => spec.proj_size = size(self, 0)?,
             "reset" if kind == "gru" => {
                 let takes = "`after` (PyTorch) or `before` (Cho et al.)";
                 spec.gru_reset = match choice(self, ["after", "before"], takes)? {

@@ -71,11 +71,13 @@ pub fn expand(kind: &str, input: TokenStream) -> TokenStream {
         out.extend(quote!(#(#attrs)* #vis struct #name;));
         out
     };
+    // What the body lacks as a whole (a size, a state) is reported at the model's name.
     let spec = parse_body(
         kind,
-        head.kind_span,
+        head.name.span(),
         Some(head.name.to_string()),
         head.body.clone(),
+        head.body_close,
     );
     let program = spec.and_then(|spec| Program::compile(&spec));
     match program {
@@ -117,9 +119,10 @@ struct Head {
     attrs: Vec<TokenStream>,
     vis: TokenStream,
     name: Ident,
-    kind_span: Span,
     body: TokenStream,
     body_span: Span,
+    /// The body's `}`.
+    body_close: Span,
 }
 
 impl Head {
@@ -178,9 +181,9 @@ impl Head {
             Some(t) => return Err((t.span(), format!("expected the model's name, found `{t}`"))),
             None => return Err((kind_span, "expected the model's name after `struct`".into())),
         };
-        let (body, body_span) = match it.next() {
+        let (body, body_span, body_close) = match it.next() {
             Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Brace => {
-                (g.stream(), g.span())
+                (g.stream(), g.span(), g.span_close())
             }
             Some(t) => {
                 return Err((
@@ -205,9 +208,9 @@ impl Head {
             attrs,
             vis,
             name,
-            kind_span,
             body,
             body_span,
+            body_close,
         })
     }
 }

@@ -1,0 +1,8 @@
+rnn::gru! {
+    pub struct Decoder {
+        input: 8,
+        hidden:
+    }
+}
+
+fn main() {}
