@@ -1461,3 +1461,80 @@ fn weights_of_another_model_without_model_are_named_as_such() {
     );
     assert!(err.contains("give its `.rnn` file with `--model`"), "{err}");
 }
+
+#[test]
+fn emit_prints_the_formatted_rust_a_macro_would_produce() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cells/min_gru.rnn");
+    let o = rnnc(&["emit", path_str(&file)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let code = String::from_utf8(o.stdout).unwrap();
+    // The model's name is the file's; the library call prints the same text.
+    let program =
+        rnn::Program::compile(&rnn::parse_str(&std::fs::read_to_string(&file).unwrap()).unwrap())
+            .unwrap();
+    assert_eq!(
+        code.trim_end(),
+        rnn::emit::rust(&program, "MinGru").unwrap().trim_end()
+    );
+    for part in [
+        "pub struct MinGru {",
+        "pub W_z_l0: [[f32; 5]; 8],",
+        "pub struct MinGruState {",
+        "pub fn step(&self, x: &[f32; 5], state: &mut MinGruState) -> [f32; 8]",
+        "#[target_feature(enable = \"avx2,fma\")]",
+    ] {
+        assert!(code.contains(part), "`{part}` in:\n{code}");
+    }
+
+    // A standard cell by flags, named on the command line.
+    let o = rnnc(&[
+        "emit",
+        "--cell",
+        "lstm",
+        "--input-size",
+        "3",
+        "--hidden-size",
+        "4",
+        "--layers",
+        "2",
+        "--name",
+        "Encoder",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let code = String::from_utf8(o.stdout).unwrap();
+    assert!(code.contains("pub struct Encoder {"), "{code}");
+    assert!(code.contains("pub weight_hh_l1: [[f32; 4]; 16],"), "{code}");
+}
+
+#[test]
+fn emit_refuses_a_name_that_is_not_a_rust_identifier() {
+    let err = complaint(&[
+        "emit",
+        "--cell",
+        "gru",
+        "--input-size",
+        "3",
+        "--hidden-size",
+        "4",
+        "--name",
+        "2fast",
+    ]);
+    assert!(err.contains("`2fast` is not a Rust identifier"), "{err}");
+}
+
+#[test]
+fn bench_runs_the_macro_backend_and_refuses_what_it_cannot_run() {
+    let o = rnnc(&["bench", "W5", "--backend", "macro", "--reps", "1", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().trim()).unwrap();
+    assert_eq!(v["backend"], "macro");
+    assert_eq!(v["workload"], "W5");
+    let err = complaint(&["bench", "W6", "--backend", "macro"]);
+    assert!(err.contains("the macro backend does not run it"), "{err}");
+    let err = complaint(&["bench", "W5", "--backend", "macro", "--threads", "2"]);
+    assert!(
+        err.contains("the macro backend runs on one thread"),
+        "{err}"
+    );
+}
