@@ -26,10 +26,53 @@ pub type KernelResult = (
     Buffers,
 );
 
-/// `n` zeros.
-#[inline]
+std::thread_local! {
+    /// Buffers a finished kernel gave back ([`recycle`]), reused by [`zeros`].
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The most elements the pool of one thread keeps (256 MiB of `f32`).
+const POOL_LIMIT: usize = 64 << 20;
+
+/// `n` zeros, in a buffer a finished kernel of this thread gave back when one is large enough.
+///
+/// A whole sequence's buffers are large (W1's input projection is 64 MiB): fresh ones come from
+/// the operating system zeroed page by page on first touch, which cost a tenth of W1's time
+/// (measured with `perf`); a reused one is only filled.
 pub fn zeros(n: usize) -> Vec<f32> {
-    vec![0.0; n]
+    let reused = POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        // The smallest buffer that holds `n`.
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= n)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        best.map(|i| pool.swap_remove(i))
+    });
+    match reused {
+        Some(mut b) => {
+            b.clear();
+            b.resize(n, 0.0);
+            b
+        }
+        None => vec![0.0; n],
+    }
+}
+
+/// Gives buffers back for [`zeros`] to reuse on this thread (up to a bound; the rest are freed).
+pub fn recycle(buffers: impl IntoIterator<Item = Vec<f32>>) {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let mut held: usize = pool.iter().map(Vec::capacity).sum();
+        for b in buffers {
+            if b.capacity() >= 1024 && held + b.capacity() <= POOL_LIMIT {
+                held += b.capacity();
+                pool.push(b);
+            }
+        }
+    });
 }
 
 /// A forward kernel's result as the driver takes it.
@@ -38,17 +81,24 @@ pub fn forward_result(r: KernelResult, training: bool) -> Result<Forward<f32, Bu
     let output = per_step
         .pop()
         .ok_or_else(|| Error::Argument("the cell has no output".into()))?;
+    let tape = if training {
+        Some(tape)
+    } else {
+        recycle(tape);
+        None
+    };
     Ok(Forward {
         output,
         finals,
-        tape: training.then_some(tape),
+        tape,
     })
 }
 
 /// A backward kernel's result as the driver takes it: parameters whose gradient the graph does
 /// not compute (they do not reach the output) get zeros; so does the input.
 pub fn backward_result(r: KernelResult, param_sizes: &[usize], input_len: usize) -> Backward<f32> {
-    let (mut per_step, grads, initial_grads, _) = r;
+    let (mut per_step, grads, initial_grads, buffers) = r;
+    recycle(buffers);
     let mut param_grads: Vec<Vec<f32>> = param_sizes.iter().map(|&n| zeros(n)).collect();
     for (p, g) in grads {
         param_grads[p] = g;

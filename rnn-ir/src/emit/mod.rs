@@ -554,11 +554,15 @@ pub fn emit_model(
         let input = lit(program.layers[l].input_size);
         let l = lit(l);
         quote! {
-            #l => ::rnn::rt::backward_result(
-                #f(#pf(m, dir), seq.steps, seq.batch, seq.lengths, x, &tape, dy, final_grads),
-                &[#(#sizes),*],
-                seq.steps * seq.batch * #input,
-            ),
+            #l => {
+                let r = ::rnn::rt::backward_result(
+                    #f(#pf(m, dir), seq.steps, seq.batch, seq.lengths, x, &tape, dy, final_grads),
+                    &[#(#sizes),*],
+                    seq.steps * seq.batch * #input,
+                );
+                ::rnn::rt::recycle(tape);
+                r
+            }
         }
     });
     let std_items = quote! {
