@@ -412,3 +412,76 @@ fn bad_input_is_the_same_typed_error_on_every_backend() {
         }
     }
 }
+
+/// The emitted model's weights: PyTorch's initialisation is the interpreter's for the same seed,
+/// safetensors round-trip, and a wrong file is the same typed error as for the interpreter.
+#[test]
+fn emitted_weights_are_the_interpreters_in_and_out() {
+    use backends::LstmPacked;
+    let program = program("LstmPacked");
+    let model = LstmPacked::init(5);
+    assert_eq!(model.to_weights(), Weights::init(&program, 5).unwrap());
+    let bytes = model.to_safetensors().unwrap();
+    let back = LstmPacked::from_safetensors(&bytes).unwrap();
+    assert_eq!(back.to_weights(), model.to_weights());
+    assert_eq!(
+        LstmPacked::PARAMETERS as u128,
+        program.parameter_count(),
+        "the parameter count"
+    );
+    let names: Vec<&str> = model.parameters().iter().map(|(n, _)| *n).collect();
+    let expected: Vec<String> = program.parameters().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, expected, "state_dict order");
+
+    let good = model.to_weights();
+    let mut missing = good.clone();
+    missing.tensors.remove("bias_hh_l0");
+    let mut shape = good.clone();
+    shape.tensors.get_mut("weight_ih_l0").unwrap().shape = vec![3, 16];
+    let mut nan = good.clone();
+    nan.tensors.get_mut("weight_hh_l0").unwrap().data[3] = f32::NAN;
+    let mut extra = good.clone();
+    extra
+        .tensors
+        .insert("fc.weight".into(), Tensor::zeros(vec![2, 4]));
+    for (what, w) in [
+        ("missing", missing),
+        ("shape", shape),
+        ("NaN", nan),
+        ("extra", extra),
+    ] {
+        let ours = LstmPacked::from_weights(&w).err().expect(what).to_string();
+        let reference = w.check(&program).err().expect(what).to_string();
+        assert_eq!(ours, reference, "{what}");
+        let bytes = rnn::ir::weights::write_safetensors(&w.tensors).unwrap();
+        let from_file = LstmPacked::from_safetensors(&bytes).err().expect(what);
+        assert_eq!(
+            from_file.to_string(),
+            reference,
+            "{what} from safetensors bytes"
+        );
+    }
+    assert!(LstmPacked::from_safetensors(b"not a safetensors file").is_err());
+}
+
+/// `step_slices` checks its slices' lengths.
+#[test]
+fn a_step_on_slices_of_the_wrong_length_is_a_typed_error() {
+    use backends::{LstmPacked, LstmPackedState};
+    let model = LstmPacked::init(1);
+    let mut state = LstmPackedState::ZERO;
+    let mut y = [0.0; 4];
+    let e = model
+        .step_slices(&[0.0; 2], &mut state, &mut y)
+        .unwrap_err();
+    assert_eq!(e.to_string(), "`x` has 2 elements, expected 3");
+    let e = model
+        .step_slices(&[0.0; 3], &mut state, &mut [0.0; 5])
+        .unwrap_err();
+    assert_eq!((e.argument, e.expected, e.found), ("y", 4, 5));
+    assert_eq!(
+        state,
+        LstmPackedState::ZERO,
+        "a refused step changes nothing"
+    );
+}
