@@ -451,7 +451,7 @@ fn emitted_weights_are_the_interpreters_in_and_out() {
         ("extra", extra),
     ] {
         let ours = LstmPacked::from_weights(&w).err().expect(what).to_string();
-        let reference = w.check(&program).err().expect(what).to_string();
+        let reference = w.check(&program).expect_err(what).to_string();
         assert_eq!(ours, reference, "{what}");
         let bytes = rnn::ir::weights::write_safetensors(&w.tensors).unwrap();
         let from_file = LstmPacked::from_safetensors(&bytes).err().expect(what);
