@@ -35,22 +35,16 @@ pub mod emit;
 #[doc(hidden)]
 pub mod rt;
 
-/// Expands to its input with the facade's `std` feature and to nothing without it: how emitted
-/// code declares the parts of a model that need a heap.
+/// An attribute that keeps its item with the facade's `std` feature and removes it without:
+/// how emitted code declares the parts of a model that need a heap (an attribute rather than a
+/// macro call, so that formatters and readers see ordinary items).
 #[cfg(feature = "std")]
 #[doc(hidden)]
-#[macro_export]
-macro_rules! __std {
-    ($($item:tt)*) => { $($item)* };
-}
-
+pub use rnn_macros::__keep as __std;
 /// See the `std` variant.
 #[cfg(not(feature = "std"))]
 #[doc(hidden)]
-#[macro_export]
-macro_rules! __std {
-    ($($item:tt)*) => {};
-}
+pub use rnn_macros::__strip as __std;
 
 /// Declares a vanilla RNN (or a custom cell written as equations) as a size-specialised Rust
 /// model.

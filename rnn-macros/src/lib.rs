@@ -27,3 +27,17 @@ pub fn lstm(input: TokenStream) -> TokenStream {
 pub fn gru(input: TokenStream) -> TokenStream {
     rnn_ir::emit::expand("gru", input.into()).into()
 }
+
+/// The item unchanged: what the facade's `__std` attribute is with its `std` feature.
+#[doc(hidden)]
+#[proc_macro_attribute]
+pub fn __keep(_: TokenStream, item: TokenStream) -> TokenStream {
+    item
+}
+
+/// Nothing: what the facade's `__std` attribute is without its `std` feature.
+#[doc(hidden)]
+#[proc_macro_attribute]
+pub fn __strip(_: TokenStream, _: TokenStream) -> TokenStream {
+    TokenStream::new()
+}

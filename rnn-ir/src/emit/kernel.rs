@@ -93,10 +93,25 @@ impl Access {
     /// The expression of row `r`'s first element (`r` an expression).
     fn start(&self, r: &TokenStream) -> TokenStream {
         let (off, stride) = (lit(self.offset), lit(self.stride));
+        let row = match self.rows {
+            RowSel::Once => return quote!(#off),
+            RowSel::Step | RowSel::All => quote!(#r * #stride),
+            RowSel::AtStep => quote!((t * batch + #r) * #stride),
+        };
+        if self.offset == 0 {
+            row
+        } else {
+            quote!(#off + #row)
+        }
+    }
+
+    /// The expression of row 0's first element.
+    fn start0(&self) -> TokenStream {
+        let (off, stride) = (lit(self.offset), lit(self.stride));
         match self.rows {
-            RowSel::Once => quote!(#off),
-            RowSel::Step | RowSel::All => quote!(#off + #r * #stride),
-            RowSel::AtStep => quote!(#off + (t * batch + #r) * #stride),
+            RowSel::Once | RowSel::Step | RowSel::All => quote!(#off),
+            RowSel::AtStep if self.offset == 0 => quote!(t * batch * #stride),
+            RowSel::AtStep => quote!(#off + t * batch * #stride),
         }
     }
 
@@ -443,7 +458,7 @@ impl Body<'_> {
         }
         for (i, &(_, v)) in plan.step_sums.iter().enumerate() {
             let a = self.access(v, true);
-            let (root, start, n) = (&a.root, a.start(&quote!(0)), lit(a.width));
+            let (root, start, n) = (&a.root, a.start0(), lit(a.width));
             let sum = &sums[i];
             out.extend(quote! {
                 for (s, x) in #sum.iter_mut().zip(&#root[#start..][..#n]) {
@@ -560,9 +575,9 @@ impl Body<'_> {
                     unreachable!("verified: a product's weight is a matrix")
                 };
                 let (w, x) = (&args[0], &args[1]);
-                let (wr, wo) = (&w.root, lit(w.offset));
-                let (xr, xo, xs) = (&x.root, x.start(&quote!(0)), lit(x.stride));
-                let (yr, yo, ys) = (&dst.root, dst.start(&quote!(0)), lit(dst.stride));
+                let (wr, wo, we) = (&w.root, lit(w.offset), lit(w.offset + o * i));
+                let (xr, xo, xs) = (&x.root, x.start0(), lit(x.stride));
+                let (yr, yo, ys) = (&dst.root, dst.start0(), lit(dst.stride));
                 let rows = dst.count();
                 let (ol, il) = (lit(o), lit(i));
                 let f = if d.op == Op::MatMul {
@@ -572,7 +587,7 @@ impl Body<'_> {
                 };
                 quote! {
                     ::rnn::rt::#f::<#ol, #il>(
-                        isa, #rows, &#wr[#wo..#wo + #ol * #il],
+                        isa, #rows, &#wr[#wo..#we],
                         &#xr[#xo..], #xs, &mut #yr[#yo..], #ys,
                     );
                 }
@@ -580,25 +595,25 @@ impl Body<'_> {
             Op::OuterSum => {
                 let (o, i) = (shapes[0].row_len(), shapes[1].row_len());
                 let (a, b) = (&args[0], &args[1]);
-                let (ar, ao, as_) = (&a.root, a.start(&quote!(0)), lit(a.stride));
-                let (br, bo, bs) = (&b.root, b.start(&quote!(0)), lit(b.stride));
-                let (yr, yo) = (&dst.root, lit(dst.offset));
+                let (ar, ao, as_) = (&a.root, a.start0(), lit(a.stride));
+                let (br, bo, bs) = (&b.root, b.start0(), lit(b.stride));
+                let (yr, yo, ye) = (&dst.root, lit(dst.offset), lit(dst.offset + o * i));
                 let rows = a.count();
                 let (ol, il) = (lit(o), lit(i));
                 quote! {
                     ::rnn::rt::outer_sum::<#ol, #il>(
                         isa, #rows, &#ar[#ao..], #as_, &#br[#bo..], #bs,
-                        &mut #yr[#yo..#yo + #ol * #il],
+                        &mut #yr[#yo..#ye],
                     );
                 }
             }
             Op::SumRows => {
                 let a = &args[0];
-                let (ar, ao, as_) = (&a.root, a.start(&quote!(0)), lit(a.stride));
-                let (yr, yo, n) = (&dst.root, lit(dst.offset), lit(dst.width));
-                let rows = a.count();
+                let (ar, ao, as_) = (&a.root, a.start0(), lit(a.stride));
+                let (yr, yo, ye) = (&dst.root, lit(dst.offset), lit(dst.offset + dst.width));
+                let (n, rows) = (lit(dst.width), a.count());
                 quote! {
-                    ::rnn::rt::sum_rows::<#n>(#rows, &#ar[#ao..], #as_, &mut #yr[#yo..#yo + #n]);
+                    ::rnn::rt::sum_rows::<#n>(#rows, &#ar[#ao..], #as_, &mut #yr[#yo..#ye]);
                 }
             }
             Op::SumFeatures => {
@@ -699,8 +714,8 @@ impl Body<'_> {
                     }
                     None => {
                         let a = self.access(o.value, false);
-                        let (r, off, n) = (&a.root, lit(a.offset), lit(a.width));
-                        quote!(#r[#off..#off + #n].to_vec())
+                        let (r, off, end) = (&a.root, lit(a.offset), lit(a.offset + a.width));
+                        quote!(#r[#off..#end].to_vec())
                     }
                 };
                 let p = lit(p as usize);

@@ -566,11 +566,12 @@ pub fn emit_model(
         }
     });
     let std_items = quote! {
-        ::rnn::__std! {
-            // SAFETY: every field is an `f32` or an array of them.
-            unsafe impl ::rnn::rt::Zeroable for #name {}
+        // SAFETY: every field is an `f32` or an array of them.
+        #[::rnn::__std]
+        unsafe impl ::rnn::rt::Zeroable for #name {}
 
-            const _: () = {
+        #[::rnn::__std]
+        const _: () = {
                 #layout_tables
                 static STATES: [(::rnn::rt::Cow<'static, str>, usize); #nstates] =
                     [#(#layout_states),*];
@@ -706,7 +707,6 @@ pub fn emit_model(
                     }
                 }
             };
-        }
     };
 
     quote! {
@@ -771,8 +771,9 @@ fn step_kernel(cell: &CellProgram, l: usize, nparams: usize) -> TokenStream {
         .shape(g.output(OutRole::Output).expect("a cell has an output"))
         .row_len());
     let unpack = param_unpack(nparams);
+    let np = lit(nparams);
     let args = quote! {
-        p: [&[f32]; #nparams], x: &[f32], #(#carried: &mut [f32; #sizes],)* y: &mut [f32; #out]
+        p: [&[f32]; #np], x: &[f32], #(#carried: &mut [f32; #sizes],)* y: &mut [f32; #out]
     };
     let names = quote!(p, x, #(#carried,)* y);
     dispatched(
@@ -809,8 +810,9 @@ fn sequence_kernels(cell: &CellProgram, l: usize, nparams: usize) -> TokenStream
             mode: Mode::Sequence,
         }
         .emit();
+        let np = lit(nparams);
         let args = quote! {
-            p: [&[f32]; #nparams], steps: usize, batch: usize, lengths: &[usize], x: &[f32],
+            p: [&[f32]; #np], steps: usize, batch: usize, lengths: &[usize], x: &[f32],
             initial: ::rnn::rt::Vec<::rnn::rt::Vec<f32>>
         };
         out.extend(dispatched(
@@ -837,8 +839,9 @@ fn sequence_kernels(cell: &CellProgram, l: usize, nparams: usize) -> TokenStream
     let bcarried: Vec<Ident> = (0..bg.states.len())
         .map(|k| format_ident!("cur{}", k))
         .collect();
+    let np = lit(nparams);
     let args = quote! {
-        p: [&[f32]; #nparams], steps: usize, batch: usize, lengths: &[usize], x: &[f32],
+        p: [&[f32]; #np], steps: usize, batch: usize, lengths: &[usize], x: &[f32],
         tape: &[::rnn::rt::Vec<f32>], dy: &[f32], initial: ::rnn::rt::Vec<::rnn::rt::Vec<f32>>
     };
     out.extend(dispatched(
