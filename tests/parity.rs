@@ -184,6 +184,10 @@ impl Inputs {
         let ld = spec.num_layers * spec.directions();
         let mut lengths: Vec<i64> = (0..batch).map(|_| rng.range(1, steps) as i64).collect();
         lengths[0] = steps as i64;
+        if batch > 1 {
+            // At least one row past its length at some step.
+            lengths[batch - 1] = (steps as i64 - 1).max(1);
+        }
         Inputs {
             x: rng.tensor(shape(spec.input_size)),
             gy: rng.tensor(shape(width)),
@@ -221,14 +225,32 @@ impl Inputs {
     }
 }
 
-fn assert_same(what: &str, ours: &BTreeMap<String, Tensor>, reference: &BTreeMap<String, Tensor>) {
+/// The tolerance two float32 implementations of model `name` are held to: 1e-5 relative + 1e-6
+/// absolute, except the LayerNorm-LSTM, whose gradients are ill-conditioned in float32 (a layer
+/// norm's backward subtracts nearly equal sums: PyTorch's own float32 run is 40 times the
+/// tolerance away from the exact values, see `pytorch_cells.rs`), so two float32 runs that sum
+/// in different orders differ by up to about 1e-4 relative there.
+fn tolerance(name: &str) -> (f64, f64) {
+    if name == "LayerNormLstm" {
+        (1e-3, 1e-5)
+    } else {
+        (RTOL, ATOL)
+    }
+}
+
+fn assert_same(
+    what: &str,
+    ours: &BTreeMap<String, Tensor>,
+    reference: &BTreeMap<String, Tensor>,
+    (rtol, atol): (f64, f64),
+) {
     assert_eq!(
         ours.keys().collect::<Vec<_>>(),
         reference.keys().collect::<Vec<_>>(),
         "{what}: the same tensors"
     );
     for (key, t) in reference {
-        assert_close(&format!("{what}: {key}"), &ours[key], t, RTOL, ATOL);
+        assert_close(&format!("{what}: {key}"), &ours[key], t, rtol, atol);
     }
 }
 
@@ -238,29 +260,36 @@ fn every_declared_model_equals_the_interpreter_forward_packed_and_backward() {
     for &(name, _, _) in DECLARED {
         let program = program(name);
         let weights = Weights::init(&program, rng.next_u64()).unwrap();
-        let (steps, batch) = (rng.range(1, 6), rng.range(1, 4));
-        let inputs = Inputs::new(&program, &mut rng, steps, batch);
         let reference = Backend::Interpreter.model(name, &weights);
-        for backend in backends() {
-            if backend == Backend::Interpreter {
-                continue;
-            }
-            let model = backend.model(name, &weights);
-            for packed in [false, true] {
-                for backward in [false, true] {
-                    let req = inputs.request(packed, backward);
-                    let what = format!(
-                        "{backend:?} {name} T={steps} B={batch} packed={packed} backward={backward}"
-                    );
-                    let want = named(&program, reference.run(&req).unwrap(), &[]);
-                    let got = named(&program, backend.scope(|| model.run(&req)).unwrap(), &[]);
-                    assert_same(&what, &got, &want);
-                    let split = named(
-                        &program,
-                        backend.scope(|| model.run_split(&req)).unwrap(),
-                        &[],
-                    );
-                    assert_same(&format!("{what} (forward_train + backward)"), &split, &want);
+        // One step of one row, and batches whose last row ends early (packed).
+        for (steps, batch) in [(1, 1), (5, 3), (4, 2)] {
+            let inputs = Inputs::new(&program, &mut rng, steps, batch);
+            for backend in backends() {
+                if backend == Backend::Interpreter {
+                    continue;
+                }
+                let model = backend.model(name, &weights);
+                for packed in [false, true] {
+                    for backward in [false, true] {
+                        let req = inputs.request(packed, backward);
+                        let what = format!(
+                            "{backend:?} {name} T={steps} B={batch} packed={packed} backward={backward}"
+                        );
+                        let want = named(&program, reference.run(&req).unwrap(), &[]);
+                        let got = named(&program, backend.scope(|| model.run(&req)).unwrap(), &[]);
+                        assert_same(&what, &got, &want, tolerance(name));
+                        let split = named(
+                            &program,
+                            backend.scope(|| model.run_split(&req)).unwrap(),
+                            &[],
+                        );
+                        assert_same(
+                            &format!("{what} (forward_train + backward)"),
+                            &split,
+                            &want,
+                            tolerance(name),
+                        );
+                    }
                 }
             }
         }
@@ -484,4 +513,117 @@ fn a_step_on_slices_of_the_wrong_length_is_a_typed_error() {
         LstmPackedState::ZERO,
         "a refused step changes nothing"
     );
+}
+
+/// `backward` refuses a tape from a model of another layout, and tensors whose element count
+/// disagrees with their shape are typed errors, not panics.
+#[test]
+fn misused_tapes_and_inconsistent_tensors_are_typed_errors() {
+    use backends::{GruBasic, LstmPacked};
+    let lstm = LstmPacked::init(1);
+    let gru = GruBasic::init(2);
+    let x = Tensor::zeros(vec![3, 2, 5]);
+    let (out, tape) = gru
+        .forward_train(&Request {
+            input: Some(&x),
+            ..Request::default()
+        })
+        .unwrap();
+    let gy = Tensor::zeros(vec![3, 2, 4]);
+    let e = lstm.backward(tape, &gy, &[]).unwrap_err();
+    assert!(e.to_string().contains("a model of another layout"), "{e}");
+
+    let (_, tape) = gru
+        .forward_train(&Request {
+            input: Some(&x),
+            ..Request::default()
+        })
+        .unwrap();
+    let short = Tensor {
+        shape: out.output.shape.clone(),
+        data: vec![0.0; 3],
+    };
+    let e = gru.backward(tape, &short, &[]).unwrap_err();
+    assert!(e.to_string().contains("holds 3 elements"), "{e}");
+
+    let bad_input = Tensor {
+        shape: vec![3, 2, 3],
+        data: vec![0.0; 5],
+    };
+    let e = lstm
+        .forward(&Request {
+            input: Some(&bad_input),
+            ..Request::default()
+        })
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`input` has shape [3, 2, 3] but holds 5 elements"),
+        "{e}"
+    );
+
+    let mut w = lstm.to_weights();
+    w.tensors.get_mut("weight_ih_l0").unwrap().data.pop();
+    let e = LstmPacked::from_weights(&w).err().unwrap();
+    assert!(e.to_string().contains("weight_ih_l0"), "{e}");
+}
+
+rnn::rnn! {
+    /// Wide enough that its fused gate matrix (2 MiB) must not be built on the stack per step.
+    struct WideMinGru {
+        input: 512, hidden: 512,
+        param W_z: [hidden, input], param b_z: [hidden],
+        param W_h: [hidden, input], param b_h: [hidden],
+        state h,
+        z = sigmoid(W_z @ x + b_z),
+        h = (1 - z) * h + z * (W_h @ x + b_h),
+    }
+}
+
+rnn::rnn! {
+    /// Names that are Rust keywords become raw identifiers.
+    struct KeywordNames {
+        input: 2, hidden: 3,
+        param type: [hidden, input],
+        state loop,
+        loop = tanh(type @ x + loop),
+    }
+}
+
+#[test]
+fn a_wide_custom_cell_streams_on_a_test_threads_stack() {
+    let model = WideMinGru::init(3);
+    let program = Program::compile(
+        &rnn::parse_str(
+            "cell WideMinGru { input: 512, hidden: 512,
+                param W_z: [hidden, input], param b_z: [hidden],
+                param W_h: [hidden, input], param b_h: [hidden],
+                state h,
+                z = sigmoid(W_z @ x + b_z),
+                h = (1 - z) * h + z * (W_h @ x + b_h) }",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let weights = model.to_weights();
+    assert_eq!(weights, Weights::init(&program, 3).unwrap());
+    let bound = program.bind::<f32>(&weights).unwrap();
+    let mut stream = bound.stream(1, rnn::Exec::default()).unwrap();
+    let mut reference = stream.zero_state();
+    let mut state = WideMinGruState::ZERO;
+    for t in 0..3 {
+        let x: [f32; 512] = std::array::from_fn(|i| ((i * 7 + t) % 13) as f32 / 13.0 - 0.5);
+        let ours = model.step(&x, &mut state);
+        let want = stream.step(&mut reference, &x).unwrap();
+        let (a, b) = (
+            Tensor::new(vec![512], ours.to_vec()).unwrap(),
+            Tensor::new(vec![512], want.to_vec()).unwrap(),
+        );
+        assert_close(&format!("step {t}"), &a, &b, RTOL, ATOL);
+    }
+    let k = KeywordNames::init(1);
+    let mut s = KeywordNamesState::ZERO;
+    let _ = k.step(&[1.0, 2.0], &mut s);
+    assert_eq!(k.type_l0.len(), 3);
+    assert!(s.r#loop[0].iter().any(|&v| v != 0.0));
 }

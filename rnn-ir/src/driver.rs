@@ -220,6 +220,7 @@ fn check_request(p: &Layout, req: &Request) -> Result<(usize, usize, Vec<usize>)
     } else {
         "(time, batch, features)"
     };
+    check_elements("input", x)?;
     if x.shape.len() != 3 || x.shape[2] != spec.input_size {
         return Err(Error::Argument(format!(
             "`input` has shape {:?}, expected 3 dimensions {layout} with {} features",
@@ -311,6 +312,7 @@ fn check_request(p: &Layout, req: &Request) -> Result<(usize, usize, Vec<usize>)
 
 /// Checks that argument `name` has shape `want` and holds only finite values.
 fn check_tensor(name: String, t: &Tensor, want: Vec<usize>) -> Result<()> {
+    check_elements(&name, t)?;
     if t.shape != want {
         return Err(Error::TensorShape {
             name,
@@ -322,6 +324,20 @@ fn check_tensor(name: String, t: &Tensor, want: Vec<usize>) -> Result<()> {
         Some((index, found)) => Err(Error::NonFinite { name, index, found }),
         None => Ok(()),
     }
+}
+
+/// Checks that a tensor holds as many elements as its shape says (its fields are public, so
+/// nothing else guarantees it).
+fn check_elements(name: &str, t: &Tensor) -> Result<()> {
+    let want = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if want != Some(t.data.len()) {
+        return Err(Error::Argument(format!(
+            "`{name}` has shape {:?} but holds {} elements",
+            t.shape,
+            t.data.len()
+        )));
+    }
+    Ok(())
 }
 
 /// `(T, B, n)` time-major from `(B, T, n)` (or back: the swap is its own inverse).
@@ -377,6 +393,8 @@ pub struct RawResponse<T> {
 /// What a forward pass kept for [`backward`]: every (layer, direction)'s tape and input, and
 /// the shape of the run.
 pub struct Tape<T, E> {
+    /// The layout of the model that made it, as text: `backward` refuses a tape of another.
+    layout: String,
     steps: usize,
     batch: usize,
     lengths: Vec<usize>,
@@ -543,6 +561,7 @@ pub fn forward<T: Real, E: SequenceExecutor<T>>(
         grads: None,
     };
     let tape = keep.then(|| Tape {
+        layout: format!("{layout:?}"),
         steps,
         batch,
         lengths,
@@ -571,7 +590,16 @@ pub fn backward<T: Real, E: SequenceExecutor<T>>(
     grad_output: &Tensor,
     grad_final_states: &[Option<&Tensor>],
 ) -> Result<Gradients> {
+    if tape.layout != format!("{layout:?}") {
+        return Err(Error::Argument(
+            "the tape was made by the forward pass of a model of another layout (sizes, layers, \
+             directions or parameters): pass `backward` the tape of this model's own \
+             `forward_train`"
+                .into(),
+        ));
+    }
     let Tape {
+        layout: _,
         steps,
         batch,
         lengths,

@@ -42,6 +42,12 @@ impl Weights {
                     found: t.shape.clone(),
                 });
             }
+            if t.data.len() != shape.iter().product::<usize>() {
+                return Err(Error::WeightsMismatch(format!(
+                    "`{name}` has shape {shape:?} but holds {} elements",
+                    t.data.len()
+                )));
+            }
             if let Some((index, found)) = t.first_non_finite() {
                 return Err(Error::NonFinite {
                     name: name.to_string(),

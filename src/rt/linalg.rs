@@ -5,7 +5,9 @@
 //! One row (the streaming step, a batch of one) runs an explicit 256-bit AVX2 + FMA kernel
 //! behind [`Isa::Avx2`], or a portable loop with the same order of summation behind
 //! [`Isa::Portable`]; the two differ only by FMA's single rounding. Several rows go to the `gemm`
-//! crate (feature `std`; without it, one row at a time).
+//! crate (feature `std`; without it, one row at a time), which chooses its own instruction set
+//! whatever the path: the portable path differs from the AVX2 one in single-row products and in
+//! the emitted element-wise loops only.
 //!
 //! PyTorch stores a weight `(out, in)` row-major. `x · Wᵀ` is then a dot product per output
 //! (rows of `W` are contiguous): the AVX2 kernel takes four outputs at a time, eight lanes of
@@ -65,9 +67,11 @@ pub fn matmul<const O: usize, const I: usize>(
 #[inline(always)]
 fn matvec<const O: usize, const I: usize>(isa: Isa, w: &[f32], x: &[f32], y: &mut [f32]) {
     match isa {
+        // `Isa` is a plain enum anyone can name, so the AVX2 kernel runs only when this CPU was
+        // detected to have AVX2 and FMA (one relaxed atomic load); otherwise the portable one.
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only handed out when the CPU has AVX2 and FMA (see `isa`).
-        Isa::Avx2 => unsafe { avx2::matvec::<O, I>(w, x, y) },
+        // SAFETY: `detected()` reports AVX2 only when the CPU has AVX2 and FMA.
+        Isa::Avx2 if super::detected() == Isa::Avx2 => unsafe { avx2::matvec::<O, I>(w, x, y) },
         _ => portable::matvec::<O, I>(w, x, y),
     }
 }

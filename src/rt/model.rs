@@ -61,6 +61,11 @@ pub fn zeros(n: usize) -> Vec<f32> {
     }
 }
 
+/// Frees the buffers this thread keeps for reuse (up to 256 MiB after a large run).
+pub fn release_buffers() {
+    POOL.with(|pool| pool.borrow_mut().clear());
+}
+
 /// Gives buffers back for [`zeros`] to reuse on this thread (up to a bound; the rest are freed).
 pub fn recycle(buffers: impl IntoIterator<Item = Vec<f32>>) {
     POOL.with(|pool| {

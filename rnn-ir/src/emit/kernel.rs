@@ -531,13 +531,24 @@ impl Body<'_> {
         for (i, &a) in d.args.iter().enumerate() {
             let mut acc = self.access(a, at_step);
             if !in_place(i) && acc.root == dst.root {
-                // An argument in the destination's own root is read from a copy.
+                // An argument in the destination's own root is read from a copy of the rows it
+                // covers (the step's rows of a tape, not the whole tape).
                 let copy = format_ident!("arg{}", i);
                 let root = &acc.root;
+                let (start, count) = (acc.start0(), acc.count());
+                let (stride, width) = (lit(acc.stride), lit(acc.width));
                 prelude.extend(match self.mode {
                     Mode::Step => quote!(let #copy = #root;),
-                    Mode::Sequence => quote!(let #copy = #root.to_vec();),
+                    Mode::Sequence => quote! {
+                        let #copy = #root[#start..#start + (#count - 1) * #stride + #width].to_vec();
+                    },
                 });
+                if self.mode == Mode::Sequence {
+                    acc.offset = 0;
+                    if acc.rows == RowSel::AtStep {
+                        acc.rows = RowSel::Step;
+                    }
+                }
                 acc.root = copy;
             }
             args.push(acc);

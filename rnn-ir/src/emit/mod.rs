@@ -44,6 +44,10 @@ use kernel::{Body, Mode};
 use proc_macro2::{Delimiter, Ident, Literal, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
 
+/// The most floats of values derived from weights alone that a streaming step computes per
+/// step on its stack (16 KiB); above it the step runs the unfused graphs.
+const STEP_BOUND_LIMIT: usize = 4096;
+
 fn lit(n: usize) -> Literal {
     Literal::usize_unsuffixed(n)
 }
@@ -283,6 +287,23 @@ pub fn emit_model(
     attrs: &[TokenStream],
 ) -> TokenStream {
     let spec = &program.spec;
+    let names = program
+        .parameters()
+        .into_iter()
+        .map(|(n, _)| n)
+        .chain(program.states().iter().map(|(n, _)| n.clone()));
+    let unusable: Vec<TokenStream> = names
+        .filter(|n| matches!(n.as_str(), "self" | "Self" | "super" | "crate" | "_"))
+        .map(|n| {
+            compile_error(
+                name.span(),
+                &format!("`{n}` cannot name a field of the model in Rust: rename it"),
+            )
+        })
+        .collect();
+    if !unusable.is_empty() {
+        return quote!(#(#unusable)* #vis struct #name;);
+    }
     let state_name = format_ident!("{}State", name);
     let dirs = spec.directions();
     let layers = program.layers.len();
@@ -290,7 +311,7 @@ pub fn emit_model(
         .parameter_infos()
         .into_iter()
         .map(|(n, info)| Field {
-            ident: Ident::new(&n, Span::call_site()),
+            ident: rust_ident(&n),
             name: n,
             dims: info.dims(),
             shape: info.shape,
@@ -372,6 +393,33 @@ pub fn emit_model(
             .position(|c| c.input_size == size)
             .expect("layer l itself matches")
     };
+    // The streaming step keeps its buffers on the stack and computes the values derived from
+    // weights alone (bias sums, fused gate matrices) at every step. Where those are large (the
+    // fusion of a custom cell's products stacks its matrices), the step runs the graphs as
+    // lowered instead: no copy of a weight matrix per step, nothing large on the stack.
+    let bound_floats = |c: &CellProgram| -> usize {
+        let plan = c.forward_plan(false);
+        plan.buffers
+            .iter()
+            .filter(|b| b.storage == crate::plan::Storage::Bound)
+            .map(|b| b.width)
+            .sum()
+    };
+    let unfused = if program
+        .layers
+        .iter()
+        .any(|c| bound_floats(c) > STEP_BOUND_LIMIT)
+    {
+        Program::compile_with(
+            &program.spec,
+            crate::program::CompileOptions { optimize: false },
+        )
+        .ok()
+        .filter(|p| p.parameters() == program.parameters())
+    } else {
+        None
+    };
+    let step_program = unfused.as_ref().unwrap_or(program);
     let mut step_kernels = TokenStream::new();
     let mut seq_kernels = TokenStream::new();
     for (l, cell) in program.layers.iter().enumerate() {
@@ -379,7 +427,7 @@ pub fn emit_model(
             continue;
         }
         if dirs == 1 {
-            step_kernels.extend(step_kernel(cell, l, per_cell));
+            step_kernels.extend(step_kernel(&step_program.layers[l], l, per_cell));
         }
         seq_kernels.extend(sequence_kernels(cell, l, per_cell));
     }
@@ -387,13 +435,13 @@ pub fn emit_model(
     // The streaming step (unidirectional models).
     let states = program.states();
     let state_fields = states.iter().map(|(n, size)| {
-        let id = format_ident!("{}", n);
+        let id = rust_ident(n);
         let size = lit(*size);
         let doc = format!(" `{n}` of each layer.");
         quote!(#[doc = #doc] pub #id: [[f32; #size]; #layers_lit],)
     });
     let state_zero = states.iter().map(|(n, size)| {
-        let id = format_ident!("{}", n);
+        let id = rust_ident(n);
         let size = lit(*size);
         quote!(#id: [[0.0; #size]; #layers_lit],)
     });
@@ -405,7 +453,7 @@ pub fn emit_model(
             let pf = format_ident!("params_l{}", l);
             let y = format_ident!("y{}", l);
             let carried = states.iter().map(|(n, _)| {
-                let id = format_ident!("{}", n);
+                let id = rust_ident(n);
                 let l = lit(l);
                 quote!(&mut state.#id[#l])
             });
@@ -422,6 +470,7 @@ pub fn emit_model(
             format!(" The recurrent state of a [`{name}`] between two calls of [`{name}::step`].");
         quote! {
             #[doc = #state_doc]
+            #[allow(non_snake_case)]
             #[derive(::core::clone::Clone, ::core::marker::Copy, ::core::fmt::Debug, ::core::cmp::PartialEq)]
             #vis struct #state_name {
                 #(#state_fields)*
@@ -566,7 +615,10 @@ pub fn emit_model(
         }
     });
     let std_items = quote! {
-        // SAFETY: every field is an `f32` or an array of them.
+        // Every field is an `f32` or an array of them: the struct is exactly its parameters.
+        const _: () = ::core::assert!(::core::mem::size_of::<#name>() == #nparams_lit * 4);
+
+        // SAFETY: every field is an `f32` or an array of them (the size is asserted above).
         #[::rnn::__std]
         unsafe impl ::rnn::rt::Zeroable for #name {}
 
@@ -589,9 +641,9 @@ pub fn emit_model(
                 #param_fns
                 #seq_kernels
 
-                struct Exec<'a>(&'a #name);
+                struct __RnnExecutor<'a>(&'a #name);
 
-                impl ::rnn::rt::SequenceExecutor<f32> for Exec<'_> {
+                impl ::rnn::rt::SequenceExecutor<f32> for __RnnExecutor<'_> {
                     type Tape = ::rnn::rt::Buffers;
 
                     fn forward(
@@ -675,7 +727,7 @@ pub fn emit_model(
                     /// per-sequence lengths (packed semantics) and initial states. Returns the
                     /// outputs and final states; every argument is checked first.
                     pub fn forward(&self, request: &::rnn::rt::Request<'_>) -> ::rnn::rt::Result<::rnn::rt::Response> {
-                        ::rnn::rt::forward(&LAYOUT, &Exec(self), request, false)
+                        ::rnn::rt::forward(&LAYOUT, &__RnnExecutor(self), request, false)
                             .map(|(raw, _)| raw.response)
                     }
 
@@ -684,7 +736,7 @@ pub fn emit_model(
                         &self,
                         request: &::rnn::rt::Request<'_>,
                     ) -> ::rnn::rt::Result<(::rnn::rt::Response, ::rnn::rt::Tape)> {
-                        let (raw, tape) = ::rnn::rt::forward(&LAYOUT, &Exec(self), request, true)?;
+                        let (raw, tape) = ::rnn::rt::forward(&LAYOUT, &__RnnExecutor(self), request, true)?;
                         ::core::result::Result::Ok((raw.response, tape.expect("a tape was asked for")))
                     }
 
@@ -697,13 +749,13 @@ pub fn emit_model(
                         grad_output: &::rnn::rt::Tensor,
                         grad_final_states: &[::core::option::Option<&::rnn::rt::Tensor>],
                     ) -> ::rnn::rt::Result<::rnn::rt::Gradients> {
-                        ::rnn::rt::backward(&LAYOUT, &Exec(self), tape, grad_output, grad_final_states)
+                        ::rnn::rt::backward(&LAYOUT, &__RnnExecutor(self), tape, grad_output, grad_final_states)
                     }
 
                     /// Forward, and backward when the request has `grad_output`: what the
                     /// interpreter's `Program::run` does, with this model's kernels.
                     pub fn run(&self, request: &::rnn::rt::Request<'_>) -> ::rnn::rt::Result<::rnn::rt::Response> {
-                        ::rnn::rt::run_layout(&LAYOUT, &Exec(self), request).map(|raw| raw.response)
+                        ::rnn::rt::run_layout(&LAYOUT, &__RnnExecutor(self), request).map(|raw| raw.response)
                     }
                 }
             };
@@ -899,5 +951,21 @@ fn dispatched(
             }
             #inner(::rnn::rt::Isa::Portable, #arg_names)
         }
+    }
+}
+
+/// `name` as a Rust identifier: a raw one (`r#type`) for a keyword.
+fn rust_ident(name: &str) -> Ident {
+    const KEYWORDS: &[&str] = &[
+        "as", "async", "await", "box", "break", "const", "continue", "do", "dyn", "else", "enum",
+        "extern", "false", "final", "fn", "for", "gen", "if", "impl", "in", "let", "loop", "macro",
+        "match", "mod", "move", "mut", "override", "priv", "pub", "ref", "return", "static",
+        "struct", "trait", "true", "try", "type", "typeof", "unsafe", "unsized", "use", "virtual",
+        "where", "while", "yield", "abstract", "become",
+    ];
+    if KEYWORDS.contains(&name) {
+        Ident::new_raw(name, Span::call_site())
+    } else {
+        Ident::new(name, Span::call_site())
     }
 }
