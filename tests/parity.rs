@@ -515,7 +515,8 @@ fn a_step_on_slices_of_the_wrong_length_is_a_typed_error() {
     );
 }
 
-/// `backward` refuses a tape from a model of another layout, and tensors whose element count
+/// `backward` refuses a tape from another model (of another layout, or of the same type), and
+/// tensors whose element count
 /// disagrees with their shape are typed errors, not panics.
 #[test]
 fn misused_tapes_and_inconsistent_tensors_are_typed_errors() {
@@ -531,7 +532,23 @@ fn misused_tapes_and_inconsistent_tensors_are_typed_errors() {
         .unwrap();
     let gy = Tensor::zeros(vec![3, 2, 4]);
     let e = lstm.backward(tape, &gy, &[]).unwrap_err();
-    assert!(e.to_string().contains("a model of another layout"), "{e}");
+    assert!(
+        e.to_string().contains("another model's forward pass"),
+        "{e}"
+    );
+    // Another model of the same type: its weights are not the ones the tape was made with.
+    let other = GruBasic::init(3);
+    let (_, tape) = gru
+        .forward_train(&Request {
+            input: Some(&x),
+            ..Request::default()
+        })
+        .unwrap();
+    let e = other.backward(tape, &out.output, &[]).unwrap_err();
+    assert!(
+        e.to_string().contains("another model's forward pass"),
+        "{e}"
+    );
 
     let (_, tape) = gru
         .forward_train(&Request {

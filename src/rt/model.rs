@@ -13,9 +13,45 @@ pub use std::vec::Vec;
 /// The buffers an emitted sequence kernel leaves: what its backward pass reads.
 pub type Buffers = Vec<Vec<f32>>;
 
-/// What an emitted model's forward pass keeps for its backward pass (see
-/// [`forward`] and [`backward`]).
-pub type Tape = rnn_ir::driver::Tape<f32, Buffers>;
+/// What an emitted model's `forward_train` keeps for its `backward`: the driver's tape, the
+/// model it came from, and a borrow of that model, so that its weights cannot change between
+/// the two calls (the compiler refuses `parameters_mut` while a tape is alive).
+pub struct Tape<'m> {
+    tape: rnn_ir::driver::Tape<f32, Buffers>,
+    owner: usize,
+    _model: core::marker::PhantomData<&'m ()>,
+}
+
+impl core::fmt::Debug for Tape<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Tape")
+            .field("tape", &self.tape)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'m> Tape<'m> {
+    /// The tape of a forward pass of the model at `owner`.
+    pub fn new<M>(tape: rnn_ir::driver::Tape<f32, Buffers>, owner: &'m M) -> Self {
+        Tape {
+            tape,
+            owner: owner as *const M as usize,
+            _model: core::marker::PhantomData,
+        }
+    }
+
+    /// The driver's tape, when `model` is the one that made it.
+    pub fn take<M>(self, model: &M) -> Result<rnn_ir::driver::Tape<f32, Buffers>> {
+        if self.owner != model as *const M as usize {
+            return Err(Error::Argument(
+                "the tape was made by another model's forward pass: pass `backward` the tape \
+                 of this model's own `forward_train`"
+                    .into(),
+            ));
+        }
+        Ok(self.tape)
+    }
+}
 
 /// What an emitted sequence kernel returns: the per-step outputs (zero past each length), the
 /// parameter gradients by index, the carried values after the last step, and its buffers.

@@ -199,10 +199,14 @@ macro_rules! states {
 }
 
 /// Forward with a tape, then backward, joined into one response.
-fn split(
+fn split<'m>(
     req: &Request,
-    forward: impl FnOnce(&Request) -> Result<(Response, rnn::Tape)>,
-    backward: impl FnOnce(rnn::Tape, &rnn::Tensor, &[Option<&rnn::Tensor>]) -> Result<rnn::Gradients>,
+    forward: impl FnOnce(&Request) -> Result<(Response, rnn::Tape<'m>)>,
+    backward: impl FnOnce(
+        rnn::Tape<'m>,
+        &rnn::Tensor,
+        &[Option<&rnn::Tensor>],
+    ) -> Result<rnn::Gradients>,
 ) -> Result<Response> {
     let Some(gy) = req.grad_output else {
         return forward(req).map(|(r, _)| r);

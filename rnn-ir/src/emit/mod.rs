@@ -735,9 +735,10 @@ pub fn emit_model(
                     pub fn forward_train(
                         &self,
                         request: &::rnn::rt::Request<'_>,
-                    ) -> ::rnn::rt::Result<(::rnn::rt::Response, ::rnn::rt::Tape)> {
+                    ) -> ::rnn::rt::Result<(::rnn::rt::Response, ::rnn::rt::Tape<'_>)> {
                         let (raw, tape) = ::rnn::rt::forward(&LAYOUT, &__RnnExecutor(self), request, true)?;
-                        ::core::result::Result::Ok((raw.response, tape.expect("a tape was asked for")))
+                        let tape = tape.expect("a tape was asked for");
+                        ::core::result::Result::Ok((raw.response, ::rnn::rt::Tape::new(tape, self)))
                     }
 
                     /// Back-propagation through time from a [`Self::forward_train`]: the
@@ -745,10 +746,11 @@ pub fn emit_model(
                     /// every parameter (by PyTorch name), the input and the initial states.
                     pub fn backward(
                         &self,
-                        tape: ::rnn::rt::Tape,
+                        tape: ::rnn::rt::Tape<'_>,
                         grad_output: &::rnn::rt::Tensor,
                         grad_final_states: &[::core::option::Option<&::rnn::rt::Tensor>],
                     ) -> ::rnn::rt::Result<::rnn::rt::Gradients> {
+                        let tape = tape.take(self)?;
                         ::rnn::rt::backward(&LAYOUT, &__RnnExecutor(self), tape, grad_output, grad_final_states)
                     }
 
