@@ -158,6 +158,12 @@ fn the_declared_acceptance_cells_are_the_files_of_examples_cells() {
             "{name} is examples/cells/{file}.rnn"
         );
     }
+    let minimal = Program::compile(&rnn::parse_str(common::MINIMAL_GRU).unwrap()).unwrap();
+    assert_eq!(
+        program("MinimalGru").to_string(),
+        minimal.to_string(),
+        "MinimalGru is the property tests' MINIMAL_GRU"
+    );
 }
 
 /// A random request for `program`: `steps × batch` input, and with `packed` random lengths

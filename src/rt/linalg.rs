@@ -31,29 +31,7 @@ pub fn matmul<const O: usize, const I: usize>(
     let w = &w[..O * I];
     #[cfg(feature = "std")]
     if rows > 1 {
-        use rnn_ir::tensor::{MatMut, MatRef, matmul};
-        let a = MatRef {
-            data: x,
-            rows,
-            cols: I,
-            row_stride: xs,
-            col_stride: 1,
-        };
-        let b = MatRef {
-            data: w,
-            rows: O,
-            cols: I,
-            row_stride: I,
-            col_stride: 1,
-        }
-        .t();
-        let dst = MatMut {
-            data: y,
-            rows,
-            cols: O,
-            row_stride: ys,
-        };
-        matmul(dst, a, b, false, 1, false);
+        gemm(y, ys, rows, O, mat(x, rows, I, xs), mat(w, O, I, I).t());
         return;
     }
     for r in 0..rows {
@@ -91,28 +69,7 @@ pub fn matmul_t<const O: usize, const I: usize>(
     let w = &w[..O * I];
     #[cfg(feature = "std")]
     if rows > 1 {
-        use rnn_ir::tensor::{MatMut, MatRef, matmul};
-        let a = MatRef {
-            data: d,
-            rows,
-            cols: O,
-            row_stride: ds,
-            col_stride: 1,
-        };
-        let b = MatRef {
-            data: w,
-            rows: O,
-            cols: I,
-            row_stride: I,
-            col_stride: 1,
-        };
-        let dst = MatMut {
-            data: y,
-            rows,
-            cols: I,
-            row_stride: ys,
-        };
-        matmul(dst, a, b, false, 1, false);
+        gemm(y, ys, rows, I, mat(d, rows, O, ds), mat(w, O, I, I));
         return;
     }
     let _ = isa;
@@ -143,29 +100,7 @@ pub fn outer_sum<const O: usize, const I: usize>(
     let y = &mut y[..O * I];
     #[cfg(feature = "std")]
     if rows > 1 {
-        use rnn_ir::tensor::{MatMut, MatRef, matmul};
-        let a = MatRef {
-            data: d,
-            rows,
-            cols: O,
-            row_stride: ds,
-            col_stride: 1,
-        }
-        .t();
-        let b = MatRef {
-            data: x,
-            rows,
-            cols: I,
-            row_stride: xs,
-            col_stride: 1,
-        };
-        let dst = MatMut {
-            data: y,
-            rows: O,
-            cols: I,
-            row_stride: I,
-        };
-        matmul(dst, a, b, false, 1, false);
+        gemm(y, I, O, I, mat(d, rows, O, ds).t(), mat(x, rows, I, xs));
         return;
     }
     let _ = isa;
@@ -180,6 +115,37 @@ pub fn outer_sum<const O: usize, const I: usize>(
             }
         }
     }
+}
+
+/// `rows × cols` elements of `data`, rows `stride` apart.
+#[cfg(feature = "std")]
+fn mat(data: &[f32], rows: usize, cols: usize, stride: usize) -> rnn_ir::tensor::MatRef<'_, f32> {
+    rnn_ir::tensor::MatRef {
+        data,
+        rows,
+        cols,
+        row_stride: stride,
+        col_stride: 1,
+    }
+}
+
+/// `y = a · b` (`rows × cols`, rows `ys` apart) by the `gemm` crate, on one thread.
+#[cfg(feature = "std")]
+fn gemm(
+    y: &mut [f32],
+    ys: usize,
+    rows: usize,
+    cols: usize,
+    a: rnn_ir::tensor::MatRef<'_, f32>,
+    b: rnn_ir::tensor::MatRef<'_, f32>,
+) {
+    let dst = rnn_ir::tensor::MatMut {
+        data: y,
+        rows,
+        cols,
+        row_stride: ys,
+    };
+    rnn_ir::tensor::matmul(dst, a, b, false, 1, false);
 }
 
 /// `y = Σ_r a[r]` (`N` features), accumulated in `f64` as the interpreter does (a bias
