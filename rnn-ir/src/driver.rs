@@ -437,11 +437,11 @@ pub fn run_layout<T: Real, E: SequenceExecutor<T>>(
     let Some(gy) = req.grad_output else {
         return Ok(forward(layout, executor, req, false)?.0);
     };
-    // Every argument, the gradients' included, is checked before any work.
-    check_request(layout, req)?;
-    let (mut raw, tape) = forward(layout, executor, req, true)?;
+    // Every argument, the gradients' included, is checked once, before any work.
+    let checked = check_request(layout, req)?;
+    let (mut raw, tape) = forward_checked(layout, executor, req, true, checked)?;
     let tape = tape.expect("a tape was asked for");
-    let grads = backward(layout, executor, tape, gy, &req.grad_final_states)?;
+    let grads = backward_checked(layout, executor, tape, gy, &req.grad_final_states)?;
     raw.response.grads = Some(grads);
     Ok(raw)
 }
@@ -460,7 +460,19 @@ pub fn forward<T: Real, E: SequenceExecutor<T>>(
         grad_final_states: Vec::new(),
         ..req.clone()
     };
-    let (steps, batch, lengths) = check_request(layout, &forward_only)?;
+    let checked = check_request(layout, &forward_only)?;
+    forward_checked(layout, executor, req, keep, checked)
+}
+
+/// [`forward`] of a request [`check_request`] accepted as `(T, B, lengths)`.
+#[allow(clippy::type_complexity)]
+fn forward_checked<T: Real, E: SequenceExecutor<T>>(
+    layout: &Layout,
+    executor: &E,
+    req: &Request,
+    keep: bool,
+    (steps, batch, lengths): (usize, usize, Vec<usize>),
+) -> Result<(RawResponse<T>, Option<Tape<T, E::Tape>>)> {
     let seq = Seq {
         steps,
         batch,
@@ -598,6 +610,24 @@ pub fn backward<T: Real, E: SequenceExecutor<T>>(
                 .into(),
         ));
     }
+    check_backward(
+        layout,
+        tape.steps,
+        tape.batch,
+        grad_output,
+        grad_final_states,
+    )?;
+    backward_checked(layout, executor, tape, grad_output, grad_final_states)
+}
+
+/// [`backward`] with gradients already checked against the tape's run.
+fn backward_checked<T: Real, E: SequenceExecutor<T>>(
+    layout: &Layout,
+    executor: &E,
+    tape: Tape<T, E::Tape>,
+    grad_output: &Tensor,
+    grad_final_states: &[Option<&Tensor>],
+) -> Result<Gradients> {
     let Tape {
         layout: _,
         steps,
@@ -608,7 +638,7 @@ pub fn backward<T: Real, E: SequenceExecutor<T>>(
         tapes,
         inputs,
     } = tape;
-    check_backward(layout, steps, batch, grad_output, grad_final_states)?;
+
     let seq = Seq {
         steps,
         batch,
