@@ -8,35 +8,16 @@ mod common;
 
 use backends::{Backend, CELL_MODELS, DECLARED, FIXTURE_MODELS, backends, program};
 use common::{Case, Rng, assert_close, rnn_cases, tolerance_ratio};
-use rnn::ir::weights::{self, infer_spec};
+use rnn::ir::weights::infer_spec;
 use rnn::{Error, Program, Request, Response, Tensor, Weights};
 use std::collections::BTreeMap;
-use std::path::Path;
 
 const RTOL: f64 = 1e-5;
 const ATOL: f64 = 1e-6;
 
-/// Every tensor of a response under PyTorch's names: `output`, `h_n`, `grad.input`, `grad.h0`
-/// (of the states in `given`), `grad.<parameter>`.
+/// Every tensor of a response under PyTorch's names (see `Response::into_named`).
 fn named(program: &Program, out: Response, given: &[bool]) -> BTreeMap<String, Tensor> {
-    let states = program.states();
-    let mut got = BTreeMap::new();
-    got.insert("output".to_string(), out.output);
-    for (k, s) in out.final_states.into_iter().enumerate() {
-        got.insert(format!("{}_n", states[k].0), s);
-    }
-    if let Some(grads) = out.grads {
-        got.insert("grad.input".into(), grads.input);
-        for (k, g) in grads.initial_states.into_iter().enumerate() {
-            if given.get(k).copied().unwrap_or(true) {
-                got.insert(format!("grad.{}0", states[k].0), g);
-            }
-        }
-        for (name, g) in grads.params {
-            got.insert(format!("grad.{name}"), g);
-        }
-    }
-    got
+    out.into_named(program.states(), given)
 }
 
 #[test]
@@ -87,11 +68,6 @@ fn every_pytorch_case_matches_on_every_backend() {
     }
 }
 
-fn cell_fixture(name: &str, file: &str) -> Vec<u8> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cells");
-    std::fs::read(dir.join(name).join(file)).unwrap()
-}
-
 /// The LayerNorm-LSTM, minGRU and the chapter's Elman cell against PyTorch modules
 /// (`tests/fixtures/make_cell_cases.py`), in `f32`: within 1e-5 relative + 1e-6 absolute of the
 /// exact values, or (the LayerNorm-LSTM's ill-conditioned gradients; see `pytorch_cells.rs`)
@@ -102,29 +78,11 @@ fn the_pytorch_cells_match_on_every_backend() {
         for &cell in &common::PYTORCH_CELLS {
             let model_name = CELL_MODELS.iter().find(|(c, _)| *c == cell).unwrap().1;
             let program = program(model_name);
-            let weights =
-                Weights::from_safetensors(&cell_fixture(cell, "weights.safetensors"), &program)
-                    .unwrap();
-            let load = |f: &str| rnn::ir::npy::read_f32(&cell_fixture(cell, f)).unwrap();
-            let (input, gy) = (load("input.npy"), load("grad_output.npy"));
-            let states: Vec<Tensor> = program
-                .states()
-                .iter()
-                .map(|(s, _)| load(&format!("{s}0.npy")))
-                .collect();
-            let req = Request {
-                input: Some(&input),
-                initial_states: states.iter().map(Some).collect(),
-                grad_output: Some(&gy),
-                ..Default::default()
-            };
-            let model = backend.model(model_name, &weights);
-            let out = backend.scope(|| model.run(&req)).unwrap();
+            let case = common::CellCase::load(cell, &program);
+            let model = backend.model(model_name, &case.weights);
+            let out = backend.scope(|| model.run(&case.request())).unwrap();
             let ours = named(&program, out, &[]);
-            let expected =
-                weights::read_safetensors(&cell_fixture(cell, "expected.safetensors")).unwrap();
-            let torch =
-                weights::read_safetensors(&cell_fixture(cell, "pytorch_f32.safetensors")).unwrap();
+            let (expected, torch) = (&case.expected, &case.pytorch_f32);
             assert_eq!(
                 ours.keys().collect::<Vec<_>>(),
                 expected.keys().collect::<Vec<_>>(),

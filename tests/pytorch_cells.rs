@@ -16,10 +16,9 @@
 mod common;
 
 use rnn::ir::tensor::Real;
-use rnn::ir::{npy, weights};
-use rnn::{Exec, Program, Request, Tensor, Weights, parse_str};
+
+use rnn::{Exec, Program, Tensor, parse_str};
 use std::collections::BTreeMap;
-use std::path::Path;
 
 const RTOL: f64 = 1e-5;
 const ATOL: f64 = 1e-6;
@@ -36,47 +35,17 @@ fn worst(actual: &Tensor, expected: &Tensor) -> f64 {
     common::tolerance_ratio(actual, expected, RTOL, ATOL)
 }
 
-fn read(name: &str, file: &str) -> Vec<u8> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cells");
-    std::fs::read(dir.join(name).join(file)).unwrap()
-}
-
-/// Every tensor the case compares, as `rnn` computes it in `T`.
-fn results<T: Real>(name: &str, src: &str) -> BTreeMap<String, Tensor> {
-    let spec = parse_str(src).unwrap();
-    let program = Program::compile(&spec).unwrap();
-    let w = Weights::from_safetensors(&read(name, "weights.safetensors"), &program)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let load = |f: &str| npy::read_f32(&read(name, f)).unwrap();
-    let (input, gy) = (load("input.npy"), load("grad_output.npy"));
-    let states: Vec<Tensor> = program
-        .states()
-        .iter()
-        .map(|(s, _)| load(&format!("{s}0.npy")))
-        .collect();
-    let req = Request {
-        input: Some(&input),
-        initial_states: states.iter().map(Some).collect(),
-        grad_output: Some(&gy),
-        ..Default::default()
-    };
+/// The case `name` for the cell `src`, run by the interpreter in `T`: the case's expected
+/// tensors and ours, under the same names.
+fn results<T: Real>(name: &str, src: &str) -> (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
+    let program = Program::compile(&parse_str(src).unwrap()).unwrap();
+    let case = common::CellCase::load(name, &program);
     let out = program
-        .bind::<T>(&w)
+        .bind::<T>(&case.weights)
         .unwrap()
-        .run(&req, &Exec::default())
+        .run(&case.request(), &Exec::default())
         .unwrap();
-    let grads = out.grads.unwrap();
-    let mut r = BTreeMap::new();
-    r.insert("output".to_string(), out.output);
-    r.insert("grad.input".to_string(), grads.input);
-    for (k, (s, _)) in program.states().iter().enumerate() {
-        r.insert(format!("{s}_n"), out.final_states[k].clone());
-        r.insert(format!("grad.{s}0"), grads.initial_states[k].clone());
-    }
-    for (p, g) in grads.params {
-        r.insert(format!("grad.{p}"), g);
-    }
-    r
+    (case.expected, out.into_named(program.states(), &[]))
 }
 
 #[test]
@@ -87,8 +56,7 @@ fn in_f64_every_cell_computes_what_pytorch_computes() {
         "every case has its cell"
     );
     for (name, src) in cases() {
-        let expected = weights::read_safetensors(&read(name, "expected.safetensors")).unwrap();
-        let ours = results::<f64>(name, src);
+        let (expected, ours) = results::<f64>(name, src);
         assert_eq!(
             ours.keys().collect::<Vec<_>>(),
             expected.keys().collect::<Vec<_>>(),

@@ -209,6 +209,36 @@ pub struct Response {
     pub grads: Option<Gradients>,
 }
 
+impl Response {
+    /// Every tensor under the names `rnnc run` writes and the PyTorch reference cases store:
+    /// `output`, `<state>_n` for each of `states` (the model's, `Program::states`), and with
+    /// gradients `grad.input`, `grad.<state>0` for each state whose `given` entry is not `false`
+    /// (an entry past the end counts as given), and `grad.<parameter>`.
+    pub fn into_named(
+        self,
+        states: &[(String, usize)],
+        given: &[bool],
+    ) -> BTreeMap<String, Tensor> {
+        let mut named = BTreeMap::new();
+        named.insert("output".to_string(), self.output);
+        for (k, s) in self.final_states.into_iter().enumerate() {
+            named.insert(format!("{}_n", states[k].0), s);
+        }
+        if let Some(grads) = self.grads {
+            named.insert("grad.input".into(), grads.input);
+            for (k, g) in grads.initial_states.into_iter().enumerate() {
+                if given.get(k).copied().unwrap_or(true) {
+                    named.insert(format!("grad.{}0", states[k].0), g);
+                }
+            }
+            for (name, g) in grads.params {
+                named.insert(format!("grad.{name}"), g);
+            }
+        }
+        named
+    }
+}
+
 /// Checks a request against the model and returns `(T, B, lengths)`.
 fn check_request(p: &Layout, req: &Request) -> Result<(usize, usize, Vec<usize>)> {
     let spec = p;

@@ -17,7 +17,6 @@ use rnn::bench::{self, WORKLOADS};
 use rnn::ir::spec::{BiasConvention, GruReset};
 use rnn::ir::{npy, weights};
 use rnn::{CellKind, Error, Exec, ModelSpec, Program, Request, Tensor, Weights};
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -643,22 +642,8 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         fail(place.unwrap_or(input_path), e)
     })?;
 
-    let mut results = BTreeMap::new();
-    results.insert("output".to_string(), out.output);
-    for (k, s) in out.final_states.into_iter().enumerate() {
-        results.insert(format!("{}_n", states[k].0), s);
-    }
-    if let Some(grads) = out.grads {
-        results.insert("grad.input".into(), grads.input);
-        for (k, g) in grads.initial_states.into_iter().enumerate() {
-            if state_paths[k].is_some() {
-                results.insert(format!("grad.{}0", states[k].0), g);
-            }
-        }
-        for (name, g) in grads.params {
-            results.insert(format!("grad.{name}"), g);
-        }
-    }
+    let given: Vec<bool> = state_paths.iter().map(Option::is_some).collect();
+    let results = out.into_named(states, &given);
     let bytes = weights::write_safetensors(&results).map_err(|e| fail(out_path, e))?;
     std::fs::write(out_path, bytes).map_err(|e| fail(out_path, e))
 }

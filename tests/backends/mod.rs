@@ -116,14 +116,25 @@ impl Model for Interp {
     }
 }
 
-/// Declares each model with its macro and lists it in [`DECLARED`]: `uni` models stream,
-/// `bi` ones do not (`step` exists only for unidirectional models). `rnn[cell]` marks an `rnn!`
+/// Declares each model with its macro and lists it in [`DECLARED`]: `Name streams NameState`
+/// for a model that streams (`step` exists for unidirectional models only). `rnn[cell]` marks an `rnn!`
 /// custom cell, whose `.rnn` text starts with `cell`.
 macro_rules! declare {
-    ($( $dirs:ident $mac:ident $([$kind:ident])? $name:ident { $($body:tt)* } )*) => {
+    ($( $mac:ident $([$kind:ident])? $name:ident $(streams $state:ident)? { $($body:tt)* } )*) => {
         $(
             rnn::$mac! { pub struct $name { $($body)* } }
-            declare!(@stream $dirs $name);
+
+            impl Model for $name {
+                fn run(&self, req: &Request) -> Result<Response> {
+                    $name::run(self, req)
+                }
+                fn run_split(&self, req: &Request) -> Result<Response> {
+                    split(req, |r| self.forward_train(r), |t, g, s| self.backward(t, g, s))
+                }
+                fn stream(&self, xs: &[Vec<f32>]) -> Option<Vec<Vec<f32>>> {
+                    declare!(@stream self, xs, $name $($state)?)
+                }
+            }
         )*
 
         pub static DECLARED: &[Declared] = &[
@@ -139,63 +150,19 @@ macro_rules! declare {
     };
     (@kind $mac:ident) => { stringify!($mac) };
     (@kind $mac:ident $kind:ident) => { stringify!($kind) };
-    (@stream uni $name:ident) => {
-        impl Model for $name {
-            fn run(&self, req: &Request) -> Result<Response> {
-                $name::run(self, req)
-            }
-            fn run_split(&self, req: &Request) -> Result<Response> {
-                split(req, |r| self.forward_train(r), |t, g, s| self.backward(t, g, s))
-            }
-            fn stream(&self, xs: &[Vec<f32>]) -> Option<Vec<Vec<f32>>> {
-                let mut state = paste_state!($name);
-                Some(xs.iter().map(|x| {
-                    let mut y = vec![0.0; $name::OUTPUT_SIZE];
-                    self.step_slices(x, &mut state, &mut y).unwrap();
-                    y
-                }).collect())
-            }
-        }
-    };
-    (@stream bi $name:ident) => {
-        impl Model for $name {
-            fn run(&self, req: &Request) -> Result<Response> {
-                $name::run(self, req)
-            }
-            fn run_split(&self, req: &Request) -> Result<Response> {
-                split(req, |r| self.forward_train(r), |t, g, s| self.backward(t, g, s))
-            }
-            fn stream(&self, _: &[Vec<f32>]) -> Option<Vec<Vec<f32>>> {
-                None
-            }
-        }
-    };
-}
-
-/// The zero state of model `$name` (its state type is `{name}State`).
-macro_rules! paste_state {
-    ($name:ident) => {
-        <$name as HasState>::zero()
-    };
-}
-
-/// The streaming state type of a unidirectional declared model.
-pub trait HasState {
-    /// Its state type.
-    type State;
-    /// The state at the start of a sequence.
-    fn zero() -> Self::State;
-}
-
-macro_rules! states {
-    ($($name:ident => $state:ident),* $(,)?) => {
-        $(impl HasState for $name {
-            type State = $state;
-            fn zero() -> $state {
-                $state::ZERO
-            }
-        })*
-    };
+    // A bidirectional model does not stream.
+    (@stream $self:ident, $xs:ident, $name:ident) => {{
+        let _ = ($self, $xs);
+        None
+    }};
+    (@stream $self:ident, $xs:ident, $name:ident $state:ident) => {{
+        let mut state = $state::ZERO;
+        Some($xs.iter().map(|x| {
+            let mut y = vec![0.0; $name::OUTPUT_SIZE];
+            $self.step_slices(x, &mut state, &mut y).unwrap();
+            y
+        }).collect())
+    }};
 }
 
 /// Forward with a tape, then backward, joined into one response.
@@ -218,28 +185,28 @@ fn split<'m>(
 
 declare! {
     // The sizes of the PyTorch reference cases (tests/fixtures/pytorch).
-    uni gru GruBasic { input: 5, hidden: 7 }
-    uni gru GruH0BatchFirst { input: 3, hidden: 5, batch_first: true }
-    uni gru GruNoBias { input: 4, hidden: 6, bias: false }
-    bi gru GruPackedBidir { input: 3, hidden: 5, layers: 2, bidirectional: true }
-    bi lstm Lstm2LayerBidir { input: 3, hidden: 4, layers: 2, bidirectional: true }
-    uni lstm LstmBasic { input: 5, hidden: 7 }
-    uni lstm LstmHidden256 { input: 16, hidden: 256 }
-    uni lstm LstmPacked { input: 3, hidden: 4 }
-    bi lstm LstmProjBidirC0 { input: 5, hidden: 8, bidirectional: true, proj: 3 }
-    uni rnn RnnBatchFirstPackedH0 { input: 3, hidden: 4, batch_first: true }
-    uni rnn RnnReluBasic { input: 4, hidden: 6, nonlinearity: relu }
-    uni rnn RnnTanhBasic { input: 4, hidden: 6 }
+    gru GruBasic streams GruBasicState { input: 5, hidden: 7 }
+    gru GruH0BatchFirst streams GruH0BatchFirstState { input: 3, hidden: 5, batch_first: true }
+    gru GruNoBias streams GruNoBiasState { input: 4, hidden: 6, bias: false }
+    gru GruPackedBidir { input: 3, hidden: 5, layers: 2, bidirectional: true }
+    lstm Lstm2LayerBidir { input: 3, hidden: 4, layers: 2, bidirectional: true }
+    lstm LstmBasic streams LstmBasicState { input: 5, hidden: 7 }
+    lstm LstmHidden256 streams LstmHidden256State { input: 16, hidden: 256 }
+    lstm LstmPacked streams LstmPackedState { input: 3, hidden: 4 }
+    lstm LstmProjBidirC0 { input: 5, hidden: 8, bidirectional: true, proj: 3 }
+    rnn RnnBatchFirstPackedH0 streams RnnBatchFirstPackedH0State { input: 3, hidden: 4, batch_first: true }
+    rnn RnnReluBasic streams RnnReluBasicState { input: 4, hidden: 6, nonlinearity: relu }
+    rnn RnnTanhBasic streams RnnTanhBasicState { input: 4, hidden: 6 }
 
     // More of the standard cells' options.
-    uni gru GruBefore { input: 3, hidden: 5, reset: before }
-    uni gru GruBeforeStack { input: 4, hidden: 3, layers: 3, reset: before, batch_first: true }
-    uni rnn RnnOneBias { input: 3, hidden: 4, bias_convention: one }
-    uni lstm LstmProjStack { input: 4, hidden: 6, proj: 2, layers: 2 }
-    bi rnn RnnReluBidirStack { input: 2, hidden: 3, layers: 2, bidirectional: true, nonlinearity: relu }
+    gru GruBefore streams GruBeforeState { input: 3, hidden: 5, reset: before }
+    gru GruBeforeStack streams GruBeforeStackState { input: 4, hidden: 3, layers: 3, reset: before, batch_first: true }
+    rnn RnnOneBias streams RnnOneBiasState { input: 3, hidden: 4, bias_convention: one }
+    lstm LstmProjStack streams LstmProjStackState { input: 4, hidden: 6, proj: 2, layers: 2 }
+    rnn RnnReluBidirStack { input: 2, hidden: 3, layers: 2, bidirectional: true, nonlinearity: relu }
 
     // The acceptance cells of examples/cells (the same text: see `acceptance_cells_are_the_files`).
-    uni rnn[cell] LayerNormLstm {
+    rnn[cell] LayerNormLstm streams LayerNormLstmState {
         input: 5, hidden: 8,
         param W_ih: [4 * hidden, input],
         param W_hh: [4 * hidden, hidden],
@@ -265,7 +232,7 @@ declare! {
         c_n = c_c / sqrt(mean(c_c * c_c) + eps) * gamma_c + beta_c,
         h = o * tanh(c_n),
     }
-    uni rnn[cell] MinGru {
+    rnn[cell] MinGru streams MinGruState {
         input: 5, hidden: 8,
         param W_z: [hidden, input], param b_z: [hidden],
         param W_h: [hidden, input], param b_h: [hidden],
@@ -274,7 +241,7 @@ declare! {
         h_tilde = W_h @ x + b_h,
         h = (1 - z) * h + z * h_tilde,
     }
-    uni rnn[cell] MinLstm {
+    rnn[cell] MinLstm streams MinLstmState {
         input: 5, hidden: 8,
         param W_f: [hidden, input], param b_f: [hidden],
         param W_i: [hidden, input], param b_i: [hidden],
@@ -285,13 +252,13 @@ declare! {
         h_tilde = W_h @ x + b_h,
         h = f / (f + i) * h + i / (f + i) * h_tilde,
     }
-    uni rnn[cell] IndRnn {
+    rnn[cell] IndRnn streams IndRnnState {
         input: 5, hidden: 8,
         param W: [hidden, input], param u: [hidden], param b: [hidden],
         state h,
         h = relu(W @ x + u * h + b),
     }
-    uni rnn[cell] PeepholeLstm {
+    rnn[cell] PeepholeLstm streams PeepholeLstmState {
         input: 5, hidden: 8,
         param W: [4 * hidden, input], param U: [4 * hidden, hidden], param b: [4 * hidden],
         param p_i: [hidden], param p_f: [hidden], param p_o: [hidden],
@@ -306,7 +273,7 @@ declare! {
             + p_o * c + b[3 * hidden .. 4 * hidden]),
         h = o * tanh(c),
     }
-    uni rnn[cell] Elman {
+    rnn[cell] Elman streams ElmanState {
         input: 5, hidden: 8,
         param W_xh: [hidden, input], param W_hh: [hidden, hidden], param b_h: [hidden],
         param W_hy: [3, hidden], param b_y: [3],
@@ -314,7 +281,7 @@ declare! {
         h = tanh(W_hh @ h + W_xh @ x + b_h),
         output y = W_hy @ h + b_y,
     }
-    uni rnn[cell] ChapterGru {
+    rnn[cell] ChapterGru streams ChapterGruState {
         input: 5, hidden: 8,
         param W_z: [hidden, hidden + input], param b_z: [hidden],
         param W_r: [hidden, hidden + input], param b_r: [hidden],
@@ -325,7 +292,7 @@ declare! {
         r = sigmoid(W_r @ hx + b_r),
         h = (1 - z) * h + z * tanh(W @ concat(r * h, x) + b),
     }
-    bi rnn[cell] MinGruStack {
+    rnn[cell] MinGruStack {
         input: 5, hidden: 8, layers: 2, bidirectional: true,
         param W_z: [hidden, input], param b_z: [hidden],
         param W_h: [hidden, input], param b_h: [hidden],
@@ -336,7 +303,7 @@ declare! {
     }
 
     // Cells of the property tests (tests/common: PEEPHOLE, MINIMAL_GRU, RELU_ELMAN).
-    uni rnn[cell] MinimalGru {
+    rnn[cell] MinimalGru streams MinimalGruState {
         input: 3, hidden: 4,
         param W_f: [hidden, input], param U_f: [hidden, hidden], param b_f: [hidden],
         param W_h: [hidden, input], param U_h: [hidden, hidden], param b_h: [hidden],
@@ -345,37 +312,12 @@ declare! {
         candidate = tanh(W_h @ x + U_h @ (f * h) + b_h);
         h = (1 - f) * h + f * candidate;
     }
-    uni rnn[cell] ReluElmanStack {
+    rnn[cell] ReluElmanStack streams ReluElmanStackState {
         input: 3, hidden: 4, layers: 3, batch_first: true,
         param W_xh: [hidden, input], param W_hh: [hidden, hidden], param b: [hidden],
         state h,
         h = relu(W_hh @ h + W_xh @ x + b)
     }
-}
-
-states! {
-    GruBasic => GruBasicState,
-    GruH0BatchFirst => GruH0BatchFirstState,
-    GruNoBias => GruNoBiasState,
-    LstmBasic => LstmBasicState,
-    LstmHidden256 => LstmHidden256State,
-    LstmPacked => LstmPackedState,
-    RnnBatchFirstPackedH0 => RnnBatchFirstPackedH0State,
-    RnnReluBasic => RnnReluBasicState,
-    RnnTanhBasic => RnnTanhBasicState,
-    GruBefore => GruBeforeState,
-    GruBeforeStack => GruBeforeStackState,
-    RnnOneBias => RnnOneBiasState,
-    LstmProjStack => LstmProjStackState,
-    LayerNormLstm => LayerNormLstmState,
-    MinGru => MinGruState,
-    MinLstm => MinLstmState,
-    IndRnn => IndRnnState,
-    PeepholeLstm => PeepholeLstmState,
-    Elman => ElmanState,
-    ChapterGru => ChapterGruState,
-    MinimalGru => MinimalGruState,
-    ReluElmanStack => ReluElmanStackState,
 }
 
 /// The PyTorch case each fixture-sized model was declared for.

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: the PyTorch reference cases and tolerant comparison.
 #![allow(dead_code)]
 
-use rnn::ir::{CellKind, ModelSpec, Tensor, npy, weights};
+use rnn::ir::{CellKind, ModelSpec, Program, Request, Tensor, Weights, npy, weights};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -238,4 +238,51 @@ pub fn acceptance_cells() -> [(&'static str, &'static str); 8] {
             include_str!("../../examples/cells/min_gru_stack.rnn"),
         ),
     ]
+}
+
+/// One PyTorch case of an acceptance cell (`tests/fixtures/cells/<name>`, made by
+/// `make_cell_cases.py`): the weights, input, output gradient and initial states it was run on,
+/// the exact results (`expected`, float64) and PyTorch's own float32 ones.
+pub struct CellCase {
+    pub weights: Weights,
+    pub input: Tensor,
+    pub grad_output: Tensor,
+    /// Per state of the program, in its order.
+    pub states: Vec<Tensor>,
+    pub expected: BTreeMap<String, Tensor>,
+    pub pytorch_f32: BTreeMap<String, Tensor>,
+}
+
+impl CellCase {
+    /// Loads case `name` for `program` (the weights checked against it).
+    pub fn load(name: &str, program: &Program) -> CellCase {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/cells")
+            .join(name);
+        let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+        let tensor = |f: &str| npy::read_f32(&read(f)).unwrap();
+        CellCase {
+            weights: Weights::from_safetensors(&read("weights.safetensors"), program)
+                .unwrap_or_else(|e| panic!("{name}: {e}")),
+            input: tensor("input.npy"),
+            grad_output: tensor("grad_output.npy"),
+            states: program
+                .states()
+                .iter()
+                .map(|(s, _)| tensor(&format!("{s}0.npy")))
+                .collect(),
+            expected: weights::read_safetensors(&read("expected.safetensors")).unwrap(),
+            pytorch_f32: weights::read_safetensors(&read("pytorch_f32.safetensors")).unwrap(),
+        }
+    }
+
+    /// The request the case was run with: input, initial states and output gradient.
+    pub fn request(&self) -> Request<'_> {
+        Request {
+            input: Some(&self.input),
+            initial_states: self.states.iter().map(Some).collect(),
+            grad_output: Some(&self.grad_output),
+            ..Default::default()
+        }
+    }
 }
