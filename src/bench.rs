@@ -182,6 +182,24 @@ fn time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     Ok(times)
 }
 
+/// Times `reps` passes of `xs` (after a warm-up) through an emitted model's `step`, each pass
+/// from the state `zero`.
+fn time_steps<const I: usize, S: Copy, Y>(
+    reps: usize,
+    xs: &[Vec<f32>],
+    zero: S,
+    step: impl Fn(&[f32; I], &mut S) -> Y,
+) -> Result<Vec<f64>> {
+    let xs: Vec<[f32; I]> = xs.iter().map(|x| std::array::from_fn(|k| x[k])).collect();
+    time(reps, || {
+        let mut state = zero;
+        for x in &xs {
+            std::hint::black_box(step(x, &mut state));
+        }
+        Ok(())
+    })
+}
+
 fn spec(cell: CellKind, input: usize, hidden: usize) -> ModelSpec {
     ModelSpec::new(cell, input, hidden)
 }
@@ -269,25 +287,14 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
             let times = match (emitted, w.id) {
                 (true, "W3") => {
                     let model = models::Gru64x128::from_weights(&weights)?;
-                    let xs: Vec<[f32; 64]> = xs.iter().map(|x| x[..].try_into().unwrap()).collect();
-                    time(reps, || {
-                        let mut state = models::Gru64x128State::ZERO;
-                        for x in &xs {
-                            std::hint::black_box(model.step(x, &mut state));
-                        }
-                        Ok(())
+                    time_steps(reps, &xs, models::Gru64x128State::ZERO, |x, s| {
+                        model.step(x, s)
                     })?
                 }
                 (true, _) => {
                     let model = models::Lstm256::from_weights(&weights)?;
-                    let xs: Vec<[f32; 256]> =
-                        xs.iter().map(|x| x[..].try_into().unwrap()).collect();
-                    time(reps, || {
-                        let mut state = models::Lstm256State::ZERO;
-                        for x in &xs {
-                            std::hint::black_box(model.step(x, &mut state));
-                        }
-                        Ok(())
+                    time_steps(reps, &xs, models::Lstm256State::ZERO, |x, s| {
+                        model.step(x, s)
                     })?
                 }
                 _ => {

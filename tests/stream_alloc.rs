@@ -131,30 +131,27 @@ fn an_emitted_step_allocates_nothing_on_either_path() {
     let peephole = StreamPeephole::init(3);
     for isa in [rnn::rt::Isa::Portable, rnn::rt::Isa::Avx2] {
         let ran = rnn::rt::with_isa(isa, || {
+            // Twenty steps of `step(x)` with `x` rising from 0: the allocations they make.
+            let no_allocations = |what: &str, step: &mut dyn FnMut(f32)| {
+                let n = allocations(|| {
+                    for t in 0..20 {
+                        step(t as f32 / 20.0);
+                    }
+                });
+                assert_eq!(n, 0, "{what} on {isa:?}: {n} allocations in 20 steps");
+            };
             let mut s = StreamGruState::ZERO;
-            let n = allocations(|| {
-                for t in 0..20 {
-                    std::hint::black_box(gru.step(&[t as f32 / 20.0; 64], &mut s));
-                }
+            no_allocations("GRU", &mut |x| {
+                std::hint::black_box(gru.step(&[x; 64], &mut s));
             });
-            assert_eq!(n, 0, "GRU on {isa:?}: {n} allocations in 20 steps");
             let mut s = StreamLstmState::ZERO;
-            let n = allocations(|| {
-                for t in 0..20 {
-                    std::hint::black_box(lstm.step(&[t as f32 / 20.0; 5], &mut s));
-                }
+            no_allocations("stacked LSTM", &mut |x| {
+                std::hint::black_box(lstm.step(&[x; 5], &mut s));
             });
-            assert_eq!(n, 0, "stacked LSTM on {isa:?}: {n} allocations in 20 steps");
-            let mut s = StreamPeepholeState::ZERO;
-            let mut y = [0.0; 4];
-            let n = allocations(|| {
-                for t in 0..20 {
-                    peephole
-                        .step_slices(&[t as f32 / 20.0; 3], &mut s, &mut y)
-                        .unwrap();
-                }
+            let (mut s, mut y) = (StreamPeepholeState::ZERO, [0.0; 4]);
+            no_allocations("custom cell", &mut |x| {
+                peephole.step_slices(&[x; 3], &mut s, &mut y).unwrap();
             });
-            assert_eq!(n, 0, "custom cell on {isa:?}: {n} allocations in 20 steps");
         });
         if ran.is_none() {
             eprintln!("no AVX2 + FMA on this CPU: the AVX2 path is not checked");

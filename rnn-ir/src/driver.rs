@@ -585,14 +585,7 @@ fn forward_checked<T: Real, E: SequenceExecutor<T>>(
     } else {
         vec![steps, batch, width]
     };
-    let final_states: Vec<Tensor> = finals
-        .iter()
-        .zip(states.iter())
-        .map(|(f, (_, n))| Tensor {
-            shape: vec![f.len(), batch, *n],
-            data: f.iter().flat_map(|v| to_f32(v)).collect(),
-        })
-        .collect();
+    let final_states = per_state_tensors(&finals, states, batch);
     let raw_finals: Vec<Vec<T>> = finals.iter().map(|f| f.concat()).collect();
     let response = Response {
         output: Tensor {
@@ -733,14 +726,7 @@ fn backward_checked<T: Real, E: SequenceExecutor<T>>(
     if layout.batch_first {
         d_out = swap_tb(&d_out, steps, batch, layout.input_size);
     }
-    let initial_states = d_initial
-        .iter()
-        .zip(states.iter())
-        .map(|(d, (_, n))| Tensor {
-            shape: vec![d.len(), batch, *n],
-            data: d.iter().flat_map(|v| to_f32(v)).collect(),
-        })
-        .collect();
+    let initial_states = per_state_tensors(&d_initial, states, batch);
     Ok(Gradients {
         input: Tensor {
             shape: input_shape,
@@ -791,6 +777,23 @@ fn check_backward(
         }
     }
     Ok(())
+}
+
+/// Per state, its `(layers·directions, B, size)` tensor from one `B × size` part per
+/// (layer, direction): final states, or their gradients' counterparts for initial states.
+fn per_state_tensors<T: Real>(
+    parts: &[Vec<Vec<T>>],
+    states: &[(Cow<'_, str>, usize)],
+    batch: usize,
+) -> Vec<Tensor> {
+    parts
+        .iter()
+        .zip(states)
+        .map(|(p, (_, n))| Tensor {
+            shape: vec![p.len(), batch, *n],
+            data: p.iter().flat_map(|v| to_f32(v)).collect(),
+        })
+        .collect()
 }
 
 /// Zeroes the rows of a time-major `T·B × n` buffer past each sequence's length (packed runs).
