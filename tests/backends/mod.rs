@@ -303,6 +303,13 @@ declare! {
     }
 
     // Cells of the property tests (tests/common: PEEPHOLE, MINIMAL_GRU, RELU_ELMAN).
+    // The backward pass reads slices of the input (views of `x` with `x`'s stride).
+    rnn[cell] SlicedInput streams SlicedInputState {
+        input: 4, hidden: 3,
+        param W: [hidden, hidden],
+        state h,
+        h = tanh(W @ h + x[0 .. 3] * x[1 .. 4]),
+    }
     rnn[cell] MinimalGru streams MinimalGruState {
         input: 3, hidden: 4,
         param W_f: [hidden, input], param U_f: [hidden, hidden], param b_f: [hidden],

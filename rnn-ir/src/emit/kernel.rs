@@ -75,6 +75,30 @@ enum RowSel {
     All,
 }
 
+impl RowSel {
+    /// The rows a value of `shape` covers in a root that holds `T·B` rows (`all_rows`) or one
+    /// step's, read over all rows or at step `t` (`at_step`).
+    fn of(shape: Shape, all_rows: bool, at_step: bool) -> RowSel {
+        match (shape.is_batched(), all_rows, at_step) {
+            (false, _, _) => RowSel::Once,
+            (true, true, true) => RowSel::AtStep,
+            (true, true, false) => RowSel::All,
+            (true, false, _) => RowSel::Step,
+        }
+    }
+}
+
+/// Elements per row of the value fed with `role` (a parameter is one row of all its elements;
+/// a view of a fed value strides by the fed value's width, not its own).
+fn fed_width(g: &Graph, role: Role) -> usize {
+    match role {
+        Role::Param(p) => g.params[p as usize].shape.row_len(),
+        _ => g
+            .shape(g.input(role).expect("a fed role is an input"))
+            .row_len(),
+    }
+}
+
 /// A value's place resolved for one read or write.
 #[derive(Clone)]
 struct Access {
@@ -174,23 +198,11 @@ impl Body<'_> {
                 return a;
             }
             Root::Feed(role) => {
-                let width = match role {
-                    Role::Param(p) => g.params[p as usize].shape.row_len(),
-                    _ => g
-                        .shape(g.input(role).expect("a fed role is an input"))
-                        .row_len(),
-                };
                 let batched = !matches!(role, Role::Param(_));
-                (self.root_ident(root), width, batched)
+                (self.root_ident(root), fed_width(g, role), batched)
             }
         };
-        let rows = if !shape.is_batched() {
-            RowSel::Once
-        } else if all_rows {
-            if at_step { RowSel::AtStep } else { RowSel::All }
-        } else {
-            RowSel::Step
-        };
+        let rows = RowSel::of(shape, all_rows, at_step);
         Access {
             root: ident,
             offset,
@@ -220,21 +232,13 @@ impl Body<'_> {
                     .expect("a saved carried value is recorded on a tape");
                 (format_ident!("fb{}", tape.0), fg.states[k as usize].1, true)
             }
-            Root::Feed(Role::Param(p)) => (
-                format_ident!("p{}", p),
-                fg.params[p as usize].shape.row_len(),
-                false,
-            ),
-            Root::Feed(Role::Input) => (format_ident!("x"), fg.shape(s).row_len(), true),
+            Root::Feed(role @ (Role::Param(_) | Role::Input)) => {
+                let batched = role == Role::Input;
+                (feed_ident(role), fed_width(fg, role), batched)
+            }
             other => unreachable!("a forward value is not fed from {other:?}"),
         };
-        let rows = if !shape.is_batched() {
-            RowSel::Once
-        } else if all_rows {
-            RowSel::All
-        } else {
-            RowSel::Step
-        };
+        let rows = RowSel::of(shape, all_rows, false);
         Access {
             root: ident,
             offset,
