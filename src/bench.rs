@@ -207,6 +207,12 @@ fn spec(cell: CellKind, input: usize, hidden: usize) -> ModelSpec {
 /// The backends [`measure`] times.
 pub const BACKENDS: [&str; 2] = ["interp", "macro"];
 
+/// Whether `backend` runs workload `w`: the macro backend runs the recurrent ones (W1–W5), not
+/// W6 (a Linear layer).
+pub fn runs(backend: &str, w: Workload) -> bool {
+    !(backend == "macro" && w.id == "W6")
+}
+
 /// The workloads' models declared with the macros at the workloads' sizes: the `macro`
 /// backend runs the code they emit.
 mod models {
@@ -241,7 +247,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
             "the macro backend runs on one thread; {threads} were asked for"
         )));
     }
-    if emitted && w.id == "W6" {
+    if !runs(backend, w) {
         return Err(crate::Error::Argument(
             "W6 (a Linear layer) is not a recurrent model: the macro backend does not run it"
                 .into(),

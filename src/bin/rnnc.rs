@@ -775,7 +775,12 @@ fn run_bench(args: &BenchArgs) -> Result<(), Failure> {
     let (names, threads, reps, json) = (&args.workloads, args.threads, args.reps, args.json);
     let here = Path::new("");
     let chosen = if names.is_empty() {
-        WORKLOADS.to_vec()
+        // Every workload the backend runs.
+        WORKLOADS
+            .iter()
+            .copied()
+            .filter(|&w| bench::runs(args.backend.name(), w))
+            .collect::<Vec<_>>()
     } else {
         names
             .iter()
