@@ -73,6 +73,32 @@ pub struct LayerLayout<'a> {
     pub params: Cow<'a, [ParamLayout<'a>]>,
 }
 
+impl Layout<'_> {
+    /// The same layout owning its tables.
+    pub fn to_owned_layout(&self) -> Layout<'static> {
+        let owned = |s: &Cow<'_, str>| Cow::Owned(s.to_string());
+        Layout {
+            input_size: self.input_size,
+            batch_first: self.batch_first,
+            directions: self.directions,
+            output_size: self.output_size,
+            states: self.states.iter().map(|(n, s)| (owned(n), *s)).collect(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerLayout {
+                    input_size: l.input_size,
+                    params: l
+                        .params
+                        .iter()
+                        .map(|(n, d)| (owned(n), Cow::Owned(d.to_vec())))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
 impl Program {
     /// The model as the driver sees it.
     pub fn layout(&self) -> Layout<'_> {
@@ -423,8 +449,8 @@ pub struct RawResponse<T> {
 /// What a forward pass kept for [`backward`]: every (layer, direction)'s tape and input, and
 /// the shape of the run.
 pub struct Tape<T, E> {
-    /// The layout of the model that made it, as text: `backward` refuses a tape of another.
-    layout: String,
+    /// The layout of the model that made it: `backward` refuses a tape of another.
+    layout: Layout<'static>,
     steps: usize,
     batch: usize,
     lengths: Vec<usize>,
@@ -596,7 +622,7 @@ fn forward_checked<T: Real, E: SequenceExecutor<T>>(
         grads: None,
     };
     let tape = keep.then(|| Tape {
-        layout: format!("{layout:?}"),
+        layout: layout.to_owned_layout(),
         steps,
         batch,
         lengths,
@@ -625,7 +651,7 @@ pub fn backward<T: Real, E: SequenceExecutor<T>>(
     grad_output: &Tensor,
     grad_final_states: &[Option<&Tensor>],
 ) -> Result<Gradients> {
-    if tape.layout != format!("{layout:?}") {
+    if tape.layout != layout.to_owned_layout() {
         return Err(Error::Argument(
             "the tape was made by the forward pass of a model of another layout (sizes, layers, \
              directions or parameters): pass `backward` the tape of this model's own \
