@@ -126,7 +126,7 @@ use std::str::FromStr;
 const KINDS: [&str; 4] = ["rnn", "lstm", "gru", "cell"];
 
 /// The keywords that start an item of a `cell`.
-const KEYWORDS: [&str; 3] = ["param", "state", "output"];
+pub(crate) const KEYWORDS: [&str; 3] = ["param", "state", "output"];
 
 /// The settings `kind` takes (`proj_size` is also accepted for `proj`).
 fn settings_of(kind: &str) -> &'static [&'static str] {

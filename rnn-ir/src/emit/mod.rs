@@ -113,7 +113,7 @@ fn compile_error(span: Span, message: &str) -> TokenStream {
 fn is_custom(body: &TokenStream) -> bool {
     body.clone().into_iter().any(|t| match t {
         TokenTree::Punct(p) => p.as_char() == '=',
-        TokenTree::Ident(i) => matches!(i.to_string().as_str(), "param" | "state" | "output"),
+        TokenTree::Ident(i) => crate::parse::KEYWORDS.contains(&i.to_string().as_str()),
         _ => false,
     })
 }
