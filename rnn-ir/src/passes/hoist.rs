@@ -5,7 +5,9 @@
 //! gradient) and *carried* outputs (the next state, or the gradient for the previous step).
 //! - **Pre**: the value does not depend on a carried input. It depends on the step's input,
 //!   saved values and parameters alone, so it is computed for all time steps at once, as one
-//!   operation over `T·B` rows (`W_ih · x_t` for every t becomes one GEMM).
+//!   operation over `T·B` rows (`W_ih · x_t` for every t becomes one GEMM). Sums, differences
+//!   and products that only the loop reads are the exception: they run in the loop (`sink`),
+//!   where they cost no pass over a buffer of all steps.
 //! - **Loop**: it depends on a carried input and a carried output depends on it: it must run
 //!   step by step.
 //! - **Post**: it depends on a carried input but no carried output needs it, so it is computed
@@ -66,8 +68,41 @@ pub fn hoist(g: &Graph) -> Result<Vec<Phase>, IrError> {
             },
         )
         .collect();
+    let phases = sink(g, phases);
     check(g, &phases)?;
     Ok(phases)
+}
+
+/// Moves into the loop the row-wise sums, differences and products before it that only the
+/// loop reads. The work is the same either way, but before the loop it fills a buffer of all
+/// `T·B` rows that the loop then reads back: for W1 the gates' bias added to the input
+/// projection, 64 MiB written and read again, 6% of the run (measured). Products stay before the
+/// loop (one GEMM is the point of hoisting them), and so do functions (see `sink`'s body), the
+/// graph's results, reductions, views and copies.
+fn sink(g: &Graph, mut phases: Vec<Phase>) -> Vec<Phase> {
+    let users = g.users();
+    let mut is_output = vec![false; g.len()];
+    for o in g.outputs() {
+        is_output[o.value.index()] = true;
+    }
+    for v in g.iter().rev() {
+        let d = g.data(v);
+        // Additions, subtractions and products only: a pass over memory either way, and
+        // nearly free inside the loop. Functions (sigmoid, tanh, exp, ...) stay before it, where
+        // the work of all steps is independent (minGRU's gates: its point is that nothing but
+        // the state's update is sequential). Views and copies live with their operands' buffers.
+        let movable = matches!(d.op, Op::Add | Op::Sub | Op::Neg | Op::Mul) && d.shape.is_batched();
+        let u = &users[v.index()];
+        if phases[v.index()] == Phase::Pre
+            && movable
+            && !is_output[v.index()]
+            && !u.is_empty()
+            && u.iter().all(|w| phases[w.index()] == Phase::Loop)
+        {
+            phases[v.index()] = Phase::Loop;
+        }
+    }
+    phases
 }
 
 /// Checks that running Pre and Post values over all time steps at once is exact.
