@@ -495,7 +495,7 @@ pub fn run_layout<T: Real, E: SequenceExecutor<T>>(
     };
     // Every argument, the gradients' included, is checked once, before any work.
     let checked = check_request(layout, req)?;
-    let (mut raw, tape) = forward_checked(layout, executor, req, true, checked)?;
+    let (mut raw, tape) = forward_checked(layout, executor, req, true, checked, true)?;
     let tape = tape.expect("a tape was asked for");
     let grads = backward_checked(layout, executor, tape, gy, &req.grad_final_states)?;
     raw.response.grads = Some(grads);
@@ -517,7 +517,44 @@ pub fn forward<T: Real, E: SequenceExecutor<T>>(
         ..req.clone()
     };
     let checked = check_request(layout, &forward_only)?;
-    forward_checked(layout, executor, req, keep, checked)
+    forward_checked(layout, executor, req, keep, checked, true)
+}
+
+/// [`forward`] for the `f32` [`Response`] alone: the output is not kept a second time in the
+/// precision computed in (for `f32`, the kernels' output becomes the response's, uncopied).
+#[allow(clippy::type_complexity)]
+pub fn forward_response<T: Real, E: SequenceExecutor<T>>(
+    layout: &Layout,
+    executor: &E,
+    req: &Request,
+    keep: bool,
+) -> Result<(Response, Option<Tape<T, E::Tape>>)> {
+    let forward_only = Request {
+        grad_output: None,
+        grad_final_states: Vec::new(),
+        ..req.clone()
+    };
+    let checked = check_request(layout, &forward_only)?;
+    let (raw, tape) = forward_checked(layout, executor, req, keep, checked, false)?;
+    Ok((raw.response, tape))
+}
+
+/// [`run_layout`] for the `f32` [`Response`] alone (see [`forward_response`]).
+pub fn run_response<T: Real, E: SequenceExecutor<T>>(
+    layout: &Layout,
+    executor: &E,
+    req: &Request,
+) -> Result<Response> {
+    let Some(gy) = req.grad_output else {
+        return Ok(forward_response(layout, executor, req, false)?.0);
+    };
+    let checked = check_request(layout, req)?;
+    let (raw, tape) = forward_checked(layout, executor, req, true, checked, false)?;
+    let tape = tape.expect("a tape was asked for");
+    let grads = backward_checked(layout, executor, tape, gy, &req.grad_final_states)?;
+    let mut response = raw.response;
+    response.grads = Some(grads);
+    Ok(response)
 }
 
 /// [`forward`] of a request [`check_request`] accepted as `(T, B, lengths)`.
@@ -528,6 +565,7 @@ fn forward_checked<T: Real, E: SequenceExecutor<T>>(
     req: &Request,
     keep: bool,
     (steps, batch, lengths): (usize, usize, Vec<usize>),
+    raw: bool,
 ) -> Result<(RawResponse<T>, Option<Tape<T, E::Tape>>)> {
     let seq = Seq {
         steps,
@@ -538,19 +576,22 @@ fn forward_checked<T: Real, E: SequenceExecutor<T>>(
     let out_size = layout.output_size;
     let states = &layout.states;
     let x = req.input.expect("checked");
-    let mut layer_in: Vec<T> = to_real(&x.data);
+    // The first layer reads the caller's input where it can (f32, time-major, unpacked).
+    let mut layer_in: Cow<'_, [T]> = T::slice_from_f32(&x.data);
     if layout.batch_first {
-        layer_in = swap_tb(&layer_in, batch, steps, layout.input_size);
+        layer_in = Cow::Owned(swap_tb(&layer_in, batch, steps, layout.input_size));
     }
     let packed = req.lengths.is_some();
-    zero_past(
-        packed,
-        &lengths,
-        steps,
-        batch,
-        &mut layer_in,
-        layout.input_size,
-    );
+    if packed {
+        zero_past(
+            packed,
+            &lengths,
+            steps,
+            batch,
+            layer_in.to_mut(),
+            layout.input_size,
+        );
+    }
 
     // Forward, layer by layer; both directions of a layer read the same input.
     let mut finals: Vec<Vec<Vec<T>>> = vec![Vec::new(); states.len()];
@@ -590,7 +631,7 @@ fn forward_checked<T: Real, E: SequenceExecutor<T>>(
                 inputs.push(xs.into_owned());
             }
         }
-        layer_in = if dirs == 1 {
+        layer_in = Cow::Owned(if dirs == 1 {
             outs.pop().unwrap()
         } else {
             let mut joined = Vec::with_capacity(outs[0].len() * 2);
@@ -599,10 +640,10 @@ fn forward_checked<T: Real, E: SequenceExecutor<T>>(
                 joined.extend_from_slice(&outs[1][r * out_size..(r + 1) * out_size]);
             }
             joined
-        };
+        });
     }
     let width = dirs * out_size;
-    let mut output = layer_in;
+    let mut output = layer_in.into_owned();
     if layout.batch_first {
         output = swap_tb(&output, steps, batch, width);
     }
@@ -616,7 +657,11 @@ fn forward_checked<T: Real, E: SequenceExecutor<T>>(
     let response = Response {
         output: Tensor {
             shape: out_shape,
-            data: to_f32(&output),
+            data: if raw {
+                to_f32(&output)
+            } else {
+                T::vec_into_f32(std::mem::take(&mut output))
+            },
         },
         final_states,
         grads: None,

@@ -43,11 +43,20 @@ impl Tensor {
 
     /// The index and value of the first NaN or infinite element.
     pub fn first_non_finite(&self) -> Option<(usize, f32)> {
-        self.data
+        // Blocks without a branch per element (they vectorise: a whole sequence's input is
+        // checked at memory speed); the first bad element is looked for in its block only.
+        const BLOCK: usize = 256;
+        let bad = |x: &f32| x.to_bits() & 0x7f80_0000 == 0x7f80_0000;
+        let block = self
+            .data
+            .chunks(BLOCK)
+            .position(|c| c.iter().fold(false, |any, x| any | bad(x)))?;
+        self.data[block * BLOCK..]
             .iter()
             .copied()
             .enumerate()
-            .find(|(_, x)| !x.is_finite())
+            .find(|(_, x)| bad(x))
+            .map(|(i, x)| (block * BLOCK + i, x))
     }
 }
 
@@ -108,12 +117,17 @@ pub trait Real:
     fn abs(self) -> Self;
     /// `ln(1 + e^x)`, and `x` itself above 20, as PyTorch's `softplus` (beta 1, threshold 20).
     fn softplus(self) -> Self;
+    /// `f32`s in this type: borrowed as they are for `f32` (a whole sequence's input is not
+    /// copied), converted otherwise.
+    fn slice_from_f32(x: &[f32]) -> std::borrow::Cow<'_, [Self]>;
+    /// These values as `f32`s: moved as they are for `f32`, converted (rounding) otherwise.
+    fn vec_into_f32(x: Vec<Self>) -> Vec<f32>;
 }
 
 /// `Real` for a primitive float: every function is the type's own, and conversions are `as`
 /// casts (exact widening, round-to-nearest narrowing).
 macro_rules! real {
-    ($t:ty) => {
+    ($t:ty, $x:ident => $from:expr, $v:ident => $into:expr) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -154,12 +168,22 @@ macro_rules! real {
                     <$t>::ln_1p(<$t>::exp(self))
                 }
             }
+            fn slice_from_f32($x: &[f32]) -> std::borrow::Cow<'_, [Self]> {
+                $from
+            }
+            fn vec_into_f32($v: Vec<Self>) -> Vec<f32> {
+                $into
+            }
         }
     };
 }
 
-real!(f32);
-real!(f64);
+real!(f32, x => std::borrow::Cow::Borrowed(x), v => v);
+real!(
+    f64,
+    x => std::borrow::Cow::Owned(x.iter().map(|&v| v as f64).collect()),
+    v => v.iter().map(|&v| v as f32).collect()
+);
 
 /// A strided view of a matrix: element `(i, j)` is at `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]

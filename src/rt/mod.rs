@@ -12,24 +12,29 @@ pub mod math;
 #[cfg(feature = "std")]
 mod model;
 
+#[cfg(feature = "std")]
+pub use linalg::{Packed, matmul_packed, pack};
 pub use linalg::{matmul, matmul_t, outer_sum, sum_features, sum_rows};
 #[cfg(feature = "std")]
 pub use model::*;
 
 use core::sync::atomic::{AtomicU8, Ordering};
 
-/// The instruction set a kernel runs on. The emitted code runs its whole body once per
-/// variant: the AVX2 one inside a `#[target_feature(enable = "avx2,fma")]` function, so that the
-/// element-wise loops are 256-bit as well.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The instruction set a kernel runs on. The emitted code compiles its whole body once per
+/// variant: the AVX2 one inside a `#[target_feature(enable = "avx2,fma")]` function and the
+/// AVX-512 one inside `#[target_feature(enable = "avx512f,avx2,fma")]`, so that the
+/// element-wise loops are 256- or 512-bit as well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Plain Rust loops, compiled for the target's baseline.
     Portable,
     /// 256-bit AVX2 with FMA (x86-64 only).
     Avx2,
+    /// 512-bit AVX-512F, with AVX2 and FMA (x86-64 only).
+    Avx512,
 }
 
-/// 0: not yet detected; 1: portable; 2: AVX2.
+/// 0: not yet detected; 1: portable; 2: AVX2; 3: AVX-512.
 static DETECTED: AtomicU8 = AtomicU8::new(0);
 
 #[cfg(feature = "std")]
@@ -38,9 +43,9 @@ std::thread_local! {
     static OVERRIDE: core::cell::Cell<Option<Isa>> = const { core::cell::Cell::new(None) };
 }
 
-/// The path kernels take: AVX2 + FMA where the CPU has them (detected once at run time with
-/// `std`; without `std`, when the crate is compiled with those target features), unless this
-/// thread runs inside [`with_isa`].
+/// The path kernels take: the widest this CPU has (detected once at run time with `std`;
+/// without `std`, the target features the crate is compiled with), unless this thread runs
+/// inside [`with_isa`].
 #[inline]
 pub fn isa() -> Isa {
     #[cfg(feature = "std")]
@@ -50,23 +55,37 @@ pub fn isa() -> Isa {
     detected()
 }
 
-/// The best path this machine supports.
+/// The widest path this machine supports; every narrower one is supported too.
 pub fn detected() -> Isa {
     match DETECTED.load(Ordering::Relaxed) {
+        3 => Isa::Avx512,
         2 => Isa::Avx2,
         1 => Isa::Portable,
         _ => {
             let isa = detect();
-            DETECTED.store(if isa == Isa::Avx2 { 2 } else { 1 }, Ordering::Relaxed);
+            let code = match isa {
+                Isa::Portable => 1,
+                Isa::Avx2 => 2,
+                Isa::Avx512 => 3,
+            };
+            DETECTED.store(code, Ordering::Relaxed);
             isa
         }
     }
+}
+
+/// Whether this machine runs `isa`.
+pub fn supports(isa: Isa) -> bool {
+    isa <= detected()
 }
 
 fn detect() -> Isa {
     #[cfg(all(target_arch = "x86_64", feature = "std"))]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
             return Isa::Avx2;
         }
     }
@@ -77,18 +96,21 @@ fn detect() -> Isa {
         target_feature = "fma"
     ))]
     {
+        #[cfg(target_feature = "avx512f")]
+        return Isa::Avx512;
+        #[cfg(not(target_feature = "avx512f"))]
         return Isa::Avx2;
     }
     #[allow(unreachable_code)]
     Isa::Portable
 }
 
-/// Runs `f` with every emitted kernel on this thread taking `isa` (to test the portable path
-/// on a machine with AVX2, or to compare the two). `None` when `isa` is AVX2 and this CPU does
-/// not have it: then `f` does not run.
+/// Runs `f` with every emitted kernel on this thread taking `isa` (to test the portable and
+/// AVX2 paths on a machine with AVX-512, or to compare them). `None` when this CPU does not
+/// have `isa`: then `f` does not run.
 #[cfg(feature = "std")]
 pub fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> Option<R> {
-    if isa == Isa::Avx2 && detected() != Isa::Avx2 {
+    if !supports(isa) {
         return None;
     }
     let previous = OVERRIDE.with(|o| o.replace(Some(isa)));

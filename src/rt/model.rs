@@ -2,7 +2,8 @@
 //! kernels and the shared sequence driver, weights in and out, and initialisation.
 
 pub use rnn_ir::driver::{
-    Backward, Forward, LayerLayout, Layout, Seq, SequenceExecutor, backward, forward, run_layout,
+    Backward, Forward, LayerLayout, Layout, Seq, SequenceExecutor, backward, forward,
+    forward_response, run_layout, run_response,
 };
 pub use rnn_ir::{Error, Gradients, Request, Response, Result, Tensor, Weights};
 pub use std::borrow::Cow;
@@ -70,15 +71,10 @@ std::thread_local! {
 /// The most elements the pool of one thread keeps (256 MiB of `f32`).
 const POOL_LIMIT: usize = 64 << 20;
 
-/// `n` zeros, in a buffer a finished kernel of this thread gave back when one is large enough.
-///
-/// A whole sequence's buffers are large (W1's input projection is 64 MiB): fresh ones come from
-/// the operating system zeroed page by page on first touch, which cost a tenth of W1's time
-/// (measured with `perf`); a reused one is only filled.
-pub fn zeros(n: usize) -> Vec<f32> {
-    let reused = POOL.with(|pool| {
+/// The smallest buffer of the pool that holds `n` elements, taken out of it.
+fn reuse(n: usize) -> Option<Vec<f32>> {
+    POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
-        // The smallest buffer that holds `n`.
         let best = pool
             .iter()
             .enumerate()
@@ -86,10 +82,32 @@ pub fn zeros(n: usize) -> Vec<f32> {
             .min_by_key(|(_, b)| b.capacity())
             .map(|(i, _)| i);
         best.map(|i| pool.swap_remove(i))
-    });
-    match reused {
+    })
+}
+
+/// `n` zeros, in a buffer a finished kernel of this thread gave back when one is large enough.
+///
+/// A whole sequence's buffers are large (W1's input projection is 64 MiB): fresh ones come from
+/// the operating system zeroed page by page on first touch, which cost a tenth of W1's time
+/// (measured with `perf`); a reused one is only filled.
+pub fn zeros(n: usize) -> Vec<f32> {
+    match reuse(n) {
         Some(mut b) => {
             b.clear();
+            b.resize(n, 0.0);
+            b
+        }
+        None => vec![0.0; n],
+    }
+}
+
+/// `n` elements whose values are unspecified (a buffer [`zeros`] would reuse, not filled): for a
+/// buffer every element of which is written before it is read (a product's result). W1's
+/// input projection (64 MiB) is then not zeroed at each call.
+pub fn scratch(n: usize) -> Vec<f32> {
+    match reuse(n) {
+        Some(mut b) => {
+            // Only elements past the old length are filled.
             b.resize(n, 0.0);
             b
         }

@@ -32,13 +32,15 @@ pub enum Backend {
 }
 
 /// Every backend this machine can run: the interpreter, the emitted code on the portable path
-/// and, where the CPU has it, on the AVX2 path.
+/// and, where the CPU has them, on the AVX2 and the AVX-512 paths.
 pub fn backends() -> Vec<Backend> {
     let mut list = vec![Backend::Interpreter, Backend::Macro(Isa::Portable)];
-    if rnn::rt::detected() == Isa::Avx2 {
-        list.push(Backend::Macro(Isa::Avx2));
-    } else {
-        eprintln!("this CPU has no AVX2 + FMA: the emitted code's AVX2 path is not tested");
+    for isa in [Isa::Avx2, Isa::Avx512] {
+        if rnn::rt::supports(isa) {
+            list.push(Backend::Macro(isa));
+        } else {
+            eprintln!("this CPU has no {isa:?}: the emitted code's {isa:?} path is not tested");
+        }
     }
     list
 }

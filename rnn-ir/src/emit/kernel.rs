@@ -20,7 +20,7 @@
 use crate::graph::dataflow::is_per_step_output;
 use crate::graph::{Graph, Op, OutRole, Role, Shape, Value};
 use crate::passes::hoist::Phase;
-use crate::plan::{Place, Root, Rows, Storage, StoragePlan};
+use crate::plan::{Place, Root, Rows, Storage, StoragePlan, WeightLayout};
 use crate::schedule::Scheduled;
 use proc_macro2::{Ident, Literal, TokenStream};
 use quote::{format_ident, quote};
@@ -288,14 +288,26 @@ impl Body<'_> {
             }
             let name = format_ident!("b{}", i);
             let width = lit(b.width);
+            // A buffer holding only products' results, each filling it, is written whole
+            // before it is read: it need not be zeroed.
+            let written = b.values.iter().all(|&v| {
+                matches!(g.data(v).op, Op::MatMul | Op::MatMulT)
+                    && plan.place[v.index()] == Place::Buffer(crate::plan::BufferId(i as u32))
+                    && g.shape(v).row_len() == b.width
+            });
+            let alloc = if written {
+                quote!(::rnn::rt::scratch)
+            } else {
+                quote!(::rnn::rt::zeros)
+            };
             out.extend(match (self.mode, b.rows) {
                 (Mode::Step, _) => quote!(let mut #name = [0.0f32; #width];),
-                (Mode::Sequence, Rows::Once) => quote!(let mut #name = ::rnn::rt::zeros(#width);),
+                (Mode::Sequence, Rows::Once) => quote!(let mut #name = #alloc(#width);),
                 (Mode::Sequence, Rows::Step) => {
-                    quote!(let mut #name = ::rnn::rt::zeros(batch * #width);)
+                    quote!(let mut #name = #alloc(batch * #width);)
                 }
                 (Mode::Sequence, Rows::All) => {
-                    quote!(let mut #name = ::rnn::rt::zeros(steps * batch * #width);)
+                    quote!(let mut #name = #alloc(steps * batch * #width);)
                 }
             });
         }
@@ -327,6 +339,22 @@ impl Body<'_> {
             });
         }
 
+        // The weights the plan reads as (in, out), copied once.
+        let packed = self.packed_weights();
+        for &(w, o, i, all) in &packed {
+            let acc = self.access(w, false);
+            let (root, start, end) = (&acc.root, lit(acc.offset), lit(acc.offset + o * i));
+            let name = format_ident!("wt{}", w.index());
+            let rows = if all {
+                quote!(steps * batch)
+            } else {
+                quote!(batch)
+            };
+            let (o, i) = (lit(o), lit(i));
+            out.extend(
+                quote!(let #name = ::rnn::rt::pack::<#o, #i>(isa, #rows, &#root[#start..#end]);),
+            );
+        }
         for v in self.computed(Phase::Pre) {
             out.extend(self.compute(v, false));
         }
@@ -424,7 +452,39 @@ impl Body<'_> {
         for v in self.computed(Phase::Post) {
             out.extend(self.compute(v, false));
         }
+        if !packed.is_empty() {
+            let names = packed
+                .iter()
+                .map(|&(w, ..)| format_ident!("wt{}", w.index()));
+            out.extend(quote!(::rnn::rt::recycle([#(#names.buffer),*]);));
+        }
         out.extend(self.outputs(&sums));
+        out
+    }
+
+    /// The weights the plan reads as `(in, out)` ([`WeightLayout::InOut`]), each once, with
+    /// their `O × I` and whether a product over all `T·B` rows reads them (sequence mode; a
+    /// step reads every weight as stored).
+    fn packed_weights(&self) -> Vec<(Value, usize, usize, bool)> {
+        if self.mode != Mode::Sequence {
+            return Vec::new();
+        }
+        let g = self.g();
+        let mut out: Vec<(Value, usize, usize, bool)> = Vec::new();
+        for p in &self.plan.products {
+            let Some(w) = p.weight else { continue };
+            let Shape::Matrix(o, i) = g.shape(w) else {
+                continue;
+            };
+            if p.layout != WeightLayout::InOut || self.plan.storage[w.index()] != Storage::Bound {
+                continue;
+            }
+            let all = p.rows == Rows::All;
+            match out.iter_mut().find(|e| e.0 == w) {
+                Some(e) => e.3 |= all,
+                None => out.push((w, o, i, all)),
+            }
+        }
         out
     }
 
@@ -443,9 +503,31 @@ impl Body<'_> {
                 });
             }
         }
+        // Runs of element-wise values share one loop over the step's rows: each row's values
+        // are computed while its operands are in the L1 cache (W1's gate math: 32 rows of
+        // 1024 gate pre-activations and six 256-wide values, 512 KiB a step, no longer passes
+        // through the L2 cache once per value).
+        let mut run: Vec<TokenStream> = Vec::new();
+        let flush = |run: &mut Vec<TokenStream>, out: &mut TokenStream| {
+            if !run.is_empty() {
+                out.extend(quote! {
+                    for r in 0..batch {
+                        #(#run)*
+                    }
+                });
+                run.clear();
+            }
+        };
         for v in self.computed(Phase::Loop) {
-            out.extend(self.compute(v, true));
+            match self.row_body(v) {
+                Some(body) => run.push(body),
+                None => {
+                    flush(&mut run, &mut out);
+                    out.extend(self.compute(v, true));
+                }
+            }
         }
+        flush(&mut run, &mut out);
         for (k, next) in plan.carried_next.iter().enumerate() {
             let Some(v) = *next else { continue };
             if plan.place[v.index()] != Place::Next(k as u32) {
@@ -518,6 +600,77 @@ impl Body<'_> {
             }
         }
         out
+    }
+
+    /// An element-wise step value as the statements for row `r` of the step (sequence mode):
+    /// `None` unless `v` is computed row by row over the step's rows from rows `r` (or the one
+    /// row of an unbatched operand) of other buffers, so that consecutive ones can share a loop.
+    fn row_body(&self, v: Value) -> Option<TokenStream> {
+        if self.mode != Mode::Sequence {
+            return None;
+        }
+        let g = self.g();
+        let d = g.data(v);
+        let elementwise = !matches!(
+            d.op,
+            Op::Input(_)
+                | Op::Concat
+                | Op::Const(_)
+                | Op::MatMul
+                | Op::MatMulT
+                | Op::OuterSum
+                | Op::SumRows
+                | Op::SumFeatures
+                | Op::Spread(_)
+                | Op::Broadcast
+                | Op::Slice { .. }
+        );
+        let dst = self.access(v, true);
+        if !elementwise || !matches!(dst.rows, RowSel::Step | RowSel::AtStep) {
+            return None;
+        }
+        let args: Vec<Access> = d.args.iter().map(|&a| self.access(a, true)).collect();
+        if args.iter().any(|a| a.root == dst.root) {
+            return None;
+        }
+        let operands: Vec<Operand> = d
+            .args
+            .iter()
+            .enumerate()
+            .map(|(k, &a)| Operand::new(&args[k], g.shape(a), dst.width, k))
+            .collect();
+        let e: Vec<TokenStream> = operands.iter().map(|o| o.elem.clone()).collect();
+        let value = match d.op {
+            Op::Add => {
+                let (a, b) = (&e[0], &e[1]);
+                quote!(#a + #b)
+            }
+            Op::Sub => {
+                let (a, b) = (&e[0], &e[1]);
+                quote!(#a - #b)
+            }
+            Op::Mul => {
+                let (a, b) = (&e[0], &e[1]);
+                quote!(#a * #b)
+            }
+            Op::Div => {
+                let (a, b) = (&e[0], &e[1]);
+                quote!(#a / #b)
+            }
+            op => unary(op)(e[0].clone()),
+        };
+        let binds = operands.iter().map(|o| &o.bind);
+        let (yr, n) = (&dst.root, lit(dst.width));
+        let ys = dst.start(&quote!(r));
+        Some(quote! {
+            {
+                #(#binds)*
+                let y = &mut #yr[#ys..][..#n];
+                for i in 0..#n {
+                    y[i] = #value;
+                }
+            }
+        })
     }
 
     /// The statements computing `v` into its place, over all rows or at step `t`.
@@ -600,11 +753,27 @@ impl Body<'_> {
                 } else {
                     quote!(matmul_t)
                 };
-                quote! {
-                    ::rnn::rt::#f::<#ol, #il>(
-                        isa, #rows, &#wr[#wo..#we],
-                        &#xr[#xo..], #xs, &mut #yr[#yo..], #ys,
-                    );
+                let packed = self
+                    .plan
+                    .products
+                    .iter()
+                    .any(|p| p.value == v && p.layout == WeightLayout::InOut)
+                    && self.packed_weights().iter().any(|p| p.0 == d.args[0]);
+                if packed {
+                    let wt = format_ident!("wt{}", d.args[0].index());
+                    quote! {
+                        ::rnn::rt::matmul_packed::<#ol, #il>(
+                            isa, #rows, &#wr[#wo..#we], &#wt,
+                            &#xr[#xo..], #xs, &mut #yr[#yo..], #ys,
+                        );
+                    }
+                } else {
+                    quote! {
+                        ::rnn::rt::#f::<#ol, #il>(
+                            isa, #rows, &#wr[#wo..#we],
+                            &#xr[#xo..], #xs, &mut #yr[#yo..], #ys,
+                        );
+                    }
                 }
             }
             Op::OuterSum => {
@@ -710,12 +879,15 @@ impl Body<'_> {
                 let (r, n) = (&a.root, lit(a.width));
                 let start = a.start(&quote!(row));
                 per_step.push(quote! {{
-                    let mut y = ::rnn::rt::zeros(steps * batch * #n);
+                    let mut y = ::rnn::rt::scratch(steps * batch * #n);
                     for t in 0..steps {
                         for b in 0..batch {
+                            let row = t * batch + b;
+                            let y = &mut y[row * #n..(row + 1) * #n];
                             if t < lengths[b] {
-                                let row = t * batch + b;
-                                y[row * #n..(row + 1) * #n].copy_from_slice(&#r[#start..][..#n]);
+                                y.copy_from_slice(&#r[#start..][..#n]);
+                            } else {
+                                y.fill(0.0);
                             }
                         }
                     }

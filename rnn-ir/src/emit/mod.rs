@@ -727,8 +727,8 @@ pub fn emit_model(
                     /// per-sequence lengths (packed semantics) and initial states. Returns the
                     /// outputs and final states; every argument is checked first.
                     pub fn forward(&self, request: &::rnn::rt::Request<'_>) -> ::rnn::rt::Result<::rnn::rt::Response> {
-                        ::rnn::rt::forward(&LAYOUT, &__RnnExecutor(self), request, false)
-                            .map(|(raw, _)| raw.response)
+                        ::rnn::rt::forward_response(&LAYOUT, &__RnnExecutor(self), request, false)
+                            .map(|(response, _)| response)
                     }
 
                     /// [`Self::forward`], keeping what [`Self::backward`] needs.
@@ -736,9 +736,9 @@ pub fn emit_model(
                         &self,
                         request: &::rnn::rt::Request<'_>,
                     ) -> ::rnn::rt::Result<(::rnn::rt::Response, ::rnn::rt::Tape<'_>)> {
-                        let (raw, tape) = ::rnn::rt::forward(&LAYOUT, &__RnnExecutor(self), request, true)?;
+                        let (response, tape) = ::rnn::rt::forward_response(&LAYOUT, &__RnnExecutor(self), request, true)?;
                         let tape = tape.expect("a tape was asked for");
-                        ::core::result::Result::Ok((raw.response, ::rnn::rt::Tape::new(tape, self)))
+                        ::core::result::Result::Ok((response, ::rnn::rt::Tape::new(tape, self)))
                     }
 
                     /// Back-propagation through time from a [`Self::forward_train`]: the
@@ -757,7 +757,7 @@ pub fn emit_model(
                     /// Forward, and backward when the request has `grad_output`: what the
                     /// interpreter's `Program::run` does, with this model's kernels.
                     pub fn run(&self, request: &::rnn::rt::Request<'_>) -> ::rnn::rt::Result<::rnn::rt::Response> {
-                        ::rnn::rt::run_layout(&LAYOUT, &__RnnExecutor(self), request).map(|raw| raw.response)
+                        ::rnn::rt::run_response(&LAYOUT, &__RnnExecutor(self), request)
                     }
                 }
             };
@@ -919,8 +919,8 @@ fn param_unpack(n: usize) -> TokenStream {
     quote!(let [#(#names),*] = p;)
 }
 
-/// A kernel `name(args) -> ret` whose body is compiled twice, for AVX2 + FMA and portably,
-/// and which takes the path `::rnn::rt::isa()` chooses.
+/// A kernel `name(args) -> ret` whose body is compiled three times, for AVX-512, for AVX2 +
+/// FMA and portably, and which takes the path `::rnn::rt::isa()` chooses.
 fn dispatched(
     name: &Ident,
     args: TokenStream,
@@ -930,6 +930,7 @@ fn dispatched(
 ) -> TokenStream {
     let inner = format_ident!("{}_body", name);
     let avx2 = format_ident!("{}_avx2", name);
+    let avx512 = format_ident!("{}_avx512", name);
     quote! {
         #[inline(always)]
         #[allow(unused_mut, unused_variables, clippy::all)]
@@ -944,12 +945,22 @@ fn dispatched(
             #inner(::rnn::rt::Isa::Avx2, #arg_names)
         }
 
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[allow(clippy::all)]
+        fn #avx512(#args) -> #ret {
+            #inner(::rnn::rt::Isa::Avx512, #arg_names)
+        }
+
         #[allow(clippy::all)]
         fn #name(#args) -> #ret {
             #[cfg(target_arch = "x86_64")]
-            if ::rnn::rt::isa() == ::rnn::rt::Isa::Avx2 {
-                // SAFETY: `isa()` reports AVX2 only when the CPU has AVX2 and FMA.
-                return unsafe { #avx2(#arg_names) };
+            match ::rnn::rt::isa() {
+                // SAFETY: `isa()` reports a path only when the CPU has its features.
+                ::rnn::rt::Isa::Avx512 => return unsafe { #avx512(#arg_names) },
+                // SAFETY: as above.
+                ::rnn::rt::Isa::Avx2 => return unsafe { #avx2(#arg_names) },
+                ::rnn::rt::Isa::Portable => {}
             }
             #inner(::rnn::rt::Isa::Portable, #arg_names)
         }
