@@ -3,11 +3,11 @@
 //! row and feature sums.
 //!
 //! One row (the streaming step, a batch of one) runs an explicit 256-bit AVX2 + FMA kernel
-//! behind [`Isa::Avx2`], or a portable loop with the same order of summation behind
-//! [`Isa::Portable`]; the two differ only by FMA's single rounding. Several rows go to the `gemm`
-//! crate (feature `std`; without it, one row at a time), which chooses its own instruction set
-//! whatever the path: the portable path differs from the AVX2 one in single-row products and in
-//! the emitted element-wise loops only.
+//! behind [`Isa::Avx2`] and [`Isa::Avx512`], or a portable loop with the same order of summation
+//! behind [`Isa::Portable`]; the two differ only by FMA's single rounding. Several rows go to the
+//! `gemm` crate (feature `std`; without it, one row at a time), which chooses its own
+//! instruction set whatever the path, except a step's product of a weight [`pack`]ed for it on
+//! the AVX-512 path: an explicit 512-bit kernel over 32-output panels ([`matmul_packed`]).
 //!
 //! PyTorch stores a weight `(out, in)` row-major. `x · Wᵀ` is then a dot product per output
 //! (rows of `W` are contiguous): the AVX2 kernel takes four outputs at a time, eight lanes of

@@ -24,9 +24,10 @@
 //! every size a constant. The streaming `step` cannot call the driver (it is `core`-only), so
 //! it runs the same inference plan per layer, in layer order, itself.
 //!
-//! Every kernel is emitted once and compiled twice: inside a `#[target_feature(enable =
-//! "avx2,fma")]` function (taken when the CPU has them: products in explicit 256-bit FMA, the
-//! element-wise loops vectorised by the compiler at 256 bits) and as portable code.
+//! Every kernel is emitted once and compiled three times: inside a `#[target_feature(enable =
+//! "avx512f,avx2,fma")]` function and inside a `#[target_feature(enable = "avx2,fma")]` one
+//! (each taken when the CPU has them: products in explicit 512- or 256-bit FMA kernels, the
+//! element-wise loops vectorised by the compiler at that width), and as portable code.
 //!
 //! # Hygiene
 //! Output is deterministic (the program's orders, never a hash map's), names every outside item
