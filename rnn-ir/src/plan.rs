@@ -152,11 +152,13 @@ pub enum WeightLayout {
     /// PyTorch's `(out, in)` row-major matrix, read as stored (`x · Wᵀ` reads it transposed
     /// through strides; no copy).
     OutIn,
-    /// `Wᵀ`, `(in, out)` row-major (outputs contiguous), copied once per sequence before any
-    /// product reads it: `x · Wᵀ` over several rows (the input projection of all steps, the
-    /// recurrent product of each step) then streams each input's weights in the order a GEMM
-    /// micro-kernel consumes them, and the GEMM packs nothing at each call. A step of a single
-    /// row reads the `(out, in)` matrix as stored (one dot product per output).
+    /// `Wᵀ`, outputs contiguous: `x · Wᵀ` over several rows (the input projection of all
+    /// steps, the recurrent product of each step) then streams each input's weights in the order
+    /// a GEMM micro-kernel consumes them, and the GEMM packs nothing at each call. A backend
+    /// that compiles kernels copies a weight known before the sequence (a bound value) once per
+    /// sequence into this layout (`(in, out)` row-major, or blocked into panels of outputs for
+    /// its own kernel); the interpreter reads the stored matrix through strides. A step of a
+    /// single row reads the `(out, in)` matrix as stored (one dot product per output).
     ///
     /// Measured on W1's recurrent product (32 × 256 by 256 × 1024, one thread, the `gemm`
     /// crate): 80 µs with `Wᵀ` against 137 µs reading `(out, in)`, which it packs again at

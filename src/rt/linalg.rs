@@ -4,10 +4,11 @@
 //!
 //! One row (the streaming step, a batch of one) runs an explicit 256-bit AVX2 + FMA kernel
 //! behind [`Isa::Avx2`] and [`Isa::Avx512`], or a portable loop with the same order of summation
-//! behind [`Isa::Portable`]; the two differ only by FMA's single rounding. Several rows go to the
-//! `gemm` crate (feature `std`; without it, one row at a time), which chooses its own
-//! instruction set whatever the path, except a step's product of a weight [`pack`]ed for it on
-//! the AVX-512 path: an explicit 512-bit kernel over 32-output panels ([`matmul_packed`]).
+//! behind [`Isa::Portable`]; the SIMD kernel and the portable loop differ only by FMA's single
+//! rounding. Several rows go to the `gemm` crate (feature `std`; without it, one row at a time),
+//! which chooses its own instruction set whatever the path, except products of at most 512 rows
+//! of a weight [`pack`]ed for them on the AVX-512 path (a step of a batch): an explicit 512-bit
+//! kernel over 32-output panels ([`matmul_packed`]).
 //!
 //! PyTorch stores a weight `(out, in)` row-major. `x · Wᵀ` is then a dot product per output
 //! (rows of `W` are contiguous): the AVX2 kernel takes four outputs at a time, eight lanes of
@@ -58,7 +59,8 @@ pub struct Packed {
 pub const PANEL: usize = 32;
 
 /// Products of at most this many rows read panels (a batch's step); more (all steps' rows at
-/// once) go to the `gemm` crate, which blocks the rows for the caches.
+/// once) go to the `gemm` crate, which blocks the rows for the caches. The choice is made once
+/// per packed weight, from the most rows any of its products runs over.
 #[cfg(feature = "std")]
 const PANEL_ROWS: usize = 512;
 
@@ -422,14 +424,16 @@ mod avx512 {
         let count = O.div_ceil(PANEL);
         // Every pointer below stays inside these bounds.
         assert!(panels.len() >= count * I * PANEL, "packed weight too short");
-        assert!(
-            rows == 0 || (rows - 1) * xs + I <= x.len(),
-            "input too short"
-        );
-        assert!(
-            rows == 0 || (rows - 1) * ys + O <= y.len(),
-            "output too short"
-        );
+        // Checked: `matmul_packed` is safe to call with any strides.
+        let fits = |stride: usize, width: usize, len: usize| {
+            rows == 0
+                || (rows - 1)
+                    .checked_mul(stride)
+                    .and_then(|n| n.checked_add(width))
+                    .is_some_and(|n| n <= len)
+        };
+        assert!(fits(xs, I, x.len()), "input too short");
+        assert!(fits(ys, O, y.len()), "output too short");
         let (pp, xp, yp) = (panels.as_ptr(), x.as_ptr(), y.as_mut_ptr());
         for j in 0..count {
             let width = PANEL.min(O - j * PANEL);
@@ -498,7 +502,11 @@ mod avx512 {
             // SAFETY: as above; the masks keep the stores inside the row's outputs.
             unsafe {
                 _mm512_mask_storeu_ps(y.add(r * ys), lo, acc[0]);
-                _mm512_mask_storeu_ps(y.add(r * ys + 16), hi, acc[1]);
+                // A panel of 16 outputs or fewer has no second half in `y`: not even its
+                // address is formed.
+                if hi != 0 {
+                    _mm512_mask_storeu_ps(y.add(r * ys + 16), hi, acc[1]);
+                }
             }
         }
     }

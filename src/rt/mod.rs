@@ -25,6 +25,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 /// AVX-512 one inside `#[target_feature(enable = "avx512f,avx2,fma")]`, so that the
 /// element-wise loops are 256- or 512-bit as well.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum Isa {
     /// Plain Rust loops, compiled for the target's baseline.
     Portable,

@@ -10,8 +10,9 @@
 //!
 //! Names inside the body: `b{i}` the plan's buffers, `fb{i}` the forward pass's (a backward
 //! body reads its saved values there), `p{i}` the parameters, `x` the step input over all rows,
-//! `dy` the output's cotangent, `cur{k}` / `nxt{k}` / `hold{k}` the carried slots, `steps`,
-//! `batch`, `t`, `lengths` and `isa` (the SIMD path every product takes).
+//! `dy` the output's cotangent, `cur{k}` / `nxt{k}` / `hold{k}` the carried slots, `wt{v}` the
+//! copy of weight `v` the plan reads as `(in, out)` (`rnn::rt::pack`), `steps`, `batch`, `t`,
+//! `lengths` and `isa` (the SIMD path every product takes).
 //!
 //! Two modes share every statement. [`Mode::Sequence`] allocates its buffers (`T·B`, `B` or one
 //! row) and returns them as the tape; [`Mode::Step`] runs one step of one row with every

@@ -956,12 +956,16 @@ fn dispatched(
         #[allow(clippy::all)]
         fn #name(#args) -> #ret {
             #[cfg(target_arch = "x86_64")]
-            match ::rnn::rt::isa() {
-                // SAFETY: `isa()` reports a path only when the CPU has its features.
-                ::rnn::rt::Isa::Avx512 => return unsafe { #avx512(#arg_names) },
-                // SAFETY: as above.
-                ::rnn::rt::Isa::Avx2 => return unsafe { #avx2(#arg_names) },
-                ::rnn::rt::Isa::Portable => {}
+            {
+                let isa = ::rnn::rt::isa();
+                if isa == ::rnn::rt::Isa::Avx512 {
+                    // SAFETY: `isa()` reports a path only when the CPU has its features.
+                    return unsafe { #avx512(#arg_names) };
+                }
+                if isa == ::rnn::rt::Isa::Avx2 {
+                    // SAFETY: as above.
+                    return unsafe { #avx2(#arg_names) };
+                }
             }
             #inner(::rnn::rt::Isa::Portable, #arg_names)
         }

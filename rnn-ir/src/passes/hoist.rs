@@ -5,9 +5,9 @@
 //! gradient) and *carried* outputs (the next state, or the gradient for the previous step).
 //! - **Pre**: the value does not depend on a carried input. It depends on the step's input,
 //!   saved values and parameters alone, so it is computed for all time steps at once, as one
-//!   operation over `T·B` rows (`W_ih · x_t` for every t becomes one GEMM). Sums, differences
-//!   and products that only the loop reads are the exception: they run in the loop (`sink`),
-//!   where they cost no pass over a buffer of all steps.
+//!   operation over `T·B` rows (`W_ih · x_t` for every t becomes one GEMM). Element-wise sums,
+//!   differences, negations and products that only the loop reads are the exception: they run
+//!   in the loop (`sink`), where they cost no pass over a buffer of all steps.
 //! - **Loop**: it depends on a carried input and a carried output depends on it: it must run
 //!   step by step.
 //! - **Post**: it depends on a carried input but no carried output needs it, so it is computed
@@ -73,12 +73,12 @@ pub fn hoist(g: &Graph) -> Result<Vec<Phase>, IrError> {
     Ok(phases)
 }
 
-/// Moves into the loop the row-wise sums, differences and products before it that only the
-/// loop reads. The work is the same either way, but before the loop it fills a buffer of all
-/// `T·B` rows that the loop then reads back: for W1 the gates' bias added to the input
-/// projection, 64 MiB written and read again, 6% of the run (measured). Products stay before the
-/// loop (one GEMM is the point of hoisting them), and so do functions (see `sink`'s body), the
-/// graph's results, reductions, views and copies.
+/// Moves into the loop the row-wise element-wise sums, differences, negations and products
+/// before it that only the loop reads. The work is the same either way, but before the loop it
+/// fills a buffer of all `T·B` rows that the loop then reads back: for W1 the gates' bias added
+/// to the input projection, 64 MiB written and read again, 6% of the run (measured). Matrix
+/// products stay before the loop (one GEMM is the point of hoisting them), and so do functions
+/// (see `sink`'s body), the graph's results, reductions, views and copies.
 fn sink(g: &Graph, mut phases: Vec<Phase>) -> Vec<Phase> {
     let users = g.users();
     let mut is_output = vec![false; g.len()];
