@@ -1,0 +1,447 @@
+//! Inline `f32x4` approximations of the functions CLIF lacks: `exp`, `ln`, `tanh`, `sigmoid` and
+//! PyTorch's `softplus`, each emitted straight into the kernel that needs it (no call, no
+//! branch: comparisons and bit selects only).
+//!
+//! They are the algorithms of the emitted Rust's `core`-only math (`rnn::rt::math`), lane for
+//! lane: Cody–Waite argument reduction, the published Cephes single-precision polynomials, and a
+//! reconstruction from the exponent bits. This crate's tests (`tests/approx.rs`) measure the
+//! maximum error against `f64`'s functions over a dense sweep of the whole `f32` range (every
+//! 2^11-th bit pattern of each sign, 4.2 million inputs) plus the special values, and hold each
+//! function to the bound below:
+//!
+//! | function | max relative error measured | bound held | special values |
+//! |---|---|---|---|
+//! | [`exp`] | 7.6e-8 | 1.2e-7 | `+inf` above 88.72, `0` below -103.97, NaN stays NaN |
+//! | [`ln`] | 7.9e-8 | 1.2e-7 | `ln 0 = -inf`, `ln(x < 0) = NaN`, `ln(+inf) = +inf` |
+//! | [`tanh`] | 1.3e-7 | 2.0e-7 | odd, `tanh(-0) = -0`, exactly `±1` beyond 9.02 |
+//! | [`sigmoid`] | 1.7e-7 | 2.5e-7 | never overflows; `σ(-inf) = 0`, `σ(+inf) = 1` |
+//! | [`softplus`] | 1.6e-7 | 2.5e-7 | `x` itself above 20 (PyTorch's threshold) |
+//!
+//! The bounds are those the same algorithms reach over all 2^32 inputs in `rnn::rt::math`
+//! (its exhaustive test): at most 2.41 ulp.
+//! Where the exact result is subnormal the absolute error is below `2^-149`. No operation is
+//! fused into an FMA: each lane computes the same bits as the emitted Rust.
+
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::types::{F32X4, I32X4};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
+use cranelift_frontend::FunctionBuilder;
+
+/// `1.5 · 2^23`: added to a float below `2^22` in magnitude, rounds it to an integer (ties to
+/// even) left in the sum's low mantissa bits.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+/// High part of a Cody–Waite split of `ln 2` (`n · LN2_HI` is exact for `|n| < 2^9`).
+const LN2_HI: f32 = f32::from_bits(0x3f31_7200);
+/// Low part: `LN2_HI + LN2_LO` is `ln 2` to about `2^-45`.
+const LN2_LO: f32 = f32::from_bits(0x35bf_be8e);
+/// `exp`'s clamps: `e^89` overflows all the same, `e^-104` rounds to 0 all the same.
+const EXP_MAX_ARG: f32 = 89.0;
+const EXP_MIN_ARG: f32 = -104.0;
+/// Below this `tanh` uses its odd polynomial.
+const TANH_POLY_LIMIT: f32 = 0.625;
+/// PyTorch's `Softplus` threshold.
+const SOFTPLUS_THRESHOLD: f32 = 20.0;
+/// Bits of `√½`: `ln` reduces its argument into `[√½, √2)`.
+const SQRT_HALF_BITS: i32 = 0x3f35_04f3;
+
+/// A function builder with the vector helpers the approximations share.
+pub struct Vec4<'a, 'b> {
+    /// The builder the instructions go to.
+    pub b: &'a mut FunctionBuilder<'b>,
+}
+
+impl Vec4<'_, '_> {
+    /// `c` in every lane.
+    pub fn splat(&mut self, c: f32) -> Value {
+        let s = self.b.ins().f32const(c);
+        self.b.ins().splat(F32X4, s)
+    }
+
+    /// The integer `c` in every lane.
+    pub fn splat_i(&mut self, c: i32) -> Value {
+        let s = self
+            .b
+            .ins()
+            .iconst(cranelift_codegen::ir::types::I32, c as i64);
+        self.b.ins().splat(I32X4, s)
+    }
+
+    /// The lanes' bits as integers.
+    pub fn bits(&mut self, x: Value) -> Value {
+        self.b.ins().bitcast(I32X4, MemFlagsData::new(), x)
+    }
+
+    /// Integer lanes' bits as floats.
+    pub fn float(&mut self, x: Value) -> Value {
+        self.b.ins().bitcast(F32X4, MemFlagsData::new(), x)
+    }
+
+    /// `cc(a, b)` per lane as a float mask (all ones or all zeros).
+    pub fn cmp(&mut self, cc: FloatCC, a: Value, b: Value) -> Value {
+        let m = self.b.ins().fcmp(cc, a, b);
+        self.float(m)
+    }
+
+    /// Per lane `mask ? a : b`.
+    pub fn select(&mut self, mask: Value, a: Value, b: Value) -> Value {
+        self.b.ins().bitselect(mask, a, b)
+    }
+
+    /// `a · b + c` without fusing (two roundings, as the emitted Rust computes it).
+    pub fn mul_add(&mut self, a: Value, b: Value, c: Value) -> Value {
+        let p = self.b.ins().fmul(a, b);
+        self.b.ins().fadd(p, c)
+    }
+
+    /// `p(r)` by Horner's rule with `coefficients` from the highest degree down.
+    fn horner(&mut self, r: Value, coefficients: &[f32]) -> Value {
+        let mut p = self.splat(coefficients[0]);
+        for &c in &coefficients[1..] {
+            let c = self.splat(c);
+            p = self.mul_add(p, r, c);
+        }
+        p
+    }
+
+    /// `|x|` (the sign bit cleared).
+    pub fn abs(&mut self, x: Value) -> Value {
+        let bits = self.bits(x);
+        let mask = self.splat_i(0x7fff_ffff);
+        let a = self.b.ins().band(bits, mask);
+        self.float(a)
+    }
+
+    /// `2^k` per lane for integer lanes `k` in `[-126, 127]`.
+    fn pow2i(&mut self, k: Value) -> Value {
+        let bias = self.splat_i(127);
+        let e = self.b.ins().iadd(k, bias);
+        let e = self.b.ins().ishl_imm_u(e, 23);
+        self.float(e)
+    }
+}
+
+/// `e^x` per lane: at most 0.99 ulp (1.2e-7 relative) where the result is normal; `+inf` above
+/// 88.72, `0` below -103.97, NaN in, NaN out.
+pub fn exp(v: &mut Vec4, x: Value) -> Value {
+    // Clamps as selects (a NaN fails both comparisons and flows through).
+    let hi = v.splat(EXP_MAX_ARG);
+    let lo = v.splat(EXP_MIN_ARG);
+    let above = v.cmp(FloatCC::GreaterThan, x, hi);
+    let x = v.select(above, hi, x);
+    let below = v.cmp(FloatCC::LessThan, x, lo);
+    let x = v.select(below, lo, x);
+    // x = n·ln 2 + r, n = round(x·log2 e) read as an integer from the magic sum's low bits.
+    let log2e = v.splat(core::f32::consts::LOG2_E);
+    let magic = v.splat(ROUND_MAGIC);
+    let t = v.mul_add(x, log2e, magic);
+    let n = v.b.ins().fsub(t, magic);
+    let tb = v.bits(t);
+    let mb = v.splat_i(ROUND_MAGIC.to_bits() as i32);
+    let k = v.b.ins().isub(tb, mb);
+    let ln2hi = v.splat(LN2_HI);
+    let ln2lo = v.splat(LN2_LO);
+    let a = v.b.ins().fmul(n, ln2hi);
+    let r = v.b.ins().fsub(x, a);
+    let c = v.b.ins().fmul(n, ln2lo);
+    let r = v.b.ins().fsub(r, c);
+    // e^r = 1 + r + r²·P(r).
+    let p = v.horner(
+        r,
+        &[
+            1.987_569_1e-4,
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ],
+    );
+    let r2 = v.b.ins().fmul(r, r);
+    let q = v.mul_add(p, r2, r);
+    let one = v.splat(1.0);
+    let e = v.b.ins().fadd(q, one);
+    // 2^k as 2^(k/2) · 2^(k - k/2), both normal for k in [-150, 128].
+    let k1 = v.b.ins().sshr_imm_u(k, 1);
+    let k2 = v.b.ins().isub(k, k1);
+    let s1 = v.pow2i(k1);
+    let s2 = v.pow2i(k2);
+    let e = v.b.ins().fmul(e, s1);
+    v.b.ins().fmul(e, s2)
+}
+
+/// `ln x + k_bias · ln 2` for positive normal finite lanes (no special values).
+fn ln_normal(v: &mut Vec4, x: Value, k_bias: Value) -> Value {
+    let bits = v.bits(x);
+    let sh = v.splat_i(SQRT_HALF_BITS);
+    let d = v.b.ins().isub(bits, sh);
+    let k = v.b.ins().sshr_imm_u(d, 23);
+    let ks = v.b.ins().ishl_imm_u(k, 23);
+    let mb = v.b.ins().isub(bits, ks);
+    let m = v.float(mb);
+    let one = v.splat(1.0);
+    let f = v.b.ins().fsub(m, one);
+    let kk = v.b.ins().iadd(k, k_bias);
+    let kf = v.b.ins().fcvt_from_sint(F32X4, kk);
+    let z = v.b.ins().fmul(f, f);
+    let p = v.horner(
+        f,
+        &[
+            7.037_683_6e-2,
+            -1.151_461e-1,
+            1.167_699_9e-1,
+            -1.242_014_1e-1,
+            1.424_932_3e-1,
+            -1.666_805_8e-1,
+            2.000_071_5e-1,
+            -2.499_999_4e-1,
+            3.333_333e-1,
+        ],
+    );
+    // y = p·f·z + kf·LN2_LO - 0.5·z
+    let pf = v.b.ins().fmul(p, f);
+    let pfz = v.b.ins().fmul(pf, z);
+    let ln2lo = v.splat(LN2_LO);
+    let y = v.mul_add(kf, ln2lo, pfz);
+    let half = v.splat(0.5);
+    let hz = v.b.ins().fmul(half, z);
+    let y = v.b.ins().fsub(y, hz);
+    let fy = v.b.ins().fadd(f, y);
+    let ln2hi = v.splat(LN2_HI);
+    v.mul_add(kf, ln2hi, fy)
+}
+
+/// Natural logarithm per lane: at most 0.83 ulp (1.2e-7 relative); `ln 0 = -inf`,
+/// `ln(x < 0) = NaN`, `ln(+inf) = +inf`, subnormal inputs scaled by `2^23` first.
+pub fn ln(v: &mut Vec4, x: Value) -> Value {
+    let min_pos = v.splat(f32::MIN_POSITIVE);
+    let subnormal = v.cmp(FloatCC::LessThan, x, min_pos);
+    let two23 = v.splat(8_388_608.0);
+    let xs = v.b.ins().fmul(x, two23);
+    let scaled = v.select(subnormal, xs, x);
+    let m23 = v.splat_i(-23);
+    let zero_i = v.splat_i(0);
+    let sub_i = v.bits(subnormal);
+    let bias = v.b.ins().bitselect(sub_i, m23, zero_i);
+    let y = ln_normal(v, scaled, bias);
+    let inf = v.splat(f32::INFINITY);
+    let is_inf = v.cmp(FloatCC::Equal, x, inf);
+    let y = v.select(is_inf, x, y);
+    let zero = v.splat(0.0);
+    let is_zero = v.cmp(FloatCC::Equal, x, zero);
+    let ninf = v.splat(f32::NEG_INFINITY);
+    let y = v.select(is_zero, ninf, y);
+    let nonneg = v.cmp(FloatCC::GreaterThanOrEqual, x, zero);
+    let nan = v.splat(f32::NAN);
+    v.select(nonneg, y, nan)
+}
+
+/// Hyperbolic tangent per lane: at most 1.34 ulp (2.0e-7 relative), odd, exactly `±1` for
+/// `|x| ≥ 9.02`, NaN in, NaN out.
+pub fn tanh(v: &mut Vec4, x: Value) -> Value {
+    let a = v.abs(x);
+    let z = v.b.ins().fmul(a, a);
+    let p = v.horner(
+        z,
+        &[
+            -5.704_988_7e-3,
+            2.063_909e-2,
+            -5.373_971_6e-2,
+            1.333_144_2e-1,
+            -3.333_328e-1,
+        ],
+    );
+    let pz = v.b.ins().fmul(p, z);
+    let small = v.mul_add(pz, a, a);
+    let a2 = v.b.ins().fadd(a, a);
+    let e = exp(v, a2);
+    let one = v.splat(1.0);
+    let two = v.splat(2.0);
+    let e1 = v.b.ins().fadd(e, one);
+    let q = v.b.ins().fdiv(two, e1);
+    let large = v.b.ins().fsub(one, q);
+    let limit = v.splat(TANH_POLY_LIMIT);
+    let is_small = v.cmp(FloatCC::LessThan, a, limit);
+    let t = v.select(is_small, small, large);
+    // The sign of x back onto |t|.
+    let sign = v.splat(-0.0);
+    v.select(sign, x, t)
+}
+
+/// Logistic sigmoid per lane: at most 2.41 ulp (2.5e-7 relative), never overflows.
+pub fn sigmoid(v: &mut Vec4, x: Value) -> Value {
+    let a = v.abs(x);
+    let na = v.b.ins().fneg(a);
+    let e = exp(v, na);
+    let zero = v.splat(0.0);
+    let one = v.splat(1.0);
+    let negative = v.cmp(FloatCC::LessThan, x, zero);
+    let num = v.select(negative, e, one);
+    let den = v.b.ins().fadd(one, e);
+    v.b.ins().fdiv(num, den)
+}
+
+/// PyTorch's softplus per lane, `x` above 20 and `ln(1 + e^x)` otherwise: at most 2 ulp
+/// (2.5e-7 relative).
+pub fn softplus(v: &mut Vec4, x: Value) -> Value {
+    let a = v.abs(x);
+    let na = v.b.ins().fneg(a);
+    let u = exp(v, na);
+    let one = v.splat(1.0);
+    let w = v.b.ins().fadd(one, u);
+    let zero_i = v.splat_i(0);
+    let lw = ln_normal(v, w, zero_i);
+    let w1 = v.b.ins().fsub(w, one);
+    let c = v.b.ins().fsub(u, w1);
+    let c = v.b.ins().fdiv(c, w);
+    let log1p = v.b.ins().fadd(lw, c);
+    let zero = v.splat(0.0);
+    let positive = v.cmp(FloatCC::GreaterThan, x, zero);
+    let xl = v.b.ins().fadd(x, log1p);
+    let y = v.select(positive, xl, log1p);
+    let th = v.splat(SOFTPLUS_THRESHOLD);
+    let above = v.cmp(FloatCC::GreaterThan, x, th);
+    v.select(above, x, y)
+}
+
+/// One of the approximated functions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Function {
+    /// [`exp`].
+    Exp,
+    /// [`ln`].
+    Ln,
+    /// [`tanh`].
+    Tanh,
+    /// [`sigmoid`].
+    Sigmoid,
+    /// [`softplus`].
+    Softplus,
+}
+
+impl Function {
+    /// Every function.
+    pub const ALL: [Function; 5] = [
+        Function::Exp,
+        Function::Ln,
+        Function::Tanh,
+        Function::Sigmoid,
+        Function::Softplus,
+    ];
+
+    /// Emits the function of `x`.
+    pub fn emit(self, v: &mut Vec4, x: Value) -> Value {
+        match self {
+            Function::Exp => exp(v, x),
+            Function::Ln => ln(v, x),
+            Function::Tanh => tanh(v, x),
+            Function::Sigmoid => sigmoid(v, x),
+            Function::Softplus => softplus(v, x),
+        }
+    }
+}
+
+/// A function compiled alone over a slice: `y[i] = f(x[i])`, four lanes at a time (what the
+/// accuracy tests and `rnnc inspect --clif` read).
+pub struct Mapped {
+    // Keeps the code alive.
+    _module: cranelift_jit::JITModule,
+    code: unsafe extern "C" fn(*const f32, *mut f32, usize),
+    clif: String,
+}
+
+impl Mapped {
+    /// Compiles `f` over slices.
+    pub fn compile(f: Function) -> Result<Mapped, crate::JitError> {
+        use cranelift_codegen::ir::{AbiParam, condcodes::IntCC, types::I64};
+        use cranelift_frontend::FunctionBuilderContext;
+        use cranelift_module::{Linkage, Module};
+        let mut module = crate::new_module(&[])?;
+        let mut ctx = module.make_context();
+        let config = module.target_config();
+        let ptr = config.pointer_type();
+        for _ in 0..3 {
+            ctx.func.signature.params.push(AbiParam::new(ptr));
+        }
+        let mut fbc = FunctionBuilderContext::new();
+        {
+            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+            let entry = b.create_block();
+            let head = b.create_block();
+            let body = b.create_block();
+            let exit = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let (x, y, n) = {
+                let p = b.block_params(entry);
+                (p[0], p[1], p[2])
+            };
+            let zero = b.ins().iconst(I64, 0);
+            b.ins().jump(head, &[zero.into()]);
+            b.switch_to_block(head);
+            let i = b.append_block_param(head, I64);
+            let done = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, i, n);
+            b.ins().brif(done, exit, &[], body, &[]);
+            b.switch_to_block(body);
+            let off = b.ins().ishl_imm_u(i, 2);
+            let src = b.ins().iadd(x, off);
+            let dst = b.ins().iadd(y, off);
+            let flags = MemFlagsData::trusted();
+            let xv = b.ins().load(F32X4, flags, src, 0);
+            let yv = f.emit(&mut Vec4 { b: &mut b }, xv);
+            b.ins().store(flags, yv, dst, 0);
+            let next = b.ins().iadd_imm_s(i, 4);
+            b.ins().jump(head, &[next.into()]);
+            b.switch_to_block(exit);
+            b.ins().return_(&[]);
+            b.seal_all_blocks();
+            b.finalize(config);
+        }
+        let clif = ctx.func.display().to_string();
+        let name = format!("{f:?}").to_lowercase();
+        let id = module
+            .declare_function(&name, Linkage::Local, &ctx.func.signature)
+            .map_err(crate::JitError::from)?;
+        module
+            .define_function(id, &mut ctx)
+            .map_err(crate::JitError::from)?;
+        module.clear_context(&mut ctx);
+        module
+            .finalize_definitions()
+            .map_err(crate::JitError::from)?;
+        let raw = module.get_finalized_function(id);
+        // SAFETY: the function was just defined with this signature (three pointer-sized
+        // arguments, no result) and its module lives as long as `Mapped`.
+        let code = unsafe {
+            std::mem::transmute::<*const u8, unsafe extern "C" fn(*const f32, *mut f32, usize)>(raw)
+        };
+        Ok(Mapped {
+            _module: module,
+            code,
+            clif,
+        })
+    }
+
+    /// `y[i] = f(x[i])` for every `i`.
+    ///
+    /// # Panics
+    /// When `x` and `y` differ in length.
+    pub fn apply(&self, x: &[f32], y: &mut [f32]) {
+        assert_eq!(x.len(), y.len(), "x and y differ in length");
+        let full = x.len() / 4 * 4;
+        // SAFETY: the kernel reads and writes `full` elements, a multiple of 4 within both.
+        unsafe { (self.code)(x.as_ptr(), y.as_mut_ptr(), full) };
+        if full < x.len() {
+            let mut a = [0.0f32; 4];
+            let mut b = [0.0f32; 4];
+            a[..x.len() - full].copy_from_slice(&x[full..]);
+            // SAFETY: four elements in each array.
+            unsafe { (self.code)(a.as_ptr(), b.as_mut_ptr(), 4) };
+            y[full..].copy_from_slice(&b[..x.len() - full]);
+        }
+    }
+
+    /// The function's CLIF, as compiled.
+    pub fn clif(&self) -> &str {
+        &self.clif
+    }
+}
