@@ -1,0 +1,296 @@
+//! Running the lowered plans: buffers allocated per run as the plan sizes them, the compiled
+//! functions called before, at every step of and after the loop, and the step-level
+//! orchestration the emitted Rust performs inline (rows past their length frozen, carried
+//! values recorded on tapes, the slots swapped). Layers, directions, packed lengths and the
+//! reverse-time backward pass are the shared driver's ([`rnn_ir::driver`]).
+
+use crate::lower::{Access, Body, Lowered, Slot, per_step};
+use rnn_ir::driver::{Backward, Forward, Seq};
+use rnn_ir::graph::OutRole;
+use rnn_ir::plan::Storage;
+
+/// A compiled function: `(table, steps, batch, t)`.
+pub type KernelFn = unsafe extern "C" fn(*const *mut f32, usize, usize, usize);
+
+/// One plan's three compiled functions and the slots they read.
+pub struct Plan {
+    pub(crate) lowered: Lowered,
+    pub(crate) pre: KernelFn,
+    pub(crate) step: KernelFn,
+    pub(crate) post: KernelFn,
+}
+
+/// What one run of a plan returns: per-step outputs by role, parameter gradients, the carried
+/// values at the end, and the plan's buffers (the tape).
+pub struct RunResult {
+    /// The per-step outputs (the output, or the input's gradient), zero past each length.
+    pub per_step: Vec<(OutRole, Vec<f32>)>,
+    /// Parameter gradients by parameter index.
+    pub grads: Vec<(usize, Vec<f32>)>,
+    /// The carried values after the last step.
+    pub finals: Vec<Vec<f32>>,
+    /// The plan's buffers.
+    pub buffers: Vec<Vec<f32>>,
+}
+
+/// Feeds of one run.
+pub struct Inputs<'a> {
+    /// The cell's parameters, in order.
+    pub params: &'a [Vec<f32>],
+    /// The step input over all `T·B` rows.
+    pub x: &'a [f32],
+    /// The output's gradient over all `T·B` rows (backward).
+    pub dy: Option<&'a [f32]>,
+    /// The forward pass's buffers (backward).
+    pub tape: Option<&'a [Vec<f32>]>,
+    /// The carried values before the first step (zeros when empty).
+    pub initial: Vec<Vec<f32>>,
+}
+
+/// Runs `plan` (lowered from `body`) over `seq`.
+pub fn run(
+    plan: &Plan,
+    body: Body<'_>,
+    seq: Seq<'_>,
+    inputs: Inputs<'_>,
+    reverse: bool,
+) -> RunResult {
+    let g = &body.s.graph;
+    let p = body.plan;
+    let (steps, batch, lengths) = (seq.steps, seq.batch, seq.lengths);
+    let states = g.states();
+    let mut bufs: Vec<Vec<f32>> = p
+        .buffers
+        .iter()
+        .map(|b| {
+            let rows = match b.rows {
+                rnn_ir::plan::Rows::Once => 1,
+                rnn_ir::plan::Rows::Step => batch,
+                rnn_ir::plan::Rows::All => steps * batch,
+            };
+            vec![0.0; rows * b.width]
+        })
+        .collect();
+    // The forward pass's bound buffers are computed again (a tape keeps none of them).
+    let mut fwd_bound: Vec<Vec<f32>> = match body.forward {
+        Some((_, fplan)) => fplan
+            .buffers
+            .iter()
+            .map(|b| {
+                if b.storage == Storage::Bound {
+                    vec![0.0; b.width]
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut initial = inputs.initial.into_iter();
+    let mut cur: Vec<Vec<f32>> = states
+        .iter()
+        .map(|(_, n)| {
+            let v = initial.next().unwrap_or_default();
+            if v.len() == batch * n {
+                v
+            } else {
+                vec![0.0; batch * n]
+            }
+        })
+        .collect();
+    let mut nxt: Vec<Vec<f32>> = states.iter().map(|(_, n)| vec![0.0; batch * n]).collect();
+    let mut hold: Vec<Vec<f32>> = states.iter().map(|(_, n)| vec![0.0; batch * n]).collect();
+    let mut sums: Vec<Vec<f32>> = p
+        .step_sums
+        .iter()
+        .map(|&(_, v)| vec![0.0; g.shape(v).row_len()])
+        .collect();
+    let mut tmps: Vec<Vec<f32>> = plan
+        .lowered
+        .tmps
+        .iter()
+        .map(|t| vec![0.0; t.rows.count(steps, batch) * t.width])
+        .collect();
+    let slots = &plan.lowered.slots;
+    let mut table: Vec<*mut f32> = vec![std::ptr::null_mut(); slots.len()];
+    // Every address but the carried slots' (which swap at each step).
+    let fill = |table: &mut Vec<*mut f32>,
+                bufs: &mut Vec<Vec<f32>>,
+                fwd_bound: &mut Vec<Vec<f32>>,
+                cur: &mut Vec<Vec<f32>>,
+                nxt: &mut Vec<Vec<f32>>,
+                sums: &mut Vec<Vec<f32>>,
+                tmps: &mut Vec<Vec<f32>>| {
+        for (i, slot) in slots.iter().enumerate() {
+            table[i] = match *slot {
+                Slot::Buf(b) => bufs[b as usize].as_mut_ptr(),
+                Slot::Fwd(b) => {
+                    if !fwd_bound[b as usize].is_empty() {
+                        fwd_bound[b as usize].as_mut_ptr()
+                    } else {
+                        inputs.tape.expect("a backward run has its tape")[b as usize].as_ptr()
+                            as *mut f32
+                    }
+                }
+                Slot::Param(q) => inputs.params[q as usize].as_ptr() as *mut f32,
+                Slot::Input => inputs.x.as_ptr() as *mut f32,
+                Slot::Dy => inputs
+                    .dy
+                    .expect("a backward run has the output's gradient")
+                    .as_ptr() as *mut f32,
+                Slot::Cur(k) => cur[k as usize].as_mut_ptr(),
+                Slot::Nxt(k) => nxt[k as usize].as_mut_ptr(),
+                Slot::Sum(s) => sums[s as usize].as_mut_ptr(),
+                Slot::Tmp(j) => tmps[j as usize].as_mut_ptr(),
+            };
+        }
+    };
+    fill(
+        &mut table,
+        &mut bufs,
+        &mut fwd_bound,
+        &mut cur,
+        &mut nxt,
+        &mut sums,
+        &mut tmps,
+    );
+    // SAFETY: every slot the functions name points at a buffer sized by the plan for these
+    // `steps` and `batch` (the driver checked the input's and states' sizes).
+    unsafe { (plan.pre)(table.as_ptr(), steps, batch, 0) };
+    for i in 0..steps {
+        let t = if reverse { steps - 1 - i } else { i };
+        let partial = lengths.iter().any(|&len| t >= len);
+        if partial {
+            for (k, (_, n)) in states.iter().enumerate() {
+                hold[k].copy_from_slice(&cur[k]);
+                if reverse {
+                    for b in (0..batch).filter(|&b| t >= lengths[b]) {
+                        cur[k][b * n..(b + 1) * n].fill(0.0);
+                    }
+                }
+            }
+        }
+        for (k, tape) in p.carried_tape.iter().enumerate() {
+            if let Some(tape) = tape {
+                let n = states[k].1;
+                bufs[tape.0 as usize][t * batch * n..(t + 1) * batch * n].copy_from_slice(&cur[k]);
+            }
+        }
+        for (j, slot) in slots.iter().enumerate() {
+            match *slot {
+                Slot::Cur(k) => table[j] = cur[k as usize].as_mut_ptr(),
+                Slot::Nxt(k) => table[j] = nxt[k as usize].as_mut_ptr(),
+                _ => {}
+            }
+        }
+        // SAFETY: as above.
+        unsafe { (plan.step)(table.as_ptr(), steps, batch, t) };
+        if partial {
+            for (k, (_, n)) in states.iter().enumerate() {
+                for b in (0..batch).filter(|&b| t >= lengths[b]) {
+                    nxt[k][b * n..(b + 1) * n].copy_from_slice(&hold[k][b * n..(b + 1) * n]);
+                }
+            }
+        }
+        std::mem::swap(&mut cur, &mut nxt);
+    }
+    for (j, slot) in slots.iter().enumerate() {
+        match *slot {
+            Slot::Cur(k) => table[j] = cur[k as usize].as_mut_ptr(),
+            Slot::Nxt(k) => table[j] = nxt[k as usize].as_mut_ptr(),
+            _ => {}
+        }
+    }
+    // SAFETY: as above.
+    unsafe { (plan.post)(table.as_ptr(), steps, batch, 0) };
+
+    // The results.
+    let root = |a: &Access| -> &[f32] {
+        match a.slot {
+            Slot::Buf(b) => &bufs[b as usize],
+            Slot::Cur(k) => &cur[k as usize],
+            Slot::Nxt(k) => &nxt[k as usize],
+            Slot::Param(q) => &inputs.params[q as usize],
+            Slot::Input => inputs.x,
+            Slot::Dy => inputs.dy.unwrap_or(&[]),
+            Slot::Sum(s) => &sums[s as usize],
+            Slot::Tmp(j) => &tmps[j as usize],
+            Slot::Fwd(b) => {
+                if !fwd_bound[b as usize].is_empty() {
+                    &fwd_bound[b as usize]
+                } else {
+                    &inputs.tape.unwrap_or(&[])[b as usize]
+                }
+            }
+        }
+    };
+    let mut per_step_out = Vec::new();
+    let mut grads = Vec::new();
+    for o in g.outputs() {
+        if per_step(o.role) {
+            let a = body.access(o.value, false);
+            let n = a.width;
+            let data = root(&a);
+            let mut y = vec![0.0; steps * batch * n];
+            for t in 0..steps {
+                for (b, &len) in lengths.iter().enumerate().take(batch) {
+                    if t < len {
+                        let row = t * batch + b;
+                        let start = a.start(row, 0, batch);
+                        y[row * n..(row + 1) * n].copy_from_slice(&data[start..start + n]);
+                    }
+                }
+            }
+            per_step_out.push((o.role, y));
+        } else if let OutRole::ParamGrad(q) = o.role {
+            let value = match p.step_sums.iter().position(|&(s, _)| s == q) {
+                Some(i) => sums[i].clone(),
+                None => {
+                    let a = body.access(o.value, false);
+                    root(&a)[a.offset..a.offset + a.width].to_vec()
+                }
+            };
+            grads.push((q as usize, value));
+        }
+    }
+    RunResult {
+        per_step: per_step_out,
+        grads,
+        finals: cur,
+        buffers: bufs,
+    }
+}
+
+/// A forward run's result as the driver takes it.
+pub fn forward_result(r: RunResult, training: bool) -> Forward<f32, Vec<Vec<f32>>> {
+    let output = r
+        .per_step
+        .into_iter()
+        .find(|(role, _)| *role == OutRole::Output)
+        .map(|(_, y)| y)
+        .unwrap_or_default();
+    Forward {
+        output,
+        finals: r.finals,
+        tape: training.then_some(r.buffers),
+    }
+}
+
+/// A backward run's result as the driver takes it (zeros for what the graph does not reach).
+pub fn backward_result(r: RunResult, param_sizes: &[usize], input_len: usize) -> Backward<f32> {
+    let mut param_grads: Vec<Vec<f32>> = param_sizes.iter().map(|&n| vec![0.0; n]).collect();
+    for (q, g) in r.grads {
+        param_grads[q] = g;
+    }
+    let input_grad = r
+        .per_step
+        .into_iter()
+        .find(|(role, _)| *role == OutRole::InputGrad)
+        .map(|(_, y)| y)
+        .unwrap_or_else(|| vec![0.0; input_len]);
+    Backward {
+        input_grad,
+        initial_grads: r.finals,
+        param_grads,
+    }
+}

@@ -1,0 +1,766 @@
+//! One scheduled step graph and its [`StoragePlan`] lowered to three Cranelift functions: the
+//! values before the loop (with the bound values first), one step of the loop, and the values
+//! after it. The plan is read literally, as the Rust emitter reads it: every offset, stride and
+//! width is a constant; only `T`, `B` and `t` are arguments.
+//!
+//! Each function is `fn(table: *const *mut f32, steps: usize, batch: usize, t: usize)`; `table`
+//! holds the address of each [`Slot`] the function names, in the order of [`Lowered::slots`].
+//! Element-wise values run over their rows in `f32x4` (a row's last one to three elements one
+//! lane at a time), with [`crate::approx`] inline for the functions CLIF lacks. Products and
+//! sums over rows call the registered symbols of [`crate::symbols`].
+
+use crate::approx::{self, Vec4};
+use crate::symbols::{self, Callees};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32, F32X4, I64};
+use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Value as CValue};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::JITModule;
+use cranelift_module::{FuncId, Linkage, Module};
+use rnn_ir::graph::dataflow::is_per_step_output;
+use rnn_ir::graph::{Graph, Op, Role, Shape, Value};
+use rnn_ir::passes::hoist::Phase;
+use rnn_ir::plan::{Place, Root, Rows, Storage, StoragePlan};
+use rnn_ir::schedule::Scheduled;
+
+/// A root the generated code reads or writes, resolved to an address at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// Buffer `i` of the plan.
+    Buf(u32),
+    /// Buffer `i` of the forward pass's plan (a backward graph's saved values).
+    Fwd(u32),
+    /// Parameter `p`.
+    Param(u32),
+    /// The step input over all `T·B` rows.
+    Input,
+    /// The output's cotangent over all `T·B` rows (backward).
+    Dy,
+    /// The current value of carried slot `k`.
+    Cur(u32),
+    /// The next value of carried slot `k`.
+    Nxt(u32),
+    /// The sum over steps of the `i`-th parameter gradient computed in the loop.
+    Sum(u32),
+    /// Scratch `j`: a copy of an argument that lives in its destination's own root.
+    Tmp(u32),
+}
+
+/// Which rows of its root an access covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowSel {
+    /// Row 0 for every row (an unbatched value).
+    Once,
+    /// `B` rows from row 0.
+    Step,
+    /// The `B` rows of step `t` in a `T·B` root.
+    AtStep,
+    /// All `T·B` rows.
+    All,
+}
+
+impl RowSel {
+    fn of(shape: Shape, all_rows: bool, at_step: bool) -> RowSel {
+        match (shape.is_batched(), all_rows, at_step) {
+            (false, _, _) => RowSel::Once,
+            (true, true, true) => RowSel::AtStep,
+            (true, true, false) => RowSel::All,
+            (true, false, _) => RowSel::Step,
+        }
+    }
+
+    /// Rows of the access for `steps` and `batch`.
+    pub fn count(self, steps: usize, batch: usize) -> usize {
+        match self {
+            RowSel::Once => 1,
+            RowSel::Step | RowSel::AtStep => batch,
+            RowSel::All => steps * batch,
+        }
+    }
+}
+
+/// A value's place resolved for one read or write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// The root.
+    pub slot: Slot,
+    /// The first element, in elements.
+    pub offset: usize,
+    /// Distance between rows.
+    pub stride: usize,
+    /// Elements per row.
+    pub width: usize,
+    /// The rows covered.
+    pub rows: RowSel,
+}
+
+impl Access {
+    /// The first element of row `r` at step `t` (both in rows of `batch`).
+    pub fn start(&self, r: usize, t: usize, batch: usize) -> usize {
+        let row = match self.rows {
+            RowSel::Once => 0,
+            RowSel::Step | RowSel::All => r,
+            RowSel::AtStep => t * batch + r,
+        };
+        self.offset + row * self.stride
+    }
+}
+
+/// Elements per row of a fed role.
+fn fed_width(g: &Graph, role: Role) -> usize {
+    match role {
+        Role::Param(p) => g.params()[p as usize].shape.row_len(),
+        _ => g
+            .shape(g.input(role).expect("a fed role is an input"))
+            .row_len(),
+    }
+}
+
+/// A scheduled graph and its plan, with the forward pass's for a backward graph.
+#[derive(Clone, Copy)]
+pub struct Body<'a> {
+    /// The graph and its phases.
+    pub s: &'a Scheduled,
+    /// Its plan.
+    pub plan: &'a StoragePlan,
+    /// The forward pass's (backward graphs only).
+    pub forward: Option<(&'a Scheduled, &'a StoragePlan)>,
+    /// Whether buffers name the forward pass's (computing its bound values in a backward run).
+    pub as_forward: bool,
+}
+
+impl Body<'_> {
+    fn g(&self) -> &Graph {
+        &self.s.graph
+    }
+
+    fn buf(&self, b: u32) -> Slot {
+        if self.as_forward {
+            Slot::Fwd(b)
+        } else {
+            Slot::Buf(b)
+        }
+    }
+
+    /// How `v` is read or written: over all rows, or at step `t`.
+    pub fn access(&self, v: Value, at_step: bool) -> Access {
+        let g = self.g();
+        let shape = g.shape(v);
+        let (root, offset) = self.plan.root(g, v);
+        let (slot, stride, all_rows) = match root {
+            Root::Buffer(b) => {
+                let info = &self.plan.buffers[b.0 as usize];
+                (self.buf(b.0), info.width, info.rows == Rows::All)
+            }
+            Root::Carried(k) => {
+                let n = g.states()[k as usize].1;
+                match (at_step, self.plan.carried_tape[k as usize]) {
+                    (false, Some(tape)) => (self.buf(tape.0), n, true),
+                    _ => (Slot::Cur(k), n, false),
+                }
+            }
+            Root::Next(k) => (Slot::Nxt(k), g.states()[k as usize].1, false),
+            Root::Feed(Role::Saved(s)) => {
+                let mut a = self.saved(s);
+                a.offset += offset;
+                a.width = shape.row_len();
+                if !shape.is_batched() {
+                    a.rows = RowSel::Once;
+                } else if at_step && a.rows == RowSel::All {
+                    a.rows = RowSel::AtStep;
+                }
+                return a;
+            }
+            Root::Feed(role) => {
+                let slot = match role {
+                    Role::Param(p) => Slot::Param(p),
+                    Role::Input => Slot::Input,
+                    _ => Slot::Dy,
+                };
+                (slot, fed_width(g, role), !matches!(role, Role::Param(_)))
+            }
+        };
+        Access {
+            slot,
+            offset,
+            stride,
+            width: shape.row_len(),
+            rows: RowSel::of(shape, all_rows, at_step),
+        }
+    }
+
+    /// Forward value `s` over all rows, as the backward graph reads it from the tape.
+    fn saved(&self, s: Value) -> Access {
+        let (fs, fplan) = self.forward.expect("a backward graph has its forward pass");
+        let fg = &fs.graph;
+        let shape = fg.shape(s);
+        let (root, offset) = fplan.root(fg, s);
+        let (slot, stride, all_rows) = match root {
+            Root::Buffer(b) => {
+                let info = &fplan.buffers[b.0 as usize];
+                (Slot::Fwd(b.0), info.width, info.rows == Rows::All)
+            }
+            Root::Carried(k) => {
+                let tape = fplan.carried_tape[k as usize]
+                    .expect("a saved carried value is recorded on a tape");
+                (Slot::Fwd(tape.0), fg.states()[k as usize].1, true)
+            }
+            Root::Feed(Role::Param(p)) => (Slot::Param(p), fed_width(fg, Role::Param(p)), false),
+            Root::Feed(Role::Input) => (Slot::Input, fed_width(fg, Role::Input), true),
+            other => unreachable!("a forward value is not fed from {other:?}"),
+        };
+        Access {
+            slot,
+            offset,
+            stride,
+            width: shape.row_len(),
+            rows: RowSel::of(shape, all_rows, false),
+        }
+    }
+
+    /// The values computed in `phase`, bound ones excepted, in graph order.
+    pub fn computed(&self, phase: Phase) -> Vec<Value> {
+        let g = self.g();
+        g.iter()
+            .filter(|&v| self.s.phases[v.index()] == phase && self.plan.is_computed(g, v))
+            .filter(|&v| self.plan.storage[v.index()] != Storage::Bound)
+            .collect()
+    }
+
+    /// The bound values, in graph order.
+    pub fn bound(&self) -> Vec<Value> {
+        let g = self.g();
+        g.iter()
+            .filter(|&v| {
+                self.plan.storage[v.index()] == Storage::Bound
+                    && self.plan.is_computed(g, v)
+                    && !matches!(g.data(v).op, Op::Input(_))
+            })
+            .collect()
+    }
+}
+
+/// A scratch buffer a function needs: `rows × width`.
+#[derive(Clone, Copy, Debug)]
+pub struct TmpInfo {
+    /// Its rows.
+    pub rows: RowSel,
+    /// Elements per row.
+    pub width: usize,
+}
+
+/// The compiled functions of one plan.
+pub struct Lowered {
+    /// Before the loop (the bound values first).
+    pub pre: FuncId,
+    /// One step.
+    pub step: FuncId,
+    /// After the loop.
+    pub post: FuncId,
+    /// The slots of the table every function reads, in order.
+    pub slots: Vec<Slot>,
+    /// The scratch buffers, by `Slot::Tmp` index.
+    pub tmps: Vec<TmpInfo>,
+    /// The functions' CLIF, before compilation.
+    pub clif: Vec<(String, String)>,
+}
+
+/// The code generator of one function.
+struct Gen<'a, 'f> {
+    b: FunctionBuilder<'f>,
+    body: Body<'a>,
+    slots: &'a mut Vec<Slot>,
+    tmps: &'a mut Vec<TmpInfo>,
+    table: CValue,
+    steps: CValue,
+    batch: CValue,
+    t: CValue,
+    callees: Callees,
+}
+
+/// Flags of the generated loads and stores: in bounds (the plan's sizes), not aligned.
+fn mem() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+impl Gen<'_, '_> {
+    /// The address of `slot`'s first element.
+    fn base(&mut self, slot: Slot) -> CValue {
+        let index = match self.slots.iter().position(|&s| s == slot) {
+            Some(i) => i,
+            None => {
+                self.slots.push(slot);
+                self.slots.len() - 1
+            }
+        };
+        self.b
+            .ins()
+            .load(I64, mem(), self.table, (index * 8) as i32)
+    }
+
+    fn iconst(&mut self, n: usize) -> CValue {
+        self.b.ins().iconst(I64, n as i64)
+    }
+
+    /// The row count of an access.
+    fn count(&mut self, rows: RowSel) -> CValue {
+        match rows {
+            RowSel::Once => self.iconst(1),
+            RowSel::Step | RowSel::AtStep => self.batch,
+            RowSel::All => self.b.ins().imul(self.steps, self.batch),
+        }
+    }
+
+    /// The address of element `i` (a constant) of row `r` of `a`.
+    fn addr(&mut self, a: &Access, base: CValue, r: CValue, i: usize) -> CValue {
+        let row = match a.rows {
+            RowSel::Once => None,
+            RowSel::Step | RowSel::All => Some(r),
+            RowSel::AtStep => {
+                let tb = self.b.ins().imul(self.t, self.batch);
+                Some(self.b.ins().iadd(tb, r))
+            }
+        };
+        let off = (a.offset + i) * 4;
+        let at = match row {
+            None => base,
+            Some(row) => {
+                let bytes = self.b.ins().imul_imm_s(row, (a.stride * 4) as i64);
+                self.b.ins().iadd(base, bytes)
+            }
+        };
+        if off == 0 {
+            at
+        } else {
+            self.b.ins().iadd_imm_s(at, off as i64)
+        }
+    }
+
+    /// `for i in 0..n { body(i) }`.
+    fn repeat(&mut self, n: CValue, body: &mut dyn FnMut(&mut Self, CValue)) {
+        let head = self.b.create_block();
+        let inner = self.b.create_block();
+        let exit = self.b.create_block();
+        let zero = self.iconst(0);
+        self.b.ins().jump(head, &[zero.into()]);
+        self.b.switch_to_block(head);
+        let i = self.b.append_block_param(head, I64);
+        let done = self.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, i, n);
+        self.b.ins().brif(done, exit, &[], inner, &[]);
+        self.b.switch_to_block(inner);
+        body(self, i);
+        let next = self.b.ins().iadd_imm_s(i, 1);
+        self.b.ins().jump(head, &[next.into()]);
+        self.b.switch_to_block(exit);
+    }
+
+    /// `dst[r][i] = f(args[r][i])` over the destination's rows, four lanes at a time. An
+    /// argument of width 1 under a wider destination is one scalar per row, splat.
+    fn elementwise(
+        &mut self,
+        dst: Access,
+        args: &[Access],
+        f: &dyn Fn(&mut Vec4, &[CValue]) -> CValue,
+    ) {
+        let rows = self.count(dst.rows);
+        let width = dst.width;
+        self.repeat(rows, &mut |g, r| {
+            let dbase = g.base(dst.slot);
+            let bases: Vec<CValue> = args.iter().map(|a| g.base(a.slot)).collect();
+            let lanes = width / 4 * 4;
+            let mut i = 0;
+            // Rows are short and their widths constant: the row is unrolled.
+            while i < width {
+                let vector = i < lanes;
+                let mut xs = Vec::with_capacity(args.len());
+                for (a, &base) in args.iter().zip(&bases) {
+                    let scalar = a.width == 1 && width > 1;
+                    let x = if scalar || !vector {
+                        let at = g.addr(a, base, r, if scalar { 0 } else { i });
+                        let s = g.b.ins().load(F32, mem(), at, 0);
+                        g.b.ins().splat(F32X4, s)
+                    } else {
+                        let at = g.addr(a, base, r, i);
+                        g.b.ins().load(F32X4, mem(), at, 0)
+                    };
+                    xs.push(x);
+                }
+                let y = f(&mut Vec4 { b: &mut g.b }, &xs);
+                let at = g.addr(&dst, dbase, r, i);
+                if vector {
+                    g.b.ins().store(mem(), y, at, 0);
+                    i += 4;
+                } else {
+                    let s = g.b.ins().extractlane(y, 0);
+                    g.b.ins().store(mem(), s, at, 0);
+                    i += 1;
+                }
+            }
+        });
+    }
+
+    /// Copies `src`'s rows into `dst` (same width).
+    fn copy(&mut self, dst: Access, src: Access) {
+        self.elementwise(dst, &[src], &|_, x| x[0]);
+    }
+
+    /// A call of a registered symbol with integer and pointer arguments.
+    fn call(&mut self, f: FuncRef, args: &[CValue]) -> Option<CValue> {
+        let inst = self.b.ins().call(f, args);
+        self.b.inst_results(inst).first().copied()
+    }
+
+    /// The address of the first element of row 0 of `a` (at step `t` for a step's rows).
+    fn start0(&mut self, a: &Access) -> CValue {
+        let base = self.base(a.slot);
+        let zero = self.iconst(0);
+        self.addr(a, base, zero, 0)
+    }
+
+    /// The statements computing `v`.
+    fn compute(&mut self, v: Value, at_step: bool) {
+        let body = self.body;
+        let g = body.g();
+        let plan = body.plan;
+        let d = g.data(v).clone();
+        let dst = body.access(v, at_step);
+        let in_place = |i: usize| {
+            let start: usize = d.args[..i].iter().map(|&a| g.shape(a).features()).sum();
+            d.op == Op::Concat && plan.place[d.args[i].index()] == Place::View { of: v, start }
+        };
+        let mut args: Vec<Access> = Vec::new();
+        for (i, &a) in d.args.iter().enumerate() {
+            let mut acc = body.access(a, at_step);
+            let same = acc == dst && !matches!(d.op, Op::MatMul | Op::MatMulT | Op::OuterSum);
+            if !in_place(i) && acc.slot == dst.slot && !same {
+                // An argument in the destination's own root is read from a copy.
+                let j = self.tmps.len() as u32;
+                let rows = if acc.rows == RowSel::AtStep {
+                    RowSel::Step
+                } else {
+                    acc.rows
+                };
+                self.tmps.push(TmpInfo {
+                    rows,
+                    width: acc.width,
+                });
+                let tmp = Access {
+                    slot: Slot::Tmp(j),
+                    offset: 0,
+                    stride: acc.width,
+                    width: acc.width,
+                    rows,
+                };
+                self.copy(tmp, acc);
+                acc = tmp;
+            }
+            args.push(acc);
+        }
+        let shapes: Vec<Shape> = d.args.iter().map(|&a| g.shape(a)).collect();
+        match d.op {
+            Op::Input(_) => unreachable!("inputs are fed"),
+            Op::Concat => {
+                let unit = match d.shape {
+                    Shape::Matrix(_, c) => c,
+                    _ => 1,
+                };
+                let mut col = 0;
+                for (i, a) in args.iter().enumerate() {
+                    let width = shapes[i].row_len();
+                    if !in_place(i) {
+                        let part = Access {
+                            offset: dst.offset + col,
+                            width,
+                            ..dst
+                        };
+                        self.copy(part, *a);
+                    }
+                    col += shapes[i].features() * unit;
+                }
+            }
+            Op::Const(bits) => {
+                let c = f32::from_bits(bits);
+                self.elementwise(dst, &[], &move |v, _| v.splat(c));
+            }
+            Op::MatMul | Op::MatMulT => {
+                let Shape::Matrix(o, i) = shapes[0] else {
+                    unreachable!("verified: a product's weight is a matrix")
+                };
+                let (w, x) = (args[0], args[1]);
+                let rows = self.count(dst.rows);
+                let (oc, ic) = (self.iconst(o), self.iconst(i));
+                let wp = self.start0(&w);
+                let xp = self.start0(&x);
+                let yp = self.start0(&dst);
+                let (xs, ys) = (self.iconst(x.stride), self.iconst(dst.stride));
+                let f = if d.op == Op::MatMul {
+                    self.callees.matmul
+                } else {
+                    self.callees.matmul_t
+                };
+                self.call(f, &[oc, ic, rows, wp, xp, xs, yp, ys]);
+            }
+            Op::OuterSum => {
+                let (o, i) = (shapes[0].row_len(), shapes[1].row_len());
+                let (a, x) = (args[0], args[1]);
+                let rows = self.count(a.rows);
+                let (oc, ic) = (self.iconst(o), self.iconst(i));
+                let ap = self.start0(&a);
+                let xp = self.start0(&x);
+                let yp = self.start0(&dst);
+                let (as_, xs) = (self.iconst(a.stride), self.iconst(x.stride));
+                self.call(self.callees.outer_sum, &[oc, ic, rows, ap, as_, xp, xs, yp]);
+            }
+            Op::SumRows => {
+                let a = args[0];
+                let rows = self.count(a.rows);
+                let n = self.iconst(dst.width);
+                let ap = self.start0(&a);
+                let yp = self.start0(&dst);
+                let stride = self.iconst(a.stride);
+                self.call(self.callees.sum_rows, &[n, rows, ap, stride, yp]);
+            }
+            Op::SumFeatures => {
+                let a = args[0];
+                let rows = self.count(dst.rows);
+                let n = self.iconst(a.width);
+                let f = self.callees.sum_features;
+                self.repeat(rows, &mut |g, r| {
+                    let abase = g.base(a.slot);
+                    let ap = g.addr(&a, abase, r, 0);
+                    let s = g.call(f, &[n, ap]).expect("sum_features returns a value");
+                    let dbase = g.base(dst.slot);
+                    let yp = g.addr(&dst, dbase, r, 0);
+                    g.b.ins().store(mem(), s, yp, 0);
+                });
+            }
+            Op::Spread(_) => {
+                // One scalar per row, spread over the destination's features.
+                self.elementwise(dst, &args, &|_, x| x[0]);
+            }
+            Op::Broadcast | Op::Slice { .. } => {
+                let mut src = args[0];
+                if let Op::Slice { start, len } = d.op {
+                    let unit = match shapes[0] {
+                        Shape::Matrix(_, c) => c,
+                        _ => 1,
+                    };
+                    src.offset += start as usize * unit;
+                    src.width = len as usize * unit;
+                }
+                self.copy(dst, src);
+            }
+            Op::Add | Op::Sub | Op::Mul | Op::Div => {
+                let op = d.op;
+                self.elementwise(dst, &args, &move |v, x| match op {
+                    Op::Add => v.b.ins().fadd(x[0], x[1]),
+                    Op::Sub => v.b.ins().fsub(x[0], x[1]),
+                    Op::Mul => v.b.ins().fmul(x[0], x[1]),
+                    _ => v.b.ins().fdiv(x[0], x[1]),
+                });
+            }
+            op => {
+                self.elementwise(dst, &args, &move |v, x| unary(v, op, x[0]));
+            }
+        }
+    }
+}
+
+/// A one-argument element-wise op on four lanes, as the interpreter defines it.
+fn unary(v: &mut Vec4, op: Op, x: CValue) -> CValue {
+    match op {
+        Op::Neg => v.b.ins().fneg(x),
+        Op::Exp => approx::exp(v, x),
+        Op::Log => approx::ln(v, x),
+        Op::Sqrt => v.b.ins().sqrt(x),
+        Op::Softplus => approx::softplus(v, x),
+        Op::Sigmoid => approx::sigmoid(v, x),
+        Op::Tanh => approx::tanh(v, x),
+        Op::Abs => v.abs(x),
+        Op::Sign => {
+            let zero = v.splat(0.0);
+            let one = v.splat(1.0);
+            let minus = v.splat(-1.0);
+            let pos = v.cmp(FloatCC::GreaterThan, x, zero);
+            let neg = v.cmp(FloatCC::LessThan, x, zero);
+            let n = v.select(neg, minus, zero);
+            v.select(pos, one, n)
+        }
+        Op::Relu => {
+            let zero = v.splat(0.0);
+            let pos = v.cmp(FloatCC::GreaterThan, x, zero);
+            v.select(pos, x, zero)
+        }
+        Op::Step => {
+            let zero = v.splat(0.0);
+            let one = v.splat(1.0);
+            let pos = v.cmp(FloatCC::GreaterThan, x, zero);
+            v.select(pos, one, zero)
+        }
+        Op::Max(bits) => {
+            let c = v.splat(f32::from_bits(bits));
+            let below = v.cmp(FloatCC::LessThan, x, c);
+            v.select(below, c, x)
+        }
+        Op::Min(bits) => {
+            let c = v.splat(f32::from_bits(bits));
+            let above = v.cmp(FloatCC::GreaterThan, x, c);
+            v.select(above, c, x)
+        }
+        other => unreachable!("{other:?} is not a one-argument element-wise op"),
+    }
+}
+
+/// Which part of a plan a function runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Pre,
+    Step,
+    Post,
+}
+
+/// Lowers `body` into `module` as three functions named `{name}_pre`, `_step` and `_post`.
+pub fn lower(module: &mut JITModule, body: Body<'_>, name: &str) -> Result<Lowered, String> {
+    let mut slots = Vec::new();
+    let mut tmps = Vec::new();
+    let mut clif = Vec::new();
+    let mut ids = Vec::new();
+    for part in [Part::Pre, Part::Step, Part::Post] {
+        let fname = format!(
+            "{name}_{}",
+            match part {
+                Part::Pre => "pre",
+                Part::Step => "step",
+                Part::Post => "post",
+            }
+        );
+        let (id, text) = lower_part(module, body, part, &fname, &mut slots, &mut tmps)?;
+        clif.push((fname, text));
+        ids.push(id);
+    }
+    Ok(Lowered {
+        pre: ids[0],
+        step: ids[1],
+        post: ids[2],
+        slots,
+        tmps,
+        clif,
+    })
+}
+
+fn lower_part(
+    module: &mut JITModule,
+    body: Body<'_>,
+    part: Part,
+    name: &str,
+    slots: &mut Vec<Slot>,
+    tmps: &mut Vec<TmpInfo>,
+) -> Result<(FuncId, String), String> {
+    let mut ctx = module.make_context();
+    let config = module.target_config();
+    for _ in 0..4 {
+        ctx.func.signature.params.push(AbiParam::new(I64));
+    }
+    let callees = symbols::declare(module, &mut ctx.func)?;
+    let mut fbc = FunctionBuilderContext::new();
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let p = b.block_params(entry).to_vec();
+        let mut g = Gen {
+            b,
+            body,
+            slots,
+            tmps,
+            table: p[0],
+            steps: p[1],
+            batch: p[2],
+            t: p[3],
+            callees,
+        };
+        match part {
+            Part::Pre => {
+                if let Some((fs, fplan)) = body.forward {
+                    // The forward pass's bound values, into its buffers.
+                    let fwd = Body {
+                        s: fs,
+                        plan: fplan,
+                        forward: None,
+                        as_forward: true,
+                    };
+                    g.body = fwd;
+                    for v in fwd.bound() {
+                        g.compute(v, false);
+                    }
+                    g.body = body;
+                }
+                for v in body.bound() {
+                    g.compute(v, false);
+                }
+                for v in body.computed(Phase::Pre) {
+                    g.compute(v, false);
+                }
+            }
+            Part::Step => {
+                for v in body.computed(Phase::Loop) {
+                    g.compute(v, true);
+                }
+                let gr = body.g();
+                for (k, next) in body.plan.carried_next.iter().enumerate() {
+                    let Some(v) = *next else { continue };
+                    if body.plan.place[v.index()] != Place::Next(k as u32) {
+                        let n = gr.states()[k].1;
+                        let src = body.access(v, true);
+                        let dst = Access {
+                            slot: Slot::Nxt(k as u32),
+                            offset: 0,
+                            stride: n,
+                            width: n,
+                            rows: RowSel::Step,
+                        };
+                        g.copy(dst, src);
+                    }
+                }
+                for (i, &(_, v)) in body.plan.step_sums.iter().enumerate() {
+                    let a = body.access(v, true);
+                    let sum = Access {
+                        slot: Slot::Sum(i as u32),
+                        offset: 0,
+                        stride: a.width,
+                        width: a.width,
+                        rows: RowSel::Once,
+                    };
+                    let a = Access {
+                        rows: RowSel::Once,
+                        ..a
+                    };
+                    g.elementwise(sum, &[sum, a], &|v, x| v.b.ins().fadd(x[0], x[1]));
+                }
+            }
+            Part::Post => {
+                for v in body.computed(Phase::Post) {
+                    g.compute(v, false);
+                }
+            }
+        }
+        g.b.ins().return_(&[]);
+        g.b.seal_all_blocks();
+        g.b.finalize(config);
+    }
+    let text = ctx.func.display().to_string();
+    let id = module
+        .declare_function(name, Linkage::Local, &ctx.func.signature)
+        .map_err(|e| e.to_string())?;
+    module
+        .define_function(id, &mut ctx)
+        .map_err(|e| format!("{name}: {e:?}"))?;
+    module.clear_context(&mut ctx);
+    Ok((id, text))
+}
+
+/// Whether `role`'s output is produced per step (the output, the input's gradient).
+pub fn per_step(role: rnn_ir::graph::OutRole) -> bool {
+    is_per_step_output(role)
+}

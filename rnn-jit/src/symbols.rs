@@ -1,0 +1,242 @@
+//! The Rust functions generated code calls, registered in the JIT module under their names:
+//! products and sums over rows. Products go to the `gemm` crate through `rnn-ir`'s
+//! [`matmul`](rnn_ir::tensor::matmul) (one thread); sums over rows and features accumulate in
+//! `f64` as the interpreter does.
+//!
+//! Each takes sizes and strides in elements and raw addresses. The generated code passes what
+//! the plan and the checked `T` and `B` give, so every slice built here lies inside the buffers
+//! the executor allocated for that plan.
+
+use cranelift_codegen::ir::types::{F32, I64};
+use cranelift_codegen::ir::{AbiParam, FuncRef, Function, Signature};
+use cranelift_jit::JITModule;
+use cranelift_module::{Linkage, Module};
+use rnn_ir::tensor::{MatMut, MatRef, matmul};
+
+/// The registered symbols, declared in one function.
+pub struct Callees {
+    pub(crate) matmul: FuncRef,
+    pub(crate) matmul_t: FuncRef,
+    pub(crate) outer_sum: FuncRef,
+    pub(crate) sum_rows: FuncRef,
+    pub(crate) sum_features: FuncRef,
+}
+
+/// `(name, address, integer-or-pointer arguments, returns an f32)` of every symbol.
+pub(crate) fn table() -> [(&'static str, *const u8, usize, bool); 5] {
+    [
+        ("rnn_jit_matmul", rnn_jit_matmul as *const u8, 8, false),
+        ("rnn_jit_matmul_t", rnn_jit_matmul_t as *const u8, 8, false),
+        (
+            "rnn_jit_outer_sum",
+            rnn_jit_outer_sum as *const u8,
+            8,
+            false,
+        ),
+        ("rnn_jit_sum_rows", rnn_jit_sum_rows as *const u8, 5, false),
+        (
+            "rnn_jit_sum_features",
+            rnn_jit_sum_features as *const u8,
+            2,
+            true,
+        ),
+    ]
+}
+
+/// Declares every symbol in `func`.
+pub(crate) fn declare(module: &mut JITModule, func: &mut Function) -> Result<Callees, String> {
+    let mut refs = Vec::new();
+    for (name, _, args, ret) in table() {
+        let mut sig = Signature::new(module.isa().default_call_conv());
+        for _ in 0..args {
+            sig.params.push(AbiParam::new(I64));
+        }
+        if ret {
+            sig.returns.push(AbiParam::new(F32));
+        }
+        let id = module
+            .declare_function(name, Linkage::Import, &sig)
+            .map_err(|e| e.to_string())?;
+        refs.push(module.declare_func_in_func(id, func));
+    }
+    Ok(Callees {
+        matmul: refs[0],
+        matmul_t: refs[1],
+        outer_sum: refs[2],
+        sum_rows: refs[3],
+        sum_features: refs[4],
+    })
+}
+
+/// The `len` elements at `p` (none when `len` is 0).
+///
+/// # Safety
+/// `p` must address `len` readable elements when `len > 0`.
+unsafe fn slice<'a>(p: *const f32, len: usize) -> &'a [f32] {
+    if len == 0 {
+        &[]
+    } else {
+        // SAFETY: the caller's guarantee.
+        unsafe { std::slice::from_raw_parts(p, len) }
+    }
+}
+
+/// Elements spanned by `rows` rows of `width`, `stride` apart.
+fn span(rows: usize, width: usize, stride: usize) -> usize {
+    if rows == 0 {
+        0
+    } else {
+        (rows - 1) * stride + width
+    }
+}
+
+/// `y[r] = W · x[r]` (`W` is `o × i` row-major) for `rows` rows.
+extern "C" fn rnn_jit_matmul(
+    o: usize,
+    i: usize,
+    rows: usize,
+    w: *const f32,
+    x: *const f32,
+    xs: usize,
+    y: *mut f32,
+    ys: usize,
+) {
+    // SAFETY: the generated code passes the plan's extents (module doc).
+    let (w, x, y) = unsafe {
+        (
+            slice(w, o * i),
+            slice(x, span(rows, i, xs)),
+            std::slice::from_raw_parts_mut(y, span(rows, o, ys)),
+        )
+    };
+    let a = MatRef {
+        data: x,
+        rows,
+        cols: i,
+        row_stride: xs,
+        col_stride: 1,
+    };
+    let b = MatRef {
+        data: w,
+        rows: i,
+        cols: o,
+        row_stride: 1,
+        col_stride: i,
+    };
+    let dst = MatMut {
+        data: y,
+        rows,
+        cols: o,
+        row_stride: ys,
+    };
+    matmul(dst, a, b, false, 1, false);
+}
+
+/// `y[r] = d[r] · W` (`W` is `o × i`; `y` has `i` features) for `rows` rows.
+extern "C" fn rnn_jit_matmul_t(
+    o: usize,
+    i: usize,
+    rows: usize,
+    w: *const f32,
+    d: *const f32,
+    ds: usize,
+    y: *mut f32,
+    ys: usize,
+) {
+    // SAFETY: as above.
+    let (w, d, y) = unsafe {
+        (
+            slice(w, o * i),
+            slice(d, span(rows, o, ds)),
+            std::slice::from_raw_parts_mut(y, span(rows, i, ys)),
+        )
+    };
+    let a = MatRef {
+        data: d,
+        rows,
+        cols: o,
+        row_stride: ds,
+        col_stride: 1,
+    };
+    let b = MatRef {
+        data: w,
+        rows: o,
+        cols: i,
+        row_stride: i,
+        col_stride: 1,
+    };
+    let dst = MatMut {
+        data: y,
+        rows,
+        cols: i,
+        row_stride: ys,
+    };
+    matmul(dst, a, b, false, 1, false);
+}
+
+/// `y = Σ_r d[r]ᵀ · x[r]` (`o × i`, overwritten).
+extern "C" fn rnn_jit_outer_sum(
+    o: usize,
+    i: usize,
+    rows: usize,
+    d: *const f32,
+    ds: usize,
+    x: *const f32,
+    xs: usize,
+    y: *mut f32,
+) {
+    // SAFETY: as above.
+    let (d, x, y) = unsafe {
+        (
+            slice(d, span(rows, o, ds)),
+            slice(x, span(rows, i, xs)),
+            std::slice::from_raw_parts_mut(y, o * i),
+        )
+    };
+    let a = MatRef {
+        data: d,
+        rows: o,
+        cols: rows,
+        row_stride: 1,
+        col_stride: ds,
+    };
+    let b = MatRef {
+        data: x,
+        rows,
+        cols: i,
+        row_stride: xs,
+        col_stride: 1,
+    };
+    let dst = MatMut {
+        data: y,
+        rows: o,
+        cols: i,
+        row_stride: i,
+    };
+    matmul(dst, a, b, false, 1, false);
+}
+
+/// `y = Σ_r a[r]` (`n` features), in `f64`.
+extern "C" fn rnn_jit_sum_rows(n: usize, rows: usize, a: *const f32, stride: usize, y: *mut f32) {
+    // SAFETY: as above.
+    let (a, y) = unsafe {
+        (
+            slice(a, span(rows, n, stride)),
+            std::slice::from_raw_parts_mut(y, n),
+        )
+    };
+    for (j, out) in y.iter_mut().enumerate() {
+        let mut s = 0.0f64;
+        for r in 0..rows {
+            s += a[r * stride + j] as f64;
+        }
+        *out = s as f32;
+    }
+}
+
+/// The sum of `n` features, in `f64`.
+extern "C" fn rnn_jit_sum_features(n: usize, a: *const f32) -> f32 {
+    // SAFETY: as above.
+    let a = unsafe { slice(a, n) };
+    a.iter().map(|&x| x as f64).sum::<f64>() as f32
+}

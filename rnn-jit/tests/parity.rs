@@ -1,0 +1,145 @@
+//! The JIT against the interpreter (the oracle) on standard and custom cells: outputs, final
+//! states and every gradient, over layers, directions, packed lengths and initial states.
+
+use rnn_ir::spec::GruReset;
+use rnn_ir::{CellKind, Exec, ModelSpec, Program, Request, Response, Tensor, Weights};
+use rnn_jit::Jit;
+
+/// A deterministic pseudo-random tensor.
+fn tensor(shape: Vec<usize>, seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let data = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::new(shape, data).unwrap()
+}
+
+fn close(what: &str, a: &Tensor, b: &Tensor) {
+    assert_eq!(a.shape, b.shape, "{what}: shapes");
+    for (i, (x, y)) in a.data.iter().zip(&b.data).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs().max(1.0) + 1e-6,
+            "{what}[{i}]: jit {x}, interpreter {y}"
+        );
+    }
+}
+
+fn same(what: &str, jit: &Response, interp: &Response) {
+    close(&format!("{what} output"), &jit.output, &interp.output);
+    for (k, (a, b)) in jit
+        .final_states
+        .iter()
+        .zip(&interp.final_states)
+        .enumerate()
+    {
+        close(&format!("{what} final state {k}"), a, b);
+    }
+    if let (Some(a), Some(b)) = (&jit.grads, &interp.grads) {
+        close(&format!("{what} grad input"), &a.input, &b.input);
+        for (k, (x, y)) in a.initial_states.iter().zip(&b.initial_states).enumerate() {
+            close(&format!("{what} grad state {k}"), x, y);
+        }
+        for (name, g) in &b.params {
+            close(&format!("{what} grad {name}"), &a.params[name], g);
+        }
+    } else {
+        assert_eq!(
+            jit.grads.is_some(),
+            interp.grads.is_some(),
+            "{what}: gradients"
+        );
+    }
+}
+
+/// Runs `spec` on both backends over a grid of (T, B), packed and not, forward and backward.
+fn check(name: &str, spec: &ModelSpec) {
+    let program = Program::compile(spec).unwrap();
+    let jit = Jit::compile(&program).unwrap();
+    let weights = Weights::init(&program, 7).unwrap();
+    let model = jit.bind(&weights).unwrap();
+    let out = spec.output_size() * spec.directions();
+    let ld = spec.num_layers * spec.directions();
+    let states: Vec<usize> = program.layers[0]
+        .forward
+        .graph
+        .states()
+        .iter()
+        .map(|s| s.1)
+        .collect();
+    for (t, b) in [(1usize, 1usize), (5, 3), (4, 2)] {
+        let x = tensor(vec![t, b, spec.input_size], 1);
+        let gy = tensor(vec![t, b, out], 2);
+        let init: Vec<Tensor> = states
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| tensor(vec![ld, b, n], 10 + k as u64))
+            .collect();
+        let lengths: Vec<i64> = (0..b).map(|i| (t - i.min(t - 1)) as i64).collect();
+        for packed in [false, true] {
+            for grad in [false, true] {
+                let req = Request {
+                    input: Some(&x),
+                    initial_states: init.iter().map(Some).collect(),
+                    lengths: packed.then_some(&lengths[..]),
+                    grad_output: grad.then_some(&gy),
+                    grad_final_states: Vec::new(),
+                };
+                let a = model.run(&req).unwrap();
+                let e = program
+                    .run::<f32>(&weights, &req, &Exec::default())
+                    .unwrap();
+                same(
+                    &format!("{name} T={t} B={b} packed={packed} grad={grad}"),
+                    &a,
+                    &e,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn standard_cells_match_the_interpreter() {
+    for cell in [
+        CellKind::RnnTanh,
+        CellKind::RnnRelu,
+        CellKind::Lstm,
+        CellKind::Gru,
+    ] {
+        let mut spec = ModelSpec::new(cell.clone(), 3, 5);
+        check(cell.name(), &spec);
+        spec.num_layers = 2;
+        spec.bidirectional = true;
+        check(&format!("{} 2-layer bidirectional", cell.name()), &spec);
+    }
+    let mut gru = ModelSpec::new(CellKind::Gru, 4, 6);
+    gru.gru_reset = GruReset::BeforeMatmul;
+    check("gru reset before", &gru);
+    let mut lstm = ModelSpec::new(CellKind::Lstm, 4, 7);
+    lstm.proj_size = 3;
+    check("lstm proj", &lstm);
+}
+
+#[test]
+fn custom_cells_match_the_interpreter() {
+    for (name, text) in [
+        ("chapter_gru", include_str!("cells/chapter_gru.rnn")),
+        ("elman_output", include_str!("cells/elman_output.rnn")),
+        ("indrnn", include_str!("cells/indrnn.rnn")),
+        ("min_gru", include_str!("cells/min_gru.rnn")),
+        ("min_gru_stack", include_str!("cells/min_gru_stack.rnn")),
+        ("min_lstm", include_str!("cells/min_lstm.rnn")),
+        ("peephole_lstm", include_str!("cells/peephole_lstm.rnn")),
+    ] {
+        let spec = rnn_ir::parse::parse_str(text).unwrap();
+        check(name, &spec);
+    }
+}
