@@ -35,6 +35,25 @@ pub mod emit;
 #[doc(hidden)]
 pub mod rt;
 
+/// The Cranelift JIT: a model compiled at run time from a [`ModelSpec`], a
+/// `.rnn` text or a [`Program`]; bind PyTorch weights, then run many times with
+/// the interpreter's semantics (the same driver, checks and errors).
+///
+/// ```
+/// use std::sync::Arc;
+/// let jit = Arc::new(rnn::jit::Jit::from_spec(&rnn::ModelSpec::new(rnn::CellKind::Gru, 3, 4))?);
+/// let weights = rnn::Weights::init(jit.program(), 0)?;
+/// let model = jit.bind(&weights)?;
+/// let x = rnn::Tensor::new(vec![5, 2, 3], vec![0.1; 30]).unwrap();
+/// let out = model.run(&rnn::Request { input: Some(&x), ..Default::default() })?;
+/// assert_eq!(out.output.shape, vec![5, 2, 4]);
+/// # Ok::<(), rnn::Error>(())
+/// ```
+#[cfg(feature = "jit")]
+pub mod jit {
+    pub use rnn_jit::{Jit, JitError, JitModel, JitTape};
+}
+
 /// An attribute that keeps its item with the facade's `std` feature and removes it without:
 /// how emitted code declares the parts of a model that need a heap (an attribute rather than a
 /// macro call, so that formatters and readers see ordinary items).

@@ -123,6 +123,8 @@ pub enum Error {
     },
     /// An argument is inconsistent with the model or with the other arguments.
     Argument(String),
+    /// The JIT could not compile the program for this machine.
+    Jit(String),
     /// Reading or writing a file failed.
     Io {
         /// The file.
@@ -190,6 +192,7 @@ impl fmt::Display for Error {
                 "`lengths[{index}]` is {found}, expected a length in 1..={max} (the input's time steps)"
             ),
             Error::Argument(m) => write!(f, "{m}"),
+            Error::Jit(m) => write!(f, "{m}"),
             Error::Io { path, source } => write!(f, "{path}: {source}"),
         }
     }

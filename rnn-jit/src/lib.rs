@@ -38,6 +38,12 @@ impl std::fmt::Display for JitError {
 
 impl std::error::Error for JitError {}
 
+impl From<JitError> for rnn_ir::Error {
+    fn from(e: JitError) -> Self {
+        rnn_ir::Error::Jit(e.to_string())
+    }
+}
+
 impl From<cranelift_module::ModuleError> for JitError {
     fn from(e: cranelift_module::ModuleError) -> Self {
         JitError::Codegen(e.to_string())
@@ -87,8 +93,18 @@ pub struct Jit {
     cells: Vec<CellCode>,
     clif: Vec<(String, String)>,
     // Owns the code every `CellCode` points into; declared last, dropped last.
-    _module: cranelift_jit::JITModule,
+    _module: CodeOwner,
 }
+
+/// The finished JIT module, kept only so that its code lives as long as the [`Jit`].
+struct CodeOwner(#[allow(dead_code)] cranelift_jit::JITModule);
+
+// SAFETY: after `finalize_definitions` nothing calls the module again: it only owns the
+// executable memory, freed when it drops (from any thread). The compiled functions are
+// reentrant: they read and write only the buffers a call passes them.
+unsafe impl Send for CodeOwner {}
+// SAFETY: as above; a shared `&Jit` never reaches the module.
+unsafe impl Sync for CodeOwner {}
 
 impl Jit {
     /// Compiles every layer's plans.
@@ -156,7 +172,7 @@ impl Jit {
             program: program.clone(),
             cells,
             clif,
-            _module: module,
+            _module: CodeOwner(module),
         })
     }
 
@@ -170,8 +186,19 @@ impl Jit {
         &self.clif
     }
 
-    /// Binds `weights` (PyTorch's names and shapes, checked).
-    pub fn bind(&self, weights: &Weights) -> rnn_ir::Result<JitModel<'_>> {
+    /// Compiles the model `spec` declares.
+    pub fn from_spec(spec: &rnn_ir::ModelSpec) -> rnn_ir::Result<Jit> {
+        Ok(Jit::compile(&Program::compile(spec)?)?)
+    }
+
+    /// Compiles the model of a `.rnn` text.
+    pub fn from_source(text: &str) -> rnn_ir::Result<Jit> {
+        Jit::from_spec(&rnn_ir::parse::parse_str(text)?)
+    }
+
+    /// Binds `weights` (PyTorch's names and shapes, checked): the compiled code is shared by
+    /// every model bound from it.
+    pub fn bind(self: &std::sync::Arc<Self>, weights: &Weights) -> rnn_ir::Result<JitModel> {
         weights.check(&self.program)?;
         let spec = &self.program.spec;
         let mut params = Vec::new();
@@ -192,21 +219,98 @@ impl Jit {
                 );
             }
         }
-        Ok(JitModel { jit: self, params })
+        Ok(JitModel {
+            jit: self.clone(),
+            params,
+        })
     }
 }
 
 /// A [`Jit`] with its weights bound.
-pub struct JitModel<'j> {
-    jit: &'j Jit,
+pub struct JitModel {
+    jit: std::sync::Arc<Jit>,
     /// Per (layer, direction), the cell's parameters in order.
     params: Vec<Vec<Vec<f32>>>,
 }
 
-impl JitModel<'_> {
-    /// Forward, and backward when `req` has `grad_output`: the interpreter's `run`.
+/// What [`JitModel::forward_train`] keeps for [`JitModel::backward`].
+pub struct JitTape {
+    tape: driver::Tape<f32, Vec<Vec<f32>>>,
+}
+
+impl JitModel {
+    /// Forward, and backward when `req` has `grad_output`: the interpreter's `run`, with the same
+    /// checks and errors.
     pub fn run(&self, req: &Request) -> rnn_ir::Result<Response> {
         driver::run_response(&self.jit.program.layout(), self, req)
+    }
+
+    /// The forward pass (outputs and final states).
+    pub fn forward(&self, req: &Request) -> rnn_ir::Result<Response> {
+        driver::forward_response(&self.jit.program.layout(), self, req, false).map(|r| r.0)
+    }
+
+    /// [`Self::forward`], keeping what [`Self::backward`] needs.
+    pub fn forward_train(&self, req: &Request) -> rnn_ir::Result<(Response, JitTape)> {
+        let (response, tape) =
+            driver::forward_response(&self.jit.program.layout(), self, req, true)?;
+        let tape = tape.ok_or_else(|| rnn_ir::Error::Argument("no tape was kept".into()))?;
+        Ok((response, JitTape { tape }))
+    }
+
+    /// Back-propagation through time from a [`Self::forward_train`] of this model's layout.
+    pub fn backward(
+        &self,
+        tape: JitTape,
+        grad_output: &rnn_ir::Tensor,
+        grad_final_states: &[Option<&rnn_ir::Tensor>],
+    ) -> rnn_ir::Result<rnn_ir::Gradients> {
+        driver::backward(
+            &self.jit.program.layout(),
+            self,
+            tape.tape,
+            grad_output,
+            grad_final_states,
+        )
+    }
+
+    /// Zero states for [`Self::step`]: per state, `layers · directions × size`.
+    pub fn zero_state(&self) -> Vec<Vec<f32>> {
+        let spec = &self.jit.program.spec;
+        let ld = spec.num_layers * spec.directions();
+        self.jit.program.layers[0]
+            .forward
+            .graph
+            .states()
+            .iter()
+            .map(|(_, n)| vec![0.0; ld * n])
+            .collect()
+    }
+
+    /// One step of one sequence from `state` (updated in place): the streaming API, with the
+    /// whole-sequence semantics of a run of length 1.
+    pub fn step(&self, state: &mut [Vec<f32>], x: &[f32]) -> rnn_ir::Result<Vec<f32>> {
+        let spec = &self.jit.program.spec;
+        let ld = spec.num_layers * spec.directions();
+        let input = rnn_ir::Tensor::new(vec![1, 1, x.len()], x.to_vec())
+            .ok_or_else(|| rnn_ir::Error::Argument("input too large".into()))?;
+        let states: Vec<rnn_ir::Tensor> = state
+            .iter()
+            .map(|s| rnn_ir::Tensor {
+                shape: vec![ld, 1, s.len() / ld.max(1)],
+                data: s.clone(),
+            })
+            .collect();
+        let req = Request {
+            input: Some(&input),
+            initial_states: states.iter().map(Some).collect(),
+            ..Request::default()
+        };
+        let out = self.forward(&req)?;
+        for (s, f) in state.iter_mut().zip(out.final_states) {
+            *s = f.data;
+        }
+        Ok(out.output.data)
     }
 
     fn params(&self, layer: usize, dir: usize) -> &[Vec<f32>] {
@@ -214,7 +318,7 @@ impl JitModel<'_> {
     }
 }
 
-impl SequenceExecutor<f32> for JitModel<'_> {
+impl SequenceExecutor<f32> for JitModel {
     type Tape = Vec<Vec<f32>>;
 
     fn forward(

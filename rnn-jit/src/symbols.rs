@@ -1,6 +1,6 @@
 //! The Rust functions generated code calls, registered in the JIT module under their names:
 //! products and sums over rows. Products go to the `gemm` crate through `rnn-ir`'s
-//! [`matmul`](rnn_ir::tensor::matmul) (one thread); sums over rows and features accumulate in
+//! `rnn_ir::tensor::matmul` (one thread); sums over rows and features accumulate in
 //! `f64` as the interpreter does.
 //!
 //! Each takes sizes and strides in elements and raw addresses. The generated code passes what

@@ -62,7 +62,7 @@ fn same(what: &str, jit: &Response, interp: &Response) {
 /// Runs `spec` on both backends over a grid of (T, B), packed and not, forward and backward.
 fn check(name: &str, spec: &ModelSpec) {
     let program = Program::compile(spec).unwrap();
-    let jit = Jit::compile(&program).unwrap();
+    let jit = std::sync::Arc::new(Jit::compile(&program).unwrap());
     let weights = Weights::init(&program, 7).unwrap();
     let model = jit.bind(&weights).unwrap();
     let out = spec.output_size() * spec.directions();

@@ -29,12 +29,18 @@ pub enum Backend {
     Interpreter,
     /// The Rust the macros emit, its kernels on one path.
     Macro(Isa),
+    /// The Cranelift JIT.
+    Jit,
 }
 
-/// Every backend this machine can run: the interpreter, the emitted code on the portable path
-/// and, where the CPU has them, on the AVX2 and the AVX-512 paths.
+/// Every backend this machine can run: the interpreter, the JIT, the emitted code on the
+/// portable path and, where the CPU has them, on the AVX2 and the AVX-512 paths.
 pub fn backends() -> Vec<Backend> {
-    let mut list = vec![Backend::Interpreter, Backend::Macro(Isa::Portable)];
+    let mut list = vec![
+        Backend::Interpreter,
+        Backend::Jit,
+        Backend::Macro(Isa::Portable),
+    ];
     for isa in [Isa::Avx2, Isa::Avx512] {
         if rnn::rt::supports(isa) {
             list.push(Backend::Macro(isa));
@@ -49,7 +55,7 @@ impl Backend {
     /// Runs `f` with this backend's kernels selected on this thread.
     pub fn scope<R>(self, f: impl FnOnce() -> R) -> R {
         match self {
-            Backend::Interpreter => f(),
+            Backend::Interpreter | Backend::Jit => f(),
             Backend::Macro(isa) => rnn::rt::with_isa(isa, f).expect("the path was detected"),
         }
     }
@@ -66,8 +72,41 @@ impl Backend {
                     weights: weights.clone(),
                 })
             }
+            Backend::Jit => {
+                let jit = rnn::jit::Jit::from_source(text).unwrap();
+                let model = std::sync::Arc::new(jit)
+                    .bind(weights)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                Box::new(JitBacked(model))
+            }
             Backend::Macro(_) => make(weights).unwrap_or_else(|e| panic!("{name}: {e}")),
         }
+    }
+}
+
+struct JitBacked(rnn::jit::JitModel);
+
+impl Model for JitBacked {
+    fn run(&self, req: &Request) -> Result<Response> {
+        self.0.run(req)
+    }
+
+    fn run_split(&self, req: &Request) -> Result<Response> {
+        let Some(gy) = req.grad_output else {
+            return self.0.forward(req);
+        };
+        let (mut response, tape) = self.0.forward_train(req)?;
+        response.grads = Some(self.0.backward(tape, gy, &req.grad_final_states)?);
+        Ok(response)
+    }
+
+    fn stream(&self, xs: &[Vec<f32>]) -> Option<Vec<Vec<f32>>> {
+        let mut state = self.0.zero_state();
+        Some(
+            xs.iter()
+                .map(|x| self.0.step(&mut state, x).unwrap())
+                .collect(),
+        )
     }
 }
 
