@@ -205,12 +205,12 @@ fn spec(cell: CellKind, input: usize, hidden: usize) -> ModelSpec {
 }
 
 /// The backends [`measure`] times.
-pub const BACKENDS: [&str; 2] = ["interp", "macro"];
+pub const BACKENDS: [&str; 3] = ["interp", "macro", "jit"];
 
 /// Whether `backend` runs workload `w`: the macro backend runs the recurrent ones (W1–W5), not
 /// W6 (a Linear layer).
 pub fn runs(backend: &str, w: Workload) -> bool {
-    !(backend == "macro" && w.id == "W6")
+    !(backend != "interp" && w.id == "W6")
 }
 
 /// The workloads' models declared with the macros at the workloads' sizes: the `macro`
@@ -221,7 +221,7 @@ mod models {
     crate::rnn! { pub struct Rnn32x64 { input: 32, hidden: 64 } }
 }
 
-/// Runs workload `w` on `backend` (`interp` or `macro`) with `threads` threads for `reps` timed
+/// Runs workload `w` on `backend` (`interp`, `macro` or `jit`) with `threads` threads for `reps` timed
 /// repetitions (after one warm-up). Zero repetitions or threads, an unknown backend, or a
 /// workload the backend does not run are an [`Error::Argument`](crate::Error::Argument).
 pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Result<Measurement> {
@@ -242,17 +242,21 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
         ));
     }
     let emitted = backend == "macro";
-    if emitted && threads != 1 {
+    let jit = backend == "jit";
+    if backend != "interp" && threads != 1 {
         return Err(crate::Error::Argument(format!(
-            "the macro backend runs on one thread; {threads} were asked for"
+            "the {backend} backend runs on one thread; {threads} were asked for"
         )));
     }
     if !runs(backend, w) {
-        return Err(crate::Error::Argument(
-            "W6 (a Linear layer) is not a recurrent model: the macro backend does not run it"
-                .into(),
-        ));
+        return Err(crate::Error::Argument(format!(
+            "W6 (a Linear layer) is not a recurrent model: the {backend} backend does not run it"
+        )));
     }
+    // The JIT's model of a workload's program, compiled once before timing.
+    let compiled = |program: &Program, weights: &Weights| -> Result<crate::jit::JitModel> {
+        std::sync::Arc::new(crate::jit::Jit::compile(program)?).bind(weights)
+    };
     let exec = Exec { threads };
     let (times, flops, per_step) = match w.id {
         "W1" | "W2" => {
@@ -271,6 +275,9 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
             let fwd = cell_flops(4, i, h, b, t);
             let times = if emitted {
                 let model = models::Lstm256::from_weights(&weights)?;
+                time(reps, || model.run(&req).map(drop))?
+            } else if jit {
+                let model = compiled(&program, &weights)?;
                 time(reps, || model.run(&req).map(drop))?
             } else {
                 time(reps, || bound.run(&req, &exec).map(drop))?
@@ -303,6 +310,16 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
                         model.step(x, s)
                     })?
                 }
+                _ if jit => {
+                    let model = compiled(&program, &weights)?;
+                    time(reps, || {
+                        let mut state = model.zero_state();
+                        for x in &xs {
+                            model.step(&mut state, x)?;
+                        }
+                        Ok(())
+                    })?
+                }
                 _ => {
                     // The streaming API: bound once, one call per step, nothing allocated per
                     // step.
@@ -332,6 +349,9 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
             };
             let times = if emitted {
                 let model = models::Rnn32x64::from_weights(&weights)?;
+                time(reps, || model.run(&req).map(drop))?
+            } else if jit {
+                let model = compiled(&program, &weights)?;
                 time(reps, || model.run(&req).map(drop))?
             } else {
                 time(reps, || bound.run(&req, &exec).map(drop))?

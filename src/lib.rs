@@ -28,7 +28,7 @@
 // that is this crate.
 extern crate self as rnn;
 
-#[cfg(feature = "std")]
+#[cfg(feature = "jit")]
 pub mod bench;
 #[cfg(feature = "cli")]
 pub mod emit;

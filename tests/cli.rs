@@ -57,10 +57,14 @@ fn run_args(case: &Case, out: &Path) -> Vec<String> {
 #[test]
 fn every_pytorch_case_matches_through_rnnc_run() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in rnn_cases() {
+    for (name, backend) in rnn_cases()
+        .into_iter()
+        .flat_map(|n| [(n.clone(), "interp"), (n, "jit")])
+    {
         let case = Case::load(&name);
-        let out = tmp.path().join(format!("{name}.safetensors"));
-        let args = run_args(&case, &out);
+        let out = tmp.path().join(format!("{name}-{backend}.safetensors"));
+        let mut args = run_args(&case, &out);
+        args.extend(["--backend".to_string(), backend.to_string()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = rnnc(&args);
         assert!(
@@ -207,10 +211,19 @@ impl Scratch {
         .map(String::from)
         .to_vec()
     }
+    /// The complaint of `rnnc run` with `extra` arguments: the same one line and exit code 2 on
+    /// every backend.
     fn run(&self, extra: &[&str]) -> String {
         let mut args = self.args();
         args.extend(extra.iter().map(|s| s.to_string()));
-        complaint(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        let interp = complaint(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        args.extend(["--backend".to_string(), "jit".to_string()]);
+        let jit = complaint(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            jit, interp,
+            "the JIT's complaint differs from the interpreter's"
+        );
+        interp
     }
     fn weights(&self) -> BTreeMap<String, Tensor> {
         weights::read_safetensors(&std::fs::read(self.root.join("weights.safetensors")).unwrap())
@@ -1537,4 +1550,14 @@ fn bench_runs_the_macro_backend_and_refuses_what_it_cannot_run() {
         err.contains("the macro backend runs on one thread"),
         "{err}"
     );
+}
+
+#[test]
+fn the_jit_refuses_f64_with_a_typed_complaint() {
+    let s = Scratch::new();
+    let mut args = s.args();
+    args.extend(["--backend", "jit", "--precision", "f64"].map(String::from));
+    let err = complaint(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("--precision"), "{err}");
+    assert!(err.contains("float32"), "{err}");
 }

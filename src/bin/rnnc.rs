@@ -61,6 +61,8 @@ impl Cell {
 enum Backend {
     /// The reference interpreter.
     Interp,
+    /// The Cranelift JIT (float32 only).
+    Jit,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -69,6 +71,8 @@ enum BenchBackend {
     Interp,
     /// The Rust the macros emit, for the workloads' models declared in the facade.
     Macro,
+    /// The Cranelift JIT.
+    Jit,
 }
 
 impl BenchBackend {
@@ -76,6 +80,7 @@ impl BenchBackend {
         match self {
             BenchBackend::Interp => "interp",
             BenchBackend::Macro => "macro",
+            BenchBackend::Jit => "jit",
         }
     }
 }
@@ -617,9 +622,25 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         grad_final_states: vec![],
     };
     let exec = Exec::default();
-    let out = match args.precision {
-        Precision::F32 => program.bind::<f32>(&weights).map(|b| b.run(&req, &exec)),
-        Precision::F64 => program.bind::<f64>(&weights).map(|b| b.run(&req, &exec)),
+    let out = match (args.backend, args.precision) {
+        (Backend::Interp, Precision::F32) => {
+            program.bind::<f32>(&weights).map(|b| b.run(&req, &exec))
+        }
+        (Backend::Interp, Precision::F64) => {
+            program.bind::<f64>(&weights).map(|b| b.run(&req, &exec))
+        }
+        (Backend::Jit, Precision::F32) => {
+            let jit = rnn::jit::Jit::compile(&program).map_err(|e| fail(spec_path, e))?;
+            std::sync::Arc::new(jit)
+                .bind(&weights)
+                .map(|model| model.run(&req))
+        }
+        (Backend::Jit, Precision::F64) => {
+            return Err(fail_at(
+                "--precision",
+                "the JIT computes in float32: run `--precision f64` on `--backend interp`",
+            ));
+        }
     }
     .map_err(|e| fail(weights_path, e))?;
     let out = out.map_err(|e| {
