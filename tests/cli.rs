@@ -1561,3 +1561,29 @@ fn the_jit_refuses_f64_with_a_typed_complaint() {
     assert!(err.contains("--precision"), "{err}");
     assert!(err.contains("float32"), "{err}");
 }
+
+#[test]
+fn inspect_clif_prints_every_kernel_the_jit_compiles() {
+    let o = rnnc(&[
+        "inspect",
+        "--cell",
+        "lstm",
+        "--input-size",
+        "3",
+        "--hidden-size",
+        "4",
+        "--clif",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    for plan in ["fwd", "train", "bwd"] {
+        for part in ["pre", "step", "post"] {
+            assert!(
+                text.contains(&format!("; l0_{plan}_{part}\nfunction ")),
+                "no CLIF of l0_{plan}_{part}"
+            );
+        }
+    }
+    // The step's gate math is vector code.
+    assert!(text.contains("f32x4"));
+}

@@ -278,6 +278,9 @@ struct Gen<'a, 'f> {
     callees: Callees,
 }
 
+/// Rows of at most this many vectors are unrolled.
+const UNROLL: usize = 8;
+
 /// Flags of the generated loads and stores: in bounds (the plan's sizes), not aligned.
 fn mem() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
@@ -355,7 +358,10 @@ impl Gen<'_, '_> {
     }
 
     /// `dst[r][i] = f(args[r][i])` over the destination's rows, four lanes at a time. An
-    /// argument of width 1 under a wider destination is one scalar per row, splat.
+    /// argument of width 1 under a wider destination is one scalar per row, splat. A row of up
+    /// to [`UNROLL`] vectors is unrolled; a longer one is a loop over its vectors (the code of a
+    /// 256-wide LSTM would otherwise take Cranelift most of a second to compile). A row's last
+    /// one to three elements go one lane at a time.
     fn elementwise(
         &mut self,
         dst: Access,
@@ -364,37 +370,61 @@ impl Gen<'_, '_> {
     ) {
         let rows = self.count(dst.rows);
         let width = dst.width;
+        let vectors = width / 4;
         self.repeat(rows, &mut |g, r| {
+            // Each operand's and the destination's row start, once per row.
             let dbase = g.base(dst.slot);
-            let bases: Vec<CValue> = args.iter().map(|a| g.base(a.slot)).collect();
-            let lanes = width / 4 * 4;
-            let mut i = 0;
-            // Rows are short and their widths constant: the row is unrolled.
-            while i < width {
-                let vector = i < lanes;
+            let drow = g.addr(&dst, dbase, r, 0);
+            let rows: Vec<CValue> = args
+                .iter()
+                .map(|a| {
+                    let base = g.base(a.slot);
+                    g.addr(a, base, r, 0)
+                })
+                .collect();
+            // Element `i` (bytes `off`) of every operand, four lanes or one.
+            let lanes = |g: &mut Self, off: CValue, vector: bool| {
                 let mut xs = Vec::with_capacity(args.len());
-                for (a, &base) in args.iter().zip(&bases) {
+                for (a, &row) in args.iter().zip(&rows) {
                     let scalar = a.width == 1 && width > 1;
-                    let x = if scalar || !vector {
-                        let at = g.addr(a, base, r, if scalar { 0 } else { i });
-                        let s = g.b.ins().load(F32, mem(), at, 0);
+                    let x = if scalar {
+                        let s = g.b.ins().load(F32, mem(), row, 0);
                         g.b.ins().splat(F32X4, s)
                     } else {
-                        let at = g.addr(a, base, r, i);
-                        g.b.ins().load(F32X4, mem(), at, 0)
+                        let at = g.b.ins().iadd(row, off);
+                        if vector {
+                            g.b.ins().load(F32X4, mem(), at, 0)
+                        } else {
+                            let s = g.b.ins().load(F32, mem(), at, 0);
+                            g.b.ins().splat(F32X4, s)
+                        }
                     };
                     xs.push(x);
                 }
                 let y = f(&mut Vec4 { b: &mut g.b }, &xs);
-                let at = g.addr(&dst, dbase, r, i);
+                let at = g.b.ins().iadd(drow, off);
                 if vector {
                     g.b.ins().store(mem(), y, at, 0);
-                    i += 4;
                 } else {
                     let s = g.b.ins().extractlane(y, 0);
                     g.b.ins().store(mem(), s, at, 0);
-                    i += 1;
                 }
+            };
+            if vectors > UNROLL {
+                let n = g.iconst(vectors);
+                g.repeat(n, &mut |g, c| {
+                    let off = g.b.ins().imul_imm_s(c, 16);
+                    lanes(g, off, true);
+                });
+            } else {
+                for c in 0..vectors {
+                    let off = g.iconst(c * 16);
+                    lanes(g, off, true);
+                }
+            }
+            for i in vectors * 4..width {
+                let off = g.iconst(i * 4);
+                lanes(g, off, false);
             }
         });
     }

@@ -216,6 +216,10 @@ struct InspectArgs {
     /// Print the graphs before optimisation (no passes, no hoisting).
     #[arg(long)]
     no_passes: bool,
+    /// Also print the CLIF of every kernel the JIT compiles (per layer: inference, training
+    /// and backward plans, each before the loop, one step, after the loop).
+    #[arg(long)]
+    clif: bool,
 }
 
 #[derive(Args)]
@@ -729,11 +733,17 @@ fn inspect(args: &InspectArgs) -> Result<(), Failure> {
         Program::compile_with(&spec, options).map_err(|e| fail_model(file.unwrap_or(here), e))?;
     // The model, its parameter count, then the whole plan: each layer's scheduled forward and
     // backward step with its storage plan (the contract every backend reads).
-    let text = format!(
+    let mut text = format!(
         "{}\nparameters: {}\n\n{program}",
         describe(&program),
         program.parameter_count()
     );
+    if args.clif {
+        let jit = rnn::jit::Jit::compile(&program).map_err(|e| fail(file.unwrap_or(here), e))?;
+        for (name, clif) in jit.clif() {
+            text.push_str(&format!("\n; {name}\n{clif}"));
+        }
+    }
     say(&text)
 }
 
