@@ -53,9 +53,11 @@ pub mod interp;
 pub mod lower;
 #[cfg(feature = "runtime")]
 pub mod npy;
+pub mod panels;
 pub mod parse;
 pub mod passes;
 pub mod plan;
+pub mod pool;
 pub mod program;
 pub mod schedule;
 pub mod spec;

@@ -8,6 +8,7 @@ use crate::lower::{Access, Body, Lowered, Slot, per_step};
 use rnn_ir::driver::{Backward, Forward, Seq};
 use rnn_ir::graph::OutRole;
 use rnn_ir::plan::Storage;
+use rnn_ir::pool::{recycle, zeros};
 
 /// A compiled function: `(table, steps, batch, t)`.
 pub type KernelFn = unsafe extern "C" fn(*const *mut f32, usize, usize, usize);
@@ -45,6 +46,17 @@ pub struct Inputs<'a> {
     pub tape: Option<&'a [Vec<f32>]>,
     /// The carried values before the first step (zeros when empty).
     pub initial: Vec<Vec<f32>>,
+    /// Per parameter, its copies as `Wᵀ` and in panels (empty when it has none).
+    pub packed: &'a [(Vec<f32>, Vec<f32>)],
+}
+
+/// The address of `v`'s elements, null when it has none.
+fn nonempty(v: &[f32]) -> *mut f32 {
+    if v.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        v.as_ptr() as *mut f32
+    }
 }
 
 /// Runs `plan` (lowered from `body`) over `seq`.
@@ -68,7 +80,7 @@ pub fn run(
                 rnn_ir::plan::Rows::Step => batch,
                 rnn_ir::plan::Rows::All => steps * batch,
             };
-            vec![0.0; rows * b.width]
+            zeros(rows * b.width)
         })
         .collect();
     // The forward pass's bound buffers are computed again (a tape keeps none of them).
@@ -78,7 +90,7 @@ pub fn run(
             .iter()
             .map(|b| {
                 if b.storage == Storage::Bound {
-                    vec![0.0; b.width]
+                    zeros(b.width)
                 } else {
                     Vec::new()
                 }
@@ -94,22 +106,22 @@ pub fn run(
             if v.len() == batch * n {
                 v
             } else {
-                vec![0.0; batch * n]
+                zeros(batch * n)
             }
         })
         .collect();
-    let mut nxt: Vec<Vec<f32>> = states.iter().map(|(_, n)| vec![0.0; batch * n]).collect();
-    let mut hold: Vec<Vec<f32>> = states.iter().map(|(_, n)| vec![0.0; batch * n]).collect();
+    let mut nxt: Vec<Vec<f32>> = states.iter().map(|(_, n)| zeros(batch * n)).collect();
+    let mut hold: Vec<Vec<f32>> = states.iter().map(|(_, n)| zeros(batch * n)).collect();
     let mut sums: Vec<Vec<f32>> = p
         .step_sums
         .iter()
-        .map(|&(_, v)| vec![0.0; g.shape(v).row_len()])
+        .map(|&(_, v)| zeros(g.shape(v).row_len()))
         .collect();
     let mut tmps: Vec<Vec<f32>> = plan
         .lowered
         .tmps
         .iter()
-        .map(|t| vec![0.0; t.rows.count(steps, batch) * t.width])
+        .map(|t| zeros(t.rows.count(steps, batch) * t.width))
         .collect();
     let slots = &plan.lowered.slots;
     let mut table: Vec<*mut f32> = vec![std::ptr::null_mut(); slots.len()];
@@ -142,6 +154,8 @@ pub fn run(
                 Slot::Nxt(k) => nxt[k as usize].as_mut_ptr(),
                 Slot::Sum(s) => sums[s as usize].as_mut_ptr(),
                 Slot::Tmp(j) => tmps[j as usize].as_mut_ptr(),
+                Slot::Wt(q) => nonempty(&inputs.packed[q as usize].0),
+                Slot::Panels(q) => nonempty(&inputs.packed[q as usize].1),
             };
         }
     };
@@ -215,6 +229,8 @@ pub fn run(
             Slot::Dy => inputs.dy.unwrap_or(&[]),
             Slot::Sum(s) => &sums[s as usize],
             Slot::Tmp(j) => &tmps[j as usize],
+            Slot::Wt(q) => &inputs.packed[q as usize].0,
+            Slot::Panels(q) => &inputs.packed[q as usize].1,
             Slot::Fwd(b) => {
                 if !fwd_bound[b as usize].is_empty() {
                     &fwd_bound[b as usize]
@@ -231,7 +247,7 @@ pub fn run(
             let a = body.access(o.value, false);
             let n = a.width;
             let data = root(&a);
-            let mut y = vec![0.0; steps * batch * n];
+            let mut y = zeros(steps * batch * n);
             for t in 0..steps {
                 for (b, &len) in lengths.iter().enumerate().take(batch) {
                     if t < len {
@@ -253,6 +269,13 @@ pub fn run(
             grads.push((q as usize, value));
         }
     }
+    recycle(
+        hold.into_iter()
+            .chain(nxt)
+            .chain(tmps)
+            .chain(fwd_bound)
+            .chain(sums),
+    );
     RunResult {
         per_step: per_step_out,
         grads,
@@ -269,16 +292,23 @@ pub fn forward_result(r: RunResult, training: bool) -> Forward<f32, Vec<Vec<f32>
         .find(|(role, _)| *role == OutRole::Output)
         .map(|(_, y)| y)
         .unwrap_or_default();
+    let tape = if training {
+        Some(r.buffers)
+    } else {
+        recycle(r.buffers);
+        None
+    };
     Forward {
         output,
         finals: r.finals,
-        tape: training.then_some(r.buffers),
+        tape,
     }
 }
 
 /// A backward run's result as the driver takes it (zeros for what the graph does not reach).
 pub fn backward_result(r: RunResult, param_sizes: &[usize], input_len: usize) -> Backward<f32> {
-    let mut param_grads: Vec<Vec<f32>> = param_sizes.iter().map(|&n| vec![0.0; n]).collect();
+    recycle(r.buffers);
+    let mut param_grads: Vec<Vec<f32>> = param_sizes.iter().map(|&n| zeros(n)).collect();
     for (q, g) in r.grads {
         param_grads[q] = g;
     }
@@ -287,7 +317,7 @@ pub fn backward_result(r: RunResult, param_sizes: &[usize], input_len: usize) ->
         .into_iter()
         .find(|(role, _)| *role == OutRole::InputGrad)
         .map(|(_, y)| y)
-        .unwrap_or_else(|| vec![0.0; input_len]);
+        .unwrap_or_else(|| zeros(input_len));
     Backward {
         input_grad,
         initial_grads: r.finals,

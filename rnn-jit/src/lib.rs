@@ -59,7 +59,7 @@ impl From<settings::SetError> for JitError {
 /// A JIT module for this host with `symbols` registered (name, address).
 pub(crate) fn new_module(symbols: &[(&str, *const u8)]) -> Result<JITModule, JitError> {
     let mut flags = settings::builder();
-    flags.set("opt_level", "none")?;
+    flags.set("opt_level", "speed")?;
     flags.set("use_colocated_libcalls", "false")?;
     flags.set("is_pic", "false")?;
     let isa = cranelift_native::builder()
@@ -202,26 +202,58 @@ impl Jit {
         weights.check(&self.program)?;
         let spec = &self.program.spec;
         let mut params = Vec::new();
+        let mut packed = Vec::new();
         for (layer, cell) in self.program.layers.iter().enumerate() {
+            let g = &cell.forward.graph;
+            let infos = g.params();
+            // The parameters some product reads as (in, out): copied once, here.
+            let in_out: Vec<bool> = (0..infos.len())
+                .map(|p| {
+                    let param = rnn_ir::graph::Op::Input(rnn_ir::graph::Role::Param(p as u32));
+                    [&cell.inference, &cell.training].iter().any(|plan| {
+                        plan.products.iter().any(|q| {
+                            q.layout == rnn_ir::plan::WeightLayout::InOut
+                                && q.weight.is_some_and(|w| g.data(w).op == param)
+                        })
+                    })
+                })
+                .collect();
             for dir in 0..spec.directions() {
                 let suffix = rnn_ir::ModelSpec::param_suffix(layer, dir);
-                params.push(
-                    cell.forward
-                        .graph
-                        .params()
-                        .iter()
-                        .map(|info| {
-                            weights.tensors[&format!("{}{suffix}", info.name)]
-                                .data
-                                .clone()
-                        })
-                        .collect(),
-                );
+                let values: Vec<Vec<f32>> = infos
+                    .iter()
+                    .map(|info| {
+                        weights.tensors[&format!("{}{suffix}", info.name)]
+                            .data
+                            .clone()
+                    })
+                    .collect();
+                let copies = values
+                    .iter()
+                    .zip(infos)
+                    .zip(&in_out)
+                    .map(|((w, info), &wanted)| match info.shape {
+                        rnn_ir::graph::Shape::Matrix(o, i) if wanted => {
+                            let mut wt = vec![0.0; o * i];
+                            rnn_ir::panels::transpose(o, i, w, &mut wt);
+                            let mut panels = Vec::new();
+                            if rnn_ir::panels::available() {
+                                panels = vec![0.0; rnn_ir::panels::panels_len(o, i)];
+                                rnn_ir::panels::pack_panels(o, i, w, &mut panels);
+                            }
+                            (wt, panels)
+                        }
+                        _ => (Vec::new(), Vec::new()),
+                    })
+                    .collect();
+                params.push(values);
+                packed.push(copies);
             }
         }
         Ok(JitModel {
             jit: self.clone(),
             params,
+            packed,
         })
     }
 }
@@ -231,6 +263,9 @@ pub struct JitModel {
     jit: std::sync::Arc<Jit>,
     /// Per (layer, direction), the cell's parameters in order.
     params: Vec<Vec<Vec<f32>>>,
+    /// Per (layer, direction) and parameter, its copies as `Wᵀ` and in panels (empty when no
+    /// product reads it as `(in, out)`).
+    packed: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
 }
 
 /// What [`JitModel::forward_train`] keeps for [`JitModel::backward`].
@@ -316,6 +351,10 @@ impl JitModel {
     fn params(&self, layer: usize, dir: usize) -> &[Vec<f32>] {
         &self.params[layer * self.jit.program.spec.directions() + dir]
     }
+
+    fn packed(&self, layer: usize, dir: usize) -> &[(Vec<f32>, Vec<f32>)] {
+        &self.packed[layer * self.jit.program.spec.directions() + dir]
+    }
 }
 
 impl SequenceExecutor<f32> for JitModel {
@@ -349,6 +388,7 @@ impl SequenceExecutor<f32> for JitModel {
             dy: None,
             tape: None,
             initial,
+            packed: self.packed(layer, dir),
         };
         Ok(exec::forward_result(
             exec::run(plan, body, seq, inputs, false),
@@ -381,8 +421,10 @@ impl SequenceExecutor<f32> for JitModel {
             dy: Some(dy),
             tape: Some(&tape),
             initial: final_grads,
+            packed: self.packed(layer, dir),
         };
         let r = exec::run(&code.backward, body, seq, inputs, true);
+        rnn_ir::pool::recycle(tape);
         let sizes: Vec<usize> = params.iter().map(Vec::len).collect();
         Ok(exec::backward_result(r, &sizes, x.len()))
     }

@@ -20,7 +20,7 @@ use cranelift_module::{FuncId, Linkage, Module};
 use rnn_ir::graph::dataflow::is_per_step_output;
 use rnn_ir::graph::{Graph, Op, Role, Shape, Value};
 use rnn_ir::passes::hoist::Phase;
-use rnn_ir::plan::{Place, Root, Rows, Storage, StoragePlan};
+use rnn_ir::plan::{Place, Root, Rows, Storage, StoragePlan, WeightLayout};
 use rnn_ir::schedule::Scheduled;
 
 /// A root the generated code reads or writes, resolved to an address at run time.
@@ -44,6 +44,10 @@ pub enum Slot {
     Sum(u32),
     /// Scratch `j`: a copy of an argument that lives in its destination's own root.
     Tmp(u32),
+    /// Parameter `p` as `Wᵀ` (`WeightLayout::InOut`), or null.
+    Wt(u32),
+    /// Parameter `p` in 32-output panels (`rnn_ir::panels`), or null.
+    Panels(u32),
 }
 
 /// Which rows of its root an access covers.
@@ -523,12 +527,29 @@ impl Gen<'_, '_> {
                 let xp = self.start0(&x);
                 let yp = self.start0(&dst);
                 let (xs, ys) = (self.iconst(x.stride), self.iconst(dst.stride));
-                let f = if d.op == Op::MatMul {
-                    self.callees.matmul
-                } else {
-                    self.callees.matmul_t
+                // A parameter the plan reads as (in, out) is read from the copies the model
+                // made when its weights were bound.
+                let packed = match w.slot {
+                    Slot::Param(p) if d.op == Op::MatMul => plan
+                        .products
+                        .iter()
+                        .any(|q| q.value == v && q.layout == WeightLayout::InOut)
+                        .then_some(p),
+                    _ => None,
                 };
-                self.call(f, &[oc, ic, rows, wp, xp, xs, yp, ys]);
+                if let Some(p) = packed {
+                    let wt = self.base(Slot::Wt(p));
+                    let panels = self.base(Slot::Panels(p));
+                    let f = self.callees.matmul_packed;
+                    self.call(f, &[oc, ic, rows, wp, wt, panels, xp, xs, yp, ys]);
+                } else {
+                    let f = if d.op == Op::MatMul {
+                        self.callees.matmul
+                    } else {
+                        self.callees.matmul_t
+                    };
+                    self.call(f, &[oc, ic, rows, wp, xp, xs, yp, ys]);
+                }
             }
             Op::OuterSum => {
                 let (o, i) = (shapes[0].row_len(), shapes[1].row_len());

@@ -16,6 +16,7 @@ use rnn_ir::tensor::{MatMut, MatRef, matmul};
 /// The registered symbols, declared in one function.
 pub struct Callees {
     pub(crate) matmul: FuncRef,
+    pub(crate) matmul_packed: FuncRef,
     pub(crate) matmul_t: FuncRef,
     pub(crate) outer_sum: FuncRef,
     pub(crate) sum_rows: FuncRef,
@@ -23,9 +24,15 @@ pub struct Callees {
 }
 
 /// `(name, address, integer-or-pointer arguments, returns an f32)` of every symbol.
-pub(crate) fn table() -> [(&'static str, *const u8, usize, bool); 5] {
+pub(crate) fn table() -> [(&'static str, *const u8, usize, bool); 6] {
     [
         ("rnn_jit_matmul", rnn_jit_matmul as *const u8, 8, false),
+        (
+            "rnn_jit_matmul_packed",
+            rnn_jit_matmul_packed as *const u8,
+            10,
+            false,
+        ),
         ("rnn_jit_matmul_t", rnn_jit_matmul_t as *const u8, 8, false),
         (
             "rnn_jit_outer_sum",
@@ -61,10 +68,11 @@ pub(crate) fn declare(module: &mut JITModule, func: &mut Function) -> Result<Cal
     }
     Ok(Callees {
         matmul: refs[0],
-        matmul_t: refs[1],
-        outer_sum: refs[2],
-        sum_rows: refs[3],
-        sum_features: refs[4],
+        matmul_packed: refs[1],
+        matmul_t: refs[2],
+        outer_sum: refs[3],
+        sum_rows: refs[4],
+        sum_features: refs[5],
     })
 }
 
@@ -130,6 +138,71 @@ extern "C" fn rnn_jit_matmul(
         row_stride: ys,
     };
     matmul(dst, a, b, false, 1, false);
+}
+
+/// Products of at most this many rows read panels; more go to the `gemm` crate on `Wᵀ`.
+const PANEL_ROWS: usize = 512;
+
+/// [`rnn_jit_matmul`] with the weight also as `Wᵀ` (`wt`, `i × o`) and in panels (`panels`),
+/// either null when the model has no such copy: a step of a batch reads the panels on
+/// AVX-512, all steps' rows at once `Wᵀ` (the `gemm` crate then packs nothing), one row `W`.
+extern "C" fn rnn_jit_matmul_packed(
+    o: usize,
+    i: usize,
+    rows: usize,
+    w: *const f32,
+    wt: *const f32,
+    panels: *const f32,
+    x: *const f32,
+    xs: usize,
+    y: *mut f32,
+    ys: usize,
+) {
+    if rows > 1 && !panels.is_null() && rows <= PANEL_ROWS {
+        // SAFETY: as above; a non-null `panels` holds the panels of `W` (`JitModel::bind`).
+        let (p, x, y) = unsafe {
+            (
+                slice(panels, rnn_ir::panels::panels_len(o, i)),
+                slice(x, span(rows, i, xs)),
+                std::slice::from_raw_parts_mut(y, span(rows, o, ys)),
+            )
+        };
+        rnn_ir::panels::matmul_panels(o, i, rows, p, x, xs, y, ys);
+        return;
+    }
+    if rows > 1 && !wt.is_null() {
+        // SAFETY: as above; a non-null `wt` holds `Wᵀ`.
+        let (wt, x, y) = unsafe {
+            (
+                slice(wt, o * i),
+                slice(x, span(rows, i, xs)),
+                std::slice::from_raw_parts_mut(y, span(rows, o, ys)),
+            )
+        };
+        let a = MatRef {
+            data: x,
+            rows,
+            cols: i,
+            row_stride: xs,
+            col_stride: 1,
+        };
+        let b = MatRef {
+            data: wt,
+            rows: i,
+            cols: o,
+            row_stride: o,
+            col_stride: 1,
+        };
+        let dst = MatMut {
+            data: y,
+            rows,
+            cols: o,
+            row_stride: ys,
+        };
+        matmul(dst, a, b, false, 1, false);
+        return;
+    }
+    rnn_jit_matmul(o, i, rows, w, x, xs, y, ys);
 }
 
 /// `y[r] = d[r] · W` (`W` is `o × i`; `y` has `i` features) for `rows` rows.

@@ -56,7 +56,8 @@ pub struct Packed {
 }
 
 /// The outputs of one panel of a packed weight: two 512-bit vectors.
-pub const PANEL: usize = 32;
+#[cfg(feature = "std")]
+pub use rnn_ir::panels::PANEL;
 
 /// Products of at most this many rows read panels (a batch's step); more (all steps' rows at
 /// once) go to the `gemm` crate, which blocks the rows for the caches. The choice is made once
@@ -81,34 +82,15 @@ pub fn pack<const O: usize, const I: usize>(isa: Isa, rows: usize, w: &[f32]) ->
     }
     let w = &w[..O * I];
     if isa == Isa::Avx512 && rows <= PANEL_ROWS && super::supports(Isa::Avx512) {
-        let panels = O.div_ceil(PANEL);
-        let mut buffer = super::zeros(panels * I * PANEL);
-        for j in 0..panels {
-            let panel = &mut buffer[j * I * PANEL..][..I * PANEL];
-            for c in 0..PANEL.min(O - j * PANEL) {
-                let row = &w[(j * PANEL + c) * I..][..I];
-                for (k, &v) in row.iter().enumerate() {
-                    panel[k * PANEL + c] = v;
-                }
-            }
-        }
+        let mut buffer = super::zeros(rnn_ir::panels::panels_len(O, I));
+        rnn_ir::panels::pack_panels(O, I, w, &mut buffer);
         return Packed {
             buffer,
             panels: true,
         };
     }
     let mut wt = super::zeros(O * I);
-    // Blocks of 16 × 16 keep both sides' lines in the L1 cache.
-    const B: usize = 16;
-    for o0 in (0..O).step_by(B) {
-        for i0 in (0..I).step_by(B) {
-            for o in o0..(o0 + B).min(O) {
-                for i in i0..(i0 + B).min(I) {
-                    wt[i * O + o] = w[o * I + i];
-                }
-            }
-        }
-    }
+    rnn_ir::panels::transpose(O, I, w, &mut wt);
     Packed {
         buffer: wt,
         panels: false,
@@ -133,10 +115,9 @@ pub fn matmul_packed<const O: usize, const I: usize>(
         matmul::<O, I>(isa, rows, w, x, xs, y, ys);
         return;
     }
-    #[cfg(target_arch = "x86_64")]
     if wt.panels {
-        // SAFETY: `pack` makes panels only when the CPU has AVX-512F.
-        unsafe { avx512::matmul_panels::<O, I>(rows, &wt.buffer, x, xs, y, ys) };
+        // `pack` makes panels only when the CPU has AVX-512F.
+        rnn_ir::panels::matmul_panels(O, I, rows, &wt.buffer, x, xs, y, ys);
         return;
     }
     gemm(
@@ -398,117 +379,6 @@ mod avx2 {
         let p = _mm_add_ps(q, _mm_movehl_ps(q, q)); // [q0+q2, q1+q3, ..]
         let s = _mm_add_ss(p, _mm_shuffle_ps(p, p, 1));
         _mm_cvtss_f32(s)
-    }
-}
-
-#[cfg(all(target_arch = "x86_64", feature = "std"))]
-mod avx512 {
-    use super::PANEL;
-    use core::arch::x86_64::*;
-
-    /// `y[r] = W · x[r]` over `W` packed in panels ([`super::pack`]): per panel, tiles of
-    /// eight rows (then four, then one) whose 8 × 32 sums stay in registers over all inputs.
-    /// The sums run over the inputs in order, one FMA each.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn matmul_panels<const O: usize, const I: usize>(
-        rows: usize,
-        panels: &[f32],
-        x: &[f32],
-        xs: usize,
-        y: &mut [f32],
-        ys: usize,
-    ) {
-        let count = O.div_ceil(PANEL);
-        // Every pointer below stays inside these bounds.
-        assert!(panels.len() >= count * I * PANEL, "packed weight too short");
-        // Checked: `matmul_packed` is safe to call with any strides.
-        let fits = |stride: usize, width: usize, len: usize| {
-            rows == 0
-                || (rows - 1)
-                    .checked_mul(stride)
-                    .and_then(|n| n.checked_add(width))
-                    .is_some_and(|n| n <= len)
-        };
-        assert!(fits(xs, I, x.len()), "input too short");
-        assert!(fits(ys, O, y.len()), "output too short");
-        let (pp, xp, yp) = (panels.as_ptr(), x.as_ptr(), y.as_mut_ptr());
-        for j in 0..count {
-            let width = PANEL.min(O - j * PANEL);
-            let lo = if width >= 16 {
-                0xffff
-            } else {
-                (1u16 << width) - 1
-            };
-            let hi = match width {
-                32 => 0xffff,
-                17..=31 => (1u16 << (width - 16)) - 1,
-                _ => 0,
-            };
-            // SAFETY: panel `j` and rows `r0 .. r0 + R` are inside the asserted bounds.
-            unsafe {
-                let panel = pp.add(j * I * PANEL);
-                let out = yp.add(j * PANEL);
-                let mut r0 = 0;
-                while r0 + 8 <= rows {
-                    tile::<8, I>(panel, xp.add(r0 * xs), xs, out.add(r0 * ys), ys, lo, hi);
-                    r0 += 8;
-                }
-                while r0 + 4 <= rows {
-                    tile::<4, I>(panel, xp.add(r0 * xs), xs, out.add(r0 * ys), ys, lo, hi);
-                    r0 += 4;
-                }
-                while r0 < rows {
-                    tile::<1, I>(panel, xp.add(r0 * xs), xs, out.add(r0 * ys), ys, lo, hi);
-                    r0 += 1;
-                }
-            }
-        }
-    }
-
-    /// `R` rows of one panel: `y[r][c] = Σ_k x[r][k] · panel[k][c]`, stored under the masks
-    /// `lo` (outputs 0..16) and `hi` (16..32).
-    ///
-    /// # Safety
-    /// AVX-512F; `panel` holds `I × 32` floats, `x` rows `r · xs .. r · xs + I` and `y` the
-    /// masked outputs of rows `r · ys` for every `r < R`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const R: usize, const I: usize>(
-        panel: *const f32,
-        x: *const f32,
-        xs: usize,
-        y: *mut f32,
-        ys: usize,
-        lo: __mmask16,
-        hi: __mmask16,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for k in 0..I {
-            // SAFETY: within the bounds the caller guarantees.
-            unsafe {
-                let w0 = _mm512_loadu_ps(panel.add(k * PANEL));
-                let w1 = _mm512_loadu_ps(panel.add(k * PANEL + 16));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xb = _mm512_set1_ps(*x.add(r * xs + k));
-                    acc[0] = _mm512_fmadd_ps(xb, w0, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(xb, w1, acc[1]);
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            // SAFETY: as above; the masks keep the stores inside the row's outputs.
-            unsafe {
-                _mm512_mask_storeu_ps(y.add(r * ys), lo, acc[0]);
-                // A panel of 16 outputs or fewer has no second half in `y`: not even its
-                // address is formed.
-                if hi != 0 {
-                    _mm512_mask_storeu_ps(y.add(r * ys + 16), hi, acc[1]);
-                }
-            }
-        }
     }
 }
 
