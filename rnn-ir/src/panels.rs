@@ -87,6 +87,23 @@ pub fn matmul_panels(
     };
 }
 
+/// `y = W · x` for one row over `W` packed by [`pack_panels`]: the streaming step. Each panel
+/// is read once, in order, with eight independent sums (two halves × four inputs at a time)
+/// so that the FMAs' latency is hidden.
+///
+/// # Panics
+/// When this CPU has no AVX-512F ([`available`]), or a slice is too short for the sizes.
+pub fn matvec_panels(o: usize, i: usize, panels: &[f32], x: &[f32], y: &mut [f32]) {
+    assert!(available(), "matvec_panels needs AVX-512F");
+    assert!(panels.len() >= panels_len(o, i), "packed weight too short");
+    assert!(x.len() >= i && y.len() >= o, "input or output too short");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX-512F and the slices hold the sizes (asserted above).
+    unsafe {
+        avx512::matvec_panels(o, i, panels, x, y)
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::PANEL;
@@ -157,6 +174,59 @@ mod avx512 {
         }
     }
 
+    /// See [`super::matvec_panels`].
+    ///
+    /// # Safety
+    /// AVX-512F; `panels` holds the panels of an `o × i` weight, `x` `i` and `y` `o` elements.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn matvec_panels(o: usize, i: usize, panels: &[f32], x: &[f32], y: &mut [f32]) {
+        let (pp, xp, yp) = (panels.as_ptr(), x.as_ptr(), y.as_mut_ptr());
+        for j in 0..o.div_ceil(PANEL) {
+            let width = PANEL.min(o - j * PANEL);
+            let lo = if width >= 16 {
+                0xffff
+            } else {
+                (1u16 << width) - 1
+            };
+            let hi = match width {
+                32 => 0xffff,
+                17..=31 => (1u16 << (width - 16)) - 1,
+                _ => 0,
+            };
+            // SAFETY: panel `j` holds `i × 32` elements; `x` holds `i`; the masked stores stay
+            // within `y`'s `o` elements.
+            unsafe {
+                let panel = pp.add(j * i * PANEL);
+                let mut acc = [_mm512_setzero_ps(); 8];
+                let mut k = 0;
+                while k + 4 <= i {
+                    for u in 0..4 {
+                        let xb = _mm512_set1_ps(*xp.add(k + u));
+                        let w0 = _mm512_loadu_ps(panel.add((k + u) * PANEL));
+                        let w1 = _mm512_loadu_ps(panel.add((k + u) * PANEL + 16));
+                        acc[2 * u] = _mm512_fmadd_ps(xb, w0, acc[2 * u]);
+                        acc[2 * u + 1] = _mm512_fmadd_ps(xb, w1, acc[2 * u + 1]);
+                    }
+                    k += 4;
+                }
+                while k < i {
+                    let xb = _mm512_set1_ps(*xp.add(k));
+                    let w0 = _mm512_loadu_ps(panel.add(k * PANEL));
+                    let w1 = _mm512_loadu_ps(panel.add(k * PANEL + 16));
+                    acc[0] = _mm512_fmadd_ps(xb, w0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(xb, w1, acc[1]);
+                    k += 1;
+                }
+                let a = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[4], acc[6]));
+                let b = _mm512_add_ps(_mm512_add_ps(acc[1], acc[3]), _mm512_add_ps(acc[5], acc[7]));
+                _mm512_mask_storeu_ps(yp.add(j * PANEL), lo, a);
+                if hi != 0 {
+                    _mm512_mask_storeu_ps(yp.add(j * PANEL + 16), hi, b);
+                }
+            }
+        }
+    }
+
     /// `R` rows of one panel: `y[r][c] = Σ_k x[r][k] · panel[k][c]`, stored under the masks
     /// `lo` (outputs 0..16) and `hi` (16..32).
     ///
@@ -197,6 +267,65 @@ mod avx512 {
                 // address is formed.
                 if hi != 0 {
                     _mm512_mask_storeu_ps(y.add(r * ys + 16), hi, acc[1]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One row and several, at every panel edge, against `x · Wᵀ` in `f64`; the outputs past `o`
+    /// are left alone.
+    #[test]
+    fn panel_products_match_the_reference() {
+        if !available() {
+            eprintln!("no AVX-512F: the panel kernels are not checked");
+            return;
+        }
+        for (o, i) in [
+            (1, 1),
+            (15, 5),
+            (16, 16),
+            (17, 3),
+            (31, 7),
+            (32, 32),
+            (33, 9),
+            (70, 13),
+        ] {
+            let w: Vec<f32> = (0..o * i)
+                .map(|k| ((k * 37 % 101) as f32 - 50.0) / 64.0)
+                .collect();
+            let mut p = vec![0.0; panels_len(o, i)];
+            pack_panels(o, i, &w, &mut p);
+            for rows in [1, 2, 5, 9, 13] {
+                let x: Vec<f32> = (0..rows * i)
+                    .map(|k| ((k * 53 % 89) as f32 - 44.0) / 32.0)
+                    .collect();
+                let ys = o + 3;
+                let mut y = vec![7.0f32; rows * ys];
+                if rows == 1 {
+                    matvec_panels(o, i, &p, &x, &mut y);
+                } else {
+                    matmul_panels(o, i, rows, &p, &x, i, &mut y, ys);
+                }
+                for r in 0..rows {
+                    for c in 0..ys {
+                        let got = y[r * ys + c];
+                        if c >= o {
+                            assert_eq!(got, 7.0, "{o}x{i} rows {rows}: column {c} written");
+                            continue;
+                        }
+                        let e: f64 = (0..i)
+                            .map(|k| w[c * i + k] as f64 * x[r * i + k] as f64)
+                            .sum();
+                        assert!(
+                            (got as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                            "{o}x{i} rows {rows}: y[{r}][{c}] = {got}, expected {e}"
+                        );
+                    }
                 }
             }
         }

@@ -309,10 +309,10 @@ impl JitModel {
         )
     }
 
-    /// Zero states for [`Self::step`]: per state, `layers · directions × size`.
+    /// Zero states for [`Self::step`]: per state, `layers × size`.
     pub fn zero_state(&self) -> Vec<Vec<f32>> {
         let spec = &self.jit.program.spec;
-        let ld = spec.num_layers * spec.directions();
+        let ld = spec.num_layers;
         self.jit.program.layers[0]
             .forward
             .graph
@@ -323,29 +323,87 @@ impl JitModel {
     }
 
     /// One step of one sequence from `state` (updated in place): the streaming API, with the
-    /// whole-sequence semantics of a run of length 1.
+    /// whole-sequence semantics of a run of length 1, layer by layer through the compiled
+    /// inference plans (no request, no driver: the sizes are checked here).
     pub fn step(&self, state: &mut [Vec<f32>], x: &[f32]) -> rnn_ir::Result<Vec<f32>> {
-        let spec = &self.jit.program.spec;
-        let ld = spec.num_layers * spec.directions();
-        let input = rnn_ir::Tensor::new(vec![1, 1, x.len()], x.to_vec())
-            .ok_or_else(|| rnn_ir::Error::Argument("input too large".into()))?;
-        let states: Vec<rnn_ir::Tensor> = state
-            .iter()
-            .map(|s| rnn_ir::Tensor {
-                shape: vec![ld, 1, s.len() / ld.max(1)],
-                data: s.clone(),
-            })
-            .collect();
-        let req = Request {
-            input: Some(&input),
-            initial_states: states.iter().map(Some).collect(),
-            ..Request::default()
-        };
-        let out = self.forward(&req)?;
-        for (s, f) in state.iter_mut().zip(out.final_states) {
-            *s = f.data;
+        let program = &self.jit.program;
+        let spec = &program.spec;
+        if spec.bidirectional {
+            return Err(rnn_ir::Error::Argument(
+                "a bidirectional model does not stream: its backward direction needs the whole \
+                 sequence"
+                    .into(),
+            ));
         }
-        Ok(out.output.data)
+        if x.len() != spec.input_size {
+            return Err(rnn_ir::Error::TensorShape {
+                name: "input".into(),
+                expected: vec![spec.input_size],
+                found: vec![x.len()],
+            });
+        }
+        let states = program.states();
+        if state.len() != states.len() {
+            return Err(rnn_ir::Error::Argument(format!(
+                "{} states given, the model has {}",
+                state.len(),
+                states.len()
+            )));
+        }
+        for (s, (name, n)) in state.iter().zip(states) {
+            if s.len() != spec.num_layers * n {
+                return Err(rnn_ir::Error::TensorShape {
+                    name: format!("{name}0"),
+                    expected: vec![spec.num_layers, *n],
+                    found: vec![s.len()],
+                });
+            }
+        }
+        if let Some((index, found)) = x.iter().copied().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(rnn_ir::Error::NonFinite {
+                name: "input".into(),
+                index,
+                found,
+            });
+        }
+        let lengths = [1usize];
+        let seq = Seq {
+            steps: 1,
+            batch: 1,
+            lengths: &lengths,
+        };
+        let mut input: Vec<f32> = x.to_vec();
+        for (layer, cell) in program.layers.iter().enumerate() {
+            let initial: Vec<Vec<f32>> = state
+                .iter()
+                .zip(states)
+                .map(|(s, (_, n))| s[layer * n..(layer + 1) * n].to_vec())
+                .collect();
+            let body = lower::Body {
+                s: &cell.forward,
+                plan: &cell.inference,
+                forward: None,
+                as_forward: false,
+            };
+            let inputs = exec::Inputs {
+                params: self.params(layer, 0),
+                x: &input,
+                dy: None,
+                tape: None,
+                initial,
+                packed: self.packed(layer, 0),
+            };
+            let r = exec::forward_result(
+                exec::run(&self.jit.cells[layer].inference, body, seq, inputs, false),
+                false,
+            );
+            for ((s, (_, n)), f) in state.iter_mut().zip(states).zip(&r.finals) {
+                s[layer * n..(layer + 1) * n].copy_from_slice(f);
+            }
+            rnn_ir::pool::recycle(r.finals);
+            rnn_ir::pool::recycle([std::mem::replace(&mut input, r.output)]);
+        }
+        Ok(input)
     }
 
     fn params(&self, layer: usize, dir: usize) -> &[Vec<f32>] {

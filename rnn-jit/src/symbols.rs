@@ -144,8 +144,8 @@ extern "C" fn rnn_jit_matmul(
 const PANEL_ROWS: usize = 512;
 
 /// [`rnn_jit_matmul`] with the weight also as `Wᵀ` (`wt`, `i × o`) and in panels (`panels`),
-/// either null when the model has no such copy: a step of a batch reads the panels on
-/// AVX-512, all steps' rows at once `Wᵀ` (the `gemm` crate then packs nothing), one row `W`.
+/// either null when the model has no such copy: a step of a batch, or of one row, reads the
+/// panels on AVX-512; all steps' rows at once read `Wᵀ` (the `gemm` crate then packs nothing).
 extern "C" fn rnn_jit_matmul_packed(
     o: usize,
     i: usize,
@@ -158,6 +158,18 @@ extern "C" fn rnn_jit_matmul_packed(
     y: *mut f32,
     ys: usize,
 ) {
+    if rows == 1 && !panels.is_null() {
+        // SAFETY: as above.
+        let (p, x, y) = unsafe {
+            (
+                slice(panels, rnn_ir::panels::panels_len(o, i)),
+                slice(x, i),
+                std::slice::from_raw_parts_mut(y, o),
+            )
+        };
+        rnn_ir::panels::matvec_panels(o, i, p, x, y);
+        return;
+    }
     if rows > 1 && !panels.is_null() && rows <= PANEL_ROWS {
         // SAFETY: as above; a non-null `panels` holds the panels of `W` (`JitModel::bind`).
         let (p, x, y) = unsafe {
