@@ -243,7 +243,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
     }
     let emitted = backend == "macro";
     let jit = backend == "jit";
-    if backend != "interp" && threads != 1 {
+    if emitted && threads != 1 {
         return Err(crate::Error::Argument(format!(
             "the {backend} backend runs on one thread; {threads} were asked for"
         )));
@@ -255,7 +255,9 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
     }
     // The JIT's model of a workload's program, compiled once before timing.
     let compiled = |program: &Program, weights: &Weights| -> Result<crate::jit::JitModel> {
-        std::sync::Arc::new(crate::jit::Jit::compile(program)?).bind(weights)
+        std::sync::Arc::new(crate::jit::Jit::compile(program)?)
+            .bind(weights)?
+            .with_threads(threads)
     };
     let exec = Exec { threads };
     let (times, flops, per_step) = match w.id {

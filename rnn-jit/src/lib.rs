@@ -254,6 +254,7 @@ impl Jit {
             jit: self.clone(),
             params,
             packed,
+            pool: None,
         })
     }
 }
@@ -266,14 +267,63 @@ pub struct JitModel {
     /// Per (layer, direction) and parameter, its copies as `Wᵀ` and in panels (empty when no
     /// product reads it as `(in, out)`).
     packed: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
+    /// The threads a batch is split over ([`JitModel::with_threads`]).
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
 }
 
 /// What [`JitModel::forward_train`] keeps for [`JitModel::backward`].
 pub struct JitTape {
-    tape: driver::Tape<f32, Vec<Vec<f32>>>,
+    tape: driver::Tape<f32, Vec<Vec<Vec<f32>>>>,
 }
 
 impl JitModel {
+    /// Splits each batch over `threads` threads (rows in contiguous shares; 1, the default,
+    /// runs on the caller's thread). Every sequence of a batch is computed alone, so results
+    /// are those of one thread except for the order in which parameter gradients are summed.
+    pub fn with_threads(mut self, threads: usize) -> rnn_ir::Result<JitModel> {
+        if threads == 0 {
+            return Err(rnn_ir::Error::Argument(
+                "`threads` is 0: at least 1 is needed".into(),
+            ));
+        }
+        self.pool = if threads == 1 {
+            None
+        } else {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(|e| rnn_ir::Error::Argument(format!("no thread pool: {e}")))?;
+            Some(std::sync::Arc::new(pool))
+        };
+        Ok(self)
+    }
+
+    /// The rows of a batch of `batch` each thread takes.
+    fn shards(&self, batch: usize) -> Vec<std::ops::Range<usize>> {
+        let n = self
+            .pool
+            .as_ref()
+            .map_or(1, |p| p.current_num_threads())
+            .min(batch)
+            .max(1);
+        (0..n).map(|k| k * batch / n..(k + 1) * batch / n).collect()
+    }
+
+    /// Runs `f` on every shard, on the pool's threads when there are several.
+    fn each<R: Send>(
+        &self,
+        shards: &[std::ops::Range<usize>],
+        f: impl Fn(&std::ops::Range<usize>) -> R + Sync,
+    ) -> Vec<R> {
+        match (&self.pool, shards.len()) {
+            (Some(pool), 2..) => {
+                use rayon::prelude::*;
+                pool.install(|| shards.par_iter().map(&f).collect())
+            }
+            _ => shards.iter().map(f).collect(),
+        }
+    }
+
     /// Forward, and backward when `req` has `grad_output`: the interpreter's `run`, with the same
     /// checks and errors.
     pub fn run(&self, req: &Request) -> rnn_ir::Result<Response> {
@@ -415,8 +465,34 @@ impl JitModel {
     }
 }
 
+/// Rows `r` of each of `steps` steps of a time-major `(steps · batch) × n` buffer.
+fn gather(x: &[f32], steps: usize, batch: usize, n: usize, r: &std::ops::Range<usize>) -> Vec<f32> {
+    let mut out = rnn_ir::pool::scratch(steps * r.len() * n);
+    for t in 0..steps {
+        out[t * r.len() * n..(t + 1) * r.len() * n]
+            .copy_from_slice(&x[(t * batch + r.start) * n..(t * batch + r.end) * n]);
+    }
+    out
+}
+
+/// The inverse of [`gather`]: `part` into rows `r` of each step of `dst`.
+fn scatter(
+    dst: &mut [f32],
+    part: &[f32],
+    steps: usize,
+    batch: usize,
+    n: usize,
+    r: &std::ops::Range<usize>,
+) {
+    for t in 0..steps {
+        dst[(t * batch + r.start) * n..(t * batch + r.end) * n]
+            .copy_from_slice(&part[t * r.len() * n..(t + 1) * r.len() * n]);
+    }
+}
+
 impl SequenceExecutor<f32> for JitModel {
-    type Tape = Vec<Vec<f32>>;
+    /// Per shard of the batch, the plan's buffers.
+    type Tape = Vec<Vec<Vec<f32>>>;
 
     fn forward(
         &self,
@@ -440,18 +516,69 @@ impl SequenceExecutor<f32> for JitModel {
             forward: None,
             as_forward: false,
         };
-        let inputs = exec::Inputs {
-            params: self.params(layer, dir),
-            x,
-            dy: None,
-            tape: None,
-            initial,
-            packed: self.packed(layer, dir),
+        let (steps, batch) = (seq.steps, seq.batch);
+        let n_in = cell.input_size;
+        let states = cell.forward.graph.states();
+        let shards = self.shards(batch);
+        let run = |r: &std::ops::Range<usize>| {
+            let whole = r.len() == batch;
+            let xs = if whole {
+                std::borrow::Cow::Borrowed(x)
+            } else {
+                std::borrow::Cow::Owned(gather(x, steps, batch, n_in, r))
+            };
+            let init: Vec<Vec<f32>> = initial
+                .iter()
+                .zip(states)
+                .map(|(s, (_, n))| {
+                    if s.is_empty() {
+                        Vec::new()
+                    } else {
+                        s[r.start * n..r.end * n].to_vec()
+                    }
+                })
+                .collect();
+            let inputs = exec::Inputs {
+                params: self.params(layer, dir),
+                x: &xs,
+                dy: None,
+                tape: None,
+                initial: init,
+                packed: self.packed(layer, dir),
+            };
+            let part = Seq {
+                steps,
+                batch: r.len(),
+                lengths: &seq.lengths[r.clone()],
+            };
+            exec::forward_result(exec::run(plan, body, part, inputs, false), training)
         };
-        Ok(exec::forward_result(
-            exec::run(plan, body, seq, inputs, false),
-            training,
-        ))
+        let mut parts = self.each(&shards, run);
+        if parts.len() == 1 {
+            let f = parts.pop().expect("one shard");
+            return Ok(Forward {
+                output: f.output,
+                finals: f.finals,
+                tape: f.tape.map(|t| vec![t]),
+            });
+        }
+        let n_out = cell.output_size();
+        let mut output = rnn_ir::pool::zeros(steps * batch * n_out);
+        let mut finals: Vec<Vec<f32>> = vec![Vec::new(); states.len()];
+        let mut tapes = Vec::new();
+        for (r, f) in shards.iter().zip(parts) {
+            scatter(&mut output, &f.output, steps, batch, n_out, r);
+            for (k, fin) in f.finals.into_iter().enumerate() {
+                finals[k].extend_from_slice(&fin);
+            }
+            tapes.extend(f.tape);
+            rnn_ir::pool::recycle([f.output]);
+        }
+        Ok(Forward {
+            output,
+            finals,
+            tape: training.then_some(tapes),
+        })
     }
 
     fn backward(
@@ -473,17 +600,89 @@ impl SequenceExecutor<f32> for JitModel {
             as_forward: false,
         };
         let params = self.params(layer, dir);
-        let inputs = exec::Inputs {
-            params,
-            x,
-            dy: Some(dy),
-            tape: Some(&tape),
-            initial: final_grads,
-            packed: self.packed(layer, dir),
-        };
-        let r = exec::run(&code.backward, body, seq, inputs, true);
-        rnn_ir::pool::recycle(tape);
         let sizes: Vec<usize> = params.iter().map(Vec::len).collect();
-        Ok(exec::backward_result(r, &sizes, x.len()))
+        let (steps, batch) = (seq.steps, seq.batch);
+        let (n_in, n_out) = (cell.input_size, cell.output_size());
+        let states = cell.forward.graph.states();
+        let shards = self.shards(batch);
+        if shards.len() != tape.len() {
+            return Err(rnn_ir::Error::Argument(
+                "the tape was made with another number of threads".into(),
+            ));
+        }
+        let run = |(r, tape): (&std::ops::Range<usize>, &Vec<Vec<f32>>)| {
+            let whole = r.len() == batch;
+            let (xs, dys) = if whole {
+                (
+                    std::borrow::Cow::Borrowed(x),
+                    std::borrow::Cow::Borrowed(dy),
+                )
+            } else {
+                (
+                    std::borrow::Cow::Owned(gather(x, steps, batch, n_in, r)),
+                    std::borrow::Cow::Owned(gather(dy, steps, batch, n_out, r)),
+                )
+            };
+            let grads: Vec<Vec<f32>> = final_grads
+                .iter()
+                .zip(states)
+                .map(|(s, (_, n))| {
+                    if s.is_empty() {
+                        Vec::new()
+                    } else {
+                        s[r.start * n..r.end * n].to_vec()
+                    }
+                })
+                .collect();
+            let inputs = exec::Inputs {
+                params,
+                x: &xs,
+                dy: Some(&dys),
+                tape: Some(tape),
+                initial: grads,
+                packed: self.packed(layer, dir),
+            };
+            let part = Seq {
+                steps,
+                batch: r.len(),
+                lengths: &seq.lengths[r.clone()],
+            };
+            let r = exec::run(&code.backward, body, part, inputs, true);
+            exec::backward_result(r, &sizes, xs.len())
+        };
+        let pairs: Vec<(&std::ops::Range<usize>, &Vec<Vec<f32>>)> =
+            shards.iter().zip(tape.iter()).collect();
+        let mut parts = match (&self.pool, pairs.len()) {
+            (Some(pool), 2..) => {
+                use rayon::prelude::*;
+                pool.install(|| pairs.par_iter().map(|&p| run(p)).collect::<Vec<_>>())
+            }
+            _ => pairs.iter().map(|&p| run(p)).collect(),
+        };
+        for t in tape {
+            rnn_ir::pool::recycle(t);
+        }
+        if parts.len() == 1 {
+            return Ok(parts.pop().expect("one shard"));
+        }
+        let mut input_grad = rnn_ir::pool::zeros(steps * batch * n_in);
+        let mut initial_grads: Vec<Vec<f32>> = vec![Vec::new(); states.len()];
+        let mut param_grads: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+        for (r, b) in shards.iter().zip(parts) {
+            scatter(&mut input_grad, &b.input_grad, steps, batch, n_in, r);
+            for (k, g) in b.initial_grads.into_iter().enumerate() {
+                initial_grads[k].extend_from_slice(&g);
+            }
+            for (sum, g) in param_grads.iter_mut().zip(&b.param_grads) {
+                for (s, v) in sum.iter_mut().zip(g) {
+                    *s += v;
+                }
+            }
+        }
+        Ok(Backward {
+            input_grad,
+            initial_grads,
+            param_grads,
+        })
     }
 }

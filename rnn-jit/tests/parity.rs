@@ -61,10 +61,15 @@ fn same(what: &str, jit: &Response, interp: &Response) {
 
 /// Runs `spec` on both backends over a grid of (T, B), packed and not, forward and backward.
 fn check(name: &str, spec: &ModelSpec) {
+    check_threads(name, spec, 1);
+}
+
+/// [`check`] with the JIT's batches split over `threads` threads.
+fn check_threads(name: &str, spec: &ModelSpec, threads: usize) {
     let program = Program::compile(spec).unwrap();
     let jit = std::sync::Arc::new(Jit::compile(&program).unwrap());
     let weights = Weights::init(&program, 7).unwrap();
-    let model = jit.bind(&weights).unwrap();
+    let model = jit.bind(&weights).unwrap().with_threads(threads).unwrap();
     let out = spec.output_size() * spec.directions();
     let ld = spec.num_layers * spec.directions();
     let states: Vec<usize> = program.layers[0]
@@ -74,7 +79,7 @@ fn check(name: &str, spec: &ModelSpec) {
         .iter()
         .map(|s| s.1)
         .collect();
-    for (t, b) in [(1usize, 1usize), (5, 3), (4, 2)] {
+    for (t, b) in [(1usize, 1usize), (5, 3), (4, 2), (3, 7)] {
         let x = tensor(vec![t, b, spec.input_size], 1);
         let gy = tensor(vec![t, b, out], 2);
         let init: Vec<Tensor> = states
@@ -142,4 +147,27 @@ fn custom_cells_match_the_interpreter() {
         let spec = rnn_ir::parse::parse_str(text).unwrap();
         check(name, &spec);
     }
+}
+
+#[test]
+fn batches_split_over_threads_match_the_interpreter() {
+    for threads in [2, 3] {
+        for cell in [CellKind::Lstm, CellKind::Gru] {
+            let mut spec = ModelSpec::new(cell.clone(), 3, 5);
+            spec.num_layers = 2;
+            spec.bidirectional = true;
+            check_threads(
+                &format!("{} on {threads} threads", cell.name()),
+                &spec,
+                threads,
+            );
+        }
+        let spec = rnn_ir::parse::parse_str(include_str!("cells/peephole_lstm.rnn")).unwrap();
+        check_threads(&format!("peephole on {threads} threads"), &spec, threads);
+    }
+    let model = std::sync::Arc::new(
+        Jit::compile(&Program::compile(&ModelSpec::new(CellKind::Gru, 2, 3)).unwrap()).unwrap(),
+    );
+    let weights = Weights::init(model.program(), 1).unwrap();
+    assert!(model.bind(&weights).unwrap().with_threads(0).is_err());
 }
