@@ -73,9 +73,9 @@ pub(crate) fn new_module(symbols: &[(&str, *const u8)]) -> Result<JITModule, Jit
     Ok(JITModule::new(builder))
 }
 
-pub mod exec;
-pub mod lower;
-pub mod symbols;
+mod exec;
+mod lower;
+mod symbols;
 
 use rnn_ir::driver::{self, Backward, Forward, Seq, SequenceExecutor};
 use rnn_ir::{Program, Request, Response, Weights};
