@@ -255,6 +255,7 @@ impl Jit {
             params,
             packed,
             pool: None,
+            id: NEXT_MODEL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 }
@@ -269,12 +270,19 @@ pub struct JitModel {
     packed: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
     /// The threads a batch is split over ([`JitModel::with_threads`]).
     pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+    /// Unique per bound model: a tape records it, and `backward` refuses another model's.
+    id: u64,
 }
 
 /// What [`JitModel::forward_train`] keeps for [`JitModel::backward`].
 pub struct JitTape {
     tape: driver::Tape<f32, Vec<Vec<Vec<f32>>>>,
+    /// The [`JitModel::id`] of the model that made it.
+    owner: u64,
 }
+
+/// The source of [`JitModel`] identities.
+static NEXT_MODEL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl JitModel {
     /// Splits each batch over `threads` threads (rows in contiguous shares; 1, the default,
@@ -340,7 +348,13 @@ impl JitModel {
         let (response, tape) =
             driver::forward_response(&self.jit.program.layout(), self, req, true)?;
         let tape = tape.ok_or_else(|| rnn_ir::Error::Argument("no tape was kept".into()))?;
-        Ok((response, JitTape { tape }))
+        Ok((
+            response,
+            JitTape {
+                tape,
+                owner: self.id,
+            },
+        ))
     }
 
     /// Back-propagation through time from a [`Self::forward_train`] of this model's layout.
@@ -350,6 +364,13 @@ impl JitModel {
         grad_output: &rnn_ir::Tensor,
         grad_final_states: &[Option<&rnn_ir::Tensor>],
     ) -> rnn_ir::Result<rnn_ir::Gradients> {
+        if tape.owner != self.id {
+            return Err(rnn_ir::Error::Argument(
+                "the tape comes from another model's forward pass: pass `backward` the tape of \
+                 this model's own `forward_train`"
+                    .into(),
+            ));
+        }
         driver::backward(
             &self.jit.program.layout(),
             self,

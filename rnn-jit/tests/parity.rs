@@ -171,3 +171,25 @@ fn batches_split_over_threads_match_the_interpreter() {
     let weights = Weights::init(model.program(), 1).unwrap();
     assert!(model.bind(&weights).unwrap().with_threads(0).is_err());
 }
+
+#[test]
+fn backward_refuses_another_models_tape() {
+    let program = Program::compile(&ModelSpec::new(CellKind::Gru, 3, 4)).unwrap();
+    let jit = std::sync::Arc::new(Jit::compile(&program).unwrap());
+    let a = jit.bind(&Weights::init(&program, 1).unwrap()).unwrap();
+    let b = jit.bind(&Weights::init(&program, 2).unwrap()).unwrap();
+    let x = tensor(vec![3, 2, 3], 1);
+    let req = Request {
+        input: Some(&x),
+        ..Request::default()
+    };
+    let (out, tape) = a.forward_train(&req).unwrap();
+    let e = b.backward(tape, &out.output, &[]).unwrap_err();
+    assert!(
+        e.to_string().contains("another model's forward pass"),
+        "{e}"
+    );
+    // Its own tape is taken.
+    let (out, tape) = a.forward_train(&req).unwrap();
+    assert!(a.backward(tape, &out.output, &[]).is_ok());
+}
