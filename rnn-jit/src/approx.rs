@@ -343,10 +343,19 @@ impl Function {
 /// A function compiled alone over a slice: `y[i] = f(x[i])`, four lanes at a time (what the
 /// accuracy tests and `rnnc inspect --clif` read).
 pub struct Mapped {
-    // Keeps the code alive.
-    _module: cranelift_jit::JITModule,
+    // Keeps the code alive; freed on drop.
+    module: Option<cranelift_jit::JITModule>,
     code: unsafe extern "C" fn(*const f32, *mut f32, usize),
     clif: String,
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        if let Some(module) = self.module.take() {
+            // SAFETY: `code` is the only pointer into the module, and it goes with `self`.
+            unsafe { module.free_memory() };
+        }
+    }
 }
 
 impl Mapped {
@@ -415,7 +424,7 @@ impl Mapped {
             std::mem::transmute::<*const u8, unsafe extern "C" fn(*const f32, *mut f32, usize)>(raw)
         };
         Ok(Mapped {
-            _module: module,
+            module: Some(module),
             code,
             clif,
         })

@@ -83,7 +83,8 @@ pub fn run(
             zeros(rows * b.width)
         })
         .collect();
-    // The forward pass's bound buffers are computed again (a tape keeps none of them).
+    // The forward pass's bound values are computed again into buffers of their own (the
+    // backward pass does not trust a tape for values derived from the weights).
     let mut fwd_bound: Vec<Vec<f32>> = match body.forward {
         Some((_, fplan)) => fplan
             .buffers
@@ -169,7 +170,9 @@ pub fn run(
         &mut tmps,
     );
     // SAFETY: every slot the functions name points at a buffer sized by the plan for these
-    // `steps` and `batch` (the driver checked the input's and states' sizes).
+    // `steps` and `batch`: this function is private to the crate, and its callers (the driver's
+    // executor, which runs after the driver's checks, and `JitModel::step`, which checks the
+    // sizes itself) pass inputs, states and tapes of those sizes.
     unsafe { (plan.pre)(table.as_ptr(), steps, batch, 0) };
     for i in 0..steps {
         let t = if reverse { steps - 1 - i } else { i };

@@ -529,12 +529,19 @@ impl Gen<'_, '_> {
                 let (xs, ys) = (self.iconst(x.stride), self.iconst(dst.stride));
                 // A parameter the plan reads as (in, out) is read from the copies the model
                 // made when its weights were bound.
+                // Only the whole parameter: a slice of it (rows of a stacked weight) has no copy
+                // of its own.
                 let packed = match w.slot {
-                    Slot::Param(p) if d.op == Op::MatMul => plan
-                        .products
-                        .iter()
-                        .any(|q| q.value == v && q.layout == WeightLayout::InOut)
-                        .then_some(p),
+                    Slot::Param(p)
+                        if d.op == Op::MatMul
+                            && w.offset == 0
+                            && g.params()[p as usize].shape == Shape::Matrix(o, i) =>
+                    {
+                        plan.products
+                            .iter()
+                            .any(|q| q.value == v && q.layout == WeightLayout::InOut)
+                            .then_some(p)
+                    }
                     _ => None,
                 };
                 if let Some(p) = packed {

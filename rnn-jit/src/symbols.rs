@@ -1,7 +1,8 @@
 //! The Rust functions generated code calls, registered in the JIT module under their names:
-//! products and sums over rows. Products go to the `gemm` crate through `rnn-ir`'s
-//! `rnn_ir::tensor::matmul` (one thread); sums over rows and features accumulate in
-//! `f64` as the interpreter does.
+//! products and sums over rows. Products go to the `gemm` crate through
+//! `rnn_ir::tensor::matmul` (one thread), or, for weights copied in panels, to the AVX-512
+//! kernels of `rnn_ir::panels`; sums over rows and features accumulate in `f64` as the
+//! interpreter does.
 //!
 //! Each takes sizes and strides in elements and raw addresses. The generated code passes what
 //! the plan and the checked `T` and `B` give, so every slice built here lies inside the buffers

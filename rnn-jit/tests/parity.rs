@@ -193,3 +193,20 @@ fn backward_refuses_another_models_tape() {
     let (out, tape) = a.forward_train(&req).unwrap();
     assert!(a.backward(tape, &out.output, &[]).is_ok());
 }
+
+#[test]
+fn a_product_with_rows_of_a_weight_reads_those_rows() {
+    // `W` is read whole by one product and by rows (its second half) by another, with another
+    // operand: the whole matrix's copies must not serve the slice.
+    let text = "cell Halves {
+        input: 3, hidden: 4,
+        param W: [2 * hidden, hidden], param U: [hidden, input],
+        state h,
+        a = W @ h,
+        b = W[hidden .. 2 * hidden, ..] @ tanh(h),
+        h = tanh(a[.. hidden] + b + U @ x)
+    }";
+    let spec = rnn_ir::parse::parse_str(text).unwrap();
+    check("row slice of a weight", &spec);
+    check_threads("row slice of a weight, 2 threads", &spec, 2);
+}
