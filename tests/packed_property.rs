@@ -110,27 +110,15 @@ fn case() -> impl Strategy<Value = Case> {
 
 /// The `.rnn` declaration of the case's model.
 fn declaration(c: &Case) -> String {
-    let common = format!(
-        "input: {}, hidden: {}, layers: {}, bidirectional: {}, batch_first: {}",
-        c.input, c.hidden, c.layers, c.bidirectional, c.batch_first
-    );
-    let bias = match c.bias {
-        0 => ", bias: true, bias_convention: two",
-        1 => ", bias: true, bias_convention: one",
-        _ => ", bias: false",
-    };
-    let custom = |src: &str| src.replacen("input: 3, hidden: 4", &common, 1);
-    match c.cell {
-        0 => format!("rnn {{ {common}{bias}, nonlinearity: tanh }}"),
-        1 => format!("rnn {{ {common}{bias}, nonlinearity: relu }}"),
-        2 => format!("lstm {{ {common}{bias} }}"),
-        3 => format!("lstm {{ {common}{bias}, proj: {} }}", c.hidden - 1),
-        4 => format!("gru {{ {common}{bias}, reset: after }}"),
-        5 => format!("gru {{ {common}{bias}, reset: before }}"),
-        6 => custom(common::PEEPHOLE),
-        7 => custom(common::MINIMAL_GRU),
-        _ => custom(common::RELU_ELMAN),
-    }
+    common::declaration(&common::ModelShape {
+        cell: c.cell,
+        input: c.input,
+        hidden: c.hidden,
+        layers: c.layers,
+        bidirectional: c.bidirectional,
+        batch_first: c.batch_first,
+        bias: c.bias,
+    })
 }
 
 /// The tensors of one request, owned.

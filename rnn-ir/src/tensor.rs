@@ -336,3 +336,23 @@ pub fn matmul<T: Real>(
         );
     }
 }
+
+/// `y = Σ_r a[r]` over `rows` rows of `y.len()` features, rows `stride` apart, accumulated in
+/// `f64` (a bias gradient sums a whole sequence's rows); rows are read contiguously, in blocks
+/// of 64 features. Shared by the emitted code (`rnn::rt`) and the JIT.
+pub fn sum_rows_f64(rows: usize, a: &[f32], stride: usize, y: &mut [f32]) {
+    const BLOCK: usize = 64;
+    for (b, out) in y.chunks_mut(BLOCK).enumerate() {
+        let start = b * BLOCK;
+        let mut acc = [0.0f64; BLOCK];
+        for r in 0..rows {
+            let row = &a[r * stride + start..][..out.len()];
+            for (s, &x) in acc.iter_mut().zip(row) {
+                *s += x as f64;
+            }
+        }
+        for (o, &s) in out.iter_mut().zip(&acc) {
+            *o = s as f32;
+        }
+    }
+}

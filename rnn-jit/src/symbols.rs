@@ -311,21 +311,7 @@ extern "C" fn rnn_jit_sum_rows(n: usize, rows: usize, a: *const f32, stride: usi
             std::slice::from_raw_parts_mut(y, n),
         )
     };
-    // Blocks of 64 features, each summed over every row in order: rows are read contiguously.
-    const BLOCK: usize = 64;
-    for (b, out) in y.chunks_mut(BLOCK).enumerate() {
-        let start = b * BLOCK;
-        let mut acc = [0.0f64; BLOCK];
-        for r in 0..rows {
-            let row = &a[r * stride + start..][..out.len()];
-            for (s, &x) in acc.iter_mut().zip(row) {
-                *s += x as f64;
-            }
-        }
-        for (o, &s) in out.iter_mut().zip(&acc) {
-            *o = s as f32;
-        }
-    }
+    rnn_ir::tensor::sum_rows_f64(rows, a, stride, y);
 }
 
 /// The sum of `n` features, in `f64`.

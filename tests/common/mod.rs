@@ -286,3 +286,44 @@ impl CellCase {
         }
     }
 }
+
+/// The shape of a random model of the property tests: its cell (0 rnn tanh, 1 rnn relu, 2
+/// lstm, 3 lstm with a projection of `hidden - 1`, 4 gru with the reset after the product, 5
+/// gru with it before, 6 the peephole LSTM, 7 the minimal GRU, 8 the ReLU Elman cell), sizes,
+/// layers, directions, layout and biases (0 two, 1 one, 2 none; standard cells only).
+#[allow(dead_code)]
+pub struct ModelShape {
+    pub cell: u8,
+    pub input: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub bidirectional: bool,
+    pub batch_first: bool,
+    pub bias: u8,
+}
+
+/// The `.rnn` declaration of a [`ModelShape`].
+#[allow(dead_code)]
+pub fn declaration(m: &ModelShape) -> String {
+    let common = format!(
+        "input: {}, hidden: {}, layers: {}, bidirectional: {}, batch_first: {}",
+        m.input, m.hidden, m.layers, m.bidirectional, m.batch_first
+    );
+    let bias = match m.bias {
+        0 => ", bias: true, bias_convention: two",
+        1 => ", bias: true, bias_convention: one",
+        _ => ", bias: false",
+    };
+    let custom = |src: &str| src.replacen("input: 3, hidden: 4", &common, 1);
+    match m.cell {
+        0 => format!("rnn {{ {common}{bias}, nonlinearity: tanh }}"),
+        1 => format!("rnn {{ {common}{bias}, nonlinearity: relu }}"),
+        2 => format!("lstm {{ {common}{bias} }}"),
+        3 => format!("lstm {{ {common}{bias}, proj: {} }}", m.hidden - 1),
+        4 => format!("gru {{ {common}{bias}, reset: after }}"),
+        5 => format!("gru {{ {common}{bias}, reset: before }}"),
+        6 => custom(PEEPHOLE),
+        7 => custom(MINIMAL_GRU),
+        _ => custom(RELU_ELMAN),
+    }
+}
