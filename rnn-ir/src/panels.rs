@@ -143,16 +143,7 @@ mod avx512 {
         let (pp, xp, yp) = (panels.as_ptr(), x.as_ptr(), y.as_mut_ptr());
         for j in 0..count {
             let width = PANEL.min(o - j * PANEL);
-            let lo = if width >= 16 {
-                0xffff
-            } else {
-                (1u16 << width) - 1
-            };
-            let hi = match width {
-                32 => 0xffff,
-                17..=31 => (1u16 << (width - 16)) - 1,
-                _ => 0,
-            };
+            let (lo, hi) = masks(width);
             // SAFETY: panel `j` and rows `r0 .. r0 + R` are inside the asserted bounds.
             unsafe {
                 let panel = pp.add(j * i * PANEL);
@@ -174,6 +165,21 @@ mod avx512 {
         }
     }
 
+    /// The store masks of a panel with `width` outputs (1 ..= 32): outputs 0..16 and 16..32.
+    fn masks(width: usize) -> (__mmask16, __mmask16) {
+        let lo = if width >= 16 {
+            0xffff
+        } else {
+            (1u16 << width) - 1
+        };
+        let hi = match width {
+            32 => 0xffff,
+            17..=31 => (1u16 << (width - 16)) - 1,
+            _ => 0,
+        };
+        (lo, hi)
+    }
+
     /// See [`super::matvec_panels`].
     ///
     /// # Safety
@@ -183,16 +189,7 @@ mod avx512 {
         let (pp, xp, yp) = (panels.as_ptr(), x.as_ptr(), y.as_mut_ptr());
         for j in 0..o.div_ceil(PANEL) {
             let width = PANEL.min(o - j * PANEL);
-            let lo = if width >= 16 {
-                0xffff
-            } else {
-                (1u16 << width) - 1
-            };
-            let hi = match width {
-                32 => 0xffff,
-                17..=31 => (1u16 << (width - 16)) - 1,
-                _ => 0,
-            };
+            let (lo, hi) = masks(width);
             // SAFETY: panel `j` holds `i × 32` elements; `x` holds `i`; the masked stores stay
             // within `y`'s `o` elements.
             unsafe {

@@ -954,3 +954,168 @@ pub fn verify(s: &Scheduled, plan: &StoragePlan) -> Result<(), IrError> {
     }
     Ok(())
 }
+
+/// Which rows of its root a read or write of a value covers (what a backend's loops index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowSel {
+    /// Row 0 only, for every row of the result (an unbatched value).
+    Once,
+    /// `B` rows from row 0 (a step buffer, a carried slot).
+    Step,
+    /// The `B` rows of step `t` in a `T·B` root.
+    AtStep,
+    /// All `T·B` rows.
+    All,
+}
+
+impl RowSel {
+    /// The rows a value of `shape` covers in a root that holds `T·B` rows (`all_rows`) or one
+    /// step's, read over all rows or at step `t` (`at_step`).
+    pub fn of(shape: Shape, all_rows: bool, at_step: bool) -> RowSel {
+        match (shape.is_batched(), all_rows, at_step) {
+            (false, _, _) => RowSel::Once,
+            (true, true, true) => RowSel::AtStep,
+            (true, true, false) => RowSel::All,
+            (true, false, _) => RowSel::Step,
+        }
+    }
+
+    /// The rows covered for `steps` steps of `batch` rows.
+    pub fn count(self, steps: usize, batch: usize) -> usize {
+        match self {
+            RowSel::Once => 1,
+            RowSel::Step | RowSel::AtStep => batch,
+            RowSel::All => steps * batch,
+        }
+    }
+}
+
+/// The storage an [`Access`] reads or writes, as a backend allocates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AccessRoot {
+    /// Buffer `i` of the plan.
+    Buffer(u32),
+    /// Buffer `i` of the forward pass's plan (a backward graph's saved values).
+    Forward(u32),
+    /// Parameter `p`.
+    Param(u32),
+    /// The step input over all `T·B` rows.
+    Input,
+    /// The output's cotangent over all `T·B` rows (backward).
+    Cotangent,
+    /// The current value of carried slot `k`.
+    Carried(u32),
+    /// The next value of carried slot `k`.
+    Next(u32),
+}
+
+/// A value's place resolved for one read or write: `rows` rows of `width` elements, row `r`
+/// starting at `offset + r · stride` of `root` (row `t·B + r` for [`RowSel::AtStep`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// The storage.
+    pub root: AccessRoot,
+    /// The first element of row 0, in elements.
+    pub offset: usize,
+    /// Distance between rows.
+    pub stride: usize,
+    /// Elements per row.
+    pub width: usize,
+    /// The rows covered.
+    pub rows: RowSel,
+}
+
+/// Elements per row of the value fed with `role` (a parameter is one row of all its elements;
+/// a view of a fed value strides by the fed value's width, not its own).
+fn fed_width(g: &Graph, role: Role) -> usize {
+    match role {
+        Role::Param(p) => g.params[p as usize].shape.row_len(),
+        _ => g
+            .shape(g.input(role).expect("a fed role is an input"))
+            .row_len(),
+    }
+}
+
+/// How value `v` of `g` (planned by `plan`) is read or written: over all rows (`at_step` false)
+/// or at step `t`. A backward graph passes its forward pass (`forward`), whose saved values it
+/// reads from the forward plan's buffers over all rows. The one resolution every backend that
+/// compiles the plan uses (the Rust emitter, the JIT).
+pub fn access(
+    g: &Graph,
+    plan: &StoragePlan,
+    forward: Option<(&Graph, &StoragePlan)>,
+    v: Value,
+    at_step: bool,
+) -> Access {
+    let shape = g.shape(v);
+    let (root, offset) = plan.root(g, v);
+    let (root, stride, all_rows) = match root {
+        Root::Buffer(b) => {
+            let info = &plan.buffers[b.0 as usize];
+            (AccessRoot::Buffer(b.0), info.width, info.rows == Rows::All)
+        }
+        Root::Carried(k) => {
+            let n = g.states[k as usize].1;
+            match (at_step, plan.carried_tape[k as usize]) {
+                (false, Some(tape)) => (AccessRoot::Buffer(tape.0), n, true),
+                _ => (AccessRoot::Carried(k), n, false),
+            }
+        }
+        Root::Next(k) => (AccessRoot::Next(k), g.states[k as usize].1, false),
+        Root::Feed(Role::Saved(s)) => {
+            let (fg, fplan) = forward.expect("a backward graph has its forward pass");
+            let mut a = saved(fg, fplan, s);
+            a.offset += offset;
+            a.width = shape.row_len();
+            if !shape.is_batched() {
+                a.rows = RowSel::Once;
+            } else if at_step && a.rows == RowSel::All {
+                a.rows = RowSel::AtStep;
+            }
+            return a;
+        }
+        Root::Feed(role) => {
+            let root = match role {
+                Role::Param(p) => AccessRoot::Param(p),
+                Role::Input => AccessRoot::Input,
+                Role::Cotangent(OutRole::Output) => AccessRoot::Cotangent,
+                other => unreachable!("{other:?} is not fed"),
+            };
+            (root, fed_width(g, role), !matches!(role, Role::Param(_)))
+        }
+    };
+    Access {
+        root,
+        offset,
+        stride,
+        width: shape.row_len(),
+        rows: RowSel::of(shape, all_rows, at_step),
+    }
+}
+
+/// Forward value `s` over all rows, as a backward graph reads it from the forward pass's tape.
+fn saved(fg: &Graph, fplan: &StoragePlan, s: Value) -> Access {
+    let shape = fg.shape(s);
+    let (root, offset) = fplan.root(fg, s);
+    let (root, stride, all_rows) = match root {
+        Root::Buffer(b) => {
+            let info = &fplan.buffers[b.0 as usize];
+            (AccessRoot::Forward(b.0), info.width, info.rows == Rows::All)
+        }
+        Root::Carried(k) => {
+            let tape = fplan.carried_tape[k as usize]
+                .expect("a saved carried value is recorded on a tape");
+            (AccessRoot::Forward(tape.0), fg.states[k as usize].1, true)
+        }
+        Root::Feed(role @ Role::Param(p)) => (AccessRoot::Param(p), fed_width(fg, role), false),
+        Root::Feed(Role::Input) => (AccessRoot::Input, fed_width(fg, Role::Input), true),
+        other => unreachable!("a forward value is not fed from {other:?}"),
+    };
+    Access {
+        root,
+        offset,
+        stride,
+        width: shape.row_len(),
+        rows: RowSel::of(shape, all_rows, false),
+    }
+}

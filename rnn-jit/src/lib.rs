@@ -508,6 +508,25 @@ fn gather(x: &[f32], steps: usize, batch: usize, n: usize, r: &std::ops::Range<u
     out
 }
 
+/// Rows `r` of each carried value (`B × size` each; an empty one, not given, stays empty).
+fn state_rows(
+    values: &[Vec<f32>],
+    states: &[(String, usize)],
+    r: &std::ops::Range<usize>,
+) -> Vec<Vec<f32>> {
+    values
+        .iter()
+        .zip(states)
+        .map(|(s, (_, n))| {
+            if s.is_empty() {
+                Vec::new()
+            } else {
+                s[r.start * n..r.end * n].to_vec()
+            }
+        })
+        .collect()
+}
+
 /// The inverse of [`gather`]: `part` into rows `r` of each step of `dst`.
 fn scatter(
     dst: &mut [f32],
@@ -571,17 +590,7 @@ impl SequenceExecutor<f32> for Runner<'_> {
             } else {
                 std::borrow::Cow::Owned(gather(x, steps, batch, n_in, r))
             };
-            let init: Vec<Vec<f32>> = initial
-                .iter()
-                .zip(states)
-                .map(|(s, (_, n))| {
-                    if s.is_empty() {
-                        Vec::new()
-                    } else {
-                        s[r.start * n..r.end * n].to_vec()
-                    }
-                })
-                .collect();
+            let init = state_rows(&initial, states, r);
             let inputs = exec::Inputs {
                 params: self.params(layer, dir),
                 x: &xs,
@@ -667,17 +676,7 @@ impl SequenceExecutor<f32> for Runner<'_> {
                     std::borrow::Cow::Owned(gather(dy, steps, batch, n_out, r)),
                 )
             };
-            let grads: Vec<Vec<f32>> = final_grads
-                .iter()
-                .zip(states)
-                .map(|(s, (_, n))| {
-                    if s.is_empty() {
-                        Vec::new()
-                    } else {
-                        s[r.start * n..r.end * n].to_vec()
-                    }
-                })
-                .collect();
+            let grads = state_rows(&final_grads, states, r);
             let inputs = exec::Inputs {
                 params,
                 x: &xs,

@@ -18,9 +18,9 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::JITModule;
 use cranelift_module::{FuncId, Linkage, Module};
 use rnn_ir::graph::dataflow::is_per_step_output;
-use rnn_ir::graph::{Graph, Op, Role, Shape, Value};
+use rnn_ir::graph::{Graph, Op, Shape, Value};
 use rnn_ir::passes::hoist::Phase;
-use rnn_ir::plan::{Place, Root, Rows, Storage, StoragePlan, WeightLayout};
+use rnn_ir::plan::{self, AccessRoot, Place, Storage, StoragePlan, WeightLayout};
 use rnn_ir::schedule::Scheduled;
 
 /// A root the generated code reads or writes, resolved to an address at run time.
@@ -50,38 +50,7 @@ pub enum Slot {
     Panels(u32),
 }
 
-/// Which rows of its root an access covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RowSel {
-    /// Row 0 for every row (an unbatched value).
-    Once,
-    /// `B` rows from row 0.
-    Step,
-    /// The `B` rows of step `t` in a `T·B` root.
-    AtStep,
-    /// All `T·B` rows.
-    All,
-}
-
-impl RowSel {
-    fn of(shape: Shape, all_rows: bool, at_step: bool) -> RowSel {
-        match (shape.is_batched(), all_rows, at_step) {
-            (false, _, _) => RowSel::Once,
-            (true, true, true) => RowSel::AtStep,
-            (true, true, false) => RowSel::All,
-            (true, false, _) => RowSel::Step,
-        }
-    }
-
-    /// Rows of the access for `steps` and `batch`.
-    pub fn count(self, steps: usize, batch: usize) -> usize {
-        match self {
-            RowSel::Once => 1,
-            RowSel::Step | RowSel::AtStep => batch,
-            RowSel::All => steps * batch,
-        }
-    }
-}
+pub use rnn_ir::plan::RowSel;
 
 /// A value's place resolved for one read or write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,16 +76,6 @@ impl Access {
             RowSel::AtStep => t * batch + r,
         };
         self.offset + row * self.stride
-    }
-}
-
-/// Elements per row of a fed role.
-fn fed_width(g: &Graph, role: Role) -> usize {
-    match role {
-        Role::Param(p) => g.params()[p as usize].shape.row_len(),
-        _ => g
-            .shape(g.input(role).expect("a fed role is an input"))
-            .row_len(),
     }
 }
 
@@ -146,79 +105,26 @@ impl Body<'_> {
         }
     }
 
-    /// How `v` is read or written: over all rows, or at step `t`.
+    /// How `v` is read or written: over all rows, or at step `t`; the plan's one resolution
+    /// (`plan::access`) with each root as a slot of the table.
     pub fn access(&self, v: Value, at_step: bool) -> Access {
-        let g = self.g();
-        let shape = g.shape(v);
-        let (root, offset) = self.plan.root(g, v);
-        let (slot, stride, all_rows) = match root {
-            Root::Buffer(b) => {
-                let info = &self.plan.buffers[b.0 as usize];
-                (self.buf(b.0), info.width, info.rows == Rows::All)
-            }
-            Root::Carried(k) => {
-                let n = g.states()[k as usize].1;
-                match (at_step, self.plan.carried_tape[k as usize]) {
-                    (false, Some(tape)) => (self.buf(tape.0), n, true),
-                    _ => (Slot::Cur(k), n, false),
-                }
-            }
-            Root::Next(k) => (Slot::Nxt(k), g.states()[k as usize].1, false),
-            Root::Feed(Role::Saved(s)) => {
-                let mut a = self.saved(s);
-                a.offset += offset;
-                a.width = shape.row_len();
-                if !shape.is_batched() {
-                    a.rows = RowSel::Once;
-                } else if at_step && a.rows == RowSel::All {
-                    a.rows = RowSel::AtStep;
-                }
-                return a;
-            }
-            Root::Feed(role) => {
-                let slot = match role {
-                    Role::Param(p) => Slot::Param(p),
-                    Role::Input => Slot::Input,
-                    _ => Slot::Dy,
-                };
-                (slot, fed_width(g, role), !matches!(role, Role::Param(_)))
-            }
+        let forward = self.forward.map(|(fs, fplan)| (&fs.graph, fplan));
+        let a = plan::access(self.g(), self.plan, forward, v, at_step);
+        let slot = match a.root {
+            AccessRoot::Buffer(b) => self.buf(b),
+            AccessRoot::Forward(b) => Slot::Fwd(b),
+            AccessRoot::Param(p) => Slot::Param(p),
+            AccessRoot::Input => Slot::Input,
+            AccessRoot::Cotangent => Slot::Dy,
+            AccessRoot::Carried(k) => Slot::Cur(k),
+            AccessRoot::Next(k) => Slot::Nxt(k),
         };
         Access {
             slot,
-            offset,
-            stride,
-            width: shape.row_len(),
-            rows: RowSel::of(shape, all_rows, at_step),
-        }
-    }
-
-    /// Forward value `s` over all rows, as the backward graph reads it from the tape.
-    fn saved(&self, s: Value) -> Access {
-        let (fs, fplan) = self.forward.expect("a backward graph has its forward pass");
-        let fg = &fs.graph;
-        let shape = fg.shape(s);
-        let (root, offset) = fplan.root(fg, s);
-        let (slot, stride, all_rows) = match root {
-            Root::Buffer(b) => {
-                let info = &fplan.buffers[b.0 as usize];
-                (Slot::Fwd(b.0), info.width, info.rows == Rows::All)
-            }
-            Root::Carried(k) => {
-                let tape = fplan.carried_tape[k as usize]
-                    .expect("a saved carried value is recorded on a tape");
-                (Slot::Fwd(tape.0), fg.states()[k as usize].1, true)
-            }
-            Root::Feed(Role::Param(p)) => (Slot::Param(p), fed_width(fg, Role::Param(p)), false),
-            Root::Feed(Role::Input) => (Slot::Input, fed_width(fg, Role::Input), true),
-            other => unreachable!("a forward value is not fed from {other:?}"),
-        };
-        Access {
-            slot,
-            offset,
-            stride,
-            width: shape.row_len(),
-            rows: RowSel::of(shape, all_rows, false),
+            offset: a.offset,
+            stride: a.stride,
+            width: a.width,
+            rows: a.rows,
         }
     }
 

@@ -90,6 +90,17 @@ unsafe fn slice<'a>(p: *const f32, len: usize) -> &'a [f32] {
     }
 }
 
+/// `rows × cols` elements of `data` with rows `stride` apart, contiguous within a row.
+fn rowwise(data: &[f32], rows: usize, cols: usize, stride: usize) -> MatRef<'_, f32> {
+    MatRef {
+        data,
+        rows,
+        cols,
+        row_stride: stride,
+        col_stride: 1,
+    }
+}
+
 /// Elements spanned by `rows` rows of `width`, `stride` apart.
 fn span(rows: usize, width: usize, stride: usize) -> usize {
     if rows == 0 {
@@ -118,13 +129,7 @@ extern "C" fn rnn_jit_matmul(
             std::slice::from_raw_parts_mut(y, span(rows, o, ys)),
         )
     };
-    let a = MatRef {
-        data: x,
-        rows,
-        cols: i,
-        row_stride: xs,
-        col_stride: 1,
-    };
+    let a = rowwise(x, rows, i, xs);
     let b = MatRef {
         data: w,
         rows: i,
@@ -192,20 +197,8 @@ extern "C" fn rnn_jit_matmul_packed(
                 std::slice::from_raw_parts_mut(y, span(rows, o, ys)),
             )
         };
-        let a = MatRef {
-            data: x,
-            rows,
-            cols: i,
-            row_stride: xs,
-            col_stride: 1,
-        };
-        let b = MatRef {
-            data: wt,
-            rows: i,
-            cols: o,
-            row_stride: o,
-            col_stride: 1,
-        };
+        let a = rowwise(x, rows, i, xs);
+        let b = rowwise(wt, i, o, o);
         let dst = MatMut {
             data: y,
             rows,
@@ -237,20 +230,8 @@ extern "C" fn rnn_jit_matmul_t(
             std::slice::from_raw_parts_mut(y, span(rows, i, ys)),
         )
     };
-    let a = MatRef {
-        data: d,
-        rows,
-        cols: o,
-        row_stride: ds,
-        col_stride: 1,
-    };
-    let b = MatRef {
-        data: w,
-        rows: o,
-        cols: i,
-        row_stride: i,
-        col_stride: 1,
-    };
+    let a = rowwise(d, rows, o, ds);
+    let b = rowwise(w, o, i, i);
     let dst = MatMut {
         data: y,
         rows,
@@ -286,13 +267,7 @@ extern "C" fn rnn_jit_outer_sum(
         row_stride: 1,
         col_stride: ds,
     };
-    let b = MatRef {
-        data: x,
-        rows,
-        cols: i,
-        row_stride: xs,
-        col_stride: 1,
-    };
+    let b = rowwise(x, rows, i, xs);
     let dst = MatMut {
         data: y,
         rows: o,

@@ -21,7 +21,7 @@
 use crate::graph::dataflow::is_per_step_output;
 use crate::graph::{Graph, Op, OutRole, Role, Shape, Value};
 use crate::passes::hoist::Phase;
-use crate::plan::{Place, Root, Rows, Storage, StoragePlan, WeightLayout};
+use crate::plan::{self, AccessRoot, Place, RowSel, Rows, Storage, StoragePlan, WeightLayout};
 use crate::schedule::Scheduled;
 use proc_macro2::{Ident, Literal, TokenStream};
 use quote::{format_ident, quote};
@@ -60,43 +60,6 @@ fn f32_lit(x: f32) -> TokenStream {
     } else {
         let bits = Literal::u32_suffixed(x.to_bits());
         quote!(f32::from_bits(#bits))
-    }
-}
-
-/// Which rows of its root a read or write covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RowSel {
-    /// Row 0 only, for every row of the result (an unbatched value).
-    Once,
-    /// `B` rows from row 0 (a step buffer, a carried slot).
-    Step,
-    /// The `B` rows of step `t` in a `T·B` buffer.
-    AtStep,
-    /// All `T·B` rows.
-    All,
-}
-
-impl RowSel {
-    /// The rows a value of `shape` covers in a root that holds `T·B` rows (`all_rows`) or one
-    /// step's, read over all rows or at step `t` (`at_step`).
-    fn of(shape: Shape, all_rows: bool, at_step: bool) -> RowSel {
-        match (shape.is_batched(), all_rows, at_step) {
-            (false, _, _) => RowSel::Once,
-            (true, true, true) => RowSel::AtStep,
-            (true, true, false) => RowSel::All,
-            (true, false, _) => RowSel::Step,
-        }
-    }
-}
-
-/// Elements per row of the value fed with `role` (a parameter is one row of all its elements;
-/// a view of a fed value strides by the fed value's width, not its own).
-fn fed_width(g: &Graph, role: Role) -> usize {
-    match role {
-        Role::Param(p) => g.params[p as usize].shape.row_len(),
-        _ => g
-            .shape(g.input(role).expect("a fed role is an input"))
-            .row_len(),
     }
 }
 
@@ -155,97 +118,26 @@ impl Body<'_> {
         &self.s.graph
     }
 
-    /// The variable of a root of this graph's plan.
-    fn root_ident(&self, root: Root) -> Ident {
-        match root {
-            Root::Buffer(b) => format_ident!("b{}", b.0),
-            Root::Carried(k) => format_ident!("cur{}", k),
-            Root::Next(k) => format_ident!("nxt{}", k),
-            Root::Feed(role) => feed_ident(role),
-        }
-    }
-
-    /// How `v` is read or written: over all rows (`at_step` false) or at step `t`.
+    /// How `v` is read or written: over all rows (`at_step` false) or at step `t`; the plan's
+    /// one resolution (`plan::access`) with each root named as the body names it.
     fn access(&self, v: Value, at_step: bool) -> Access {
-        let g = self.g();
-        let shape = g.shape(v);
-        let (root, offset) = self.plan.root(g, v);
-        let (ident, stride, all_rows) = match root {
-            Root::Buffer(b) => {
-                let info = &self.plan.buffers[b.0 as usize];
-                (
-                    format_ident!("b{}", b.0),
-                    info.width,
-                    info.rows == Rows::All,
-                )
-            }
-            Root::Carried(k) => {
-                let n = g.states[k as usize].1;
-                match (at_step, self.plan.carried_tape[k as usize]) {
-                    (false, Some(tape)) => (format_ident!("b{}", tape.0), n, true),
-                    _ => (format_ident!("cur{}", k), n, false),
-                }
-            }
-            Root::Next(k) => (format_ident!("nxt{}", k), g.states[k as usize].1, false),
-            Root::Feed(Role::Saved(s)) => {
-                let mut a = self.saved(s);
-                a.offset += offset;
-                a.width = shape.row_len();
-                if !shape.is_batched() {
-                    a.rows = RowSel::Once;
-                } else if at_step && a.rows == RowSel::All {
-                    a.rows = RowSel::AtStep;
-                }
-                return a;
-            }
-            Root::Feed(role) => {
-                let batched = !matches!(role, Role::Param(_));
-                (self.root_ident(root), fed_width(g, role), batched)
-            }
+        let forward = self.forward.map(|(fs, fplan)| (&fs.graph, fplan));
+        let a = plan::access(self.g(), self.plan, forward, v, at_step);
+        let root = match a.root {
+            AccessRoot::Buffer(b) => format_ident!("b{}", b),
+            AccessRoot::Forward(b) => format_ident!("fb{}", b),
+            AccessRoot::Param(p) => feed_ident(Role::Param(p)),
+            AccessRoot::Input => feed_ident(Role::Input),
+            AccessRoot::Cotangent => feed_ident(Role::Cotangent(OutRole::Output)),
+            AccessRoot::Carried(k) => format_ident!("cur{}", k),
+            AccessRoot::Next(k) => format_ident!("nxt{}", k),
         };
-        let rows = RowSel::of(shape, all_rows, at_step);
         Access {
-            root: ident,
-            offset,
-            stride,
-            width: shape.row_len(),
-            rows,
-        }
-    }
-
-    /// Forward value `s` over all rows, as the backward graph reads it from the tape.
-    fn saved(&self, s: Value) -> Access {
-        let (fs, fplan) = self.forward.expect("a backward body has its forward pass");
-        let fg = &fs.graph;
-        let shape = fg.shape(s);
-        let (root, offset) = fplan.root(fg, s);
-        let (ident, stride, all_rows) = match root {
-            Root::Buffer(b) => {
-                let info = &fplan.buffers[b.0 as usize];
-                (
-                    format_ident!("fb{}", b.0),
-                    info.width,
-                    info.rows == Rows::All,
-                )
-            }
-            Root::Carried(k) => {
-                let tape = fplan.carried_tape[k as usize]
-                    .expect("a saved carried value is recorded on a tape");
-                (format_ident!("fb{}", tape.0), fg.states[k as usize].1, true)
-            }
-            Root::Feed(role @ (Role::Param(_) | Role::Input)) => {
-                let batched = role == Role::Input;
-                (feed_ident(role), fed_width(fg, role), batched)
-            }
-            other => unreachable!("a forward value is not fed from {other:?}"),
-        };
-        let rows = RowSel::of(shape, all_rows, false);
-        Access {
-            root: ident,
-            offset,
-            stride,
-            width: shape.row_len(),
-            rows,
+            root,
+            offset: a.offset,
+            stride: a.stride,
+            width: a.width,
+            rows: a.rows,
         }
     }
 
