@@ -420,7 +420,7 @@ impl JitModel {
         }
         if x.len() != spec.input_size {
             return Err(rnn_ir::Error::TensorShape {
-                name: "input".into(),
+                name: "x".into(),
                 expected: vec![spec.input_size],
                 found: vec![x.len()],
             });
@@ -444,7 +444,7 @@ impl JitModel {
         }
         if let Some((index, found)) = x.iter().copied().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(rnn_ir::Error::NonFinite {
-                name: "input".into(),
+                name: "x".into(),
                 index,
                 found,
             });

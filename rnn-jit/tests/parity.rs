@@ -210,3 +210,37 @@ fn a_product_with_rows_of_a_weight_reads_those_rows() {
     check("row slice of a weight", &spec);
     check_threads("row slice of a weight, 2 threads", &spec, 2);
 }
+
+#[test]
+fn a_step_checks_its_arguments_before_running() {
+    let program = Program::compile(&ModelSpec::new(CellKind::Lstm, 3, 4)).unwrap();
+    let jit = std::sync::Arc::new(Jit::compile(&program).unwrap());
+    let model = jit.bind(&Weights::init(&program, 1).unwrap()).unwrap();
+    let mut state = model.zero_state();
+    let e = model.step(&mut state, &[0.0; 2]).unwrap_err();
+    assert!(
+        matches!(&e, rnn_ir::Error::TensorShape { name, .. } if name == "x"),
+        "{e}"
+    );
+    let e = model.step(&mut state, &[0.0, f32::NAN, 0.0]).unwrap_err();
+    assert!(
+        matches!(&e, rnn_ir::Error::NonFinite { index: 1, .. }),
+        "{e}"
+    );
+    let mut short = vec![vec![0.0; 4], vec![0.0; 3]];
+    let e = model.step(&mut short, &[0.0; 3]).unwrap_err();
+    assert!(
+        matches!(&e, rnn_ir::Error::TensorShape { name, .. } if name == "c0"),
+        "{e}"
+    );
+    assert!(model.step(&mut state, &[0.5; 3]).is_ok());
+
+    let mut spec = ModelSpec::new(CellKind::Gru, 3, 4);
+    spec.bidirectional = true;
+    let program = Program::compile(&spec).unwrap();
+    let jit = std::sync::Arc::new(Jit::compile(&program).unwrap());
+    let model = jit.bind(&Weights::init(&program, 1).unwrap()).unwrap();
+    let mut state = model.zero_state();
+    let e = model.step(&mut state, &[0.0; 3]).unwrap_err();
+    assert!(e.to_string().contains("does not stream"), "{e}");
+}
