@@ -47,6 +47,7 @@ pub mod autodiff;
 pub mod driver;
 pub mod emit;
 pub mod error;
+pub mod fuse;
 pub mod graph;
 #[cfg(feature = "runtime")]
 pub mod interp;

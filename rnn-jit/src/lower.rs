@@ -17,11 +17,13 @@ use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Value 
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::JITModule;
 use cranelift_module::{FuncId, Linkage, Module};
+use rnn_ir::fuse::{self, Group, Item};
 use rnn_ir::graph::dataflow::is_per_step_output;
 use rnn_ir::graph::{Graph, Op, Shape, Value};
 use rnn_ir::passes::hoist::Phase;
 use rnn_ir::plan::{self, AccessRoot, Place, Storage, StoragePlan, WeightLayout};
 use rnn_ir::schedule::Scheduled;
+use std::collections::HashMap;
 
 /// A root the generated code reads or writes, resolved to an address at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -339,6 +341,153 @@ impl Gen<'_, '_> {
         });
     }
 
+    /// A fused group ([`rnn_ir::fuse`]): one loop over its rows and `group.width` columns,
+    /// the members in registers, each evaluated at its demanded offsets in graph order, the
+    /// stored ones written tile by tile (and into a carried slot's next value where they are
+    /// one).
+    fn fused(&mut self, group: &Group, at_step: bool) {
+        let body = self.body;
+        let g = body.g();
+        let members = &group.members;
+        let w = group.width;
+        let vectors = w / 4;
+        // Each member's operands: another member at an offset, or memory.
+        let mut reads: Vec<Access> = Vec::new();
+        let srcs: Vec<Vec<Src>> = members
+            .iter()
+            .map(|&m| {
+                let mw = body.access(m, at_step).width;
+                let shift = fuse::arg_offset(g, m);
+                g.data(m)
+                    .args
+                    .iter()
+                    .map(|&a| match fuse::resolve(g, body.plan, members, a) {
+                        Some((j, off)) => Src::Member(j, off + shift),
+                        None => {
+                            let acc = body.access(a, at_step);
+                            reads.push(acc);
+                            let k = reads.len() - 1;
+                            if acc.width == 1 && mw > 1 {
+                                Src::Scalar(k)
+                            } else {
+                                Src::Mem(k, shift)
+                            }
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let dsts: Vec<Access> = members.iter().map(|&m| body.access(m, at_step)).collect();
+        let rows = self.count(dsts[0].rows);
+        self.repeat(rows, &mut |cg, r| {
+            // Row starts of every read and write, and the one-element reads, once per row.
+            let starts: Vec<CValue> = reads
+                .iter()
+                .map(|a| {
+                    let base = cg.base(a.slot);
+                    cg.addr(a, base, r, 0)
+                })
+                .collect();
+            let scalars: Vec<Option<CValue>> = srcs
+                .iter()
+                .flatten()
+                .map(|s| match *s {
+                    Src::Scalar(k) => {
+                        let x = cg.b.ins().load(F32, mem(), starts[k], 0);
+                        Some(cg.b.ins().splat(F32X4, x))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let mut outs: Vec<Vec<(CValue, usize)>> = Vec::with_capacity(members.len());
+            for (i, d) in dsts.iter().enumerate() {
+                let mut o = Vec::new();
+                if group.stored[i] {
+                    let base = cg.base(d.slot);
+                    o.push((cg.addr(d, base, r, 0), d.width));
+                }
+                if let Some(k) = group.next[i] {
+                    let n = d.width;
+                    let nxt = Access {
+                        slot: Slot::Nxt(k),
+                        offset: 0,
+                        stride: n,
+                        width: n,
+                        rows: RowSel::Step,
+                    };
+                    let base = cg.base(nxt.slot);
+                    o.push((cg.addr(&nxt, base, r, 0), n));
+                }
+                outs.push(o);
+            }
+            let column = |cg: &mut Self, off: CValue, vector: bool| {
+                let mut memo: HashMap<(usize, usize), CValue> = HashMap::new();
+                let mut at: Vec<Option<CValue>> = vec![None; starts.len()];
+                let mut flat = 0;
+                for (i, &m) in members.iter().enumerate() {
+                    let op = g.data(m).op;
+                    for &e in &group.demands[i] {
+                        let mut xs = Vec::with_capacity(srcs[i].len());
+                        for (n, s) in srcs[i].iter().enumerate() {
+                            let x = match *s {
+                                Src::Member(j, o) => *memo
+                                    .get(&(j, e + o))
+                                    .expect("fuse: a member is evaluated where it is read"),
+                                Src::Scalar(_) => {
+                                    scalars[flat + n].expect("fuse: a one-element read")
+                                }
+                                Src::Mem(k, shift) => {
+                                    let p = *at[k]
+                                        .get_or_insert_with(|| cg.b.ins().iadd(starts[k], off));
+                                    let bytes = ((e + shift) * 4) as i32;
+                                    if vector {
+                                        cg.b.ins().load(F32X4, mem(), p, bytes)
+                                    } else {
+                                        let x = cg.b.ins().load(F32, mem(), p, bytes);
+                                        cg.b.ins().splat(F32X4, x)
+                                    }
+                                }
+                            };
+                            xs.push(x);
+                        }
+                        let y = apply(&mut Vec4 { b: &mut cg.b }, op, &xs);
+                        memo.insert((i, e), y);
+                    }
+                    flat += srcs[i].len();
+                    for &(start, width) in &outs[i] {
+                        let p = cg.b.ins().iadd(start, off);
+                        for e in (0..width).step_by(w) {
+                            let y = memo[&(i, e)];
+                            let bytes = (e * 4) as i32;
+                            if vector {
+                                cg.b.ins().store(mem(), y, p, bytes);
+                            } else {
+                                let x = cg.b.ins().extractlane(y, 0);
+                                cg.b.ins().store(mem(), x, p, bytes);
+                            }
+                        }
+                    }
+                }
+            };
+            if vectors > UNROLL {
+                let n = cg.iconst(vectors);
+                cg.repeat(n, &mut |cg, c| {
+                    let off = cg.b.ins().imul_imm_s(c, 16);
+                    column(cg, off, true);
+                });
+            } else {
+                for c in 0..vectors {
+                    let off = cg.iconst(c * 16);
+                    column(cg, off, true);
+                }
+            }
+            for i in vectors * 4..w {
+                let off = cg.iconst(i * 4);
+                column(cg, off, false);
+            }
+        });
+    }
+
     /// Copies `src`'s rows into `dst` (same width).
     fn copy(&mut self, dst: Access, src: Access) {
         self.elementwise(dst, &[src], &|_, x| x[0]);
@@ -355,6 +504,30 @@ impl Gen<'_, '_> {
         let base = self.base(a.slot);
         let zero = self.iconst(0);
         self.addr(a, base, zero, 0)
+    }
+
+    /// The statements computing `values` in order, element-wise runs fused
+    /// ([`fuse::schedule`]). Returns the carried slots whose next value a group wrote.
+    fn compute_all(&mut self, values: &[Value], at_step: bool) -> Vec<u32> {
+        let body = self.body;
+        let forward = body.forward.map(|(fs, fplan)| (&fs.graph, fplan));
+        let ctx = fuse::Ctx {
+            g: body.g(),
+            plan: body.plan,
+            forward,
+            at_step,
+        };
+        let mut written = Vec::new();
+        for item in fuse::schedule(ctx, values) {
+            match item {
+                Item::Single(v) => self.compute(v, at_step),
+                Item::Fused(group) => {
+                    written.extend(group.next.iter().flatten());
+                    self.fused(&group, at_step);
+                }
+            }
+        }
+        written
     }
 
     /// The statements computing `v`.
@@ -530,6 +703,28 @@ impl Gen<'_, '_> {
     }
 }
 
+/// An operand of a fused member.
+enum Src {
+    /// Member `j` at this offset from the reader's element.
+    Member(usize, usize),
+    /// Read `k`, at the reader's element plus this offset.
+    Mem(usize, usize),
+    /// Read `k`'s one element, spread.
+    Scalar(usize),
+}
+
+/// A fusible op ([`fuse::fusible`]) on four lanes.
+fn apply(v: &mut Vec4, op: Op, x: &[CValue]) -> CValue {
+    match op {
+        Op::Add => v.b.ins().fadd(x[0], x[1]),
+        Op::Sub => v.b.ins().fsub(x[0], x[1]),
+        Op::Mul => v.b.ins().fmul(x[0], x[1]),
+        Op::Div => v.b.ins().fdiv(x[0], x[1]),
+        Op::Slice { .. } => x[0],
+        op => unary(v, op, x[0]),
+    }
+}
+
 /// A one-argument element-wise op on four lanes, as the interpreter defines it.
 fn unary(v: &mut Vec4, op: Op, x: CValue) -> CValue {
     match op {
@@ -663,18 +858,16 @@ fn lower_part(
                 for v in body.bound() {
                     g.compute(v, false);
                 }
-                for v in body.computed(Phase::Pre) {
-                    g.compute(v, false);
-                }
+                g.compute_all(&body.computed(Phase::Pre), false);
             }
             Part::Step => {
-                for v in body.computed(Phase::Loop) {
-                    g.compute(v, true);
-                }
+                let written = g.compute_all(&body.computed(Phase::Loop), true);
                 let gr = body.g();
                 for (k, next) in body.plan.carried_next.iter().enumerate() {
                     let Some(v) = *next else { continue };
-                    if body.plan.place[v.index()] != Place::Next(k as u32) {
+                    if body.plan.place[v.index()] != Place::Next(k as u32)
+                        && !written.contains(&(k as u32))
+                    {
                         let n = gr.states()[k].1;
                         let src = body.access(v, true);
                         let dst = Access {
@@ -704,9 +897,7 @@ fn lower_part(
                 }
             }
             Part::Post => {
-                for v in body.computed(Phase::Post) {
-                    g.compute(v, false);
-                }
+                g.compute_all(&body.computed(Phase::Post), false);
             }
         }
         g.b.ins().return_(&[]);
