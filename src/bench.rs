@@ -182,6 +182,15 @@ fn time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     Ok(times)
 }
 
+/// Times `reps` compilations (after a warm-up) by the JIT of W1's LSTM (input 256, hidden 256):
+/// its inference, training and backward plans, from the `Program` to callable code. Seconds.
+pub fn jit_compile(reps: usize) -> Result<Vec<f64>> {
+    let program = Program::compile(&spec(CellKind::Lstm, 256, 256))?;
+    let mut times = time(reps, || Ok(crate::jit::Jit::compile(&program).map(drop)?))?;
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
 /// Times `reps` passes of `xs` (after a warm-up) through an emitted model's `step`, each pass
 /// from the state `zero`.
 fn time_steps<const I: usize, S: Copy, Y>(

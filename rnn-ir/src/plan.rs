@@ -265,6 +265,17 @@ impl StoragePlan {
         }
     }
 
+    /// Whether buffer `b` holds only products' results, each filling it: it is written whole
+    /// before it is read, so a backend need not zero it.
+    pub fn written_whole(&self, g: &Graph, b: usize) -> bool {
+        let buffer = &self.buffers[b];
+        buffer.values.iter().all(|&v| {
+            matches!(g.data(v).op, Op::MatMul | Op::MatMulT)
+                && self.place[v.index()] == Place::Buffer(BufferId(b as u32))
+                && g.shape(v).row_len() == buffer.width
+        })
+    }
+
     /// Checks the plan against its schedule; see [`verify`].
     pub fn verify(&self, s: &Scheduled) -> Result<(), IrError> {
         verify(s, self)

@@ -4,11 +4,11 @@
 //! values recorded on tapes, the slots swapped). Layers, directions, packed lengths and the
 //! reverse-time backward pass are the shared driver's ([`rnn_ir::driver`]).
 
-use crate::lower::{Access, Body, Lowered, Slot, per_step};
+use crate::lower::{Access, Body, Lowered, RowSel, Slot, per_step};
 use rnn_ir::driver::{Backward, Forward, Seq};
 use rnn_ir::graph::OutRole;
 use rnn_ir::plan::Storage;
-use rnn_ir::pool::{recycle, zeros};
+use rnn_ir::pool::{recycle, scratch, zeros};
 
 /// A compiled function: `(table, steps, batch, t)`.
 pub type KernelFn = unsafe extern "C" fn(*const *mut f32, usize, usize, usize);
@@ -48,6 +48,9 @@ pub struct Inputs<'a> {
     pub initial: Vec<Vec<f32>>,
     /// Per parameter, its copies as `Wᵀ` and in panels (empty when it has none).
     pub packed: &'a [(Vec<f32>, Vec<f32>)],
+    /// Whether the plan's buffers outlive the run (a training forward's tape). When they do
+    /// not, a per-step output that fills a buffer of its own is moved out, not copied.
+    pub keep: bool,
 }
 
 /// The address of `v`'s elements, null when it has none.
@@ -74,13 +77,18 @@ pub fn run(
     let mut bufs: Vec<Vec<f32>> = p
         .buffers
         .iter()
-        .map(|b| {
+        .enumerate()
+        .map(|(i, b)| {
             let rows = match b.rows {
                 rnn_ir::plan::Rows::Once => 1,
                 rnn_ir::plan::Rows::Step => batch,
                 rnn_ir::plan::Rows::All => steps * batch,
             };
-            zeros(rows * b.width)
+            if p.written_whole(g, i) {
+                scratch(rows * b.width)
+            } else {
+                zeros(rows * b.width)
+            }
         })
         .collect();
     // The forward pass's bound values are computed again into buffers of their own (the
@@ -221,7 +229,22 @@ pub fn run(
     // SAFETY: as above.
     unsafe { (plan.post)(table.as_ptr(), steps, batch, 0) };
 
-    // The results.
+    // The results. A per-step output that is a whole buffer of all rows, every row of which was
+    // computed, leaves with the caller unless the buffers are the tape.
+    let full = lengths.iter().take(batch).all(|&len| len == steps);
+    let mut moved: Vec<(OutRole, Vec<f32>)> = Vec::new();
+    for o in g.outputs() {
+        let a = body.access(o.value, false);
+        if let (true, false, true, Slot::Buf(b)) = (per_step(o.role), inputs.keep, full, a.slot)
+            && a.offset == 0
+            && a.stride == a.width
+            && a.rows == RowSel::All
+            && bufs[b as usize].len() == steps * batch * a.width
+            && !moved.iter().any(|(role, _)| *role == o.role)
+        {
+            moved.push((o.role, std::mem::take(&mut bufs[b as usize])));
+        }
+    }
     let root = |a: &Access| -> &[f32] {
         match a.slot {
             Slot::Buf(b) => &bufs[b as usize],
@@ -246,7 +269,9 @@ pub fn run(
     let mut per_step_out = Vec::new();
     let mut grads = Vec::new();
     for o in g.outputs() {
-        if per_step(o.role) {
+        if let Some(i) = moved.iter().position(|(role, _)| *role == o.role) {
+            per_step_out.push(moved.swap_remove(i));
+        } else if per_step(o.role) {
             let a = body.access(o.value, false);
             let n = a.width;
             let data = root(&a);

@@ -7,9 +7,12 @@
 //! The interpreter in `rnn-ir` is the oracle.
 //!
 //! Code generation settings come from the host (`cranelift_native`: SSE4.1, AVX, FMA where the
-//! CPU has them) with `opt_level = "speed"`: measured on W1, 178 ms against 187 ms with
-//! `"none"` (which the design notes had found faster for their unrolled kernels; ours loop over
-//! long rows), and a 256/256 LSTM's three plans compile in 6.3 ms against 3.9 ms.
+//! CPU has them) with `opt_level = "none"`, chosen by measurement. Before element-wise values
+//! were fused, `"speed"` ran W1 in 178 ms against 187 ms. Since (`rnn_ir::fuse`) a step's cell
+//! math is one loop, in which `"speed"` hoists the approximations' constants out of the loop
+//! and spills them to the stack (16 `xmm` registers): W1 ran in 89.6 and 91.1 ms with `"none"`
+//! against 90.7 and 92.2 ms with `"speed"` (alternating runs, one session), and a 256/256
+//! LSTM's three plans compile in 2.3 ms against 3.2 ms.
 
 #![warn(missing_docs)]
 
@@ -60,7 +63,7 @@ impl From<settings::SetError> for JitError {
 /// A JIT module for this host with `symbols` registered (name, address).
 pub(crate) fn new_module(symbols: &[(&str, *const u8)]) -> Result<JITModule, JitError> {
     let mut flags = settings::builder();
-    flags.set("opt_level", "speed")?;
+    flags.set("opt_level", "none")?;
     flags.set("use_colocated_libcalls", "false")?;
     flags.set("is_pic", "false")?;
     let isa = cranelift_native::builder()
@@ -475,6 +478,7 @@ impl JitModel {
                 tape: None,
                 initial,
                 packed: self.packed(layer, 0),
+                keep: false,
             };
             let r = exec::forward_result(
                 exec::run(&self.jit.cells[layer].inference, body, seq, inputs, false),
@@ -598,6 +602,7 @@ impl SequenceExecutor<f32> for Runner<'_> {
                 tape: None,
                 initial: init,
                 packed: self.packed(layer, dir),
+                keep: training,
             };
             let part = Seq {
                 steps,
@@ -684,6 +689,7 @@ impl SequenceExecutor<f32> for Runner<'_> {
                 tape: Some(tape),
                 initial: grads,
                 packed: self.packed(layer, dir),
+                keep: false,
             };
             let part = Seq {
                 steps,

@@ -821,9 +821,27 @@ fn run_bench(args: &BenchArgs) -> Result<(), Failure> {
             })
             .collect::<Result<_, _>>()?
     };
+    let lstm = chosen.iter().any(|w| w.id == "W1" || w.id == "W2");
     for w in chosen {
         let m = bench::measure(w, args.backend.name(), threads, reps).map_err(|e| fail(here, e))?;
         say(&format!("{}\n", if json { m.json() } else { m.line() }))?;
+    }
+    if lstm && args.backend.name() == "jit" {
+        // The JIT's compilation of that LSTM, beside its run times.
+        let t = bench::jit_compile(reps).map_err(|e| fail(here, e))?;
+        let (median, min, max) = (t[t.len() / 2], t[0], t[t.len() - 1]);
+        say(&if json {
+            format!(
+                "{{\"workload\": \"jit_compile\", \"backend\": \"jit\", \"threads\": 1, \"median_s\": {median}, \"min_s\": {min}, \"max_s\": {max}, \"reps\": {reps}}}\n"
+            )
+        } else {
+            format!(
+                "jit_compile         LSTM 256/256, inference, training and backward plans: median {:.2} ms (min {:.2} ms, max {:.2} ms, {reps} reps)\n",
+                median * 1e3,
+                min * 1e3,
+                max * 1e3
+            )
+        })?;
     }
     Ok(())
 }

@@ -183,11 +183,7 @@ impl Body<'_> {
             let width = lit(b.width);
             // A buffer holding only products' results, each filling it, is written whole
             // before it is read: it need not be zeroed.
-            let written = b.values.iter().all(|&v| {
-                matches!(g.data(v).op, Op::MatMul | Op::MatMulT)
-                    && plan.place[v.index()] == Place::Buffer(crate::plan::BufferId(i as u32))
-                    && g.shape(v).row_len() == b.width
-            });
+            let written = plan.written_whole(g, i);
             let alloc = if written {
                 quote!(::rnn::rt::scratch)
             } else {
