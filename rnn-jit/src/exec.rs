@@ -34,6 +34,18 @@ pub struct RunResult {
     pub buffers: Vec<Vec<f32>>,
 }
 
+/// The copies of one parameter a model makes when its weights are bound (each empty when no
+/// product needs it).
+#[derive(Default)]
+pub struct Packed {
+    /// `Wᵀ`, for `gemm` where the plan reads the weight as `(in, out)`.
+    pub wt: Vec<f32>,
+    /// `x · Wᵀ`'s 32-output panels (`rnn_ir::panels`), for a step's rows.
+    pub panels: Vec<f32>,
+    /// `d · W`'s panels (`W` read as `(in, out)`), for a backward step's rows.
+    pub panels_t: Vec<f32>,
+}
+
 /// Feeds of one run.
 pub struct Inputs<'a> {
     /// The cell's parameters, in order.
@@ -46,8 +58,8 @@ pub struct Inputs<'a> {
     pub tape: Option<&'a [Vec<f32>]>,
     /// The carried values before the first step (zeros when empty).
     pub initial: Vec<Vec<f32>>,
-    /// Per parameter, its copies as `Wᵀ` and in panels (empty when it has none).
-    pub packed: &'a [(Vec<f32>, Vec<f32>)],
+    /// Per parameter, its packed copies.
+    pub packed: &'a [Packed],
     /// Whether the plan's buffers outlive the run (a training forward's tape). When they do
     /// not, a per-step output that fills a buffer of its own is moved out, not copied.
     pub keep: bool,
@@ -163,8 +175,9 @@ pub fn run(
                 Slot::Nxt(k) => nxt[k as usize].as_mut_ptr(),
                 Slot::Sum(s) => sums[s as usize].as_mut_ptr(),
                 Slot::Tmp(j) => tmps[j as usize].as_mut_ptr(),
-                Slot::Wt(q) => nonempty(&inputs.packed[q as usize].0),
-                Slot::Panels(q) => nonempty(&inputs.packed[q as usize].1),
+                Slot::Wt(q) => nonempty(&inputs.packed[q as usize].wt),
+                Slot::Panels(q) => nonempty(&inputs.packed[q as usize].panels),
+                Slot::PanelsT(q) => nonempty(&inputs.packed[q as usize].panels_t),
             };
         }
     };
@@ -255,8 +268,9 @@ pub fn run(
             Slot::Dy => inputs.dy.unwrap_or(&[]),
             Slot::Sum(s) => &sums[s as usize],
             Slot::Tmp(j) => &tmps[j as usize],
-            Slot::Wt(q) => &inputs.packed[q as usize].0,
-            Slot::Panels(q) => &inputs.packed[q as usize].1,
+            Slot::Wt(q) => &inputs.packed[q as usize].wt,
+            Slot::Panels(q) => &inputs.packed[q as usize].panels,
+            Slot::PanelsT(q) => &inputs.packed[q as usize].panels_t,
             Slot::Fwd(b) => {
                 if !fwd_bound[b as usize].is_empty() {
                     &fwd_bound[b as usize]

@@ -220,15 +220,26 @@ impl Jit {
         for (layer, cell) in self.program.layers.iter().enumerate() {
             let g = &cell.forward.graph;
             let infos = g.params();
-            // The parameters some product reads as (in, out): copied once, here.
+            // The parameters some product reads as (in, out), and those a backward step's
+            // rows multiply by (`d · W`): copied once, here.
+            let param = |p: usize| rnn_ir::graph::Op::Input(rnn_ir::graph::Role::Param(p as u32));
             let in_out: Vec<bool> = (0..infos.len())
                 .map(|p| {
-                    let param = rnn_ir::graph::Op::Input(rnn_ir::graph::Role::Param(p as u32));
                     [&cell.inference, &cell.training].iter().any(|plan| {
                         plan.products.iter().any(|q| {
                             q.layout == rnn_ir::plan::WeightLayout::InOut
-                                && q.weight.is_some_and(|w| g.data(w).op == param)
+                                && q.weight.is_some_and(|w| g.data(w).op == param(p))
                         })
+                    })
+                })
+                .collect();
+            let bg = &cell.backward.graph;
+            let step_t: Vec<bool> = (0..infos.len())
+                .map(|p| {
+                    cell.backward_plan.products.iter().any(|q| {
+                        q.rows == rnn_ir::plan::Rows::Step
+                            && bg.data(q.value).op == rnn_ir::graph::Op::MatMulT
+                            && q.weight.is_some_and(|w| bg.data(w).op == param(p))
                     })
                 })
                 .collect();
@@ -242,22 +253,31 @@ impl Jit {
                             .clone()
                     })
                     .collect();
+                let panels = rnn_ir::panels::available();
                 let copies = values
                     .iter()
                     .zip(infos)
-                    .zip(&in_out)
-                    .map(|((w, info), &wanted)| match info.shape {
-                        rnn_ir::graph::Shape::Matrix(o, i) if wanted => {
+                    .enumerate()
+                    .map(|(p, (w, info))| match info.shape {
+                        rnn_ir::graph::Shape::Matrix(o, i) if in_out[p] || step_t[p] => {
                             let mut wt = vec![0.0; o * i];
                             rnn_ir::panels::transpose(o, i, w, &mut wt);
-                            let mut panels = Vec::new();
-                            if rnn_ir::panels::available() {
-                                panels = vec![0.0; rnn_ir::panels::panels_len(o, i)];
-                                rnn_ir::panels::pack_panels(o, i, w, &mut panels);
+                            let mut c = exec::Packed::default();
+                            if panels && in_out[p] {
+                                c.panels = vec![0.0; rnn_ir::panels::panels_len(o, i)];
+                                rnn_ir::panels::pack_panels(o, i, w, &mut c.panels);
                             }
-                            (wt, panels)
+                            if panels && step_t[p] {
+                                // `d · W` is the product with `Wᵀ` as its (out, in) weight.
+                                c.panels_t = vec![0.0; rnn_ir::panels::panels_len(i, o)];
+                                rnn_ir::panels::pack_panels(i, o, &wt, &mut c.panels_t);
+                            }
+                            if in_out[p] {
+                                c.wt = wt;
+                            }
+                            c
                         }
-                        _ => (Vec::new(), Vec::new()),
+                        _ => exec::Packed::default(),
                     })
                     .collect();
                 params.push(values);
@@ -280,8 +300,8 @@ pub struct JitModel {
     /// Per (layer, direction), the cell's parameters in order.
     params: Vec<Vec<Vec<f32>>>,
     /// Per (layer, direction) and parameter, its copies as `Wᵀ` and in panels (empty when no
-    /// product reads it as `(in, out)`).
-    packed: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
+    /// product needs them).
+    packed: Vec<Vec<exec::Packed>>,
     /// The threads a batch is split over ([`JitModel::with_threads`]).
     pool: Option<std::sync::Arc<rayon::ThreadPool>>,
     /// Unique per bound model: a tape records it, and `backward` refuses another model's.
@@ -497,7 +517,7 @@ impl JitModel {
         &self.params[layer * self.jit.program.spec.directions() + dir]
     }
 
-    fn packed(&self, layer: usize, dir: usize) -> &[(Vec<f32>, Vec<f32>)] {
+    fn packed(&self, layer: usize, dir: usize) -> &[exec::Packed] {
         &self.packed[layer * self.jit.program.spec.directions() + dir]
     }
 }

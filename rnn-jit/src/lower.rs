@@ -50,6 +50,9 @@ pub enum Slot {
     Wt(u32),
     /// Parameter `p` in 32-output panels (`rnn_ir::panels`), or null.
     Panels(u32),
+    /// Parameter `p` (`o × i`) in the panels of `d · W` (`W` read as `(in = o, out = i)`), or
+    /// null.
+    PanelsT(u32),
 }
 
 pub use rnn_ir::plan::RowSel;
@@ -628,6 +631,20 @@ impl Gen<'_, '_> {
                     let panels = self.base(Slot::Panels(p));
                     let f = self.callees.matmul_packed;
                     self.call(f, &[oc, ic, rows, wp, wt, panels, xp, xs, yp, ys]);
+                } else if let Some(p) = match w.slot {
+                    Slot::Param(p)
+                        if d.op == Op::MatMulT
+                            && w.offset == 0
+                            && g.params()[p as usize].shape == Shape::Matrix(o, i) =>
+                    {
+                        Some(p)
+                    }
+                    _ => None,
+                } {
+                    // A whole parameter: the model may hold it in panels (a step's rows).
+                    let panels = self.base(Slot::PanelsT(p));
+                    let f = self.callees.matmul_t_packed;
+                    self.call(f, &[oc, ic, rows, wp, panels, xp, xs, yp, ys]);
                 } else {
                     let f = if d.op == Op::MatMul {
                         self.callees.matmul

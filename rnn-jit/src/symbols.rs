@@ -19,13 +19,14 @@ pub struct Callees {
     pub(crate) matmul: FuncRef,
     pub(crate) matmul_packed: FuncRef,
     pub(crate) matmul_t: FuncRef,
+    pub(crate) matmul_t_packed: FuncRef,
     pub(crate) outer_sum: FuncRef,
     pub(crate) sum_rows: FuncRef,
     pub(crate) sum_features: FuncRef,
 }
 
 /// `(name, address, integer-or-pointer arguments, returns an f32)` of every symbol.
-pub(crate) fn table() -> [(&'static str, *const u8, usize, bool); 6] {
+pub(crate) fn table() -> [(&'static str, *const u8, usize, bool); 7] {
     [
         ("rnn_jit_matmul", rnn_jit_matmul as *const u8, 8, false),
         (
@@ -35,6 +36,12 @@ pub(crate) fn table() -> [(&'static str, *const u8, usize, bool); 6] {
             false,
         ),
         ("rnn_jit_matmul_t", rnn_jit_matmul_t as *const u8, 8, false),
+        (
+            "rnn_jit_matmul_t_packed",
+            rnn_jit_matmul_t_packed as *const u8,
+            9,
+            false,
+        ),
         (
             "rnn_jit_outer_sum",
             rnn_jit_outer_sum as *const u8,
@@ -71,9 +78,10 @@ pub(crate) fn declare(module: &mut JITModule, func: &mut Function) -> Result<Cal
         matmul: refs[0],
         matmul_packed: refs[1],
         matmul_t: refs[2],
-        outer_sum: refs[3],
-        sum_rows: refs[4],
-        sum_features: refs[5],
+        matmul_t_packed: refs[3],
+        outer_sum: refs[4],
+        sum_rows: refs[5],
+        sum_features: refs[6],
     })
 }
 
@@ -239,6 +247,40 @@ extern "C" fn rnn_jit_matmul_t(
         row_stride: ys,
     };
     matmul(dst, a, b, false, 1, false);
+}
+
+/// [`rnn_jit_matmul_t`] with `W` also in 32-output panels of the product it is (`panels`: `W`
+/// read as `(in = o, out = i)`, or null): a step's rows (up to `PANEL_ROWS`) run the AVX-512
+/// panel kernel on them, which `gemm` would otherwise pack again at every step.
+extern "C" fn rnn_jit_matmul_t_packed(
+    o: usize,
+    i: usize,
+    rows: usize,
+    w: *const f32,
+    panels: *const f32,
+    d: *const f32,
+    ds: usize,
+    y: *mut f32,
+    ys: usize,
+) {
+    if !panels.is_null() && (1..=PANEL_ROWS).contains(&rows) {
+        // SAFETY: as above; a non-null `panels` holds the panels of `W` as `(o, i)` in, out
+        // (`JitModel::bind`).
+        let (p, d, y) = unsafe {
+            (
+                slice(panels, rnn_ir::panels::panels_len(i, o)),
+                slice(d, span(rows, o, ds)),
+                std::slice::from_raw_parts_mut(y, span(rows, i, ys)),
+            )
+        };
+        if rows == 1 {
+            rnn_ir::panels::matvec_panels(i, o, p, d, y);
+        } else {
+            rnn_ir::panels::matmul_panels(i, o, rows, p, d, ds, y, ys);
+        }
+        return;
+    }
+    rnn_jit_matmul_t(o, i, rows, w, d, ds, y, ys);
 }
 
 /// `y = Σ_r d[r]ᵀ · x[r]` (`o × i`, overwritten).
