@@ -29,8 +29,8 @@ pub struct Group {
     pub demands: Vec<Vec<usize>>,
     /// Per member: whether the loop writes it to its place (every tile `0, width, 2·width, …`).
     pub stored: Vec<bool>,
-    /// Per member: the carried slot whose next value it also is (written there too, so no copy
-    /// follows the step).
+    /// Per member of a step's group: the carried slot whose next value it also is (written there
+    /// too, so no copy follows the step). Always `None` outside the loop.
     pub next: Vec<Option<u32>>,
 }
 
@@ -243,13 +243,16 @@ fn plan_group(ctx: Ctx<'_>, users: &[Vec<Value>], members: &[Value]) -> Group {
         .iter()
         .map(|&m| escapes(ctx, users, members, m))
         .collect();
+    // Only a step's group writes a carried slot's next value: a state that depends on no
+    // carried input is hoisted before the loop, over `T·B` rows, and copied at each step.
+    let step = row_class(ctx.access(members[0]).rows) == 1 && ctx.at_step;
     let next: Vec<Option<u32>> = members
         .iter()
         .map(|&m| {
             plan.carried_next
                 .iter()
                 .position(|&n| n == Some(m))
-                .filter(|&k| plan.place[m.index()] != Place::Next(k as u32))
+                .filter(|&k| step && plan.place[m.index()] != Place::Next(k as u32))
                 .map(|k| k as u32)
         })
         .collect();

@@ -71,6 +71,8 @@ pub(crate) fn new_module(symbols: &[(&str, *const u8)]) -> Result<JITModule, Jit
         .finish(settings::Flags::new(flags))
         .map_err(|e| JitError::Codegen(e.to_string()))?;
     let mut builder = JITBuilder::with_isa(isa, cranelift_module::default_libcall_names());
+    // Without the host's FMA, Cranelift lowers `fma` to calls of `fmaf` (lane by lane).
+    builder.symbol("fmaf", fmaf as *const u8);
     for &(name, ptr) in symbols {
         builder.symbol(name, ptr);
     }
@@ -80,6 +82,11 @@ pub(crate) fn new_module(symbols: &[(&str, *const u8)]) -> Result<JITModule, Jit
 mod exec;
 mod lower;
 mod symbols;
+
+/// `a · b + c` with one rounding: what Cranelift calls for `fma` on a host without FMA.
+extern "C" fn fmaf(a: f32, b: f32, c: f32) -> f32 {
+    a.mul_add(b, c)
+}
 
 use rnn_ir::driver::{self, Backward, Forward, Seq, SequenceExecutor};
 use rnn_ir::{Program, Request, Response, Weights};

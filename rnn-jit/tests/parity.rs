@@ -244,3 +244,73 @@ fn a_step_checks_its_arguments_before_running() {
     let e = model.step(&mut state, &[0.0; 3]).unwrap_err();
     assert!(e.to_string().contains("does not stream"), "{e}");
 }
+
+/// A state that reads no carried value is computed before the loop, over every step's rows. A
+/// fused group there must not write the carried slot's next value (one step's rows: it is
+/// copied at each step); the analysis says so, and a long sequence through the JIT matches the
+/// interpreter (the group once wrote `T·B` rows into that `B`-row slot).
+#[test]
+fn a_state_computed_before_the_loop_matches_the_interpreter() {
+    use rnn_ir::fuse::{self, Ctx, Item};
+    use rnn_ir::passes::hoist::Phase;
+    use rnn_ir::plan::Storage;
+    let text = "cell Delay {
+        input: 5, hidden: 8,
+        param W: [hidden, input], param b: [hidden],
+        state h,
+        h = tanh(W @ x + b),
+    }";
+    let spec = rnn_ir::parse::parse_str(text).unwrap();
+    let program = Program::compile(&spec).unwrap();
+    let cell = &program.layers[0];
+    let g = &cell.forward.graph;
+    for plan in [&cell.inference, &cell.training] {
+        let pre: Vec<_> = g
+            .iter()
+            .filter(|&v| {
+                cell.forward.phases[v.index()] == Phase::Pre
+                    && plan.is_computed(g, v)
+                    && plan.storage[v.index()] != Storage::Bound
+            })
+            .collect();
+        let ctx = Ctx {
+            g,
+            plan,
+            forward: None,
+            at_step: false,
+        };
+        let groups: Vec<_> = fuse::schedule(ctx, &pre)
+            .into_iter()
+            .filter_map(|item| match item {
+                Item::Fused(group) => Some(group),
+                Item::Single(_) => None,
+            })
+            .collect();
+        assert!(
+            !groups.is_empty(),
+            "the state's value is fused before the loop"
+        );
+        for group in &groups {
+            assert!(group.next.iter().all(Option::is_none), "{group:?}");
+        }
+    }
+    check("delay", &spec);
+    let jit = std::sync::Arc::new(Jit::compile(&program).unwrap());
+    let weights = Weights::init(&program, 3).unwrap();
+    let model = jit.bind(&weights).unwrap();
+    let (t, b) = (200, 3);
+    let x = tensor(vec![t, b, 5], 4);
+    let gy = tensor(vec![t, b, 8], 5);
+    for grad in [false, true] {
+        let req = Request {
+            input: Some(&x),
+            grad_output: grad.then_some(&gy),
+            ..Default::default()
+        };
+        let a = model.run(&req).unwrap();
+        let e = program
+            .run::<f32>(&weights, &req, &Exec::default())
+            .unwrap();
+        same(&format!("delay T={t} B={b} grad={grad}"), &a, &e);
+    }
+}
