@@ -25,7 +25,7 @@ use common::Rng;
 #[derive(Clone, Debug)]
 struct Case {
     /// 0 rnn tanh, 1 rnn relu, 2 lstm, 3 lstm with proj, 4 gru (reset after), 5 gru (reset
-    /// before), 6 peephole, 7 minimal gru, 8 relu elman.
+    /// before), 6 peephole, 7 minimal gru, 8 relu elman, 9 a state computed before the loop.
     cell: u8,
     input: usize,
     hidden: usize,
@@ -49,7 +49,7 @@ fn size() -> impl Strategy<Value = usize> {
 
 fn case() -> impl Strategy<Value = Case> {
     (
-        (0u8..9, size(), size(), 1usize..=3, 1usize..=4, 1usize..=6),
+        (0u8..10, size(), size(), 1usize..=3, 1usize..=4, 1usize..=6),
         (
             any::<bool>(),
             any::<bool>(),

@@ -144,6 +144,16 @@ pub const RELU_ELMAN: &str = "cell Elman {
     h = relu(W_hh @ h + W_xh @ x + b)
 }";
 
+/// A cell with a state that reads no carried value (`g`, computed before the loop over every
+/// step's rows and copied into its slot at each step) beside one that does.
+pub const DELAYED: &str = "cell Delayed {
+    input: 3, hidden: 4,
+    param W_g: [hidden, input], param b_g: [hidden], param W_hh: [hidden, hidden],
+    state h, state g,
+    g = sigmoid(W_g @ x + b_g),
+    h = tanh(W_hh @ h + g * g)
+}";
+
 /// Deterministic random numbers for the generators of the property and golden tests
 /// (SplitMix64): the same seed gives the same numbers everywhere.
 pub struct Rng(pub u64);
@@ -202,7 +212,7 @@ pub fn every_cell(input: usize, hidden: usize) -> Vec<ModelSpec> {
     .into_iter()
     .map(|c| ModelSpec::new(c, input, hidden))
     .collect();
-    for src in [PEEPHOLE, MINIMAL_GRU, RELU_ELMAN] {
+    for src in [PEEPHOLE, MINIMAL_GRU, RELU_ELMAN, DELAYED] {
         specs.push(rnn::parse_str(src).unwrap());
     }
     specs
@@ -289,7 +299,8 @@ impl CellCase {
 
 /// The shape of a random model of the property tests: its cell (0 rnn tanh, 1 rnn relu, 2
 /// lstm, 3 lstm with a projection of `hidden - 1`, 4 gru with the reset after the product, 5
-/// gru with it before, 6 the peephole LSTM, 7 the minimal GRU, 8 the ReLU Elman cell), sizes,
+/// gru with it before, 6 the peephole LSTM, 7 the minimal GRU, 8 the ReLU Elman cell, 9 the
+/// cell with a state computed before the loop, [`DELAYED`]), sizes,
 /// layers, directions, layout and biases (0 two, 1 one, 2 none; standard cells only).
 #[allow(dead_code)]
 pub struct ModelShape {
@@ -324,6 +335,7 @@ pub fn declaration(m: &ModelShape) -> String {
         5 => format!("gru {{ {common}{bias}, reset: before }}"),
         6 => custom(PEEPHOLE),
         7 => custom(MINIMAL_GRU),
+        9 => custom(DELAYED),
         _ => custom(RELU_ELMAN),
     }
 }
