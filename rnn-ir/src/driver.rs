@@ -1,7 +1,7 @@
 //! The sequence driver: layers, directions, per-sequence lengths, initial states, batch-first
 //! layout and the backward pass in reverse order of all that, written once, over a
-//! [`SequenceExecutor`] that each backend supplies (the interpreter now; the emitted Rust and
-//! the JIT next).
+//! [`SequenceExecutor`] that each backend supplies (the interpreter, the emitted Rust and the
+//! JIT).
 //!
 //! What the driver does, for a request:
 //! - checks every argument ([`Request`]);
@@ -22,7 +22,9 @@
 //! values frozen on rows past their length and per-step outputs zeroed there, return the
 //! outputs, the final carried values and (for training) a tape; run the backward plan in
 //! reverse time from the final-state gradients, rows past their length passing the carried
-//! gradient through untouched and seeing zero, and return the gradients.
+//! gradient through untouched and seeing zero, and return the gradients. Every executor does
+//! the per-step part of that with the same three functions: [`any_finished`],
+//! [`hold_finished`] and [`restore_finished`].
 //!
 //! # Why masking is the executor's, not IR
 //! Rows past their length could be expressed in the step graph as a select between the new and
@@ -39,6 +41,47 @@ use crate::spec::ModelSpec;
 use crate::tensor::{Real, Tensor};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+
+/// Whether any row has finished its sequence at step `t` (`t ≥ lengths[b]`): only then does a
+/// step need [`hold_finished`] and [`restore_finished`]. The one rule of packed sequences every
+/// executor follows (the interpreter, the emitted code and the JIT call these three).
+pub fn any_finished(t: usize, lengths: &[usize]) -> bool {
+    lengths.iter().any(|&len| t >= len)
+}
+
+/// Before step `t` (when [`any_finished`]): keeps a copy of the carried slot `current` (`B`
+/// rows of `n`) in `hold`, and, for a backward step (`zero` given), sets the finished rows of
+/// `current` to `zero`: a finished row contributes nothing to the step's gradients.
+pub fn hold_finished<T: Copy>(
+    t: usize,
+    lengths: &[usize],
+    n: usize,
+    current: &mut [T],
+    hold: &mut [T],
+    zero: Option<T>,
+) {
+    hold.copy_from_slice(current);
+    if let Some(zero) = zero {
+        for (b, _) in lengths.iter().enumerate().filter(|&(_, &len)| t >= len) {
+            current[b * n..(b + 1) * n].fill(zero);
+        }
+    }
+}
+
+/// After step `t` (when [`any_finished`]): puts the held values back on the finished rows of
+/// the carried slot's next value, so that a finished sequence's state stays as it was after
+/// its last step (forward) and its state's gradient passes through the step (backward).
+pub fn restore_finished<T: Copy>(
+    t: usize,
+    lengths: &[usize],
+    n: usize,
+    next: &mut [T],
+    hold: &[T],
+) {
+    for (b, _) in lengths.iter().enumerate().filter(|&(_, &len)| t >= len) {
+        next[b * n..(b + 1) * n].copy_from_slice(&hold[b * n..(b + 1) * n]);
+    }
+}
 
 /// What the driver needs to know of a model: sizes, layout and parameter names, with no graphs.
 ///

@@ -5,7 +5,7 @@
 //! reverse-time backward pass are the shared driver's ([`rnn_ir::driver`]).
 
 use crate::lower::{Access, Body, Lowered, RowSel, Slot, per_step};
-use rnn_ir::driver::{Backward, Forward, Seq};
+use rnn_ir::driver::{self, Backward, Forward, Seq};
 use rnn_ir::graph::OutRole;
 use rnn_ir::plan::Storage;
 use rnn_ir::pool::{recycle, scratch, zeros};
@@ -197,15 +197,11 @@ pub fn run(
     unsafe { (plan.pre)(table.as_ptr(), steps, batch, 0) };
     for i in 0..steps {
         let t = if reverse { steps - 1 - i } else { i };
-        let partial = lengths.iter().any(|&len| t >= len);
+        let partial = driver::any_finished(t, lengths);
         if partial {
-            for (k, (_, n)) in states.iter().enumerate() {
-                hold[k].copy_from_slice(&cur[k]);
-                if reverse {
-                    for b in (0..batch).filter(|&b| t >= lengths[b]) {
-                        cur[k][b * n..(b + 1) * n].fill(0.0);
-                    }
-                }
+            for (k, &(_, n)) in states.iter().enumerate() {
+                let zero = reverse.then_some(0.0);
+                driver::hold_finished(t, lengths, n, &mut cur[k], &mut hold[k], zero);
             }
         }
         for (k, tape) in p.carried_tape.iter().enumerate() {
@@ -224,10 +220,8 @@ pub fn run(
         // SAFETY: as above.
         unsafe { (plan.step)(table.as_ptr(), steps, batch, t) };
         if partial {
-            for (k, (_, n)) in states.iter().enumerate() {
-                for b in (0..batch).filter(|&b| t >= lengths[b]) {
-                    nxt[k][b * n..(b + 1) * n].copy_from_slice(&hold[k][b * n..(b + 1) * n]);
-                }
+            for (k, &(_, n)) in states.iter().enumerate() {
+                driver::restore_finished(t, lengths, n, &mut nxt[k], &hold[k]);
             }
         }
         std::mem::swap(&mut cur, &mut nxt);

@@ -2,8 +2,8 @@
 //! kernels and the shared sequence driver, weights in and out, and initialisation.
 
 pub use rnn_ir::driver::{
-    Backward, Forward, LayerLayout, Layout, Seq, SequenceExecutor, backward, forward,
-    forward_response, run_layout, run_response,
+    Backward, Forward, LayerLayout, Layout, Seq, SequenceExecutor, any_finished, backward, forward,
+    forward_response, hold_finished, restore_finished, run_layout, run_response,
 };
 pub use rnn_ir::{Error, Gradients, Request, Response, Result, Tensor, Weights};
 pub use std::borrow::Cow;

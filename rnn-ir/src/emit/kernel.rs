@@ -251,9 +251,15 @@ impl Body<'_> {
         // The loop.
         let mut body = TokenStream::new();
         if !step_mode {
+            // Packed sequences: the driver's one rule (`hold_finished` before the step,
+            // `restore_finished` after it).
             let mut save = TokenStream::new();
-            let mut zero = TokenStream::new();
             let mut restore = TokenStream::new();
+            let zero = if self.reverse {
+                quote!(::core::option::Option::Some(0.0))
+            } else {
+                quote!(::core::option::Option::None)
+            };
             for (k, (_, n)) in g.states.iter().enumerate() {
                 let (cur, nxt, hold) = (
                     format_ident!("cur{}", k),
@@ -261,37 +267,24 @@ impl Body<'_> {
                     format_ident!("hold{}", k),
                 );
                 let n = lit(*n);
-                save.extend(quote!(#hold.copy_from_slice(&#cur);));
-                if self.reverse {
-                    zero.extend(quote!(#cur[b * #n..(b + 1) * #n].fill(0.0);));
-                }
-                restore.extend(
-                    quote!(#nxt[b * #n..(b + 1) * #n].copy_from_slice(&#hold[b * #n..(b + 1) * #n]);),
-                );
+                save.extend(quote!(
+                    ::rnn::rt::hold_finished(t, lengths, #n, &mut #cur, &mut #hold, #zero);
+                ));
+                restore.extend(quote!(
+                    ::rnn::rt::restore_finished(t, lengths, #n, &mut #nxt, &#hold);
+                ));
             }
-            let zero = if self.reverse {
-                quote! {
-                    for b in 0..batch {
-                        if t >= lengths[b] { #zero }
-                    }
-                }
-            } else {
-                TokenStream::new()
-            };
             body.extend(quote! {
-                let partial = lengths.iter().any(|&len| t >= len);
+                let partial = ::rnn::rt::any_finished(t, lengths);
                 if partial {
                     #save
-                    #zero
                 }
             });
             out.extend(quote!(let _ = &lengths;));
             // Restoring finished rows happens after the step's values.
             let restore = quote! {
                 if partial {
-                    for b in 0..batch {
-                        if t >= lengths[b] { #restore }
-                    }
+                    #restore
                 }
             };
             body.extend(self.loop_values(&sums));

@@ -14,6 +14,7 @@
 
 use super::Exec;
 use super::kernels::{self, View, ViewMut};
+use crate::driver;
 use crate::graph::dataflow::is_per_step_output;
 use crate::graph::{Op, OutRole, Role, Shape, Value};
 use crate::passes::hoist::Phase;
@@ -313,18 +314,21 @@ impl<T: Real> Workspace<T> {
         for sum in &mut self.sums {
             sum.fill(T::ZERO);
         }
-        let active = |t: usize, b: usize| t < walk.lengths[b];
+        let lengths = &walk.lengths[..batch];
+        let zero = walk.zero_inactive_carried.then_some(T::ZERO);
         for i in 0..steps {
             let t = if walk.reverse { steps - 1 - i } else { i };
-            let partial = (0..batch).any(|b| !active(t, b));
+            let partial = driver::any_finished(t, lengths);
             if partial {
-                for (k, (_, n)) in g.states.iter().enumerate() {
-                    self.hold[k].copy_from_slice(&self.current[k]);
-                    if walk.zero_inactive_carried {
-                        for b in (0..batch).filter(|&b| !active(t, b)) {
-                            self.current[k][b * n..(b + 1) * n].fill(T::ZERO);
-                        }
-                    }
+                for (k, &(_, n)) in g.states.iter().enumerate() {
+                    driver::hold_finished(
+                        t,
+                        lengths,
+                        n,
+                        &mut self.current[k],
+                        &mut self.hold[k],
+                        zero,
+                    );
                 }
             }
             for (k, tape) in plan.carried_tape.iter().enumerate() {
@@ -365,11 +369,8 @@ impl<T: Real> Workspace<T> {
                 self.sums[i] = sum;
             }
             if partial {
-                for (k, (_, n)) in g.states.iter().enumerate() {
-                    for b in (0..batch).filter(|&b| !active(t, b)) {
-                        let rows = b * n..(b + 1) * n;
-                        self.next[k][rows.clone()].copy_from_slice(&self.hold[k][rows]);
-                    }
+                for (k, &(_, n)) in g.states.iter().enumerate() {
+                    driver::restore_finished(t, lengths, n, &mut self.next[k], &self.hold[k]);
                 }
             }
             std::mem::swap(&mut self.current, &mut self.next);
