@@ -13,9 +13,11 @@ use rnn_ir::pool::{recycle, scratch, zeros};
 /// A compiled function: `(table, steps, batch, t)`.
 pub type KernelFn = unsafe extern "C" fn(*const *mut f32, usize, usize, usize);
 
-/// One plan's three compiled functions and the slots they read.
+/// One plan's compiled functions and the slots they read.
 pub struct Plan {
     pub(crate) lowered: Lowered,
+    /// The values of the parameters alone, run once when weights are bound ([`bound_values`]).
+    pub(crate) bound: KernelFn,
     pub(crate) pre: KernelFn,
     pub(crate) step: KernelFn,
     pub(crate) post: KernelFn,
@@ -60,6 +62,11 @@ pub struct Inputs<'a> {
     pub initial: Vec<Vec<f32>>,
     /// Per parameter, its packed copies.
     pub packed: &'a [Packed],
+    /// The plan's bound buffers, computed when the weights were bound ([`bound_values`]; empty
+    /// for the other buffers).
+    pub bound: &'a [Vec<f32>],
+    /// The forward (training) plan's bound buffers, for a backward run.
+    pub fwd_bound: &'a [Vec<f32>],
     /// Whether the plan's buffers outlive the run (a training forward's tape). When they do
     /// not, a per-step output that fills a buffer of its own is moved out, not copied.
     pub keep: bool,
@@ -96,29 +103,16 @@ pub fn run(
                 rnn_ir::plan::Rows::Step => batch,
                 rnn_ir::plan::Rows::All => steps * batch,
             };
-            if p.written_whole(g, i) {
+            if b.storage == Storage::Bound {
+                // The model's, computed once (`inputs.bound`).
+                Vec::new()
+            } else if p.written_whole(g, i) {
                 scratch(rows * b.width)
             } else {
                 zeros(rows * b.width)
             }
         })
         .collect();
-    // The forward pass's bound values are computed again into buffers of their own (the
-    // backward pass does not trust a tape for values derived from the weights).
-    let mut fwd_bound: Vec<Vec<f32>> = match body.forward {
-        Some((_, fplan)) => fplan
-            .buffers
-            .iter()
-            .map(|b| {
-                if b.storage == Storage::Bound {
-                    zeros(b.width)
-                } else {
-                    Vec::new()
-                }
-            })
-            .collect(),
-        None => Vec::new(),
-    };
     let mut initial = inputs.initial.into_iter();
     let mut cur: Vec<Vec<f32>> = states
         .iter()
@@ -147,19 +141,26 @@ pub fn run(
     let slots = &plan.lowered.slots;
     let mut table: Vec<*mut f32> = vec![std::ptr::null_mut(); slots.len()];
     // Every address but the carried slots' (which swap at each step).
+    let bound = |b: u32| p.buffers[b as usize].storage == Storage::Bound;
+    let fwd_bound = |b: u32| {
+        body.forward
+            .is_some_and(|(_, fplan)| fplan.buffers[b as usize].storage == Storage::Bound)
+    };
     let fill = |table: &mut Vec<*mut f32>,
                 bufs: &mut Vec<Vec<f32>>,
-                fwd_bound: &mut Vec<Vec<f32>>,
                 cur: &mut Vec<Vec<f32>>,
                 nxt: &mut Vec<Vec<f32>>,
                 sums: &mut Vec<Vec<f32>>,
                 tmps: &mut Vec<Vec<f32>>| {
         for (i, slot) in slots.iter().enumerate() {
             table[i] = match *slot {
+                // Bound buffers are only read: the functions that run per sequence do not
+                // write them.
+                Slot::Buf(b) if bound(b) => inputs.bound[b as usize].as_ptr() as *mut f32,
                 Slot::Buf(b) => bufs[b as usize].as_mut_ptr(),
                 Slot::Fwd(b) => {
-                    if !fwd_bound[b as usize].is_empty() {
-                        fwd_bound[b as usize].as_mut_ptr()
+                    if fwd_bound(b) {
+                        inputs.fwd_bound[b as usize].as_ptr() as *mut f32
                     } else {
                         inputs.tape.expect("a backward run has its tape")[b as usize].as_ptr()
                             as *mut f32
@@ -182,13 +183,7 @@ pub fn run(
         }
     };
     fill(
-        &mut table,
-        &mut bufs,
-        &mut fwd_bound,
-        &mut cur,
-        &mut nxt,
-        &mut sums,
-        &mut tmps,
+        &mut table, &mut bufs, &mut cur, &mut nxt, &mut sums, &mut tmps,
     );
     // SAFETY: every slot the functions name points at a buffer sized by the plan for these
     // `steps` and `batch`: this function is private to the crate, and its callers (the driver's
@@ -254,6 +249,7 @@ pub fn run(
     }
     let root = |a: &Access| -> &[f32] {
         match a.slot {
+            Slot::Buf(b) if bound(b) => &inputs.bound[b as usize],
             Slot::Buf(b) => &bufs[b as usize],
             Slot::Cur(k) => &cur[k as usize],
             Slot::Nxt(k) => &nxt[k as usize],
@@ -266,8 +262,8 @@ pub fn run(
             Slot::Panels(q) => &inputs.packed[q as usize].panels,
             Slot::PanelsT(q) => &inputs.packed[q as usize].panels_t,
             Slot::Fwd(b) => {
-                if !fwd_bound[b as usize].is_empty() {
-                    &fwd_bound[b as usize]
+                if fwd_bound(b) {
+                    &inputs.fwd_bound[b as usize]
                 } else {
                     &inputs.tape.unwrap_or(&[])[b as usize]
                 }
@@ -305,19 +301,73 @@ pub fn run(
             grads.push((q as usize, value));
         }
     }
-    recycle(
-        hold.into_iter()
-            .chain(nxt)
-            .chain(tmps)
-            .chain(fwd_bound)
-            .chain(sums),
-    );
+    recycle(hold.into_iter().chain(nxt).chain(tmps).chain(sums));
     RunResult {
         per_step: per_step_out,
         grads,
         finals: cur,
         buffers: bufs,
     }
+}
+
+/// The bound values of `plan` (lowered from `body`): its buffers of [`Storage::Bound`] (empty
+/// for the others), computed from the parameters (and, for a backward plan, the forward
+/// training plan's bound buffers `fwd_bound`) by the plan's bound function. A model runs this
+/// once, when its weights are bound; every run then reads them.
+pub fn bound_values(
+    plan: &Plan,
+    body: Body<'_>,
+    params: &[Vec<f32>],
+    packed: &[Packed],
+    fwd_bound: &[Vec<f32>],
+) -> Vec<Vec<f32>> {
+    let p = body.plan;
+    let mut bufs: Vec<Vec<f32>> = p
+        .buffers
+        .iter()
+        .map(|b| {
+            if b.storage == Storage::Bound {
+                vec![0.0; b.width]
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
+    // Bound values are unbatched: a scratch copy of an argument has one row.
+    let mut tmps: Vec<Vec<f32>> = plan
+        .lowered
+        .tmps
+        .iter()
+        .map(|t| vec![0.0; t.rows.count(1, 1) * t.width])
+        .collect();
+    let table: Vec<*mut f32> = plan
+        .lowered
+        .slots
+        .iter()
+        .map(|slot| match *slot {
+            Slot::Buf(b) if bufs[b as usize].is_empty() => std::ptr::null_mut(),
+            Slot::Buf(b) => bufs[b as usize].as_mut_ptr(),
+            Slot::Fwd(b) => fwd_bound
+                .get(b as usize)
+                .map_or(std::ptr::null_mut(), |v| nonempty(v)),
+            Slot::Param(q) => params[q as usize].as_ptr() as *mut f32,
+            Slot::Tmp(j) => tmps[j as usize].as_mut_ptr(),
+            Slot::Wt(q) => nonempty(&packed[q as usize].wt),
+            Slot::Panels(q) => nonempty(&packed[q as usize].panels),
+            Slot::PanelsT(q) => nonempty(&packed[q as usize].panels_t),
+            // Per-sequence slots: a bound value reads none of them.
+            Slot::Input | Slot::Dy | Slot::Cur(_) | Slot::Nxt(_) | Slot::Sum(_) => {
+                std::ptr::null_mut()
+            }
+        })
+        .collect();
+    // SAFETY: the bound function reads parameters (sized by the weights' check at bind), the
+    // packed copies and the forward plan's bound buffers, and writes this plan's bound buffers
+    // and its scratch copies, all sized by the plan; `steps` and `batch` of 1 size nothing it
+    // touches (bound values are unbatched).
+    unsafe { (plan.bound)(table.as_ptr(), 1, 1, 0) };
+    drop(tmps);
+    bufs
 }
 
 /// A forward run's result as the driver takes it.

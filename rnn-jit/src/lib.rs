@@ -142,7 +142,6 @@ impl Jit {
                 s: &cell.forward,
                 plan,
                 forward: None,
-                as_forward: false,
             };
             let inference = lower::lower(&mut module, fwd(&cell.inference), &format!("l{l}_fwd"))
                 .map_err(JitError::Codegen)?;
@@ -154,7 +153,6 @@ impl Jit {
                     s: &cell.backward,
                     plan: &cell.backward_plan,
                     forward: Some((&cell.forward, &cell.training)),
-                    as_forward: false,
                 },
                 &format!("l{l}_bwd"),
             )
@@ -175,6 +173,7 @@ impl Jit {
                 }
             };
             exec::Plan {
+                bound: f(l.bound),
                 pre: f(l.pre),
                 step: f(l.step),
                 post: f(l.post),
@@ -223,7 +222,7 @@ impl Jit {
         weights.check(&self.program)?;
         let spec = &self.program.spec;
         let mut params = Vec::new();
-        let mut packed = Vec::new();
+        let mut packed: Vec<Vec<exec::Packed>> = Vec::new();
         for (layer, cell) in self.program.layers.iter().enumerate() {
             let g = &cell.forward.graph;
             let infos = g.params();
@@ -291,10 +290,39 @@ impl Jit {
                 packed.push(copies);
             }
         }
+        // The values of the parameters alone (fused weights, bias sums), once per plan.
+        let mut bound = Vec::new();
+        let dirs = spec.directions();
+        for (l, (cell, code)) in self.program.layers.iter().zip(&self.cells).enumerate() {
+            for d in 0..dirs {
+                let (ps, pk) = (&params[l * dirs + d], &packed[l * dirs + d]);
+                let body = |plan| lower::Body {
+                    s: &cell.forward,
+                    plan,
+                    forward: None,
+                };
+                let inference =
+                    exec::bound_values(&code.inference, body(&cell.inference), ps, pk, &[]);
+                let training =
+                    exec::bound_values(&code.training, body(&cell.training), ps, pk, &[]);
+                let backward_body = lower::Body {
+                    s: &cell.backward,
+                    plan: &cell.backward_plan,
+                    forward: Some((&cell.forward, &cell.training)),
+                };
+                let backward = exec::bound_values(&code.backward, backward_body, ps, pk, &training);
+                bound.push(Bound {
+                    inference,
+                    training,
+                    backward,
+                });
+            }
+        }
         Ok(JitModel {
             jit: self.clone(),
             params,
             packed,
+            bound,
             pool: None,
             id: NEXT_MODEL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
@@ -309,10 +337,19 @@ pub struct JitModel {
     /// Per (layer, direction) and parameter, its copies as `Wᵀ` and in panels (empty when no
     /// product needs them).
     packed: Vec<Vec<exec::Packed>>,
+    /// Per (layer, direction), each plan's bound buffers, computed at `bind`.
+    bound: Vec<Bound>,
     /// The threads a batch is split over ([`JitModel::with_threads`]).
     pool: Option<std::sync::Arc<rayon::ThreadPool>>,
     /// Unique per bound model: a tape records it, and `backward` refuses another model's.
     id: u64,
+}
+
+/// One (layer, direction)'s bound buffers per plan ([`exec::bound_values`]).
+struct Bound {
+    inference: Vec<Vec<f32>>,
+    training: Vec<Vec<f32>>,
+    backward: Vec<Vec<f32>>,
 }
 
 /// What [`JitModel::forward_train`] keeps for [`JitModel::backward`].
@@ -496,7 +533,6 @@ impl JitModel {
                 s: &cell.forward,
                 plan: &cell.inference,
                 forward: None,
-                as_forward: false,
             };
             let inputs = exec::Inputs {
                 params: self.params(layer, 0),
@@ -505,6 +541,8 @@ impl JitModel {
                 tape: None,
                 initial,
                 packed: self.packed(layer, 0),
+                bound: &self.bound(layer, 0).inference,
+                fwd_bound: &[],
                 keep: false,
             };
             let r = exec::forward_result(
@@ -522,6 +560,10 @@ impl JitModel {
 
     fn params(&self, layer: usize, dir: usize) -> &[Vec<f32>] {
         &self.params[layer * self.jit.program.spec.directions() + dir]
+    }
+
+    fn bound(&self, layer: usize, dir: usize) -> &Bound {
+        &self.bound[layer * self.jit.program.spec.directions() + dir]
     }
 
     fn packed(&self, layer: usize, dir: usize) -> &[exec::Packed] {
@@ -608,7 +650,6 @@ impl SequenceExecutor<f32> for Runner<'_> {
             s: &cell.forward,
             plan: sp,
             forward: None,
-            as_forward: false,
         };
         let (steps, batch) = (seq.steps, seq.batch);
         let n_in = cell.input_size;
@@ -629,6 +670,12 @@ impl SequenceExecutor<f32> for Runner<'_> {
                 tape: None,
                 initial: init,
                 packed: self.packed(layer, dir),
+                bound: if training {
+                    &self.bound(layer, dir).training
+                } else {
+                    &self.bound(layer, dir).inference
+                },
+                fwd_bound: &[],
                 keep: training,
             };
             let part = Seq {
@@ -682,7 +729,6 @@ impl SequenceExecutor<f32> for Runner<'_> {
             s: &cell.backward,
             plan: &cell.backward_plan,
             forward: Some((&cell.forward, &cell.training)),
-            as_forward: false,
         };
         let params = self.params(layer, dir);
         let sizes: Vec<usize> = params.iter().map(Vec::len).collect();
@@ -716,6 +762,8 @@ impl SequenceExecutor<f32> for Runner<'_> {
                 tape: Some(tape),
                 initial: grads,
                 packed: self.packed(layer, dir),
+                bound: &self.bound(layer, dir).backward,
+                fwd_bound: &self.bound(layer, dir).training,
                 keep: false,
             };
             let part = Seq {

@@ -1,6 +1,6 @@
-//! One scheduled step graph and its [`StoragePlan`] lowered to three Cranelift functions: the
-//! values before the loop (with the bound values first), one step of the loop, and the values
-//! after it. The plan is read literally, as the Rust emitter reads it: every offset, stride and
+//! One scheduled step graph and its [`StoragePlan`] lowered to four Cranelift functions: the
+//! bound values (run once, when weights are bound), the values before the loop, one step of the
+//! loop, and the values after it. The plan is read literally, as the Rust emitter reads it: every offset, stride and
 //! width is a constant; only `T`, `B` and `t` are arguments.
 //!
 //! Each function is `fn(table: *const *mut f32, steps: usize, batch: usize, t: usize)`; `table`
@@ -93,21 +93,11 @@ pub struct Body<'a> {
     pub plan: &'a StoragePlan,
     /// The forward pass's (backward graphs only).
     pub forward: Option<(&'a Scheduled, &'a StoragePlan)>,
-    /// Whether buffers name the forward pass's (computing its bound values in a backward run).
-    pub as_forward: bool,
 }
 
 impl Body<'_> {
     fn g(&self) -> &Graph {
         &self.s.graph
-    }
-
-    fn buf(&self, b: u32) -> Slot {
-        if self.as_forward {
-            Slot::Fwd(b)
-        } else {
-            Slot::Buf(b)
-        }
     }
 
     /// How `v` is read or written: over all rows, or at step `t`; the plan's one resolution
@@ -116,7 +106,7 @@ impl Body<'_> {
         let forward = self.forward.map(|(fs, fplan)| (&fs.graph, fplan));
         let a = plan::access(self.g(), self.plan, forward, v, at_step);
         let slot = match a.root {
-            AccessRoot::Buffer(b) => self.buf(b),
+            AccessRoot::Buffer(b) => Slot::Buf(b),
             AccessRoot::Forward(b) => Slot::Fwd(b),
             AccessRoot::Param(p) => Slot::Param(p),
             AccessRoot::Input => Slot::Input,
@@ -166,7 +156,9 @@ pub struct TmpInfo {
 
 /// The compiled functions of one plan.
 pub struct Lowered {
-    /// Before the loop (the bound values first).
+    /// The bound values (once, when weights are bound).
+    pub bound: FuncId,
+    /// Before the loop.
     pub pre: FuncId,
     /// One step.
     pub step: FuncId,
@@ -790,21 +782,24 @@ fn unary(v: &mut Vec4, op: Op, x: CValue) -> CValue {
 /// Which part of a plan a function runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Part {
+    Bound,
     Pre,
     Step,
     Post,
 }
 
-/// Lowers `body` into `module` as three functions named `{name}_pre`, `_step` and `_post`.
+/// Lowers `body` into `module` as four functions named `{name}_bound`, `_pre`, `_step` and
+/// `_post`.
 pub fn lower(module: &mut JITModule, body: Body<'_>, name: &str) -> Result<Lowered, String> {
     let mut slots = Vec::new();
     let mut tmps = Vec::new();
     let mut clif = Vec::new();
     let mut ids = Vec::new();
-    for part in [Part::Pre, Part::Step, Part::Post] {
+    for part in [Part::Bound, Part::Pre, Part::Step, Part::Post] {
         let fname = format!(
             "{name}_{}",
             match part {
+                Part::Bound => "bound",
                 Part::Pre => "pre",
                 Part::Step => "step",
                 Part::Post => "post",
@@ -815,9 +810,10 @@ pub fn lower(module: &mut JITModule, body: Body<'_>, name: &str) -> Result<Lower
         ids.push(id);
     }
     Ok(Lowered {
-        pre: ids[0],
-        step: ids[1],
-        post: ids[2],
+        bound: ids[0],
+        pre: ids[1],
+        step: ids[2],
+        post: ids[3],
         slots,
         tmps,
         clif,
@@ -857,24 +853,14 @@ fn lower_part(
             callees,
         };
         match part {
-            Part::Pre => {
-                if let Some((fs, fplan)) = body.forward {
-                    // The forward pass's bound values, into its buffers.
-                    let fwd = Body {
-                        s: fs,
-                        plan: fplan,
-                        forward: None,
-                        as_forward: true,
-                    };
-                    g.body = fwd;
-                    for v in fwd.bound() {
-                        g.compute(v, false);
-                    }
-                    g.body = body;
-                }
+            Part::Bound => {
+                // The plan's own bound values; a backward plan reads its forward plan's from
+                // that plan's bound buffers (`Slot::Fwd`), computed when the weights were.
                 for v in body.bound() {
                     g.compute(v, false);
                 }
+            }
+            Part::Pre => {
                 g.compute_all(&body.computed(Phase::Pre), false);
             }
             Part::Step => {
