@@ -410,6 +410,26 @@ fn check_request(p: &Layout, req: &Request) -> Result<(usize, usize, Vec<usize>)
 }
 
 /// Checks that argument `name` has shape `want` and holds only finite values.
+/// Checks one streaming step's input `x`: `batch` rows of `input` features, every one finite.
+/// The interpreter's `Stream::step` and the JIT's `step` report bad input with these errors.
+pub fn check_step_input<T: Real>(x: &[T], batch: usize, input: usize) -> Result<()> {
+    if Some(x.len()) != batch.checked_mul(input) {
+        return Err(Error::TensorShape {
+            name: "x".into(),
+            expected: vec![batch, input],
+            found: vec![x.len()],
+        });
+    }
+    match x.iter().position(|v| !v.to_f64().is_finite()) {
+        Some(index) => Err(Error::NonFinite {
+            name: "x".into(),
+            index,
+            found: x[index].to_f32(),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn check_tensor(name: String, t: &Tensor, want: Vec<usize>) -> Result<()> {
     check_elements(&name, t)?;
     if t.shape != want {

@@ -485,13 +485,7 @@ impl JitModel {
                     .into(),
             ));
         }
-        if x.len() != spec.input_size {
-            return Err(rnn_ir::Error::TensorShape {
-                name: "x".into(),
-                expected: vec![spec.input_size],
-                found: vec![x.len()],
-            });
-        }
+        driver::check_step_input(x, 1, spec.input_size)?;
         let states = program.states();
         if state.len() != states.len() {
             return Err(rnn_ir::Error::Argument(format!(
@@ -508,13 +502,6 @@ impl JitModel {
                     found: vec![s.len()],
                 });
             }
-        }
-        if let Some((index, found)) = x.iter().copied().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(rnn_ir::Error::NonFinite {
-                name: "x".into(),
-                index,
-                found,
-            });
         }
         let lengths = [1usize];
         let seq = Seq {

@@ -319,21 +319,8 @@ impl<T: Real> Stream<'_, '_, T> {
     /// previous step); its sizes are checked.
     pub fn step(&mut self, state: &mut State<T>, x: &[T]) -> Result<&[T]> {
         let program = self.bound.program;
-        let (batch, input) = (self.batch, program.spec.input_size);
-        if x.len() != batch * input {
-            return Err(Error::TensorShape {
-                name: "x".into(),
-                expected: vec![batch, input],
-                found: vec![x.len()],
-            });
-        }
-        if let Some(index) = x.iter().position(|v| !v.to_f64().is_finite()) {
-            return Err(Error::NonFinite {
-                name: "x".into(),
-                index,
-                found: x[index].to_f32(),
-            });
-        }
+        let batch = self.batch;
+        crate::driver::check_step_input(x, batch, program.spec.input_size)?;
         let states = program.states();
         let fits = state.layers.len() == self.layers.len()
             && state.layers.iter().all(|l| {
