@@ -61,6 +61,11 @@ pub fn scratch(n: usize) -> Vec<f32> {
     }
 }
 
+/// Elements of the buffers this thread keeps for reuse.
+pub fn held() -> usize {
+    POOL.with(|pool| pool.borrow().iter().map(Vec::capacity).sum())
+}
+
 /// Frees the buffers this thread keeps for reuse (up to 256 MiB after a large run).
 pub fn release_buffers() {
     POOL.with(|pool| pool.borrow_mut().clear());

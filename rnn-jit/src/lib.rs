@@ -363,6 +363,26 @@ pub struct JitTape {
 static NEXT_MODEL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl JitModel {
+    /// Frees the buffers that runs of this model left for reuse, on the calling thread and on
+    /// each of the model's worker threads ([`JitModel::with_threads`]): every thread keeps up
+    /// to 256 MiB of them between runs, so that the next run does not fault its pages in
+    /// again. Dropping the model frees its workers' buffers too.
+    pub fn release_buffers(&self) {
+        rnn_ir::pool::release_buffers();
+        if let Some(pool) = &self.pool {
+            pool.broadcast(|_| rnn_ir::pool::release_buffers());
+        }
+    }
+
+    /// Elements of the buffers held for reuse by the calling thread and by the model's worker
+    /// threads ([`JitModel::release_buffers`] frees them).
+    pub fn held_buffers(&self) -> usize {
+        let workers: usize = self.pool.as_ref().map_or(0, |pool| {
+            pool.broadcast(|_| rnn_ir::pool::held()).into_iter().sum()
+        });
+        rnn_ir::pool::held() + workers
+    }
+
     /// Splits each batch over `threads` threads (rows in contiguous shares; 1, the default,
     /// runs on the caller's thread). Every sequence is computed as in a batch of its share's
     /// rows: results equal one thread's up to the last bits (the products' kernels depend on

@@ -172,6 +172,32 @@ fn batches_split_over_threads_match_the_interpreter() {
     assert!(model.bind(&weights).unwrap().with_threads(0).is_err());
 }
 
+/// The buffers a run leaves for reuse on the model's worker threads are freed by
+/// `release_buffers`, not only the calling thread's.
+#[test]
+fn release_buffers_reaches_the_worker_threads() {
+    let spec = ModelSpec::new(CellKind::Lstm, 16, 32);
+    let program = Program::compile(&spec).unwrap();
+    let jit = std::sync::Arc::new(Jit::compile(&program).unwrap());
+    let weights = Weights::init(&program, 2).unwrap();
+    let model = jit.bind(&weights).unwrap().with_threads(2).unwrap();
+    let x = tensor(vec![64, 8, 16], 3);
+    let req = Request {
+        input: Some(&x),
+        ..Default::default()
+    };
+    model.run(&req).unwrap();
+    model.release_buffers();
+    assert_eq!(model.held_buffers(), 0);
+    model.run(&req).unwrap();
+    assert!(
+        model.held_buffers() > 0,
+        "a run leaves buffers for the next"
+    );
+    model.release_buffers();
+    assert_eq!(model.held_buffers(), 0);
+}
+
 #[test]
 fn backward_refuses_another_models_tape() {
     let program = Program::compile(&ModelSpec::new(CellKind::Gru, 3, 4)).unwrap();
