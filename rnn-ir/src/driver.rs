@@ -409,7 +409,6 @@ fn check_request(p: &Layout, req: &Request) -> Result<(usize, usize, Vec<usize>)
     Ok((t, b, lengths))
 }
 
-/// Checks that argument `name` has shape `want` and holds only finite values.
 /// Checks one streaming step's input `x`: `batch` rows of `input` features, every one finite.
 /// The interpreter's `Stream::step` and the JIT's `step` report bad input with these errors.
 pub fn check_step_input<T: Real>(x: &[T], batch: usize, input: usize) -> Result<()> {
@@ -430,6 +429,7 @@ pub fn check_step_input<T: Real>(x: &[T], batch: usize, input: usize) -> Result<
     }
 }
 
+/// Checks that argument `name` has shape `want` and holds only finite values.
 fn check_tensor(name: String, t: &Tensor, want: Vec<usize>) -> Result<()> {
     check_elements(&name, t)?;
     if t.shape != want {

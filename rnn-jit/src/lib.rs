@@ -12,7 +12,8 @@
 //! math is one loop, in which `"speed"` hoists the approximations' constants out of the loop
 //! and spills them to the stack (16 `xmm` registers): W1 ran in 89.6 and 91.1 ms with `"none"`
 //! against 90.7 and 92.2 ms with `"speed"` (alternating runs, one session), and a 256/256
-//! LSTM's three plans compile in 2.3 ms against 3.2 ms.
+//! LSTM's three plans compiled in 2.3 ms against 3.2 ms (2.4 ms with `"none"` since each plan
+//! also has its `_bound` function).
 
 #![warn(missing_docs)]
 
@@ -363,10 +364,11 @@ pub struct JitTape {
 static NEXT_MODEL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl JitModel {
-    /// Frees the buffers that runs of this model left for reuse, on the calling thread and on
-    /// each of the model's worker threads ([`JitModel::with_threads`]): every thread keeps up
-    /// to 256 MiB of them between runs, so that the next run does not fault its pages in
-    /// again. Dropping the model frees its workers' buffers too.
+    /// Frees the buffers kept for reuse (by this model's runs and any other code using the
+    /// per-thread pool) on the calling thread and on each of the model's worker threads
+    /// ([`JitModel::with_threads`]): every thread keeps up to 256 MiB of them between runs, so
+    /// that the next run does not fault its pages in again. The workers' buffers also go when
+    /// the model is dropped and its worker threads exit.
     pub fn release_buffers(&self) {
         rnn_ir::pool::release_buffers();
         if let Some(pool) = &self.pool {
@@ -374,8 +376,8 @@ impl JitModel {
         }
     }
 
-    /// Elements of the buffers held for reuse by the calling thread and by the model's worker
-    /// threads ([`JitModel::release_buffers`] frees them).
+    /// Elements of the buffers the per-thread pool keeps for reuse on the calling thread and on
+    /// the model's worker threads ([`JitModel::release_buffers`] frees them).
     pub fn held_buffers(&self) -> usize {
         let workers: usize = self.pool.as_ref().map_or(0, |pool| {
             pool.broadcast(|_| rnn_ir::pool::held()).into_iter().sum()

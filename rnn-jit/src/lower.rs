@@ -1,7 +1,7 @@
 //! One scheduled step graph and its [`StoragePlan`] lowered to four Cranelift functions: the
-//! bound values (run once, when weights are bound), the values before the loop, one step of the
-//! loop, and the values after it. The plan is read literally, as the Rust emitter reads it: every offset, stride and
-//! width is a constant; only `T`, `B` and `t` are arguments.
+//! bound values (run once, when weights are bound), the values before the loop, one step of
+//! the loop, and the values after it. The plan is read literally, as the Rust emitter reads it:
+//! every offset, stride and width is a constant; only `T`, `B` and `t` are arguments.
 //!
 //! Each function is `fn(table: *const *mut f32, steps: usize, batch: usize, t: usize)`; `table`
 //! holds the address of each [`Slot`] the function names, in the order of [`Lowered::slots`].
