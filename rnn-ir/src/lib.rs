@@ -54,6 +54,8 @@ pub mod interp;
 pub mod lower;
 #[cfg(feature = "runtime")]
 pub mod npy;
+#[cfg(feature = "runtime")]
+pub mod optim;
 pub mod panels;
 pub mod parse;
 pub mod passes;
