@@ -125,6 +125,9 @@ pub enum Error {
     Argument(String),
     /// The JIT could not compile the program for this machine.
     Jit(String),
+    /// A checkpoint does not belong here (another model's, another optimiser's) or is
+    /// incomplete.
+    Checkpoint(String),
     /// Reading or writing a file failed.
     Io {
         /// The file.
@@ -193,6 +196,7 @@ impl fmt::Display for Error {
             ),
             Error::Argument(m) => write!(f, "{m}"),
             Error::Jit(m) => write!(f, "{m}"),
+            Error::Checkpoint(m) => write!(f, "checkpoint: {m}"),
             Error::Io { path, source } => write!(f, "{path}: {source}"),
         }
     }

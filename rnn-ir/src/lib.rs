@@ -44,6 +44,8 @@
 
 pub mod autodiff;
 #[cfg(feature = "runtime")]
+pub mod checkpoint;
+#[cfg(feature = "runtime")]
 pub mod driver;
 pub mod emit;
 pub mod error;

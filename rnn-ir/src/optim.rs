@@ -110,21 +110,21 @@ pub enum Rule {
 /// moments and step count).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Optimizer {
-    rule: Rule,
-    state: BTreeMap<String, ParamState>,
+    pub(crate) rule: Rule,
+    pub(crate) state: BTreeMap<String, ParamState>,
 }
 
 /// One parameter's optimiser state.
 #[derive(Clone, Debug, Default, PartialEq)]
-struct ParamState {
+pub(crate) struct ParamState {
     /// Steps taken on this parameter.
-    step: u64,
+    pub(crate) step: u64,
     /// SGD's momentum buffer, or Adam's first moment.
-    first: Vec<f32>,
+    pub(crate) first: Vec<f32>,
     /// Adam's second moment.
-    second: Vec<f32>,
+    pub(crate) second: Vec<f32>,
     /// AMSGrad's running maximum of the second moment.
-    max_second: Vec<f32>,
+    pub(crate) max_second: Vec<f32>,
 }
 
 fn bad(what: String) -> Error {

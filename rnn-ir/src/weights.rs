@@ -294,6 +294,30 @@ fn tensor_from_view(name: &str, view: &TensorView) -> Result<Tensor> {
 
 /// The bytes of a safetensors file holding `tensors` (all `F32`).
 pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
+    write_safetensors_with(tensors, &BTreeMap::new())
+}
+
+/// Every tensor of a safetensors file (all `F32`) and its `__metadata__` strings.
+pub fn read_safetensors_with(
+    bytes: &[u8],
+) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
+    let tensors = read_safetensors(bytes)?;
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| Error::WeightFile(e.to_string()))?;
+    let metadata = meta
+        .metadata()
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    Ok((tensors, metadata))
+}
+
+/// The bytes of a safetensors file holding `tensors` (all `F32`) and the `__metadata__`
+/// strings `metadata` (none when empty).
+pub fn write_safetensors_with(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
     let bytes: Vec<Vec<u8>> = tensors
         .values()
         .map(|t| f32s_to_le_bytes(&t.data))
@@ -307,7 +331,13 @@ pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> 
                 .map_err(|e| Error::WeightFile(format!("cannot write `{name}`: {e}")))
         })
         .collect::<Result<_>>()?;
-    safetensors::serialize(views, None).map_err(|e| Error::WeightFile(e.to_string()))
+    let info = (!metadata.is_empty()).then(|| {
+        metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    });
+    safetensors::serialize(views, info).map_err(|e| Error::WeightFile(e.to_string()))
 }
 
 /// Infers the model a PyTorch `nn.RNN` / `nn.LSTM` / `nn.GRU` state dict belongs to: layers and
