@@ -440,16 +440,5 @@ pub fn gradient_norms(program: &Program, weights: &Weights, x: &Tensor) -> Resul
         .run::<f32>(weights, &req, &Exec::default())?
         .grads
         .expect("gradients were asked for");
-    let per_step = grads.input.data.len() / t;
-    Ok(grads
-        .input
-        .data
-        .chunks(per_step)
-        .map(|c| {
-            c.iter()
-                .map(|&v| (v as f64) * (v as f64))
-                .sum::<f64>()
-                .sqrt()
-        })
-        .collect())
+    Ok(grads.input_norms(program.spec.batch_first))
 }

@@ -608,3 +608,66 @@ fn a_wide_custom_cell_streams_on_a_test_threads_stack() {
     assert_eq!(k.type_l0.len(), 3);
     assert!(s.r#loop[0].iter().any(|&v| v != 0.0));
 }
+
+/// The per-step gradient-norm record (`Gradients::input_norms`, the chapter's vanishing
+/// gradients) of the loss "the last step's output": the same on every backend, one norm per
+/// step.
+#[test]
+fn the_gradient_norm_record_is_the_same_on_every_backend() {
+    let mut rng = Rng(23);
+    for &(name, _, _) in DECLARED {
+        let program = program(name);
+        let spec = &program.spec;
+        let weights = Weights::init(&program, rng.next_u64()).unwrap();
+        let (steps, batch) = (6, 2);
+        let width = program.output_size() * spec.directions();
+        let (x_shape, y_shape) = if spec.batch_first {
+            (
+                vec![batch, steps, spec.input_size],
+                vec![batch, steps, width],
+            )
+        } else {
+            (
+                vec![steps, batch, spec.input_size],
+                vec![steps, batch, width],
+            )
+        };
+        let x = rng.tensor(x_shape);
+        // The gradient of the last step's summed output.
+        let mut gy = Tensor {
+            data: vec![0.0; y_shape.iter().product()],
+            shape: y_shape,
+        };
+        for b in 0..batch {
+            for j in 0..width {
+                let row = if spec.batch_first {
+                    b * steps + steps - 1
+                } else {
+                    (steps - 1) * batch + b
+                };
+                gy.data[row * width + j] = 1.0;
+            }
+        }
+        let req = Request {
+            input: Some(&x),
+            grad_output: Some(&gy),
+            ..Request::default()
+        };
+        let norms = |backend: Backend| {
+            let model = backend.model(name, &weights);
+            let out = backend.scope(|| model.run(&req)).unwrap();
+            out.grads.unwrap().input_norms(spec.batch_first)
+        };
+        let want = norms(Backend::Interpreter);
+        assert_eq!(want.len(), steps, "{name}: one norm per step");
+        for backend in backends() {
+            let got = norms(backend);
+            for (t, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * w + 1e-6,
+                    "{backend:?} {name}: step {t}: {g} against the interpreter's {w}"
+                );
+            }
+        }
+    }
+}

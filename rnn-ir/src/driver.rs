@@ -278,6 +278,36 @@ pub struct Response {
     pub grads: Option<Gradients>,
 }
 
+impl Gradients {
+    /// The per-step gradient-norm record: for each time step `t`, the Euclidean norm of the
+    /// loss's gradient with respect to the input `x_t` over the whole batch (in `f64`). The
+    /// input is `(T, B, I)`, or `(B, T, I)` when `batch_first`. Every backend's gradients give
+    /// it: the chapter's vanishing and exploding gradients, measured on any model.
+    pub fn input_norms(&self, batch_first: bool) -> Vec<f64> {
+        let shape = &self.input.shape;
+        let (steps, rows, width) = match shape[..] {
+            [a, b, i] if batch_first => (b, a, i),
+            [t, b, i] => (t, b, i),
+            _ => return Vec::new(),
+        };
+        let mut sums = vec![0.0f64; steps];
+        for r in 0..rows {
+            for (t, sum) in sums.iter_mut().enumerate() {
+                let row = if batch_first {
+                    r * steps + t
+                } else {
+                    t * rows + r
+                };
+                *sum += self.input.data[row * width..(row + 1) * width]
+                    .iter()
+                    .map(|&v| (v as f64) * (v as f64))
+                    .sum::<f64>();
+            }
+        }
+        sums.into_iter().map(f64::sqrt).collect()
+    }
+}
+
 impl Response {
     /// Every tensor under the names `rnnc run` writes and the PyTorch reference cases store:
     /// `output`, `<state>_n` for each of `states` (the model's, `Program::states`), and with
