@@ -278,6 +278,56 @@ pub struct Response {
     pub grads: Option<Gradients>,
 }
 
+/// Truncated back-propagation through time: `x` (`(T, B, I)`, or `(B, T, I)` when
+/// `batch_first`) cut along time into chunks of `len` steps (the last may be shorter). Run
+/// each chunk from the previous chunk's [`Response::final_states`] as its initial states: the
+/// forward pass is the whole sequence's, and each chunk's gradients stop at its first step
+/// (the carried states are inputs, not differentiated through).
+pub fn time_chunks(x: &Tensor, len: usize, batch_first: bool) -> Result<Vec<Tensor>> {
+    if len == 0 {
+        return Err(Error::Argument(
+            "a truncated-BPTT chunk of 0 steps: at least 1 is needed".into(),
+        ));
+    }
+    let [a, b, i] = x.shape[..] else {
+        return Err(Error::TensorShape {
+            name: "input".into(),
+            expected: vec![0, 0, 0],
+            found: x.shape.clone(),
+        });
+    };
+    let (steps, rows) = if batch_first { (b, a) } else { (a, b) };
+    if x.data.len() != steps * rows * i {
+        return Err(Error::Argument(format!(
+            "`input` has shape {:?} but holds {} elements",
+            x.shape,
+            x.data.len()
+        )));
+    }
+    let mut chunks = Vec::new();
+    let mut t0 = 0;
+    while t0 < steps {
+        let n = len.min(steps - t0);
+        let mut data = Vec::with_capacity(n * rows * i);
+        if batch_first {
+            for r in 0..rows {
+                let start = (r * steps + t0) * i;
+                data.extend_from_slice(&x.data[start..start + n * i]);
+            }
+        } else {
+            data.extend_from_slice(&x.data[t0 * rows * i..(t0 + n) * rows * i]);
+        }
+        let shape = if batch_first {
+            vec![rows, n, i]
+        } else {
+            vec![n, rows, i]
+        };
+        chunks.push(Tensor { shape, data });
+        t0 += n;
+    }
+    Ok(chunks)
+}
+
 impl Gradients {
     /// The per-step gradient-norm record: for each time step `t`, the Euclidean norm of the
     /// loss's gradient with respect to the input `x_t` over the whole batch (in `f64`). The
