@@ -6,6 +6,9 @@ use rnn::ir::driver::time_chunks;
 use rnn::jit::Jit;
 use rnn::{CellKind, Error, Exec, ModelSpec, Program, Request, Response, Tensor, Weights};
 
+/// A backend's run of a request.
+type Runner<'a> = dyn Fn(&Request) -> Response + 'a;
+
 fn tensor(shape: Vec<usize>, seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -59,7 +62,7 @@ fn check(spec: &ModelSpec) {
         vec![steps, batch, spec.input_size]
     };
     let x = tensor(shape, 9);
-    let runs: [(&str, &dyn Fn(&Request) -> Response); 2] = [
+    let runs: [(&str, &Runner); 2] = [
         ("interpreter", &|req| {
             program.run::<f32>(&weights, req, &Exec::default()).unwrap()
         }),
