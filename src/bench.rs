@@ -428,6 +428,11 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
 /// The gradient norm of the loss (the last step's summed output) with respect to each input
 /// step `x_t`, for a tanh RNN of the W5 shape: the chapter's vanishing-gradient experiment.
 pub fn gradient_norms(program: &Program, weights: &Weights, x: &Tensor) -> Result<Vec<f64>> {
+    if program.spec.batch_first || x.shape.len() != 3 {
+        return Err(crate::Error::Argument(
+            "the gradient norms take a time-major model and a (T, B, I) input".into(),
+        ));
+    }
     let (t, b) = (x.shape[0], x.shape[1]);
     let width = program.output_size() * program.spec.directions();
     let gy = last_step_seed(t, b, width);
@@ -440,5 +445,5 @@ pub fn gradient_norms(program: &Program, weights: &Weights, x: &Tensor) -> Resul
         .run::<f32>(weights, &req, &Exec::default())?
         .grads
         .expect("gradients were asked for");
-    Ok(grads.input_norms(program.spec.batch_first))
+    Ok(grads.input_norms(false))
 }

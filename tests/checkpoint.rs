@@ -163,6 +163,24 @@ fn a_damaged_checkpoint_is_refused() {
     bad.insert("beta1".into(), "1.5".into());
     let damaged = write_safetensors_with(&tensors, &bad).unwrap();
     assert!(Checkpoint::from_safetensors(&damaged, &program).is_err());
+    // A step count no run can have reached.
+    let mut steps = meta.clone();
+    steps.insert("steps.weight_hh_l0".into(), u64::MAX.to_string());
+    let damaged = write_safetensors_with(&tensors, &steps).unwrap();
+    let err = Checkpoint::from_safetensors(&damaged, &program).unwrap_err();
+    assert!(
+        matches!(&err, Error::Checkpoint(m) if m.contains("steps.weight_hh_l0")),
+        "{err:?}"
+    );
+    // A NaN in the optimiser's state.
+    let mut nan = tensors.clone();
+    nan.get_mut("state.bias_ih_l0.first").unwrap().data[1] = f32::NAN;
+    let damaged = write_safetensors_with(&nan, &meta).unwrap();
+    let err = Checkpoint::from_safetensors(&damaged, &program).unwrap_err();
+    assert!(
+        matches!(&err, Error::NonFinite { name, index: 1, .. } if name == "state.bias_ih_l0.first"),
+        "{err:?}"
+    );
     // A weight of the wrong shape.
     let mut shape = tensors;
     shape.insert(

@@ -30,6 +30,18 @@ fn close(what: &str, got: &Tensor, want: &Tensor) {
     }
 }
 
+/// Relative to each element (clipped gradients may be tiny: the clipping factor is what is
+/// compared).
+fn close_relative(what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    for (i, (&a, &b)) in got.data.iter().zip(&want.data).enumerate() {
+        assert!(
+            (a - b).abs() <= 2e-6 * b.abs(),
+            "{what}[{i}]: {a} against PyTorch's {b}"
+        );
+    }
+}
+
 fn run(name: &str, rule: Rule) {
     let t = case(name);
     let mut weights = Weights {
@@ -80,6 +92,15 @@ fn sgd_matches_pytorch() {
         }),
     );
     run(
+        "sgd_maximize",
+        Rule::Sgd(Sgd {
+            momentum: 0.9,
+            weight_decay: 0.01,
+            maximize: true,
+            ..sgd(0.05)
+        }),
+    );
+    run(
         "sgd_dampening",
         Rule::Sgd(Sgd {
             momentum: 0.8,
@@ -104,6 +125,16 @@ fn adam_and_adamw_match_pytorch() {
             ..Adam::default()
         }),
     );
+    run(
+        "adam_maximize",
+        Rule::Adam(Adam {
+            lr: 0.01,
+            betas: (0.95, 0.99999),
+            weight_decay: 0.02,
+            maximize: true,
+            ..Adam::default()
+        }),
+    );
     run("adamw", Rule::AdamW(Adam::adamw()));
     run(
         "adamw_custom",
@@ -123,6 +154,7 @@ fn clipping_matches_pytorch() {
         ("clip_l2", 1.0, Norm::L2),
         ("clip_l2_below", 100.0, Norm::L2),
         ("clip_inf", 0.5, Norm::Inf),
+        ("clip_tiny", 1e-6, Norm::L2),
     ] {
         let t = case(name);
         let mut grads: Grads = PARAMS
@@ -136,7 +168,7 @@ fn clipping_matches_pytorch() {
             "{name}: norm {total} against {want}"
         );
         for p in PARAMS {
-            close(
+            close_relative(
                 &format!("{name} {p}"),
                 &grads[p],
                 &t[&format!("clipped.{p}")],
@@ -226,7 +258,7 @@ fn bad_hyperparameters_are_refused() {
         Optimizer::new(Rule::Sgd(h))
     };
     assert!(sgd(|h| h.lr = -0.1).is_err());
-    assert!(sgd(|h| h.lr = f32::NAN).is_err());
+    assert!(sgd(|h| h.lr = f64::NAN).is_err());
     assert!(sgd(|h| h.momentum = -0.5).is_err());
     assert!(
         sgd(|h| h.nesterov = true).is_err(),
@@ -250,7 +282,11 @@ fn bad_hyperparameters_are_refused() {
     assert!(adam(|h| h.betas = (1.0, 0.999)).is_err());
     assert!(adam(|h| h.betas = (0.9, -0.1)).is_err());
     assert!(adam(|h| h.eps = -1e-8).is_err());
-    assert!(adam(|h| h.lr = f32::INFINITY).is_err());
+    assert!(adam(|h| h.lr = f64::INFINITY).is_err());
+    assert!(
+        adam(|h| h.betas = (0.9, 0.99999999)).is_ok(),
+        "a beta that rounds to 1 in f32 is still below 1"
+    );
     assert!(adam(|_| {}).is_ok());
     let mut grads: Grads = [("b".to_string(), Tensor::new(vec![1], vec![3.0]).unwrap())]
         .into_iter()
@@ -263,4 +299,19 @@ fn bad_hyperparameters_are_refused() {
         Err(Error::NonFinite { .. })
     ));
     assert_eq!(grads, before);
+    // A NaN is a non-finite norm in both norms (a maximum must not skip it).
+    let mut grads: Grads = [
+        (
+            "a".to_string(),
+            Tensor::new(vec![2], vec![1.0, f32::NAN]).unwrap(),
+        ),
+        ("b".to_string(), Tensor::new(vec![1], vec![3.0]).unwrap()),
+    ]
+    .into_iter()
+    .collect();
+    for norm in [Norm::L2, Norm::Inf] {
+        let err = clip_grad_norm(&mut grads, 1.0, norm).unwrap_err();
+        assert!(matches!(err, Error::NonFinite { .. }), "{norm:?}: {err:?}");
+    }
+    assert_eq!(grads["b"].data, vec![3.0]);
 }

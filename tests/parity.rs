@@ -660,6 +660,27 @@ fn the_gradient_norm_record_is_the_same_on_every_backend() {
         };
         let want = norms(Backend::Interpreter);
         assert_eq!(want.len(), steps, "{name}: one norm per step");
+        // The record itself, computed here from the input's gradient by its layout.
+        let model = Backend::Interpreter.model(name, &weights);
+        let gx = model.run(&req).unwrap().grads.unwrap().input;
+        for (t, &w) in want.iter().enumerate() {
+            let mut sum = 0.0f64;
+            for b in 0..batch {
+                for i in 0..spec.input_size {
+                    let at = if spec.batch_first {
+                        gx.shape[1] * spec.input_size * b + t * spec.input_size + i
+                    } else {
+                        (t * batch + b) * spec.input_size + i
+                    };
+                    sum += (gx.data[at] as f64).powi(2);
+                }
+            }
+            assert!(
+                (sum.sqrt() - w).abs() <= 1e-9 * w.max(1.0),
+                "{name}: step {t}: the record says {w}, the gradient {}",
+                sum.sqrt()
+            );
+        }
         for backend in backends() {
             let got = norms(backend);
             for (t, (&g, &w)) in got.iter().zip(&want).enumerate() {

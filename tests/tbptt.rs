@@ -74,7 +74,7 @@ fn check(spec: &ModelSpec) {
             ..Default::default()
         });
         for len in [1, 3, 4, 10, 25] {
-            let chunks = time_chunks(&x, len, spec.batch_first).unwrap();
+            let chunks = time_chunks(&x, len, spec).unwrap();
             assert_eq!(chunks.len(), steps.div_ceil(len));
             let mut states: Vec<Tensor> = Vec::new();
             let mut outputs = Vec::new();
@@ -111,11 +111,27 @@ fn chunks_carried_through_their_states_are_the_whole_sequence() {
 
 #[test]
 fn bad_chunks_are_typed_errors() {
+    let spec = ModelSpec::new(CellKind::Gru, 3, 4);
     let x = tensor(vec![4, 2, 3], 1);
-    assert!(matches!(time_chunks(&x, 0, false), Err(Error::Argument(_))));
+    assert!(matches!(time_chunks(&x, 0, &spec), Err(Error::Argument(_))));
     let flat = tensor(vec![8, 3], 1);
     assert!(matches!(
-        time_chunks(&flat, 2, false),
+        time_chunks(&flat, 2, &spec),
         Err(Error::TensorShape { .. })
     ));
+    let short = Tensor {
+        shape: vec![4, 2, 3],
+        data: vec![0.0; 5],
+    };
+    assert!(matches!(
+        time_chunks(&short, 2, &spec),
+        Err(Error::Argument(_))
+    ));
+    let mut bidirectional = spec.clone();
+    bidirectional.bidirectional = true;
+    let err = time_chunks(&x, 2, &bidirectional).unwrap_err();
+    assert!(
+        matches!(&err, Error::Argument(m) if m.contains("bidirectional")),
+        "{err:?}"
+    );
 }

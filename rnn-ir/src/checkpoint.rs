@@ -8,7 +8,9 @@
 //! shape), `optimizer` (`sgd`, `adam` or `adamw`) and its hyperparameters (written with Rust's
 //! round-trip float formatting), `step`, `data_position` and `steps.<name>` (each parameter's
 //! optimiser steps). A checkpoint of another model, or of a model with other shapes, is a
-//! [`Error::Checkpoint`] naming the first difference.
+//! [`Error::Checkpoint`] naming the first difference. "Another model" means other parameter
+//! names or shapes: the weights of a tanh RNN and of a ReLU RNN of the same sizes are
+//! interchangeable, and so are their checkpoints.
 
 use crate::error::{Error, Result};
 use crate::optim::{Adam, Optimizer, ParamState, Rule, Sgd};
@@ -18,6 +20,10 @@ use crate::weights::{Weights, read_safetensors_with, write_safetensors_with};
 use std::collections::BTreeMap;
 
 const FORMAT: &str = "rnn-checkpoint-1";
+
+/// The most optimiser steps a checkpoint may record (`2^53`, where an `f64` step count, as
+/// PyTorch's bias corrections use it, stops counting exactly).
+const MAX_STEPS: u64 = 1 << 53;
 
 /// Everything a training run needs to continue.
 #[derive(Clone, Debug, PartialEq)]
@@ -144,9 +150,9 @@ impl Checkpoint {
                 .unwrap_or_else(|| "another number of parameters".into());
             return Err(bad(format!("of another model: {first}")));
         }
-        let f = |k: &str| -> Result<f32> {
+        let f = |k: &str| -> Result<f64> {
             get(k)?
-                .parse::<f32>()
+                .parse::<f64>()
                 .map_err(|_| bad(format!("`{k}` is not a number: {:?}", meta.get(k))))
         };
         let b = |k: &str| -> Result<bool> {
@@ -206,6 +212,11 @@ impl Checkpoint {
             let step = value
                 .parse::<u64>()
                 .map_err(|_| bad(format!("`{key}` is not a count")))?;
+            if step > MAX_STEPS {
+                return Err(bad(format!(
+                    "`{key}` is {step} steps: more than {MAX_STEPS}, the most a run can have taken"
+                )));
+            }
             let mut state = ParamState {
                 step,
                 ..ParamState::default()
@@ -221,6 +232,13 @@ impl Checkpoint {
                             name: format!("state.{name}.{slot}"),
                             expected: w.shape.clone(),
                             found: t.shape,
+                        });
+                    }
+                    if let Some((index, found)) = t.first_non_finite() {
+                        return Err(Error::NonFinite {
+                            name: format!("state.{name}.{slot}"),
+                            index,
+                            found,
                         });
                     }
                     *v = t.data;

@@ -278,17 +278,28 @@ pub struct Response {
     pub grads: Option<Gradients>,
 }
 
-/// Truncated back-propagation through time: `x` (`(T, B, I)`, or `(B, T, I)` when
-/// `batch_first`) cut along time into chunks of `len` steps (the last may be shorter). Run
-/// each chunk from the previous chunk's [`Response::final_states`] as its initial states: the
-/// forward pass is the whole sequence's, and each chunk's gradients stop at its first step
-/// (the carried states are inputs, not differentiated through).
-pub fn time_chunks(x: &Tensor, len: usize, batch_first: bool) -> Result<Vec<Tensor>> {
+/// Truncated back-propagation through time: the input `x` of `spec`'s model (`(T, B, I)`, or
+/// `(B, T, I)` when batch-first) cut along time into chunks of `len` steps (the last may be
+/// shorter). Run each chunk from the previous chunk's [`Response::final_states`] as its initial
+/// states: the forward pass is the whole sequence's. Truncation is in the backward pass: each
+/// chunk's gradients end at its first step, and the gradients of its initial states
+/// ([`Gradients::initial_states`]) are what a truncated run drops. Every sequence must run the
+/// whole length (without `lengths`). A bidirectional model cannot be cut this way (its reverse
+/// direction reads the sequence from its end): a typed error.
+pub fn time_chunks(x: &Tensor, len: usize, spec: &ModelSpec) -> Result<Vec<Tensor>> {
     if len == 0 {
         return Err(Error::Argument(
             "a truncated-BPTT chunk of 0 steps: at least 1 is needed".into(),
         ));
     }
+    if spec.bidirectional {
+        return Err(Error::Argument(
+            "a bidirectional model cannot run in truncated-BPTT chunks: its reverse direction \
+             needs the whole sequence"
+                .into(),
+        ));
+    }
+    let batch_first = spec.batch_first;
     let [a, b, i] = x.shape[..] else {
         return Err(Error::TensorShape {
             name: "input".into(),
@@ -297,7 +308,8 @@ pub fn time_chunks(x: &Tensor, len: usize, batch_first: bool) -> Result<Vec<Tens
         });
     };
     let (steps, rows) = if batch_first { (b, a) } else { (a, b) };
-    if x.data.len() != steps * rows * i {
+    let count = steps.checked_mul(rows).and_then(|n| n.checked_mul(i));
+    if count != Some(x.data.len()) {
         return Err(Error::Argument(format!(
             "`input` has shape {:?} but holds {} elements",
             x.shape,
@@ -331,8 +343,9 @@ pub fn time_chunks(x: &Tensor, len: usize, batch_first: bool) -> Result<Vec<Tens
 impl Gradients {
     /// The per-step gradient-norm record: for each time step `t`, the Euclidean norm of the
     /// loss's gradient with respect to the input `x_t` over the whole batch (in `f64`). The
-    /// input is `(T, B, I)`, or `(B, T, I)` when `batch_first`. Every backend's gradients give
-    /// it: the chapter's vanishing and exploding gradients, measured on any model.
+    /// input is `(T, B, I)`, or `(B, T, I)` when `batch_first` (empty for an input of another
+    /// rank). Every backend's gradients give it: the chapter's vanishing and exploding
+    /// gradients, measured on any model.
     pub fn input_norms(&self, batch_first: bool) -> Vec<f64> {
         let shape = &self.input.shape;
         let (steps, rows, width) = match shape[..] {

@@ -8,9 +8,13 @@
 //! produced (`tests/fixtures/make_optim_cases.py`). PyTorch's vectorised kernels fuse some
 //! multiply-adds, so the last bit may differ.
 //!
+//! Hyperparameters are `f64`, as PyTorch's Python floats are, and enter the `f32` arithmetic
+//! as PyTorch's do (`1 - beta` computed in `f64`, then rounded).
+//!
 //! Bad input is refused before anything changes: a gradient of a tensor the weights do not
-//! have, of another shape, or with a non-finite element, and hyperparameters PyTorch refuses
-//! (a negative learning rate, betas outside `[0, 1)`, Nesterov without momentum, …). A
+//! have, of another shape, or with a non-finite element; hyperparameters PyTorch refuses (a
+//! negative learning rate, betas outside `[0, 1)`, Nesterov without momentum, …) and, unlike
+//! PyTorch, non-finite ones. A
 //! parameter without a gradient is left as it is (PyTorch skips a parameter whose `grad` is
 //! `None`) and its optimiser state does not advance.
 
@@ -26,13 +30,13 @@ pub type Grads = BTreeMap<String, Tensor>;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sgd {
     /// Learning rate (PyTorch's default `1e-3`).
-    pub lr: f32,
+    pub lr: f64,
     /// Momentum factor (`0`: none).
-    pub momentum: f32,
+    pub momentum: f64,
     /// Dampening of the momentum's new gradient.
-    pub dampening: f32,
+    pub dampening: f64,
     /// L2 penalty added to the gradient.
-    pub weight_decay: f32,
+    pub weight_decay: f64,
     /// Nesterov momentum (needs `momentum > 0` and `dampening == 0`).
     pub nesterov: bool,
     /// Maximise the objective instead.
@@ -57,14 +61,14 @@ impl Default for Sgd {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Adam {
     /// Learning rate (default `1e-3`).
-    pub lr: f32,
+    pub lr: f64,
     /// Decay rates of the first and second moment estimates (default `(0.9, 0.999)`).
-    pub betas: (f32, f32),
+    pub betas: (f64, f64),
     /// Added to the denominator (default `1e-8`).
-    pub eps: f32,
+    pub eps: f64,
     /// Weight decay: an L2 penalty added to the gradient (Adam, default `0`), or a decay of the
     /// weights themselves by `lr · weight_decay` (AdamW, default `1e-2`).
-    pub weight_decay: f32,
+    pub weight_decay: f64,
     /// The AMSGrad variant (the maximum of past second moments).
     pub amsgrad: bool,
     /// Maximise the objective instead.
@@ -131,7 +135,7 @@ fn bad(what: String) -> Error {
     Error::Argument(what)
 }
 
-fn check_finite(name: &str, value: f32) -> Result<()> {
+fn check_finite(name: &str, value: f64) -> Result<()> {
     if value.is_finite() {
         Ok(())
     } else {
@@ -258,7 +262,8 @@ impl Optimizer {
     }
 }
 
-/// PyTorch's `_single_tensor_sgd`.
+/// PyTorch's `_single_tensor_sgd`: its Python-float scalars (`f64`) enter the `f32` tensor
+/// operations as `f32`, each computed in `f64` first (`1 - dampening`).
 fn sgd(h: &Sgd, p: &mut [f32], grad: &[f32], state: &mut ParamState) {
     let mut d: Vec<f32> = if h.maximize {
         grad.iter().map(|g| -g).collect()
@@ -266,35 +271,40 @@ fn sgd(h: &Sgd, p: &mut [f32], grad: &[f32], state: &mut ParamState) {
         grad.to_vec()
     };
     if h.weight_decay != 0.0 {
+        let wd = h.weight_decay as f32;
         for (d, &p) in d.iter_mut().zip(p.iter()) {
-            *d += h.weight_decay * p;
+            *d += wd * p;
         }
     }
     if h.momentum != 0.0 {
+        let (momentum, keep) = (h.momentum as f32, (1.0 - h.dampening) as f32);
         let buf = &mut state.first;
         if state.step == 0 {
             // The first step's buffer is the gradient itself (no dampening).
             *buf = d.clone();
         } else {
             for (b, &d) in buf.iter_mut().zip(&d) {
-                *b = *b * h.momentum + (1.0 - h.dampening) * d;
+                *b = *b * momentum + keep * d;
             }
         }
         if h.nesterov {
             for (d, &b) in d.iter_mut().zip(buf.iter()) {
-                *d += h.momentum * b;
+                *d += momentum * b;
             }
         } else {
             d.copy_from_slice(buf);
         }
     }
+    let alpha = (-h.lr) as f32;
     for (p, &d) in p.iter_mut().zip(&d) {
-        *p += -h.lr * d;
+        *p += alpha * d;
     }
-    state.step += 1;
+    state.step = state.step.saturating_add(1);
 }
 
-/// PyTorch's `_single_tensor_adam` (AdamW: `decoupled`).
+/// PyTorch's `_single_tensor_adam` (AdamW: `decoupled`). Its Python-float scalars are `f64`
+/// here as there: `1 - beta`, the bias corrections, the step size and AdamW's decay factor are
+/// computed in `f64` and enter the `f32` tensor operations as `f32`.
 fn adam(h: &Adam, decoupled: bool, p: &mut [f32], grad: &[f32], state: &mut ParamState) {
     let n = p.len();
     if state.step == 0 {
@@ -304,7 +314,7 @@ fn adam(h: &Adam, decoupled: bool, p: &mut [f32], grad: &[f32], state: &mut Para
             state.max_second = vec![0.0; n];
         }
     }
-    state.step += 1;
+    state.step = state.step.saturating_add(1);
     let mut g: Vec<f32> = if h.maximize {
         grad.iter().map(|g| -g).collect()
     } else {
@@ -312,19 +322,20 @@ fn adam(h: &Adam, decoupled: bool, p: &mut [f32], grad: &[f32], state: &mut Para
     };
     if h.weight_decay != 0.0 {
         if decoupled {
-            let keep = 1.0 - h.lr * h.weight_decay;
+            let keep = (1.0 - h.lr * h.weight_decay) as f32;
             for p in p.iter_mut() {
                 *p *= keep;
             }
         } else {
+            let wd = h.weight_decay as f32;
             for (g, &p) in g.iter_mut().zip(p.iter()) {
-                *g += h.weight_decay * p;
+                *g += wd * p;
             }
         }
     }
     let (beta1, beta2) = h.betas;
     // `exp_avg.lerp_(grad, 1 - beta1)`: `m + w·(g - m)` for a weight below one half.
-    let w = 1.0 - beta1;
+    let w = (1.0 - beta1) as f32;
     for (m, &g) in state.first.iter_mut().zip(&g) {
         *m = if w < 0.5 {
             *m + w * (g - *m)
@@ -333,15 +344,17 @@ fn adam(h: &Adam, decoupled: bool, p: &mut [f32], grad: &[f32], state: &mut Para
         };
     }
     // `exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)`.
+    let (b2, one_minus_b2) = (beta2 as f32, (1.0 - beta2) as f32);
     for (v, &g) in state.second.iter_mut().zip(&g) {
-        *v = *v * beta2 + (1.0 - beta2) * g * g;
+        *v = *v * b2 + one_minus_b2 * g * g;
     }
-    // Python floats: the bias corrections in f64, used as f32 scalars.
-    let t = state.step as i32;
-    let bias1 = 1.0 - (beta1 as f64).powi(t);
-    let bias2 = 1.0 - (beta2 as f64).powi(t);
-    let step_size = (h.lr as f64 / bias1) as f32;
+    // Python's `beta ** step` on floats.
+    let t = state.step as f64;
+    let bias1 = 1.0 - beta1.powf(t);
+    let bias2 = 1.0 - beta2.powf(t);
+    let step_size = (h.lr / bias1) as f32;
     let bias2_sqrt = bias2.sqrt() as f32;
+    let eps = h.eps as f32;
     let second: &[f32] = if h.amsgrad {
         for (mx, &v) in state.max_second.iter_mut().zip(&state.second) {
             *mx = mx.max(v);
@@ -351,8 +364,17 @@ fn adam(h: &Adam, decoupled: bool, p: &mut [f32], grad: &[f32], state: &mut Para
         &state.second
     };
     for ((p, &m), &v) in p.iter_mut().zip(&state.first).zip(second) {
-        let denom = v.sqrt() / bias2_sqrt + h.eps;
+        let denom = v.sqrt() / bias2_sqrt + eps;
         *p += -step_size * (m / denom);
+    }
+}
+
+/// The larger of `a` and `b`, NaN if either is (as `torch.max` propagates it).
+fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
     }
 }
 
@@ -382,12 +404,12 @@ pub fn clip_grad_norm(grads: &mut Grads, max_norm: f32, norm: Norm) -> Result<f3
         .values()
         .map(|g| match norm {
             Norm::L2 => g.data.iter().map(|&x| x * x).sum::<f32>().sqrt(),
-            Norm::Inf => g.data.iter().fold(0.0f32, |m, &x| m.max(x.abs())),
+            Norm::Inf => g.data.iter().fold(0.0f32, |m, &x| nan_max(m, x.abs())),
         })
         .collect();
     let total = match norm {
         Norm::L2 => norms.iter().map(|&x| x * x).sum::<f32>().sqrt(),
-        Norm::Inf => norms.iter().fold(0.0f32, |m, &x| m.max(x)),
+        Norm::Inf => norms.iter().fold(0.0f32, |m, &x| nan_max(m, x)),
     };
     if !total.is_finite() {
         return Err(Error::NonFinite {
