@@ -1,24 +1,16 @@
 //! Checkpoints: a run resumed from one continues bit for bit; another model's checkpoint, a
 //! plain weight file and a damaged checkpoint are typed errors naming what is wrong.
 
+mod common;
+
 use rnn::ir::checkpoint::Checkpoint;
 use rnn::ir::optim::{Adam, Norm, Optimizer, Rule, Sgd, clip_grad_norm};
 use rnn::ir::weights::{read_safetensors_with, write_safetensors, write_safetensors_with};
 use rnn::{CellKind, Error, Exec, ModelSpec, Program, Request, Tensor, Weights};
 
-/// A deterministic pseudo-random tensor.
+/// A deterministic pseudo-random tensor (the tests' shared generator).
 fn tensor(shape: Vec<usize>, seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1);
-    let data = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::new(shape, data).unwrap()
+    common::Rng(seed).tensor(shape)
 }
 
 /// Steps `from .. to` of a small training run: the data of step `s` is a function of `s`

@@ -2,6 +2,8 @@
 //! previous chunk's final states, they give the whole sequence's outputs and final states, on
 //! the interpreter and the JIT, time-major and batch-first.
 
+mod common;
+
 use rnn::ir::driver::time_chunks;
 use rnn::jit::Jit;
 use rnn::{CellKind, Error, Exec, ModelSpec, Program, Request, Response, Tensor, Weights};
@@ -9,18 +11,9 @@ use rnn::{CellKind, Error, Exec, ModelSpec, Program, Request, Response, Tensor, 
 /// A backend's run of a request.
 type Runner<'a> = dyn Fn(&Request) -> Response + 'a;
 
+/// A deterministic pseudo-random tensor (the tests' shared generator).
 fn tensor(shape: Vec<usize>, seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let data = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::new(shape, data).unwrap()
+    common::Rng(seed).tensor(shape)
 }
 
 fn close(what: &str, a: &[f32], b: &[f32]) {

@@ -66,34 +66,14 @@ impl Ctx<'_> {
 /// slice reads them at its offset).
 pub fn fusible(g: &Graph, v: Value) -> bool {
     match g.data(v).op {
-        Op::Add
-        | Op::Sub
-        | Op::Mul
-        | Op::Div
-        | Op::Neg
-        | Op::Exp
-        | Op::Log
-        | Op::Sqrt
-        | Op::Softplus
-        | Op::Abs
-        | Op::Sign
-        | Op::Max(_)
-        | Op::Min(_)
-        | Op::Sigmoid
-        | Op::Tanh
-        | Op::Relu
-        | Op::Step => true,
         Op::Slice { .. } => !matches!(g.shape(g.data(v).args[0]), Shape::Matrix(..)),
-        _ => false,
+        op => op.is_elementwise(),
     }
 }
 
 /// Elements of one feature of `v` (a matrix's row).
 fn unit(g: &Graph, v: Value) -> usize {
-    match g.shape(v) {
-        Shape::Matrix(_, c) => c,
-        _ => 1,
-    }
+    g.shape(v).feature_len()
 }
 
 /// The offset at which `m` reads its arguments, relative to its own element (a slice's start).

@@ -233,10 +233,7 @@ impl StoragePlan {
             Place::Next(k) => (Root::Next(k), 0),
             Place::View { of, start } => {
                 let (root, offset) = self.root(g, of);
-                let unit = match g.shape(of) {
-                    Shape::Matrix(_, c) => c,
-                    _ => 1,
-                };
+                let unit = g.shape(of).feature_len();
                 (root, offset + start * unit)
             }
         }

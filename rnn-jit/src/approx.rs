@@ -161,26 +161,7 @@ pub fn exp(v: &mut Vec4, x: Value) -> Value {
     let x = v.select(above, hi, x);
     let below = v.cmp(FloatCC::LessThan, x, lo);
     let x = v.select(below, lo, x);
-    // x = n·ln 2 + r, n = round(x·log2 e) read as an integer from the magic sum's low bits.
-    let log2e = v.splat(core::f32::consts::LOG2_E);
-    let magic = v.splat(ROUND_MAGIC);
-    let t = v.mul_add(x, log2e, magic);
-    let n = v.b.ins().fsub(t, magic);
-    let tb = v.bits(t);
-    let mb = v.splat_i(ROUND_MAGIC.to_bits() as i32);
-    let k = v.b.ins().isub(tb, mb);
-    let ln2hi = v.splat(LN2_HI);
-    let ln2lo = v.splat(LN2_LO);
-    let a = v.b.ins().fmul(n, ln2hi);
-    let r = v.b.ins().fsub(x, a);
-    let c = v.b.ins().fmul(n, ln2lo);
-    let r = v.b.ins().fsub(r, c);
-    // e^r = 1 + r + r²·P(r).
-    let p = v.horner(r, &EXP_POLY);
-    let r2 = v.b.ins().fmul(r, r);
-    let q = v.mul_add(p, r2, r);
-    let one = v.splat(1.0);
-    let e = v.b.ins().fadd(q, one);
+    let (k, e) = reduce_exp(v, x);
     // 2^k as 2^(k/2) · 2^(k - k/2), both normal for k in [-150, 128].
     let k1 = v.b.ins().sshr_imm_u(k, 1);
     let k2 = v.b.ins().isub(k, k1);
@@ -260,6 +241,17 @@ pub fn ln(v: &mut Vec4, x: Value) -> Value {
 /// garbage): the reduction and polynomial of [`exp`] with one scaling by `2^k` added straight to
 /// the exponent bits, which is exact while the result stays at or above `2^-125`.
 fn exp_core(v: &mut Vec4, x: Value) -> Value {
+    let (k, e) = reduce_exp(v, x);
+    let eb = v.bits(e);
+    let scale = v.b.ins().ishl_imm_u(k, 23);
+    let y = v.b.ins().iadd(eb, scale);
+    v.float(y)
+}
+
+/// `e^x = 2^k · e^r`: the integer lanes `k = round(x·log2 e)` (read from the magic sum's low
+/// bits) and `e^r = 1 + r + r²·P(r)` for `x = k·ln 2 + r` (Cody–Waite with FMA, `|r| ≤ ln(2)/2`).
+/// The scaling by `2^k` is the caller's.
+fn reduce_exp(v: &mut Vec4, x: Value) -> (Value, Value) {
     let log2e = v.splat(core::f32::consts::LOG2_E);
     let magic = v.splat(ROUND_MAGIC);
     let t = v.mul_add(x, log2e, magic);
@@ -275,11 +267,7 @@ fn exp_core(v: &mut Vec4, x: Value) -> Value {
     let r2 = v.b.ins().fmul(r, r);
     let q = v.mul_add(p, r2, r);
     let one = v.splat(1.0);
-    let e = v.b.ins().fadd(q, one);
-    let eb = v.bits(e);
-    let scale = v.b.ins().ishl_imm_u(k, 23);
-    let y = v.b.ins().iadd(eb, scale);
-    v.float(y)
+    (k, v.b.ins().fadd(q, one))
 }
 
 /// Hyperbolic tangent per lane: at most 3.0e-7 relative error (about 2.5 ulp), odd, exactly

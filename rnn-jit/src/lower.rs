@@ -568,10 +568,7 @@ impl Gen<'_, '_> {
         match d.op {
             Op::Input(_) => unreachable!("inputs are fed"),
             Op::Concat => {
-                let unit = match d.shape {
-                    Shape::Matrix(_, c) => c,
-                    _ => 1,
-                };
+                let unit = d.shape.feature_len();
                 let mut col = 0;
                 for (i, a) in args.iter().enumerate() {
                     let width = shapes[i].row_len();
@@ -687,10 +684,7 @@ impl Gen<'_, '_> {
             Op::Broadcast | Op::Slice { .. } => {
                 let mut src = args[0];
                 if let Op::Slice { start, len } = d.op {
-                    let unit = match shapes[0] {
-                        Shape::Matrix(_, c) => c,
-                        _ => 1,
-                    };
+                    let unit = shapes[0].feature_len();
                     src.offset += start as usize * unit;
                     src.width = len as usize * unit;
                 }

@@ -493,20 +493,7 @@ impl Body<'_> {
         }
         let g = self.g();
         let d = g.data(v);
-        let elementwise = !matches!(
-            d.op,
-            Op::Input(_)
-                | Op::Concat
-                | Op::Const(_)
-                | Op::MatMul
-                | Op::MatMulT
-                | Op::OuterSum
-                | Op::SumRows
-                | Op::SumFeatures
-                | Op::Spread(_)
-                | Op::Broadcast
-                | Op::Slice { .. }
-        );
+        let elementwise = d.op.is_elementwise();
         let dst = self.access(v, true);
         if !elementwise || !matches!(dst.rows, RowSel::Step | RowSel::AtStep) {
             return None;
@@ -596,10 +583,7 @@ impl Body<'_> {
         let body = match d.op {
             Op::Input(_) => unreachable!("inputs are fed"),
             Op::Concat => {
-                let unit = match d.shape {
-                    Shape::Matrix(_, c) => c,
-                    _ => 1,
-                };
+                let unit = d.shape.feature_len();
                 let mut col = 0;
                 let mut out = TokenStream::new();
                 for (i, a) in args.iter().enumerate() {
@@ -701,10 +685,7 @@ impl Body<'_> {
             Op::Broadcast | Op::Slice { .. } => {
                 let mut src = args[0].clone();
                 if let Op::Slice { start, len } = d.op {
-                    let unit = match shapes[0] {
-                        Shape::Matrix(_, c) => c,
-                        _ => 1,
-                    };
+                    let unit = shapes[0].feature_len();
                     src.offset += start as usize * unit;
                     src.width = len as usize * unit;
                 }

@@ -79,6 +79,14 @@ impl Shape {
             Shape::Matrix(_, c) => Shape::Matrix(n, c),
         }
     }
+    /// Elements of one feature of the leading axis: a matrix's row length, 1 otherwise (a
+    /// slice or a concatenation along the features moves by this many elements per feature).
+    pub fn feature_len(self) -> usize {
+        match self {
+            Shape::Matrix(_, c) => c,
+            _ => 1,
+        }
+    }
     /// Elements per row (batched) or in total (unbatched).
     pub fn row_len(self) -> usize {
         match self {
@@ -238,6 +246,31 @@ impl Op {
     /// Whether the op sums over the rows of a batch (and so mixes batch elements and time steps).
     pub fn is_reduction(&self) -> bool {
         matches!(self, Op::OuterSum | Op::SumRows)
+    }
+
+    /// Whether each element of the result depends only on the same element of each argument
+    /// (a one-element argument spread over all): arithmetic and the one-argument functions.
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            Op::Add
+                | Op::Sub
+                | Op::Mul
+                | Op::Div
+                | Op::Neg
+                | Op::Exp
+                | Op::Log
+                | Op::Sqrt
+                | Op::Softplus
+                | Op::Abs
+                | Op::Sign
+                | Op::Max(_)
+                | Op::Min(_)
+                | Op::Sigmoid
+                | Op::Tanh
+                | Op::Relu
+                | Op::Step
+        )
     }
 
     /// Whether `op(a, b) == op(b, a)`.

@@ -587,10 +587,7 @@ fn compute<T: Real>(
             stride,
         };
         if d.op == Op::Concat {
-            let unit = match shape {
-                Shape::Matrix(_, c) => c,
-                _ => 1,
-            };
+            let unit = shape.feature_len();
             let mut col = 0;
             for (i, &a) in d.args.iter().enumerate() {
                 let width = g.shape(a).row_len();

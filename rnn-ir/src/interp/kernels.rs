@@ -298,10 +298,7 @@ pub fn eval<T: Real>(
         Op::Step => unary(dst, args[0], |x| if x > T::ZERO { T::ONE } else { T::ZERO }),
         Op::Slice { start, len } => {
             // A slice that is not a view (a kept slice of a carried value) is a copy.
-            let unit = match shapes[0] {
-                Shape::Matrix(_, c) => c,
-                _ => 1,
-            };
+            let unit = shapes[0].feature_len();
             let src = args[0].columns(start as usize * unit, len as usize * unit);
             dst.copy_from(src);
         }

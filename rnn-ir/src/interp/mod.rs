@@ -608,10 +608,7 @@ pub fn eval_graph<T: Real>(
                     stride: width,
                 };
                 if op == Op::Concat {
-                    let unit = match d.shape {
-                        Shape::Matrix(_, c) => c,
-                        _ => 1,
-                    };
+                    let unit = d.shape.feature_len();
                     let mut col = 0;
                     for (a, s) in args.iter().zip(&shapes) {
                         let mut part = ViewMut {
