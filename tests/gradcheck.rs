@@ -17,6 +17,9 @@ mod common;
 use common::{MINIMAL_GRU, PEEPHOLE, RELU_ELMAN};
 
 const ROWS: usize = 3;
+/// The token ids every `Tokens` input of a checked graph holds: a repeated id, so that an
+/// embedding's gradient sums two rows into one.
+const IDS: [f64; ROWS] = [2.0, 0.0, 2.0];
 
 /// Random `f64` values in (-1, 1) kept away from 0, so that relu and step are differentiable at
 /// every point drawn.
@@ -51,7 +54,11 @@ fn check_graph(g: &Graph, what: &str) {
     let mut inputs: HashMap<Role, Vec<f64>> = HashMap::new();
     for (i, v) in g.iter().enumerate() {
         if let Op::Input(role) = g.data(v).op {
-            inputs.insert(role, random(len(g.shape(v)), 100 + i as u64));
+            let x = match g.shape(v) {
+                Shape::Tokens => IDS.to_vec(),
+                shape => random(len(shape), 100 + i as u64),
+            };
+            inputs.insert(role, x);
         }
     }
     let weight = random(len(g.shape(out)), 7);
@@ -83,6 +90,11 @@ fn check_graph(g: &Graph, what: &str) {
         let Op::Input(role) = g.data(v).op else {
             continue;
         };
+        if g.shape(v) == Shape::Tokens {
+            // Ids are not differentiable; the backward graph has no gradient for them.
+            assert!(role != Role::Input || b.output(OutRole::InputGrad).is_none());
+            continue;
+        }
         let grad_role = match role {
             Role::Param(p) => OutRole::ParamGrad(p),
             Role::Input => OutRole::InputGrad,
@@ -649,4 +661,217 @@ fn bptt_custom_relu_elman_stacked() {
     s.num_layers = 2;
     s.bidirectional = true;
     check_model(&s, 4, 2, Some(vec![4, 2]), true);
+}
+
+/// A graph whose step input is ids (`IDS`), with a state `s: batch[3]`, an embedding table
+/// `E: [4, 3]` and a head `W: [5, 3]`, whose output is `f` of them.
+fn token_graph(f: impl FnOnce(&mut Graph, [Value; 4]) -> Value) -> Graph {
+    let mut g = Graph::new();
+    let ids = g.tokens();
+    let s = g.state("s", 3);
+    let e = g.param("E", Shape::Matrix(4, 3));
+    let w = g.param("W", Shape::Matrix(5, 3));
+    let y = f(&mut g, [ids, s, e, w]);
+    g.set_output(OutRole::Output, y);
+    g.set_output(OutRole::State(0), s);
+    g
+}
+
+#[test]
+fn embedding_gradient_sums_repeated_ids() {
+    // y = tanh(E[ids] ⊙ s):  dE[i] = Σ_{r: ids[r] = i} (G ⊙ (1 - y²) ⊙ s)_r
+    let g = token_graph(|g, [ids, s, e, _]| {
+        let x = g.push(Op::Gather, &[e, ids]).unwrap();
+        let xs = g.mul(x, s).unwrap();
+        g.tanh(xs).unwrap()
+    });
+    check_graph(&g, "gather");
+    // The analytic derivative beside it: rows 0 and 2 both read E[2].
+    let b = backward(&g).unwrap();
+    assert!(
+        b.output(OutRole::InputGrad).is_none(),
+        "ids get no gradient"
+    );
+    let exec = Exec::default();
+    let e: Vec<f64> = (0..12).map(|i| i as f64 / 10.0).collect();
+    let mut inputs = HashMap::new();
+    inputs.insert(Role::Input, IDS.to_vec());
+    inputs.insert(Role::State(0), vec![1.0; 9]);
+    inputs.insert(Role::Param(0), e.clone());
+    inputs.insert(Role::Param(1), vec![0.0; 15]);
+    let fwd = eval_graph::<f64>(&g, ROWS, &inputs, &exec).unwrap();
+    let mut b_inputs = HashMap::new();
+    for v in b.iter() {
+        if let Op::Input(role) = b.data(v).op {
+            let x = match role {
+                Role::Saved(sv) => fwd[sv.index()].clone(),
+                Role::Cotangent(OutRole::Output) => vec![1.0; 9],
+                Role::Cotangent(_) => vec![0.0; 9],
+                other => inputs[&other].clone(),
+            };
+            b_inputs.insert(role, x);
+        }
+    }
+    let grads = eval_graph::<f64>(&b, ROWS, &b_inputs, &exec).unwrap();
+    let de = &grads[b.output(OutRole::ParamGrad(0)).unwrap().index()];
+    for i in 0..4 {
+        for j in 0..3 {
+            let count = IDS.iter().filter(|&&id| id as usize == i).count() as f64;
+            let y = e[i * 3 + j].tanh();
+            let want = count * (1.0 - y * y);
+            assert!(
+                (de[i * 3 + j] - want).abs() < 1e-12,
+                "dE[{i}][{j}] = {}, analytically {want}",
+                de[i * 3 + j]
+            );
+        }
+    }
+}
+
+#[test]
+fn log_softmax_gradient() {
+    check_graph(
+        &token_graph(|g, [_, s, _, w]| {
+            let z = g.matmul(w, s).unwrap();
+            g.push(Op::LogSoftmax, &[z]).unwrap()
+        }),
+        "log_softmax",
+    );
+}
+
+#[test]
+fn cross_entropy_gradient_with_an_ignored_row() {
+    // loss_r = -log_softmax(W s_r)[t_r], and 0 on a row whose target is the ignore index:
+    // dz_r = (softmax(z_r) - onehot(t_r)) · G_r, zero on the ignored row.
+    let ignore = 2;
+    let mut g = Graph::new();
+    let s = g.x(3);
+    let w = g.param("W", Shape::Matrix(5, 3));
+    let t = g.target();
+    let z = g.matmul(w, s).unwrap();
+    let lp = g.push(Op::LogSoftmax, &[z]).unwrap();
+    let pick = g.push(Op::Pick { ignore }, &[lp, t]).unwrap();
+    let nll = g.push(Op::Neg, &[pick]).unwrap();
+    g.set_output(OutRole::Output, nll);
+    // IDS are [2, 0, 2]: rows 0 and 2 are ignored, row 1 picks class 0.
+    check_graph(&g, "cross-entropy");
+
+    let exec = Exec::default();
+    let x = random(9, 3);
+    let wv = random(15, 4);
+    let mut inputs = HashMap::new();
+    inputs.insert(Role::Input, x.clone());
+    inputs.insert(Role::Param(0), wv.clone());
+    inputs.insert(Role::Target, IDS.to_vec());
+    let fwd = eval_graph::<f64>(&g, ROWS, &inputs, &exec).unwrap();
+    let loss = &fwd[nll.index()];
+    assert_eq!(loss[0], 0.0);
+    assert_eq!(loss[2], 0.0);
+    let zr: Vec<f64> = (0..5)
+        .map(|o| (0..3).map(|i| wv[o * 3 + i] * x[3 + i]).sum())
+        .collect();
+    let lse = zr.iter().map(|z| z.exp()).sum::<f64>().ln();
+    assert!((loss[1] - (lse - zr[0])).abs() < 1e-12);
+    // The backward graph's dz on row 1 is softmax - onehot(0).
+    let b = backward(&g).unwrap();
+    let mut b_inputs = HashMap::new();
+    for v in b.iter() {
+        if let Op::Input(role) = b.data(v).op {
+            let val = match role {
+                Role::Saved(sv) => fwd[sv.index()].clone(),
+                Role::Cotangent(OutRole::Output) => vec![1.0; 3],
+                other => inputs[&other].clone(),
+            };
+            b_inputs.insert(role, val);
+        }
+    }
+    let grads = eval_graph::<f64>(&b, ROWS, &b_inputs, &exec).unwrap();
+    let dx = &grads[b.output(OutRole::InputGrad).unwrap().index()];
+    let p: Vec<f64> = zr.iter().map(|z| (z - lse).exp()).collect();
+    for i in 0..3 {
+        let want: f64 = (0..5)
+            .map(|o| (p[o] - if o == 0 { 1.0 } else { 0.0 }) * wv[o * 3 + i])
+            .sum();
+        assert!((dx[3 + i] - want).abs() < 1e-12, "dx[1][{i}]");
+        assert_eq!(dx[i], 0.0, "the ignored row 0 gets no gradient");
+        assert_eq!(dx[6 + i], 0.0, "the ignored row 2 gets no gradient");
+    }
+}
+
+#[test]
+fn place_and_scatter_rows_gradients() {
+    // The backward ops of pick and gather, differentiated themselves.
+    check_graph(
+        &token_graph(|g, [ids, s, _, _]| {
+            let sum = g.push(Op::SumFeatures, &[s]).unwrap();
+            let placed = g
+                .push(Op::Place { n: 3, ignore: -100 }, &[sum, ids])
+                .unwrap();
+            let rows = g.push(Op::ScatterRows(4), &[placed, ids]).unwrap(); // [4, 3]
+            let back = g.push(Op::Gather, &[rows, ids]).unwrap();
+            let m = g.mul(back, s).unwrap();
+            g.tanh(m).unwrap()
+        }),
+        "place/scatter_rows",
+    );
+}
+
+#[test]
+fn argmax_takes_the_first_of_equals_and_a_nan_and_passes_no_gradient() {
+    let mut g = Graph::new();
+    let x = g.x(4);
+    let a = g.push(Op::ArgMax, &[x]).unwrap();
+    assert_eq!(g.shape(a), Shape::Tokens);
+    let e = g.param("E", Shape::Matrix(4, 1));
+    let y = g.push(Op::Gather, &[e, a]).unwrap();
+    g.set_output(OutRole::Output, y);
+    let exec = Exec::default();
+    let mut inputs = HashMap::new();
+    inputs.insert(
+        Role::Input,
+        vec![
+            1.0,
+            3.0,
+            3.0,
+            2.0, // a tie: the first
+            f64::NAN,
+            9.0,
+            f64::NAN,
+            0.0, // a NaN is the largest: the first NaN
+            -1.0,
+            -2.0,
+            -0.5,
+            -0.5,
+        ],
+    );
+    inputs.insert(Role::Param(0), vec![10.0, 11.0, 12.0, 13.0]);
+    let vals = eval_graph::<f64>(&g, ROWS, &inputs, &exec).unwrap();
+    assert_eq!(vals[a.index()], [1.0, 0.0, 2.0]);
+    assert_eq!(vals[y.index()], [11.0, 10.0, 12.0]);
+    let b = backward(&g).unwrap();
+    let dx = b.output(OutRole::InputGrad).unwrap();
+    assert_eq!(
+        b.data(dx).op,
+        Op::Const(0.0f32.to_bits()),
+        "no gradient through argmax"
+    );
+}
+
+#[test]
+fn ids_are_not_numbers_to_compute_with() {
+    let mut g = Graph::new();
+    let ids = g.tokens();
+    let x = g.state("h", 4);
+    for op in [Op::Tanh, Op::Neg, Op::LogSoftmax, Op::ArgMax] {
+        let err = g.push(op, &[ids]).unwrap_err();
+        assert!(
+            err.message.contains("tokens") || err.message.contains("token"),
+            "{err}"
+        );
+    }
+    assert!(g.push(Op::Add, &[ids, x]).is_err());
+    assert!(g.push(Op::Concat, &[ids, ids]).is_err());
+    assert!(g.slice(ids, 0, 1).is_err());
+    let w = g.param("W", Shape::Matrix(2, 1));
+    assert!(g.matmul(w, ids).is_err());
 }

@@ -13,7 +13,8 @@
 //!
 //! The walk is micrograd's: visit the forward values in reverse topological order (the reverse of
 //! the arena), and for each value with a gradient add each argument's local contribution into that
-//! argument's gradient. Values that do not depend on any input (constants) get no gradient.
+//! argument's gradient. Values that do not depend on any input (constants) get no gradient, nor
+//! do token ids (`Shape::Tokens`): a graph whose step input is ids has no `InputGrad`.
 
 use crate::graph::IrError;
 use crate::graph::{Graph, Op, OutRole, Role, Shape, Value};
@@ -141,6 +142,8 @@ pub fn backward(f: &Graph) -> Result<Graph, IrError> {
     for v in f.iter() {
         let d = f.data(v);
         needs[v.index()] = match d.op {
+            // Token ids are not differentiable: nothing flows into them or through them.
+            _ if d.shape == Shape::Tokens => false,
             Op::Input(_) => true,
             Op::Const(_) => false,
             _ => d.args.iter().any(|a| needs[a.index()]),
@@ -380,6 +383,55 @@ pub fn backward(f: &Graph) -> Result<Graph, IrError> {
                     offset += n;
                 }
             }
+            // y = table[ids]:  dtable = the rows of dy added at their ids
+            Op::Gather => {
+                if need(0) {
+                    let Shape::Matrix(rows, _) = f.shape(args[0]) else {
+                        unreachable!("verified: gather's table is a matrix")
+                    };
+                    let ids = cx.saved(args[1]);
+                    let g = cx.push(Op::ScatterRows(rows as u32), &[dv, ids])?;
+                    cx.accumulate(args[0], g)?;
+                }
+            }
+            // Y = Σ_r e_{ids[r]} d_r:  dd = dY[ids]
+            Op::ScatterRows(_) => {
+                let ids = cx.saved(args[1]);
+                let g = cx.push(Op::Gather, &[dv, ids])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = a - ln Σ e^a:  da = dy - e^y · Σ_features dy
+            Op::LogSoftmax => {
+                let y = cx.saved(v);
+                let n = f.shape(v).features();
+                let p = cx.push(Op::Exp, &[y])?;
+                let sum = cx.push(Op::SumFeatures, &[dv])?;
+                let spread = cx.push(Op::Spread(n as u32), &[sum])?;
+                let ps = cx.push(Op::Mul, &[p, spread])?;
+                let g = cx.push(Op::Sub, &[dv, ps])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = a[ids] (0 where ignored):  da = dy placed at ids
+            Op::Pick { ignore } => {
+                let n = f.shape(args[0]).features();
+                let ids = cx.saved(args[1]);
+                let g = cx.push(
+                    Op::Place {
+                        n: n as u32,
+                        ignore,
+                    },
+                    &[dv, ids],
+                )?;
+                cx.accumulate(args[0], g)?;
+            }
+            // y = d placed at ids:  dd = dy[ids]
+            Op::Place { ignore, .. } => {
+                let ids = cx.saved(args[1]);
+                let g = cx.push(Op::Pick { ignore }, &[dv, ids])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // Ids are piecewise constant in `a`.
+            Op::ArgMax => {}
         }
     }
 
@@ -393,11 +445,13 @@ pub fn backward(f: &Graph) -> Result<Graph, IrError> {
             info.shape,
         ));
     }
-    results.push((
-        OutRole::InputGrad,
-        find(Role::Input),
-        Shape::Batch(f.input_size),
-    ));
+    if !f.input_tokens {
+        results.push((
+            OutRole::InputGrad,
+            find(Role::Input),
+            Shape::Batch(f.input_size),
+        ));
+    }
     for (k, (_, n)) in f.states.iter().enumerate() {
         results.push((
             OutRole::StateGrad(k as u32),

@@ -781,6 +781,7 @@ fn shape_words(s: Shape) -> String {
         Shape::Vector(n) => format!("a [{n}] vector"),
         Shape::Matrix(r, c) => format!("a [{r}, {c}] matrix"),
         Shape::Scalar => "a number".into(),
+        Shape::Tokens => "token ids".into(),
     }
 }
 

@@ -206,7 +206,7 @@ fn same_sizes(first: &CellProgram, cell: &CellProgram, layer: usize) -> Result<(
 /// The dimensions of an unbatched shape as a tensor shape.
 pub fn shape_dims(s: Shape) -> Vec<usize> {
     match s {
-        Shape::Scalar => vec![],
+        Shape::Scalar | Shape::Tokens => vec![],
         Shape::Vector(n) | Shape::Batch(n) => vec![n],
         Shape::Matrix(r, c) => vec![r, c],
     }

@@ -785,6 +785,9 @@ enum Part {
 /// Lowers `body` into `module` as four functions named `{name}_bound`, `_pre`, `_step` and
 /// `_post`.
 pub fn lower(module: &mut JITModule, body: Body<'_>, name: &str) -> Result<Lowered, String> {
+    if let Some(why) = body.s.graph.codegen_unsupported("JIT") {
+        return Err(why);
+    }
     let mut slots = Vec::new();
     let mut tmps = Vec::new();
     let mut clif = Vec::new();

@@ -305,6 +305,17 @@ pub fn emit_model(
     if !unusable.is_empty() {
         return quote!(#(#unusable)* #vis struct #name;);
     }
+    let unsupported: Vec<TokenStream> = program
+        .layers
+        .iter()
+        .flat_map(|c| [&c.forward.graph, &c.backward.graph])
+        .filter_map(|g| g.codegen_unsupported("Rust emitter"))
+        .take(1)
+        .map(|why| compile_error(name.span(), &why))
+        .collect();
+    if !unsupported.is_empty() {
+        return quote!(#(#unsupported)* #vis struct #name;);
+    }
     let state_name = format_ident!("{}State", name);
     let dirs = spec.directions();
     let layers = program.layers.len();

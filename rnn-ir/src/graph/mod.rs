@@ -55,17 +55,23 @@ pub enum Shape {
     Matrix(usize, usize),
     /// `n` features for each row of the batch: `rows × n` at run time.
     Batch(usize),
+    /// One token id for each row of the batch: a non-negative integer below the vocabulary's
+    /// size (or a loss's ignore index), held exactly in one `f32` lane (every id below 2²⁴ is).
+    /// Only the ops that read or make ids take it ([`Op::Gather`], [`Op::Pick`], [`Op::Place`],
+    /// [`Op::ScatterRows`], [`Op::ArgMax`]); arithmetic on ids is ill-typed, and no gradient
+    /// flows into them.
+    Tokens,
 }
 
 impl Shape {
     /// Whether the value has one row per batch element.
     pub fn is_batched(self) -> bool {
-        matches!(self, Shape::Batch(_))
+        matches!(self, Shape::Batch(_) | Shape::Tokens)
     }
     /// The length of the leading feature axis: `n` for vectors and batches, rows for matrices.
     pub fn features(self) -> usize {
         match self {
-            Shape::Scalar => 1,
+            Shape::Scalar | Shape::Tokens => 1,
             Shape::Vector(n) | Shape::Batch(n) => n,
             Shape::Matrix(r, _) => r,
         }
@@ -74,6 +80,7 @@ impl Shape {
     pub fn with_features(self, n: usize) -> Shape {
         match self {
             Shape::Scalar => Shape::Scalar,
+            Shape::Tokens => Shape::Tokens,
             Shape::Vector(_) => Shape::Vector(n),
             Shape::Batch(_) => Shape::Batch(n),
             Shape::Matrix(_, c) => Shape::Matrix(n, c),
@@ -90,7 +97,7 @@ impl Shape {
     /// Elements per row (batched) or in total (unbatched).
     pub fn row_len(self) -> usize {
         match self {
-            Shape::Scalar => 1,
+            Shape::Scalar | Shape::Tokens => 1,
             Shape::Vector(n) | Shape::Batch(n) => n,
             Shape::Matrix(r, c) => r * c,
         }
@@ -104,6 +111,7 @@ impl fmt::Display for Shape {
             Shape::Vector(n) => write!(f, "[{n}]"),
             Shape::Matrix(r, c) => write!(f, "[{r}, {c}]"),
             Shape::Batch(n) => write!(f, "batch[{n}]"),
+            Shape::Tokens => write!(f, "tokens"),
         }
     }
 }
@@ -117,6 +125,8 @@ pub enum Role {
     Input,
     /// Recurrent state number `k` as it was before this step.
     State(u32),
+    /// The target tokens of a loss (`Shape::Tokens`): what the output should have predicted.
+    Target,
     /// (Backward graphs) the value `v` of the forward graph at this step.
     Saved(Value),
     /// (Backward graphs) the gradient flowing into the forward output with this role.
@@ -206,6 +216,34 @@ pub enum Op {
     },
     /// The arguments joined along the leading feature axis.
     Concat,
+    /// `[table: Matrix(v, e), ids: Tokens] -> Batch(e)`: row `ids[r]` of the table on row `r`,
+    /// an embedding lookup (`torch.nn.Embedding`).
+    Gather,
+    /// `[d: Batch(e), ids: Tokens] -> Matrix(v, e)`: row `r` of `d` added into row `ids[r]` of a
+    /// zero `v × e` matrix, summed over the rows (the backward of [`Op::Gather`]).
+    ScatterRows(u32),
+    /// `[a: Batch(n) | Vector(n)] -> same`: `a - ln Σ_features e^a` on each row, computed
+    /// around the row's maximum (`torch.log_softmax` over the last axis).
+    LogSoftmax,
+    /// `[a: Batch(n), ids: Tokens] -> Batch(1)`: feature `ids[r]` of row `r`, and `0` on a row
+    /// whose id is `ignore` (the negative log-likelihood's pick, with PyTorch's
+    /// `ignore_index`).
+    Pick {
+        /// The id whose rows pick nothing.
+        ignore: i32,
+    },
+    /// `[d: Batch(1), ids: Tokens] -> Batch(n)`: `d` at feature `ids[r]` of row `r`, zero
+    /// elsewhere and on rows whose id is `ignore` (the backward of [`Op::Pick`]).
+    Place {
+        /// Features of the result.
+        n: u32,
+        /// The id whose rows get nothing.
+        ignore: i32,
+    },
+    /// `[a: Batch(n)] -> Tokens`: the feature holding each row's largest element, the first
+    /// when several tie; a NaN counts as the largest (`torch.argmax`). No gradient flows
+    /// through it.
+    ArgMax,
 }
 
 impl Op {
@@ -240,12 +278,18 @@ impl Op {
             Op::Step => "step",
             Op::Slice { .. } => "slice",
             Op::Concat => "concat",
+            Op::Gather => "gather",
+            Op::ScatterRows(_) => "scatter_rows",
+            Op::LogSoftmax => "log_softmax",
+            Op::Pick { .. } => "pick",
+            Op::Place { .. } => "place",
+            Op::ArgMax => "argmax",
         }
     }
 
     /// Whether the op sums over the rows of a batch (and so mixes batch elements and time steps).
     pub fn is_reduction(&self) -> bool {
-        matches!(self, Op::OuterSum | Op::SumRows)
+        matches!(self, Op::OuterSum | Op::SumRows | Op::ScatterRows(_))
     }
 
     /// Whether each element of the result depends only on the same element of each argument
@@ -270,6 +314,21 @@ impl Op {
                 | Op::Tanh
                 | Op::Relu
                 | Op::Step
+        )
+    }
+
+    /// Whether the op belongs to the layers around a recurrent cell (embedding, vocabulary
+    /// head, loss, decoding) rather than to a cell's step: the interpreter runs these; the code
+    /// generators refuse a step graph that holds one, with a typed error.
+    pub fn is_model_op(&self) -> bool {
+        matches!(
+            self,
+            Op::Gather
+                | Op::ScatterRows(_)
+                | Op::LogSoftmax
+                | Op::Pick { .. }
+                | Op::Place { .. }
+                | Op::ArgMax
         )
     }
 
@@ -358,7 +417,13 @@ impl Op {
             | Op::Max(_)
             | Op::Min(_) => {
                 arity(1)?;
-                Ok(args[0])
+                match args[0] {
+                    Shape::Tokens => Err(format!(
+                        "`{}` is arithmetic, and token ids are not numbers to compute with",
+                        self.mnemonic()
+                    )),
+                    a => Ok(a),
+                }
             }
             Op::SumFeatures => {
                 arity(1)?;
@@ -383,8 +448,8 @@ impl Op {
                 arity(1)?;
                 let (start, len) = (start as usize, len as usize);
                 let a = args[0];
-                if a == Shape::Scalar {
-                    return Err("cannot slice a scalar".into());
+                if matches!(a, Shape::Scalar | Shape::Tokens) {
+                    return Err(format!("cannot slice {a}"));
                 }
                 if len == 0 || start + len > a.features() {
                     return Err(format!(
@@ -399,8 +464,8 @@ impl Op {
                     return Err("concat needs at least one argument".into());
                 }
                 let first = args[0];
-                if first == Shape::Scalar {
-                    return Err("cannot concatenate scalars".into());
+                if matches!(first, Shape::Scalar | Shape::Tokens) {
+                    return Err(format!("cannot concatenate {first}"));
                 }
                 let mut total = 0;
                 for &a in args {
@@ -410,6 +475,54 @@ impl Op {
                     total += a.features();
                 }
                 Ok(first.with_features(total))
+            }
+            Op::Gather => {
+                arity(2)?;
+                match (args[0], args[1]) {
+                    (Shape::Matrix(_, e), Shape::Tokens) => Ok(Shape::Batch(e)),
+                    (a, b) => Err(format!("gather needs [v, e] and tokens, found {a} and {b}")),
+                }
+            }
+            Op::ScatterRows(v) => {
+                arity(2)?;
+                match (args[0], args[1]) {
+                    _ if v == 0 => Err("scatter_rows needs at least one row".into()),
+                    (Shape::Batch(e), Shape::Tokens) => Ok(Shape::Matrix(v as usize, e)),
+                    (a, b) => Err(format!(
+                        "scatter_rows needs a batch and tokens, found {a} and {b}"
+                    )),
+                }
+            }
+            Op::LogSoftmax => {
+                arity(1)?;
+                match args[0] {
+                    a @ (Shape::Batch(_) | Shape::Vector(_)) => Ok(a),
+                    a => Err(format!("log_softmax needs a batch or a vector, found {a}")),
+                }
+            }
+            Op::Pick { .. } => {
+                arity(2)?;
+                match (args[0], args[1]) {
+                    (Shape::Batch(_), Shape::Tokens) => Ok(Shape::Batch(1)),
+                    (a, b) => Err(format!("pick needs a batch and tokens, found {a} and {b}")),
+                }
+            }
+            Op::Place { n, .. } => {
+                arity(2)?;
+                match (args[0], args[1]) {
+                    _ if n == 0 => Err("place needs at least one feature".into()),
+                    (Shape::Batch(1), Shape::Tokens) => Ok(Shape::Batch(n as usize)),
+                    (a, b) => Err(format!(
+                        "place needs batch[1] and tokens, found {a} and {b}"
+                    )),
+                }
+            }
+            Op::ArgMax => {
+                arity(1)?;
+                match args[0] {
+                    Shape::Batch(_) => Ok(Shape::Tokens),
+                    a => Err(format!("argmax needs a batch, found {a}")),
+                }
             }
         }
     }
@@ -422,6 +535,7 @@ impl Op {
 /// batched if either is. Matrices combine only with their own shape and scalars.
 pub fn broadcast(a: Shape, b: Shape) -> Option<Shape> {
     match (a, b) {
+        (Shape::Tokens, _) | (_, Shape::Tokens) => None,
         _ if a == b => Some(a),
         (Shape::Scalar, s) | (s, Shape::Scalar) => Some(s),
         (Shape::Matrix(..), _) | (_, Shape::Matrix(..)) => None,
@@ -478,7 +592,7 @@ impl ParamInfo {
     pub fn dims(&self) -> Vec<usize> {
         match self.shape {
             _ if self.scalar => Vec::new(),
-            Shape::Scalar => Vec::new(),
+            Shape::Scalar | Shape::Tokens => Vec::new(),
             Shape::Vector(n) | Shape::Batch(n) => vec![n],
             Shape::Matrix(r, c) => vec![r, c],
         }
@@ -507,6 +621,8 @@ pub struct Graph {
     pub(crate) states: Vec<(String, usize)>,
     /// The number of features of the step input `x_t` (`Role::Input` has shape `Batch(input_size)`).
     pub(crate) input_size: usize,
+    /// Whether the step input is token ids (`Shape::Tokens`) rather than `input_size` features.
+    pub(crate) input_tokens: bool,
 }
 
 impl Graph {
@@ -524,6 +640,7 @@ impl Graph {
             outputs: Vec::new(),
             states: g.states.clone(),
             input_size: g.input_size,
+            input_tokens: g.input_tokens,
         }
     }
 
@@ -542,9 +659,23 @@ impl Graph {
         &self.states
     }
 
-    /// The number of features of the step input `x_t`.
+    /// The number of features of the step input `x_t` (1 when it is token ids).
     pub fn input_size(&self) -> usize {
         self.input_size
+    }
+
+    /// Whether the step input is token ids (`Shape::Tokens`, [`Graph::tokens`]).
+    pub fn input_is_tokens(&self) -> bool {
+        self.input_tokens
+    }
+
+    /// The shape of the step input: `Tokens`, or `Batch(input_size)`.
+    pub fn input_shape(&self) -> Shape {
+        if self.input_tokens {
+            Shape::Tokens
+        } else {
+            Shape::Batch(self.input_size)
+        }
     }
 
     /// Declares recurrent state `name` of `size` features without an input for it (a backward
@@ -591,6 +722,18 @@ impl Graph {
     /// The input value with `role`, if any.
     pub fn input(&self, role: Role) -> Option<Value> {
         self.iter().find(|&v| self.data(v).op == Op::Input(role))
+    }
+
+    /// The first value whose op a code generator cannot compile inside a step
+    /// ([`Op::is_model_op`]), with a message naming it; `None` when every op is a cell's.
+    pub fn codegen_unsupported(&self, backend: &str) -> Option<String> {
+        self.iter().find(|&v| self.data(v).op.is_model_op()).map(|v| {
+            format!(
+                "{v} = {}: the {backend} does not compile `{}` inside a recurrent step; run this graph on the interpreter",
+                self.data(v).op.mnemonic(),
+                self.data(v).op.mnemonic()
+            )
+        })
     }
 
     /// Appends a value with an explicit shape, without checks (passes that copy verified
@@ -664,6 +807,28 @@ impl Graph {
             vec![],
             Shape::Batch(size),
             Some("x".into()),
+        )
+    }
+
+    /// Declares the step input as token ids (one per row) and returns it.
+    pub fn tokens(&mut self) -> Value {
+        self.input_size = 1;
+        self.input_tokens = true;
+        self.push_raw(
+            Op::Input(Role::Input),
+            vec![],
+            Shape::Tokens,
+            Some("ids".into()),
+        )
+    }
+
+    /// Declares the target tokens of a loss ([`Role::Target`]) and returns them.
+    pub fn target(&mut self) -> Value {
+        self.push_raw(
+            Op::Input(Role::Target),
+            vec![],
+            Shape::Tokens,
+            Some("target".into()),
         )
     }
 

@@ -20,6 +20,7 @@ impl Graph {
                 None => format!("param #{p}"),
             },
             Role::Input => "x".into(),
+            Role::Target => "target".into(),
             Role::State(k) => format!("state {}", self.state_name(k)),
             Role::Saved(v) => format!("saved {v}"),
             Role::Cotangent(o) => format!("d({})", self.out_role_name(o)),
@@ -66,6 +67,19 @@ impl Graph {
                 }
                 Op::Slice { start, len } => {
                     let _ = write!(line, "slice {} [{start}..{}]", d.args[0], start + len);
+                }
+                Op::ScatterRows(n) => {
+                    let _ = write!(line, "scatter_rows {}, {} [{n}]", d.args[0], d.args[1]);
+                }
+                Op::Pick { ignore } => {
+                    let _ = write!(line, "pick {}, {} ignore {ignore}", d.args[0], d.args[1]);
+                }
+                Op::Place { n, ignore } => {
+                    let _ = write!(
+                        line,
+                        "place {}, {} [{n}] ignore {ignore}",
+                        d.args[0], d.args[1]
+                    );
                 }
                 op => {
                     line.push_str(op.mnemonic());

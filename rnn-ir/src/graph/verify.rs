@@ -124,13 +124,20 @@ fn check_role(g: &Graph, role: Role, shape: Shape) -> Result<(), String> {
             None => Err(format!("state {k} is not declared")),
         },
         Role::Input => {
-            if shape == Shape::Batch(g.input_size) {
+            if shape == g.input_shape() {
                 Ok(())
             } else {
                 Err(format!(
-                    "the step input has {} features, its input is {shape}",
-                    g.input_size
+                    "the step input is {}, its input is {shape}",
+                    g.input_shape()
                 ))
+            }
+        }
+        Role::Target => {
+            if shape == Shape::Tokens {
+                Ok(())
+            } else {
+                Err(format!("a loss's target is tokens, its input is {shape}"))
             }
         }
         Role::Saved(_) | Role::Cotangent(_) => Ok(()),

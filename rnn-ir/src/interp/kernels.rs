@@ -302,7 +302,104 @@ pub fn eval<T: Real>(
             let src = args[0].columns(start as usize * unit, len as usize * unit);
             dst.copy_from(src);
         }
+        Op::Gather => {
+            // An id outside the table (the safe entry points refuse one first) reads NaN.
+            let Shape::Matrix(v, e) = shapes[0] else {
+                unreachable!("verified: gather's table is a matrix")
+            };
+            let table = args[0].row(0);
+            for r in 0..dst.rows {
+                match token(args[1].row(r)[0], v) {
+                    Some(i) => dst.row(r).copy_from_slice(&table[i * e..(i + 1) * e]),
+                    None => dst.row(r).fill(T::from_f32(f32::NAN)),
+                }
+            }
+        }
+        Op::ScatterRows(v) => {
+            // Rows are added in order; a row whose id is outside the table adds nowhere.
+            let e = dst.width / v as usize;
+            let out = dst.row(0);
+            out.fill(T::ZERO);
+            for r in 0..args[0].rows {
+                if let Some(i) = token(args[1].row(r)[0], v as usize) {
+                    for (o, &x) in out[i * e..(i + 1) * e].iter_mut().zip(args[0].row(r)) {
+                        *o = *o + x;
+                    }
+                }
+            }
+        }
+        Op::LogSoftmax => {
+            // x - m - ln Σ e^(x - m) around the row's maximum m, the sum in f64. A row holding
+            // NaN is NaN; a row of -inf is NaN, as PyTorch's.
+            for r in 0..dst.rows {
+                let a = args[0].row(r);
+                let m = a.iter().fold(f64::NEG_INFINITY, |m, &x| {
+                    let x = x.to_f64();
+                    if x > m || x.is_nan() { x } else { m }
+                });
+                let m = if m.is_nan() { f64::NAN } else { m };
+                let sum: f64 = a.iter().map(|&x| (x.to_f64() - m).exp()).sum();
+                let lse = m + sum.ln();
+                for (o, &x) in dst.row(r).iter_mut().zip(a) {
+                    *o = T::from_f64(x.to_f64() - lse);
+                }
+            }
+        }
+        Op::Pick { ignore } => {
+            let n = shapes[0].features();
+            for r in 0..dst.rows {
+                let id = args[1].row(r)[0];
+                dst.row(r)[0] = if id.to_f64() == f64::from(ignore) {
+                    T::ZERO
+                } else {
+                    match token(id, n) {
+                        Some(i) => args[0].row(r)[i],
+                        None => T::from_f32(f32::NAN),
+                    }
+                };
+            }
+        }
+        Op::Place { n, ignore } => {
+            for r in 0..dst.rows {
+                let id = args[1].row(r)[0];
+                let d = args[0].row(r)[0];
+                let row = dst.row(r);
+                row.fill(T::ZERO);
+                if id.to_f64() != f64::from(ignore) {
+                    match token(id, n as usize) {
+                        Some(i) => row[i] = d,
+                        None => row.fill(T::from_f32(f32::NAN)),
+                    }
+                }
+            }
+        }
+        Op::ArgMax => {
+            for r in 0..dst.rows {
+                dst.row(r)[0] = T::from_f64(argmax(args[0].row(r)) as f64);
+            }
+        }
     }
+}
+
+/// The index an id held in a lane stands for, if it is one of `0 .. n`.
+pub fn token<T: Real>(id: T, n: usize) -> Option<usize> {
+    let x = id.to_f64();
+    (x >= 0.0 && x < n as f64 && x.fract() == 0.0).then_some(x as usize)
+}
+
+/// The index of the largest element of `row`, the first of equals; the first NaN wins
+/// (`torch.argmax`). An empty row gives 0.
+pub fn argmax<T: Real>(row: &[T]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x.to_f64().is_nan() {
+            return i;
+        }
+        if x.to_f64() > row[best].to_f64() {
+            best = i;
+        }
+    }
+    best
 }
 
 impl<T: Copy> ViewMut<'_, T> {
