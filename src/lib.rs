@@ -51,7 +51,7 @@ pub mod rt;
 /// ```
 #[cfg(feature = "jit")]
 pub mod jit {
-    pub use rnn_jit::{Jit, JitError, JitModel, JitTape};
+    pub use rnn_jit::{Jit, JitError, JitModel, JitTape, bind_stack};
 }
 
 /// An attribute that keeps its item with the facade's `std` feature and removes it without:

@@ -121,6 +121,17 @@ pub enum Error {
         /// The largest length allowed (the input's time steps).
         max: usize,
     },
+    /// A token id is outside the vocabulary it indexes (an embedding's table, a head's classes).
+    Token {
+        /// The argument (`src`, `targets`, `sos`).
+        name: String,
+        /// The flat index of the first bad id.
+        index: usize,
+        /// The id found.
+        found: i64,
+        /// The vocabulary's size: ids are `0 ..= vocab - 1`.
+        vocab: usize,
+    },
     /// An argument is inconsistent with the model or with the other arguments.
     Argument(String),
     /// The JIT could not compile the program for this machine.
@@ -193,6 +204,16 @@ impl fmt::Display for Error {
             Error::Length { index, found, max } => write!(
                 f,
                 "`lengths[{index}]` is {found}, expected a length in 1..={max} (the input's time steps)"
+            ),
+            Error::Token {
+                name,
+                index,
+                found,
+                vocab,
+            } => write!(
+                f,
+                "`{name}` holds the token id {found} at flat index {index}, outside the vocabulary of {vocab} (ids 0..={})",
+                vocab.saturating_sub(1)
             ),
             Error::Argument(m) => write!(f, "{m}"),
             Error::Jit(m) => write!(f, "{m}"),

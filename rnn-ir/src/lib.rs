@@ -23,6 +23,8 @@
 //! - `driver`: layers, directions, lengths, initial states, batch-first and the backward
 //!   pass, written once over a per-sequence executor.
 //! - `interp`: the reference executor, the bind phase and the streaming API.
+//! - `model`: the embedding, head and loss around a stack, run on any backend's stack.
+//! - `seq2seq`: the encoder-decoder and its decoding.
 //! - `tensor`, `weights`, `npy`: tensors, PyTorch `state_dict`s in safetensors, NumPy arrays.
 //!
 //! ```
@@ -55,6 +57,8 @@ pub mod graph;
 pub mod interp;
 pub mod lower;
 #[cfg(feature = "runtime")]
+pub mod model;
+#[cfg(feature = "runtime")]
 pub mod npy;
 #[cfg(feature = "runtime")]
 pub mod optim;
@@ -65,6 +69,8 @@ pub mod plan;
 pub mod pool;
 pub mod program;
 pub mod schedule;
+#[cfg(feature = "runtime")]
+pub mod seq2seq;
 pub mod spec;
 #[cfg(feature = "runtime")]
 pub mod tensor;

@@ -140,6 +140,8 @@ fn settings_of(kind: &str) -> &'static [&'static str] {
             "batch_first",
             "bias_convention",
             "proj",
+            "vocab",
+            "head",
         ],
         "gru" => &[
             "input",
@@ -150,6 +152,8 @@ fn settings_of(kind: &str) -> &'static [&'static str] {
             "batch_first",
             "bias_convention",
             "reset",
+            "vocab",
+            "head",
         ],
         "rnn" => &[
             "input",
@@ -160,8 +164,18 @@ fn settings_of(kind: &str) -> &'static [&'static str] {
             "batch_first",
             "bias_convention",
             "nonlinearity",
+            "vocab",
+            "head",
         ],
-        _ => &["input", "hidden", "layers", "bidirectional", "batch_first"],
+        _ => &[
+            "input",
+            "hidden",
+            "layers",
+            "bidirectional",
+            "batch_first",
+            "vocab",
+            "head",
+        ],
     }
 }
 
@@ -1403,6 +1417,8 @@ impl Parser {
             "bidirectional" => spec.bidirectional = boolean(self)?,
             "bias" => spec.bias = boolean(self)?,
             "batch_first" => spec.batch_first = boolean(self)?,
+            "vocab" => spec.vocab = Some(size(self, 1)?),
+            "head" => spec.head = Some(size(self, 1)?),
             "proj" | "proj_size" if kind == "lstm" => spec.proj_size = size(self, 0)?,
             "reset" if kind == "gru" => {
                 let takes = "`after` (PyTorch) or `before` (Cho et al.)";

@@ -93,6 +93,11 @@ impl Program {
     /// Compiles `spec`: lower → verify → passes → autodiff → passes → hoisting, per layer.
     pub fn compile_with(spec: &ModelSpec, options: CompileOptions) -> Result<Program> {
         spec.validate().map_err(Error::Spec)?;
+        if spec.has_model_layers() {
+            return Err(Error::Spec(
+                "this declaration has an embedding (`vocab`) or a head (`head`) around its recurrent stack: compile it as a `Model` (`Model::compile`), which runs them; a `Program` is the stack alone (`ModelSpec::stack`)".into(),
+            ));
+        }
         let mut layers = Vec::with_capacity(spec.num_layers);
         for layer in 0..spec.num_layers {
             let input_size = spec.layer_input_size(layer);

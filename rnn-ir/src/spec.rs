@@ -137,6 +137,13 @@ pub struct ModelSpec {
     pub gru_reset: GruReset,
     /// Whether inputs and outputs are `(batch, time, features)` rather than `(time, batch, features)`.
     pub batch_first: bool,
+    /// An embedding in front of the stack: the input is token ids below `vocab`, each looked up
+    /// in a `vocab × input` table (`torch.nn.Embedding(vocab, input)`).
+    pub vocab: Option<usize>,
+    /// A linear head behind the stack: `head` features (a vocabulary's logits) from each step's
+    /// output (`torch.nn.Linear(directions · output, head)`, always with its bias: `bias`
+    /// switches the cell's biases only).
+    pub head: Option<usize>,
 }
 
 impl ModelSpec {
@@ -154,6 +161,23 @@ impl ModelSpec {
             bias_convention: BiasConvention::Two,
             gru_reset: GruReset::AfterMatmul,
             batch_first: false,
+            vocab: None,
+            head: None,
+        }
+    }
+
+    /// Whether the declaration has layers around its recurrent stack (an embedding, a head),
+    /// which [`crate::model::Model`] runs.
+    pub fn has_model_layers(&self) -> bool {
+        self.vocab.is_some() || self.head.is_some()
+    }
+
+    /// The recurrent stack alone: this declaration without its embedding and head.
+    pub fn stack(&self) -> ModelSpec {
+        ModelSpec {
+            vocab: None,
+            head: None,
+            ..self.clone()
         }
     }
 
@@ -200,6 +224,8 @@ impl ModelSpec {
             ("hidden", self.hidden_size),
             ("layers", self.num_layers),
             ("proj", self.proj_size),
+            ("vocab", self.vocab.unwrap_or(0)),
+            ("head", self.head.unwrap_or(0)),
         ] {
             if n > Self::MAX_SIZE {
                 return Err(format!(
@@ -216,6 +242,12 @@ impl ModelSpec {
         }
         if self.num_layers == 0 {
             return Err("`layers` must be at least 1".into());
+        }
+        if self.vocab == Some(0) {
+            return Err("`vocab` must be at least 1".into());
+        }
+        if self.head == Some(0) {
+            return Err("`head` must be at least 1".into());
         }
         if self.proj_size > 0 && !matches!(self.cell, CellKind::Lstm) {
             return Err("`proj` (proj_size) is only defined for LSTM cells".into());

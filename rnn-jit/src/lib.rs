@@ -819,3 +819,27 @@ impl SequenceExecutor<f32> for Runner<'_> {
         })
     }
 }
+
+impl rnn_ir::model::Recurrent for JitModel {
+    type Tape = JitTape;
+    fn forward(&self, req: &Request) -> rnn_ir::Result<Response> {
+        JitModel::forward(self, req)
+    }
+    fn forward_train(&self, req: &Request) -> rnn_ir::Result<(Response, JitTape)> {
+        JitModel::forward_train(self, req)
+    }
+    fn backward(
+        &self,
+        tape: JitTape,
+        grad_output: &rnn_ir::Tensor,
+        grad_final_states: &[Option<&rnn_ir::Tensor>],
+    ) -> rnn_ir::Result<rnn_ir::Gradients> {
+        JitModel::backward(self, tape, grad_output, grad_final_states)
+    }
+}
+
+/// Binds a model's stack on the JIT: the closure [`rnn_ir::model::Model::bind`] and
+/// [`rnn_ir::seq2seq::Seq2Seq::bind`] take, compiling the stack's program.
+pub fn bind_stack(program: &Program, weights: &Weights) -> rnn_ir::Result<JitModel> {
+    std::sync::Arc::new(Jit::compile(program)?).bind(weights)
+}

@@ -323,7 +323,7 @@ pub fn eval<T: Real>(
             for r in 0..args[0].rows {
                 if let Some(i) = token(args[1].row(r)[0], v as usize) {
                     for (o, &x) in out[i * e..(i + 1) * e].iter_mut().zip(args[0].row(r)) {
-                        *o = *o + x;
+                        *o += x;
                     }
                 }
             }

@@ -11,9 +11,10 @@
 
 mod executor;
 mod kernels;
+pub use kernels::argmax;
 
 use crate::driver::{
-    self, Backward, Forward, RawResponse, Request, Response, Seq, SequenceExecutor,
+    self, Backward, Forward, Gradients, RawResponse, Request, Response, Seq, SequenceExecutor,
 };
 use crate::error::{Error, Result};
 use crate::graph::dataflow::carried_input;
@@ -22,7 +23,7 @@ use crate::plan::StoragePlan;
 use crate::program::{CellProgram, Program};
 use crate::schedule::Scheduled;
 use crate::spec::ModelSpec;
-use crate::tensor::Real;
+use crate::tensor::{Real, Tensor};
 use crate::weights::Weights;
 use executor::{Feeds, Walk, Workspace, bind_values};
 use kernels::{View, ViewMut};
@@ -117,6 +118,43 @@ impl<'p, T: Real> Bound<'p, T> {
     /// take finite differences of them in `f64`).
     pub fn run_raw(&self, req: &Request, exec: &Exec) -> Result<RawResponse<T>> {
         driver::run(self.program, &Interp { bound: self, exec }, req)
+    }
+
+    /// The forward pass of `req` (its gradients are not read), keeping what
+    /// [`Bound::backward`] needs.
+    #[allow(clippy::type_complexity)]
+    pub fn forward_train(
+        &self,
+        req: &Request,
+        exec: &Exec,
+    ) -> Result<(Response, driver::Tape<T, Tape<T>>)> {
+        let (response, tape) = driver::forward_response(
+            &self.program.layout(),
+            &Interp { bound: self, exec },
+            req,
+            true,
+        )?;
+        let tape = tape.ok_or_else(|| Error::Argument("no tape was kept".into()))?;
+        Ok((response, tape))
+    }
+
+    /// Back-propagation through time from a [`Bound::forward_train`] of this model: the
+    /// gradients of `sum(output · grad_output)` plus `sum(h_n · grad_h_n)` for each given
+    /// final-state gradient.
+    pub fn backward(
+        &self,
+        tape: driver::Tape<T, Tape<T>>,
+        grad_output: &Tensor,
+        grad_final_states: &[Option<&Tensor>],
+        exec: &Exec,
+    ) -> Result<Gradients> {
+        driver::backward(
+            &self.program.layout(),
+            &Interp { bound: self, exec },
+            tape,
+            grad_output,
+            grad_final_states,
+        )
     }
 
     fn cell(&self, layer: usize, dir: usize) -> (&'p CellProgram, &BoundCell<T>) {

@@ -1,0 +1,752 @@
+//! A model around a recurrent stack: an optional embedding of token ids in front of it, the
+//! stack itself (a [`Program`]), an optional linear head behind it, and the cross-entropy loss.
+//!
+//! The embedding, the head and the loss are graphs of the same IR as a cell's step
+//! ([`Op::Gather`], [`Op::MatMul`], [`Op::LogSoftmax`], [`Op::Pick`]), differentiated by the same
+//! [`autodiff`]. None of them carries state from step to step, so each runs once over all `T·B`
+//! rows of a sequence, not inside the time loop: the embedding before the stack, the head and
+//! the loss after it, and their backward graphs in the reverse order. The head is then one
+//! matrix product over the whole sequence, and its weight gradient one product after the loop.
+//! They run on the interpreter's kernels whatever backend runs the stack: the stack is reached
+//! through the [`Recurrent`] trait, which the interpreter ([`Interpreted`]), the JIT and the
+//! emitted Rust implement.
+//!
+//! Parameter names follow a PyTorch module holding `embedding`, `rnn` and `fc`: a model with an
+//! embedding or a head has `embedding.weight`, `rnn.<the stack's names>`, `fc.weight` and
+//! `fc.bias`; a stack alone keeps `nn.LSTM`'s own names.
+//!
+//! ```
+//! use rnn_ir::model::{Ids, Input, Model, Run, IGNORE_INDEX};
+//! use rnn_ir::{Exec, parse::parse_str};
+//!
+//! let spec = parse_str("lstm { vocab: 10, input: 4, hidden: 8, head: 10 }").unwrap();
+//! let model = Model::compile(&spec).unwrap();
+//! assert_eq!(model.parameters()[0], ("embedding.weight".to_string(), vec![10, 4]));
+//! let weights = model.init(0).unwrap();
+//! let bound = model.bind_interp(&weights, Exec::default()).unwrap();
+//! // (time, batch) ids in, (time, batch, classes) logits out.
+//! let ids = Ids::new(vec![3, 2], vec![1, 2, 3, 4, 5, 6]).unwrap();
+//! let logits = bound.forward(&Run::new(Input::Ids(&ids))).unwrap();
+//! assert_eq!(logits.output.shape, vec![3, 2, 10]);
+//! // Cross-entropy against next tokens, with every gradient.
+//! let targets = Ids::new(vec![3, 2], vec![2, 3, 4, 5, 6, IGNORE_INDEX]).unwrap();
+//! let loss = bound.loss(&Run::new(Input::Ids(&ids)), &targets, IGNORE_INDEX).unwrap();
+//! assert_eq!(loss.counted, 5);
+//! assert!(loss.grads.contains_key("rnn.weight_hh_l0"));
+//! ```
+
+use crate::autodiff;
+use crate::driver::{Gradients, Request, Response};
+use crate::error::{Error, Result};
+use crate::graph::{Graph, Op, OutRole, Role, Shape, Value, verify};
+use crate::interp::{Bound, Exec, Tape as InterpTape, eval_graph};
+use crate::program::Program;
+use crate::spec::ModelSpec;
+use crate::tensor::Tensor;
+use crate::weights::{SeededUniform, Weights};
+use std::collections::{BTreeMap, HashMap};
+
+/// PyTorch's default `ignore_index` of `cross_entropy`: a target equal to it counts nowhere.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// The largest magnitude of an id: every integer up to 2²⁴ is exact in an `f32` lane.
+const MAX_ID: i64 = 1 << 24;
+
+/// Token ids: `(T, B)`, or `(B, T)` for a batch-first model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ids {
+    /// The two dimensions.
+    pub shape: Vec<usize>,
+    /// The ids, row-major.
+    pub data: Vec<i64>,
+}
+
+impl Ids {
+    /// Ids of `shape` (two dimensions) holding `data`; a typed error when they disagree.
+    pub fn new(shape: Vec<usize>, data: Vec<i64>) -> Result<Ids> {
+        if shape.len() != 2 {
+            return Err(Error::Argument(format!(
+                "token ids are (time, batch) or (batch, time): two dimensions, found shape {shape:?}"
+            )));
+        }
+        let n = shape[0].checked_mul(shape[1]);
+        if n != Some(data.len()) {
+            return Err(Error::Argument(format!(
+                "token ids of shape {shape:?} need {} ids, found {}",
+                shape[0].saturating_mul(shape[1]),
+                data.len()
+            )));
+        }
+        Ok(Ids { shape, data })
+    }
+
+    /// The ids as `f32` lanes, each checked to be in `0 .. vocab` or to equal `ignore`.
+    fn lanes(&self, name: &str, vocab: usize, ignore: Option<i64>) -> Result<Vec<f32>> {
+        self.data
+            .iter()
+            .enumerate()
+            .map(|(index, &id)| {
+                if (0..vocab as i64).contains(&id) || Some(id) == ignore {
+                    Ok(id as f32)
+                } else {
+                    Err(Error::Token {
+                        name: name.into(),
+                        index,
+                        found: id,
+                        vocab,
+                    })
+                }
+            })
+            .collect()
+    }
+}
+
+/// A layer around the stack: its graph, run once over all rows, and its backward graph.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    /// The forward graph.
+    pub forward: Graph,
+    /// Its backward graph ([`autodiff::backward`]).
+    pub backward: Graph,
+}
+
+impl Layer {
+    fn new(forward: Graph) -> Result<Layer> {
+        verify(&forward)?;
+        let backward = autodiff::backward(&forward)?;
+        verify(&backward)?;
+        Ok(Layer { forward, backward })
+    }
+
+    /// Runs the forward graph on `rows` rows of `inputs`.
+    fn run(&self, rows: usize, inputs: HashMap<Role, Vec<f32>>) -> Result<LayerRun> {
+        let values = eval_graph::<f32>(&self.forward, rows, &inputs, &Exec::default())?;
+        Ok(LayerRun {
+            rows,
+            inputs,
+            values,
+        })
+    }
+
+    /// Runs the backward graph of forward run `run` with `cotangent` flowing into the output;
+    /// every value of the backward graph.
+    fn back(&self, run: &LayerRun, cotangent: Vec<f32>) -> Result<Vec<Vec<f32>>> {
+        let b = &self.backward;
+        let mut given: HashMap<Role, Vec<f32>> = HashMap::new();
+        let mut cotangent = Some(cotangent);
+        for v in b.iter() {
+            let Op::Input(role) = b.data(v).op else {
+                continue;
+            };
+            let x = match role {
+                Role::Saved(s) => run.values[s.index()].clone(),
+                Role::Cotangent(OutRole::Output) => cotangent.take().unwrap_or_default(),
+                other => run
+                    .inputs
+                    .get(&other)
+                    .cloned()
+                    .ok_or_else(|| Error::Argument(format!("no value for {other:?}")))?,
+            };
+            given.insert(role, x);
+        }
+        eval_graph::<f32>(b, run.rows, &given, &Exec::default())
+    }
+
+    fn output(&self) -> Value {
+        self.forward
+            .output(OutRole::Output)
+            .expect("a layer's graph has an output")
+    }
+}
+
+/// A forward run of a [`Layer`]: its inputs and every value, what its backward graph reads.
+struct LayerRun {
+    rows: usize,
+    inputs: HashMap<Role, Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+impl LayerRun {
+    fn output(&self, layer: &Layer) -> &[f32] {
+        &self.values[layer.output().index()]
+    }
+}
+
+/// The embedding's graph: ids in, rows of a `vocab × features` table out.
+fn embedding_graph(vocab: usize, features: usize) -> Result<Layer> {
+    let mut g = Graph::new();
+    let ids = g.tokens();
+    let table = g.param("weight", Shape::Matrix(vocab, features));
+    let y = g.push(Op::Gather, &[table, ids])?;
+    g.set_output(OutRole::Output, y);
+    Layer::new(g)
+}
+
+/// The head's graph: `x · Wᵀ + b`, PyTorch's `Linear(features, classes)` (which has a bias
+/// whatever the stack's `bias` setting says).
+fn head_graph(features: usize, classes: usize) -> Result<Layer> {
+    let mut g = Graph::new();
+    let x = g.x(features);
+    let w = g.param("weight", Shape::Matrix(classes, features));
+    let b = g.param("bias", Shape::Vector(classes));
+    let wx = g.matmul(w, x)?;
+    let y = g.add(wx, b)?;
+    g.set_output(OutRole::Output, y);
+    Layer::new(g)
+}
+
+/// The loss's graph: logits and targets in, each row's negative log-likelihood out (0 on a row
+/// whose target is `ignore`).
+fn loss_graph(classes: usize, ignore: i32) -> Result<Layer> {
+    let mut g = Graph::new();
+    let logits = g.x(classes);
+    let target = g.target();
+    let logp = g.push(Op::LogSoftmax, &[logits])?;
+    let picked = g.push(Op::Pick { ignore }, &[logp, target])?;
+    let nll = g.push(Op::Neg, &[picked])?;
+    g.set_output(OutRole::Output, nll);
+    Layer::new(g)
+}
+
+/// A compiled model: the stack and the layers around it.
+#[derive(Clone, Debug)]
+pub struct Model {
+    /// The declaration, with its embedding and head.
+    pub spec: ModelSpec,
+    /// The recurrent stack ([`ModelSpec::stack`] compiled).
+    pub stack: Program,
+    /// The embedding, when the declaration has `vocab`.
+    pub embedding: Option<Layer>,
+    /// The head, when the declaration has `head`.
+    pub head: Option<Layer>,
+}
+
+impl Model {
+    /// Compiles `spec`: the stack as [`Program::compile`] does, and the layers around it.
+    pub fn compile(spec: &ModelSpec) -> Result<Model> {
+        spec.validate().map_err(Error::Spec)?;
+        let stack = Program::compile(&spec.stack())?;
+        let embedding = spec
+            .vocab
+            .map(|v| embedding_graph(v, spec.input_size))
+            .transpose()?;
+        let features = stack.output_size() * spec.directions();
+        let head = spec.head.map(|n| head_graph(features, n)).transpose()?;
+        Ok(Model {
+            spec: spec.clone(),
+            stack,
+            embedding,
+            head,
+        })
+    }
+
+    /// Whether the model has layers around its stack (and so prefixes the stack's names).
+    pub fn has_layers(&self) -> bool {
+        self.embedding.is_some() || self.head.is_some()
+    }
+
+    /// The prefix of the stack's parameter names: `rnn.` when there are layers around it.
+    pub fn stack_prefix(&self) -> &'static str {
+        if self.has_layers() { "rnn." } else { "" }
+    }
+
+    /// Features of each step's result: the head's classes, else every direction's output.
+    pub fn features(&self) -> usize {
+        self.spec
+            .head
+            .unwrap_or(self.stack.output_size() * self.spec.directions())
+    }
+
+    /// Every parameter with its full name and shape, in the order of a PyTorch module that
+    /// registers `embedding`, `rnn` and `fc` in turn.
+    pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        let layer = |out: &mut Vec<(String, Vec<usize>)>, prefix: &str, l: &Layer| {
+            for p in l.forward.params() {
+                out.push((format!("{prefix}{}", p.name), p.dims()));
+            }
+        };
+        if let Some(e) = &self.embedding {
+            layer(&mut out, "embedding.", e);
+        }
+        let prefix = self.stack_prefix();
+        for (name, dims) in self.stack.parameters() {
+            out.push((format!("{prefix}{name}"), dims));
+        }
+        if let Some(h) = &self.head {
+            layer(&mut out, "fc.", h);
+        }
+        out
+    }
+
+    /// The number of scalar parameters.
+    pub fn parameter_count(&self) -> u128 {
+        self.parameters()
+            .iter()
+            .map(|(_, d)| d.iter().map(|&n| n as u128).product::<u128>())
+            .sum()
+    }
+
+    /// Initial weights from `seed`, as PyTorch initialises each module (not PyTorch's random
+    /// stream): the stack as [`Weights::init`]; the embedding from a standard normal
+    /// (`nn.Embedding`); the head's weight and bias uniform in `±1/√features` (`nn.Linear`).
+    pub fn init(&self, seed: u64) -> Result<Weights> {
+        let mut tensors = BTreeMap::new();
+        let prefix = self.stack_prefix();
+        for (name, t) in Weights::init(&self.stack, seed)?.tensors {
+            tensors.insert(format!("{prefix}{name}"), t);
+        }
+        if let Some(e) = &self.embedding {
+            let dims = e.forward.params()[0].dims();
+            let n: usize = dims.iter().product();
+            let mut u = SeededUniform::new(seed ^ 0x656d_6265_6464_696e);
+            let mut data = Vec::with_capacity(n);
+            while data.len() < n {
+                // Box–Muller on two uniforms in (0, 1].
+                let a = (u.next().unwrap_or(0.0) + 1.0) / 2.0;
+                let b = (u.next().unwrap_or(0.0) + 1.0) / 2.0;
+                let r = (-2.0 * (1.0 - a).max(f64::MIN_POSITIVE).ln()).sqrt();
+                let t = std::f64::consts::TAU * b;
+                data.push((r * t.cos()) as f32);
+                if data.len() < n {
+                    data.push((r * t.sin()) as f32);
+                }
+            }
+            tensors.insert("embedding.weight".into(), Tensor { shape: dims, data });
+        }
+        if let Some(h) = &self.head {
+            let features = self.stack.output_size() * self.spec.directions();
+            let params: Vec<(String, Vec<usize>)> = h
+                .forward
+                .params()
+                .iter()
+                .map(|p| (format!("fc.{}", p.name), p.dims()))
+                .collect();
+            let w = Weights::init_params(
+                params.iter().map(|(n, d)| (n.as_str(), d.clone(), None)),
+                features,
+                seed ^ 0x6865_6164,
+            )?;
+            tensors.extend(w.tensors);
+        }
+        Ok(Weights { tensors })
+    }
+
+    /// Checks `weights` against [`Model::parameters`] (every one present, its shape, finite,
+    /// nothing else) and splits them: the stack's, under their own names, and each layer's
+    /// parameters in its graph's order.
+    pub fn split(&self, weights: &Weights) -> Result<Split> {
+        let params = self.parameters();
+        weights.check_params(params.iter().map(|(n, s)| (n.as_str(), s.as_slice())))?;
+        let layer = |prefix: &str, l: &Option<Layer>| -> Vec<Vec<f32>> {
+            l.iter()
+                .flat_map(|l| l.forward.params())
+                .map(|p| weights.tensors[&format!("{prefix}{}", p.name)].data.clone())
+                .collect()
+        };
+        let prefix = self.stack_prefix();
+        let stack = Weights {
+            tensors: self
+                .stack
+                .parameters()
+                .into_iter()
+                .map(|(n, _)| {
+                    let t = weights.tensors[&format!("{prefix}{n}")].clone();
+                    (n, t)
+                })
+                .collect(),
+        };
+        Ok(Split {
+            stack,
+            embedding: layer("embedding.", &self.embedding),
+            head: layer("fc.", &self.head),
+        })
+    }
+
+    /// Binds `weights`: the stack through `bind_stack` (any backend's), the layers around it
+    /// to the interpreter's kernels.
+    pub fn bind<'m, R: Recurrent>(
+        &'m self,
+        weights: &Weights,
+        bind_stack: impl FnOnce(&'m Program, &Weights) -> Result<R>,
+    ) -> Result<BoundModel<'m, R>> {
+        let split = self.split(weights)?;
+        let stack = bind_stack(&self.stack, &split.stack)?;
+        Ok(BoundModel {
+            model: self,
+            stack,
+            embedding: split.embedding,
+            head: split.head,
+        })
+    }
+
+    /// [`Model::bind`] with the interpreter running the stack.
+    pub fn bind_interp(
+        &self,
+        weights: &Weights,
+        exec: Exec,
+    ) -> Result<BoundModel<'_, Interpreted<'_>>> {
+        self.bind(weights, |program, w| {
+            Ok(Interpreted {
+                bound: program.bind::<f32>(w)?,
+                exec,
+            })
+        })
+    }
+}
+
+/// A model's weights split by part ([`Model::split`]).
+#[derive(Clone, Debug)]
+pub struct Split {
+    /// The stack's, under the stack's own names.
+    pub stack: Weights,
+    /// The embedding's parameters in its graph's order (empty without one).
+    pub embedding: Vec<Vec<f32>>,
+    /// The head's parameters in its graph's order (empty without one).
+    pub head: Vec<Vec<f32>>,
+}
+
+/// A recurrent stack bound to its weights on some backend: what [`BoundModel`] runs between
+/// its embedding and its head.
+pub trait Recurrent {
+    /// What a training forward pass keeps for the backward pass.
+    type Tape;
+    /// The forward pass.
+    fn forward(&self, req: &Request) -> Result<Response>;
+    /// The forward pass, keeping what [`Recurrent::backward`] needs.
+    fn forward_train(&self, req: &Request) -> Result<(Response, Self::Tape)>;
+    /// Back-propagation through time from a [`Recurrent::forward_train`].
+    fn backward(
+        &self,
+        tape: Self::Tape,
+        grad_output: &Tensor,
+        grad_final_states: &[Option<&Tensor>],
+    ) -> Result<Gradients>;
+}
+
+/// The interpreter running a bound stack.
+pub struct Interpreted<'p> {
+    /// The stack and its weights.
+    pub bound: Bound<'p, f32>,
+    /// Threads and tuning.
+    pub exec: Exec,
+}
+
+impl Recurrent for Interpreted<'_> {
+    type Tape = crate::driver::Tape<f32, InterpTape<f32>>;
+    fn forward(&self, req: &Request) -> Result<Response> {
+        self.bound.run(
+            &Request {
+                grad_output: None,
+                grad_final_states: Vec::new(),
+                ..req.clone()
+            },
+            &self.exec,
+        )
+    }
+    fn forward_train(&self, req: &Request) -> Result<(Response, Self::Tape)> {
+        self.bound.forward_train(req, &self.exec)
+    }
+    fn backward(
+        &self,
+        tape: Self::Tape,
+        grad_output: &Tensor,
+        grad_final_states: &[Option<&Tensor>],
+    ) -> Result<Gradients> {
+        self.bound
+            .backward(tape, grad_output, grad_final_states, &self.exec)
+    }
+}
+
+/// What goes into a model: token ids when it has an embedding, else features.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// `(T, B)` ids (or `(B, T)` batch-first).
+    Ids(&'a Ids),
+    /// `(T, B, input)` features (or `(B, T, input)` batch-first).
+    Features(&'a Tensor),
+}
+
+/// One run of a model: its input, and optionally the stack's initial states and per-sequence
+/// lengths, as in [`Request`].
+#[derive(Clone, Debug)]
+pub struct Run<'a> {
+    /// The input.
+    pub input: Input<'a>,
+    /// Per recurrent state, its initial value `(layers·directions, B, size)`; zeros when absent.
+    pub initial_states: Vec<Option<&'a Tensor>>,
+    /// Per-sequence lengths (packed-sequence semantics).
+    pub lengths: Option<&'a [i64]>,
+}
+
+impl<'a> Run<'a> {
+    /// A run of `input` from zero states, every sequence its whole length.
+    pub fn new(input: Input<'a>) -> Self {
+        Run {
+            input,
+            initial_states: Vec::new(),
+            lengths: None,
+        }
+    }
+}
+
+/// The cross-entropy of a run and every gradient of it ([`BoundModel::loss`]).
+#[derive(Clone, Debug)]
+pub struct Loss {
+    /// The mean negative log-likelihood over the counted targets, in nats.
+    pub loss: f64,
+    /// The targets counted (those not equal to the ignore index).
+    pub counted: usize,
+    /// The stack's final states, `(layers·directions, B, size)` each.
+    pub final_states: Vec<Tensor>,
+    /// The gradient of `loss` with respect to every parameter, by full name.
+    pub grads: BTreeMap<String, Tensor>,
+    /// The gradient with respect to the input features (absent for ids) and the initial states.
+    pub input_grads: Option<Gradients>,
+}
+
+/// A model bound to its weights, the stack on backend `R`.
+pub struct BoundModel<'m, R> {
+    model: &'m Model,
+    stack: R,
+    embedding: Vec<Vec<f32>>,
+    head: Vec<Vec<f32>>,
+}
+
+/// What the forward pass of the layers before the head computed.
+struct Front {
+    rows: usize,
+    dims: [usize; 2],
+    /// The embedding's run (when there is one).
+    embedding: Option<LayerRun>,
+    /// The stack's input.
+    x: Tensor,
+}
+
+impl<'m, R: Recurrent> BoundModel<'m, R> {
+    /// The model.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// The bound stack.
+    pub fn stack(&self) -> &R {
+        &self.stack
+    }
+
+    /// Embeds the input (ids checked against the vocabulary), or takes the features.
+    fn front(&self, input: Input<'_>) -> Result<Front> {
+        match (input, &self.model.embedding) {
+            (Input::Ids(ids), Some(e)) => {
+                let vocab = self.model.spec.vocab.unwrap_or(0);
+                let lanes = ids.lanes("input", vocab, None)?;
+                let rows = lanes.len();
+                if rows == 0 {
+                    return Err(Error::Argument(format!(
+                        "the input ids of shape {:?} hold no token: a sequence needs at least one step and one row",
+                        ids.shape
+                    )));
+                }
+                let mut inputs = HashMap::new();
+                inputs.insert(Role::Input, lanes);
+                inputs.insert(Role::Param(0), self.embedding[0].clone());
+                let run = e.run(rows, inputs)?;
+                let x = Tensor {
+                    shape: vec![ids.shape[0], ids.shape[1], self.model.spec.input_size],
+                    data: run.output(e).to_vec(),
+                };
+                Ok(Front {
+                    rows,
+                    dims: [ids.shape[0], ids.shape[1]],
+                    embedding: Some(run),
+                    x,
+                })
+            }
+            (Input::Features(x), None) => {
+                let [d0, d1] = match x.shape[..] {
+                    [a, b, _] => [a, b],
+                    _ => [0, 0],
+                };
+                Ok(Front {
+                    rows: d0 * d1,
+                    dims: [d0, d1],
+                    embedding: None,
+                    x: x.clone(),
+                })
+            }
+            (Input::Ids(_), None) => Err(Error::Argument(
+                "the model has no embedding (`vocab`): give it features, not token ids".into(),
+            )),
+            (Input::Features(_), Some(_)) => Err(Error::Argument(
+                "the model embeds token ids (`vocab`): give it ids, not features".into(),
+            )),
+        }
+    }
+
+    fn request<'a>(&self, run: &Run<'a>, x: &'a Tensor) -> Request<'a> {
+        Request {
+            input: Some(x),
+            initial_states: run.initial_states.clone(),
+            lengths: run.lengths,
+            grad_output: None,
+            grad_final_states: Vec::new(),
+        }
+    }
+
+    /// The head's inputs for the stack's output `y`.
+    fn head_inputs(&self, y: &Tensor) -> HashMap<Role, Vec<f32>> {
+        let mut inputs = HashMap::new();
+        inputs.insert(Role::Input, y.data.clone());
+        for (p, w) in self.head.iter().enumerate() {
+            inputs.insert(Role::Param(p as u32), w.clone());
+        }
+        inputs
+    }
+
+    /// The forward pass: the output is the head's logits `(T, B, classes)` (or batch-first),
+    /// or the stack's output without a head; the final states are the stack's.
+    pub fn forward(&self, run: &Run<'_>) -> Result<Response> {
+        let front = self.front(run.input)?;
+        let mut response = self.stack.forward(&self.request(run, &front.x))?;
+        if let Some(h) = &self.model.head {
+            let run = h.run(front.rows, self.head_inputs(&response.output))?;
+            let classes = self.model.features();
+            response.output = Tensor {
+                shape: vec![front.dims[0], front.dims[1], classes],
+                data: run.output(h).to_vec(),
+            };
+        }
+        Ok(response)
+    }
+
+    /// The mean cross-entropy of the model's output against `targets` (shaped like the input,
+    /// each a class id or `ignore`), PyTorch's `cross_entropy(logits, targets, ignore_index)`,
+    /// and the gradient of every parameter. Positions past a sequence's length must hold
+    /// `ignore`; a run whose targets are all `ignore` has no mean and is refused.
+    pub fn loss(&self, run: &Run<'_>, targets: &Ids, ignore: i64) -> Result<Loss> {
+        if !(-MAX_ID..=MAX_ID).contains(&ignore) {
+            return Err(Error::Argument(format!(
+                "the ignore index {ignore} is beyond ±2^24, the ids a model can hold exactly"
+            )));
+        }
+        let front = self.front(run.input)?;
+        if targets.shape[..] != front.dims[..] {
+            return Err(Error::TensorShape {
+                name: "targets".into(),
+                expected: front.dims.to_vec(),
+                found: targets.shape.clone(),
+            });
+        }
+        let classes = self.model.features();
+        let lanes = targets.lanes("targets", classes, Some(ignore))?;
+        if let Some(lengths) = run.lengths {
+            self.check_padding(targets, lengths, ignore)?;
+        }
+        let counted = targets.data.iter().filter(|&&t| t != ignore).count();
+        if counted == 0 {
+            return Err(Error::Argument(format!(
+                "every target is the ignore index {ignore}: the mean loss over no target is undefined"
+            )));
+        }
+        let rows = front.rows;
+        let (response, tape) = self.stack.forward_train(&self.request(run, &front.x))?;
+
+        // The head, the loss, and back through both.
+        let head_run = match &self.model.head {
+            Some(h) => Some(h.run(rows, self.head_inputs(&response.output))?),
+            None => None,
+        };
+        let logits = match (&self.model.head, &head_run) {
+            (Some(h), Some(run)) => run.output(h).to_vec(),
+            _ => response.output.data.clone(),
+        };
+        let lossg = loss_graph(classes, ignore as i32)?;
+        let mut loss_inputs = HashMap::new();
+        loss_inputs.insert(Role::Input, logits);
+        loss_inputs.insert(Role::Target, lanes);
+        let loss_run = lossg.run(rows, loss_inputs)?;
+        let total: f64 = loss_run.output(&lossg).iter().map(|&x| f64::from(x)).sum();
+        let scale = 1.0 / counted as f32;
+        let back = lossg.back(&loss_run, vec![scale; rows])?;
+        let d_logits = back[grad_of(&lossg.backward, OutRole::InputGrad)?.index()].clone();
+
+        let mut grads = BTreeMap::new();
+        let d_output = match (&self.model.head, &head_run) {
+            (Some(h), Some(run)) => {
+                let back = h.back(run, d_logits)?;
+                for (p, info) in h.forward.params().iter().enumerate() {
+                    let g = grad_of(&h.backward, OutRole::ParamGrad(p as u32))?;
+                    grads.insert(
+                        format!("fc.{}", info.name),
+                        Tensor {
+                            shape: info.dims(),
+                            data: back[g.index()].clone(),
+                        },
+                    );
+                }
+                back[grad_of(&h.backward, OutRole::InputGrad)?.index()].clone()
+            }
+            _ => d_logits,
+        };
+        let d_output = Tensor {
+            shape: response.output.shape.clone(),
+            data: d_output,
+        };
+        let stack_grads = self.stack.backward(tape, &d_output, &[])?;
+        let prefix = self.model.stack_prefix();
+        for (name, g) in &stack_grads.params {
+            grads.insert(format!("{prefix}{name}"), g.clone());
+        }
+        let input_grads = match (&self.model.embedding, front.embedding) {
+            (Some(e), Some(run)) => {
+                let back = e.back(&run, stack_grads.input.data.clone())?;
+                let g = grad_of(&e.backward, OutRole::ParamGrad(0))?;
+                let dims = e.forward.params()[0].dims();
+                grads.insert(
+                    "embedding.weight".into(),
+                    Tensor {
+                        shape: dims,
+                        data: back[g.index()].clone(),
+                    },
+                );
+                None
+            }
+            _ => Some(stack_grads),
+        };
+        Ok(Loss {
+            loss: total / counted as f64,
+            counted,
+            final_states: response.final_states,
+            grads,
+            input_grads,
+        })
+    }
+
+    /// Refuses a counted target past its sequence's length (the stack's output is zero there).
+    fn check_padding(&self, targets: &Ids, lengths: &[i64], ignore: i64) -> Result<()> {
+        let batch_first = self.model.spec.batch_first;
+        let [d0, d1] = [targets.shape[0], targets.shape[1]];
+        for (i, &t) in targets.data.iter().enumerate() {
+            let (step, row) = if batch_first {
+                (i % d1, i / d1)
+            } else {
+                (i / d1, i % d1)
+            };
+            let _ = d0;
+            if let Some(&len) = lengths.get(row)
+                && step as i64 >= len
+                && t != ignore
+            {
+                return Err(Error::Argument(format!(
+                    "`targets` holds {t} at step {step} of sequence {row}, past its length {len}: give the ignore index {ignore} there"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn grad_of(g: &Graph, role: OutRole) -> Result<Value> {
+    g.output(role)
+        .ok_or_else(|| Error::Argument(format!("the backward graph has no {role:?}")))
+}

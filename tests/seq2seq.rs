@@ -1,0 +1,192 @@
+//! The encoder-decoder: PyTorch's greedy decoding of the shared fixture reproduced exactly on
+//! every backend, the bridge, and the bad inputs of decoding.
+
+use rnn::ir::model::{Ids, Recurrent};
+use rnn::ir::seq2seq::{Decode, Seq2Seq};
+use rnn::ir::{Error, Exec, Program, Weights, npy, weights};
+
+mod common;
+
+struct Fixture {
+    weights: Weights,
+    src: Ids,
+    expected: Ids,
+    steps: usize,
+    sos: i64,
+}
+
+fn fixture() -> Fixture {
+    let dir = common::fixtures().join("seq2seq_greedy");
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let weights = Weights {
+        tensors: weights::read_safetensors(&read("weights.safetensors")).unwrap(),
+    };
+    let (shape, data) = npy::read_i64(&read("src.npy")).unwrap();
+    let src = Ids::new(shape, data).unwrap();
+    let (shape, data) = npy::read_i64(&read("expected_tokens.npy")).unwrap();
+    let expected = Ids::new(shape, data).unwrap();
+    let meta = String::from_utf8(read("meta.json")).unwrap();
+    let number = |key: &str| -> i64 {
+        let at = meta.find(&format!("\"{key}\"")).unwrap();
+        let rest = &meta[at + key.len() + 2..];
+        let rest = rest.trim_start_matches([':', ' ']);
+        let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap();
+        rest[..end].parse().unwrap()
+    };
+    Fixture {
+        weights,
+        src,
+        expected,
+        steps: number("steps") as usize,
+        sos: number("sos"),
+    }
+}
+
+/// Decodes the fixture with the stacks bound by `bind`.
+fn decode<R: Recurrent>(bind: impl FnMut(&Program, &Weights) -> rnn::ir::Result<R>) -> (Ids, Ids) {
+    let f = fixture();
+    let model = Seq2Seq::from_state_dict(&f.weights, None).unwrap();
+    let bound = model.bind(&f.weights, bind).unwrap();
+    let decode = Decode {
+        steps: f.steps,
+        sos: f.sos,
+        eos: None,
+    };
+    (bound.greedy(&f.src, None, &decode).unwrap(), f.expected)
+}
+
+#[test]
+fn the_fixture_decodes_to_pytorchs_tokens_on_the_interpreter() {
+    let f = fixture();
+    let model = Seq2Seq::from_state_dict(&f.weights, None).unwrap();
+    assert_eq!(model.encoder.spec.vocab, Some(50));
+    assert_eq!(model.decoder.spec.head, Some(60));
+    let bound = model.bind_interp(&f.weights, Exec::default()).unwrap();
+    let decode = Decode {
+        steps: f.steps,
+        sos: f.sos,
+        eos: None,
+    };
+    let tokens = bound.greedy(&f.src, None, &decode).unwrap();
+    assert_eq!(tokens, f.expected);
+}
+
+#[test]
+fn the_fixture_decodes_to_pytorchs_tokens_on_the_jit() {
+    let (tokens, expected) = decode(rnn::jit::bind_stack);
+    assert_eq!(tokens, expected);
+}
+
+#[test]
+fn an_end_token_holds_a_finished_row_and_stops_early() {
+    let f = fixture();
+    let model = Seq2Seq::from_state_dict(&f.weights, None).unwrap();
+    let bound = model.bind_interp(&f.weights, Exec::default()).unwrap();
+    // The end token is the first token row 0 produces: row 0 repeats it from then on; row 1
+    // runs on until it produces it too (or the steps end).
+    let eos = f.expected.data[0];
+    let decode = Decode {
+        steps: f.steps,
+        sos: f.sos,
+        eos: Some(eos),
+    };
+    let tokens = bound.greedy(&f.src, None, &decode).unwrap();
+    assert_eq!(tokens.shape, vec![2, f.steps]);
+    assert!(tokens.data[..f.steps].iter().all(|&t| t == eos));
+    let row1 = &f.expected.data[f.steps..];
+    let first = row1.iter().position(|&t| t == eos).unwrap_or(f.steps);
+    for (t, &token) in row1.iter().enumerate() {
+        let want = if t <= first { token } else { eos };
+        assert_eq!(tokens.data[f.steps + t], want, "row 1, step {t}");
+    }
+}
+
+#[test]
+fn bad_decoding_inputs_are_typed_errors() {
+    let f = fixture();
+    let model = Seq2Seq::from_state_dict(&f.weights, None).unwrap();
+    let bound = model.bind_interp(&f.weights, Exec::default()).unwrap();
+    let ok = Decode {
+        steps: 3,
+        sos: 1,
+        eos: None,
+    };
+    // A source id outside the source vocabulary (50).
+    let mut src = f.src.clone();
+    src.data[3] = 50;
+    let err = bound.greedy(&src, None, &ok).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Token {
+                index: 3,
+                found: 50,
+                vocab: 50,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    src.data[3] = -1;
+    assert!(matches!(
+        bound.greedy(&src, None, &ok),
+        Err(Error::Token { found: -1, .. })
+    ));
+    // A start token outside the target vocabulary (60), an end token outside the classes.
+    let err = bound
+        .greedy(&f.src, None, &Decode { sos: 60, ..ok })
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Token { ref name, .. } if name == "sos"),
+        "{err:?}"
+    );
+    let err = bound
+        .greedy(
+            &f.src,
+            None,
+            &Decode {
+                eos: Some(-3),
+                ..ok
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Token { ref name, .. } if name == "eos"),
+        "{err:?}"
+    );
+    // No steps; an empty source.
+    let err = bound
+        .greedy(&f.src, None, &Decode { steps: 0, ..ok })
+        .unwrap_err();
+    assert!(err.to_string().contains("at least one step"), "{err}");
+    let empty = Ids::new(vec![2, 0], vec![]).unwrap();
+    let err = bound.greedy(&empty, None, &ok).unwrap_err();
+    assert!(err.to_string().contains("no token"), "{err}");
+    // Weights of another model: a missing tensor, a wrong shape.
+    let mut w = f.weights.clone();
+    w.tensors.remove("decoder.fc.bias");
+    let err = Seq2Seq::from_state_dict(&w, None).unwrap_err();
+    assert!(
+        matches!(err, Error::MissingTensor { ref name, .. } if name == "decoder.fc.bias"),
+        "{err:?}"
+    );
+    assert!(matches!(
+        model.bind_interp(&w, Exec::default()),
+        Err(Error::MissingTensor { .. })
+    ));
+    let mut w = f.weights.clone();
+    w.tensors.insert(
+        "decoder.fc.extra".into(),
+        w.tensors["decoder.fc.bias"].clone(),
+    );
+    assert!(matches!(
+        model.bind_interp(&w, Exec::default()),
+        Err(Error::UnexpectedTensor { ref name }) if name == "decoder.fc.extra"
+    ));
+    let mut w = f.weights.clone();
+    w.tensors.get_mut("decoder.embedding.weight").unwrap().shape = vec![8, 60];
+    assert!(matches!(
+        model.bind_interp(&w, Exec::default()),
+        Err(Error::TensorShape { .. } | Error::WeightsMismatch(_))
+    ));
+}
