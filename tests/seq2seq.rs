@@ -1,9 +1,9 @@
 //! The encoder-decoder: PyTorch's greedy decoding of the shared fixture reproduced exactly on
 //! every backend, the bridge, and the bad inputs of decoding.
 
-use rnn::ir::model::{Ids, Recurrent};
-use rnn::ir::seq2seq::{Decode, Seq2Seq};
-use rnn::ir::{Error, Exec, Program, Weights, npy, weights};
+use rnn::ir::model::{Ids, Input, Recurrent, Run};
+use rnn::ir::seq2seq::{Beam, Decode, Seq2Seq};
+use rnn::ir::{Error, Exec, Program, Tensor, Weights, npy, weights};
 
 mod common;
 
@@ -189,4 +189,145 @@ fn bad_decoding_inputs_are_typed_errors() {
         model.bind_interp(&w, Exec::default()),
         Err(Error::TensorShape { .. } | Error::WeightsMismatch(_))
     ));
+}
+
+#[test]
+fn a_beam_of_one_is_greedy_decoding() {
+    let f = fixture();
+    let model = Seq2Seq::from_state_dict(&f.weights, None).unwrap();
+    let bound = model.bind_interp(&f.weights, Exec::default()).unwrap();
+    for eos in [None, Some(f.expected.data[0])] {
+        let decode = Decode {
+            steps: f.steps,
+            sos: f.sos,
+            eos,
+        };
+        let greedy = bound.greedy(&f.src, None, &decode).unwrap();
+        for alpha in [0.0, 1.0] {
+            let (beam, _) = bound
+                .beam(&f.src, None, &decode, &Beam { width: 1, alpha })
+                .unwrap();
+            assert_eq!(beam, greedy, "eos {eos:?}, alpha {alpha}");
+        }
+    }
+}
+
+/// `log_softmax` of a row, in `f64`.
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let m = x
+        .iter()
+        .map(|&v| v as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+#[test]
+fn a_beam_as_wide_as_the_vocabulary_finds_the_best_two_token_sequence() {
+    // Two steps, a beam of 60 (the whole target vocabulary): the search is exhaustive, so it
+    // must return the pair (t1, t2) of largest log p(t1) + log p(t2 | t1), found here by
+    // scoring all 3,600 pairs.
+    let f = fixture();
+    let model = Seq2Seq::from_state_dict(&f.weights, None).unwrap();
+    let bound = model.bind_interp(&f.weights, Exec::default()).unwrap();
+    let decode = Decode {
+        steps: 2,
+        sos: f.sos,
+        eos: None,
+    };
+    let (tokens, scores) = bound
+        .beam(
+            &f.src,
+            None,
+            &decode,
+            &Beam {
+                width: 60,
+                alpha: 0.0,
+            },
+        )
+        .unwrap();
+    let src_len = f.src.shape[1];
+    for b in 0..2 {
+        let src = Ids::new(
+            vec![1, src_len],
+            f.src.data[b * src_len..(b + 1) * src_len].to_vec(),
+        )
+        .unwrap();
+        let states = bound.encode(&src, None).unwrap();
+        let step = |ids: Vec<i64>, states: &[Tensor]| {
+            let ids = Ids::new(vec![ids.len(), 1], ids).unwrap();
+            let run = Run {
+                initial_states: states.iter().map(Some).collect(),
+                ..Run::new(Input::Ids(&ids))
+            };
+            bound.decoder.forward(&run).unwrap()
+        };
+        let first = step(vec![f.sos], &states);
+        let lp1 = log_softmax(&first.output.data);
+        // Every first token at once: 60 rows from the same state.
+        let repeat = |s: &Tensor| Tensor {
+            shape: vec![s.shape[0], 60, s.shape[2]],
+            data: (0..s.shape[0])
+                .flat_map(|l| {
+                    let n = s.shape[2];
+                    let row = s.data[l * n..(l + 1) * n].to_vec();
+                    std::iter::repeat_n(row, 60).flatten()
+                })
+                .collect(),
+        };
+        let repeated: Vec<Tensor> = first.final_states.iter().map(repeat).collect();
+        let second = step((0..60).collect(), &repeated);
+        let mut best = (f64::NEG_INFINITY, 0, 0);
+        for t1 in 0..60 {
+            let lp2 = log_softmax(&second.output.data[t1 * 60..(t1 + 1) * 60]);
+            for (t2, &l) in lp2.iter().enumerate() {
+                let s = lp1[t1] + l;
+                if s > best.0 {
+                    best = (s, t1 as i64, t2 as i64);
+                }
+            }
+        }
+        assert_eq!(tokens.data[b * 2..b * 2 + 2], [best.1, best.2], "row {b}");
+        // The same sums in float32 over batches of other sizes: equal to rounding.
+        assert!(
+            (scores[b] - best.0).abs() < 1e-5,
+            "{} vs {}",
+            scores[b],
+            best.0
+        );
+    }
+}
+
+#[test]
+fn bad_beams_are_typed_errors() {
+    let f = fixture();
+    let model = Seq2Seq::from_state_dict(&f.weights, None).unwrap();
+    let bound = model.bind_interp(&f.weights, Exec::default()).unwrap();
+    let decode = Decode {
+        steps: 3,
+        sos: 1,
+        eos: None,
+    };
+    let err = bound
+        .beam(
+            &f.src,
+            None,
+            &decode,
+            &Beam {
+                width: 0,
+                alpha: 1.0,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("beam width must be at least 1"),
+        "{err}"
+    );
+    for alpha in [-1.0, f64::NAN, f64::INFINITY] {
+        assert!(
+            bound
+                .beam(&f.src, None, &decode, &Beam { width: 2, alpha })
+                .is_err()
+        );
+    }
 }

@@ -18,6 +18,18 @@
 //! arg-max of the head's logits (the first of equals, as `torch.argmax`). With an end token, a
 //! row that has produced it produces it again at every later step, and decoding stops early
 //! once every row has; the tokens are always `(batch, steps)`.
+//!
+//! **Beam search** keeps `width` hypotheses per row, all rows decoded together (`batch ·
+//! width` decoder rows a step). A hypothesis's score is the sum of its tokens'
+//! log-probabilities (`log_softmax` of the logits, in `f64`); hypotheses are ranked by the score
+//! divided by `length^alpha`, the length counting the tokens produced up to and including the
+//! end token (`alpha = 0`: the raw sum; `alpha = 1`: the mean per token). A hypothesis that has
+//! produced the end token is finished: it stays in its row's beam with its score and length
+//! frozen, competing with the open ones, and ends in end tokens. At the first step only one
+//! hypothesis per row is open (every beam starts from the same start token). Ties go to the
+//! earlier beam, then the smaller token id, so the search is deterministic; a width of 1 is
+//! greedy decoding. Decoding stops once every hypothesis is finished or after `steps`; each
+//! row's result is its best-ranked hypothesis.
 
 use crate::driver::Response;
 use crate::error::{Error, Result};
@@ -36,6 +48,15 @@ pub struct Seq2Seq {
     pub encoder: Model,
     /// The decoder: an embedding, a unidirectional stack and a head over the target vocabulary.
     pub decoder: Model,
+}
+
+/// How to search ([`BoundSeq2Seq::beam`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Beam {
+    /// Hypotheses kept per row (at least 1).
+    pub width: usize,
+    /// The length normalisation's exponent (see the module doc; at least 0).
+    pub alpha: f64,
 }
 
 /// How to decode ([`BoundSeq2Seq::greedy`]).
@@ -311,6 +332,148 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
         Ids::new(vec![batch, decode.steps], out)
     }
 
+    /// Beam search of `src` (see the module doc): each row's best hypothesis, `(B,
+    /// decode.steps)`, and its normalised score.
+    pub fn beam(
+        &self,
+        src: &Ids,
+        lengths: Option<&[i64]>,
+        decode: &Decode,
+        beam: &Beam,
+    ) -> Result<(Ids, Vec<f64>)> {
+        self.check_decode(decode)?;
+        if beam.width == 0 {
+            return Err(Error::Argument(
+                "the beam width must be at least 1 (1 is greedy decoding)".into(),
+            ));
+        }
+        if !(beam.alpha >= 0.0 && beam.alpha.is_finite()) {
+            return Err(Error::Argument(format!(
+                "the length normalisation's exponent must be finite and at least 0, found {}",
+                beam.alpha
+            )));
+        }
+        let batch_first = self.encoder.model().spec.batch_first;
+        let (w, steps) = (beam.width, decode.steps);
+        let states = self.encode(src, lengths)?;
+        let batch = states.first().map_or(0, |s| s.shape[1]);
+        let rows = batch * w;
+        // Every row's encoder state, repeated for each of its hypotheses.
+        let mut states: Vec<Tensor> = states
+            .iter()
+            .map(|s| gather_rows(s, &(0..rows).map(|i| i / w).collect::<Vec<_>>()))
+            .collect();
+        let mut hyps: Vec<Hyp> = (0..rows)
+            .map(|i| Hyp {
+                tokens: Vec::with_capacity(steps),
+                score: if i % w == 0 { 0.0 } else { f64::NEG_INFINITY },
+                len: 0,
+                finished: false,
+            })
+            .collect();
+        let norm = |h: &Hyp| h.score / (h.len.max(1) as f64).powf(beam.alpha);
+        let classes = self.decoder.model().features();
+        for _ in 0..steps {
+            let last: Vec<i64> = hyps
+                .iter()
+                .map(|h| h.tokens.last().copied().unwrap_or(decode.sos))
+                .collect();
+            let shape = if batch_first {
+                vec![rows, 1]
+            } else {
+                vec![1, rows]
+            };
+            let ids = Ids::new(shape, last)?;
+            let run = Run {
+                initial_states: states.iter().map(Some).collect(),
+                ..Run::new(Input::Ids(&ids))
+            };
+            let response = self.decoder.forward(&run)?;
+            let mut next: Vec<Hyp> = Vec::with_capacity(rows);
+            let mut parents: Vec<usize> = Vec::with_capacity(rows);
+            for b in 0..batch {
+                // Candidates (beam, token, hypothesis): a finished beam continues with its end
+                // token only, unchanged; an open one with every token.
+                let mut cands: Vec<(f64, usize, i64, Hyp)> = Vec::new();
+                for k in 0..w {
+                    let i = b * w + k;
+                    let h = &hyps[i];
+                    if h.score == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    if h.finished {
+                        let mut c = h.clone();
+                        c.tokens.push(decode.eos.unwrap_or(0));
+                        cands.push((norm(h), k, -1, c));
+                        continue;
+                    }
+                    let logits = &response.output.data[i * classes..(i + 1) * classes];
+                    let logp = log_softmax(logits);
+                    // Only the best `w` tokens of a beam can be among its row's best `w`.
+                    let mut order: Vec<usize> = (0..classes).collect();
+                    let take = w.min(classes);
+                    order.select_nth_unstable_by(take - 1, |&a, &b| {
+                        logp[b].total_cmp(&logp[a]).then(a.cmp(&b))
+                    });
+                    for &t in &order[..take] {
+                        let mut c = Hyp {
+                            tokens: h.tokens.clone(),
+                            score: h.score + logp[t],
+                            len: h.len + 1,
+                            finished: Some(t as i64) == decode.eos,
+                        };
+                        c.tokens.push(t as i64);
+                        cands.push((norm(&c), k, t as i64, c));
+                    }
+                }
+                cands.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+                for k in 0..w {
+                    match cands.get(k) {
+                        Some((_, parent, _, h)) => {
+                            parents.push(b * w + parent);
+                            next.push(h.clone());
+                        }
+                        None => {
+                            // Fewer candidates than beams (a tiny vocabulary): an empty slot.
+                            parents.push(b * w);
+                            next.push(Hyp {
+                                tokens: vec![decode.eos.unwrap_or(0); hyps[b * w].tokens.len() + 1],
+                                score: f64::NEG_INFINITY,
+                                len: 1,
+                                finished: true,
+                            });
+                        }
+                    }
+                }
+            }
+            states = response
+                .final_states
+                .iter()
+                .map(|s| gather_rows(s, &parents))
+                .collect();
+            hyps = next;
+            if hyps.iter().all(|h| h.finished) {
+                break;
+            }
+        }
+        let mut tokens = Vec::with_capacity(batch * steps);
+        let mut scores = Vec::with_capacity(batch);
+        for b in 0..batch {
+            let best = (0..w)
+                .map(|k| &hyps[b * w + k])
+                .fold(None::<&Hyp>, |best, h| match best {
+                    Some(x) if norm(x) >= norm(h) => Some(x),
+                    _ => Some(h),
+                })
+                .expect("a beam has at least one hypothesis");
+            let mut row = best.tokens.clone();
+            row.resize(steps, decode.eos.unwrap_or(0));
+            tokens.extend(row);
+            scores.push(norm(best));
+        }
+        Ok((Ids::new(vec![batch, steps], tokens)?, scores))
+    }
+
     fn check_decode(&self, decode: &Decode) -> Result<()> {
         if decode.steps == 0 {
             return Err(Error::Argument(
@@ -338,5 +501,45 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
             });
         }
         Ok(())
+    }
+}
+
+/// One hypothesis of a beam.
+#[derive(Clone, Debug)]
+struct Hyp {
+    tokens: Vec<i64>,
+    score: f64,
+    /// Tokens produced up to and including the end token (frozen once finished).
+    len: usize,
+    finished: bool,
+}
+
+/// `log_softmax` of a row of logits, in `f64`.
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let m = logits
+        .iter()
+        .map(|&x| f64::from(x))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + logits
+        .iter()
+        .map(|&x| (f64::from(x) - m).exp())
+        .sum::<f64>()
+        .ln();
+    logits.iter().map(|&x| f64::from(x) - lse).collect()
+}
+
+/// The rows `rows` of a `(L, B, n)` state, as a `(L, rows.len(), n)` state.
+fn gather_rows(s: &Tensor, rows: &[usize]) -> Tensor {
+    let [l, b, n] = [s.shape[0], s.shape[1], s.shape[2]];
+    let mut data = Vec::with_capacity(l * rows.len() * n);
+    for layer in 0..l {
+        for &r in rows {
+            let at = (layer * b + r) * n;
+            data.extend_from_slice(&s.data[at..at + n]);
+        }
+    }
+    Tensor {
+        shape: vec![l, rows.len(), n],
+        data,
     }
 }
