@@ -32,7 +32,7 @@
 //! let targets = Ids::new(vec![3, 2], vec![2, 3, 4, 5, 6, IGNORE_INDEX]).unwrap();
 //! let loss = bound.loss(&Run::new(Input::Ids(&ids)), &targets, IGNORE_INDEX).unwrap();
 //! assert_eq!(loss.counted, 5);
-//! assert!(loss.grads.contains_key("rnn.weight_hh_l0"));
+//! assert!(loss.grads.params.contains_key("rnn.weight_hh_l0"));
 //! ```
 
 use crate::autodiff;
@@ -432,6 +432,17 @@ pub struct Interpreted<'p> {
     pub exec: Exec,
 }
 
+impl<'p> Interpreted<'p> {
+    /// Binds `weights` to `program` on the interpreter, one thread: the stack binder
+    /// [`Model::bind`] and [`crate::seq2seq::Seq2Seq::bind`] take for the interpreter.
+    pub fn bind(program: &'p Program, weights: &Weights) -> Result<Interpreted<'p>> {
+        Ok(Interpreted {
+            bound: program.bind::<f32>(weights)?,
+            exec: Exec::default(),
+        })
+    }
+}
+
 impl Recurrent for Interpreted<'_> {
     type Tape = crate::driver::Tape<f32, InterpTape<f32>>;
     fn forward(&self, req: &Request) -> Result<Response> {
@@ -490,6 +501,17 @@ impl<'a> Run<'a> {
     }
 }
 
+/// The gradients of a backward pass through a whole model ([`BoundModel::backward`]).
+#[derive(Clone, Debug)]
+pub struct ModelGrads {
+    /// Of every parameter, by full name.
+    pub params: BTreeMap<String, Tensor>,
+    /// Of the input features (`None` when the input is ids: they have no gradient).
+    pub input: Option<Tensor>,
+    /// Of each initial state, `(layers·directions, B, size)`.
+    pub initial_states: Vec<Tensor>,
+}
+
 /// The cross-entropy of a run and every gradient of it ([`BoundModel::loss`]).
 #[derive(Clone, Debug)]
 pub struct Loss {
@@ -499,10 +521,8 @@ pub struct Loss {
     pub counted: usize,
     /// The stack's final states, `(layers·directions, B, size)` each.
     pub final_states: Vec<Tensor>,
-    /// The gradient of `loss` with respect to every parameter, by full name.
-    pub grads: BTreeMap<String, Tensor>,
-    /// The gradient with respect to the input features (absent for ids) and the initial states.
-    pub input_grads: Option<Gradients>,
+    /// The gradients of `loss`.
+    pub grads: ModelGrads,
 }
 
 /// A model bound to its weights, the stack on backend `R`.
@@ -521,6 +541,18 @@ struct Front {
     embedding: Option<LayerRun>,
     /// The stack's input.
     x: Tensor,
+}
+
+/// What [`BoundModel::forward_train`] keeps for [`BoundModel::backward`].
+pub struct ModelTape<T> {
+    rows: usize,
+    embedding: Option<LayerRun>,
+    stack: T,
+    /// The stack's output's shape.
+    stack_shape: Vec<usize>,
+    head: Option<LayerRun>,
+    /// The model's output's shape.
+    out_shape: Vec<usize>,
 }
 
 impl<'m, R: Recurrent> BoundModel<'m, R> {
@@ -593,14 +625,28 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         }
     }
 
-    /// The head's inputs for the stack's output `y`.
-    fn head_inputs(&self, y: &Tensor) -> HashMap<Role, Vec<f32>> {
+    /// Runs the head (when there is one) on the stack's output in `response`, which becomes
+    /// the logits; returns the head's run.
+    fn head(
+        &self,
+        rows: usize,
+        dims: [usize; 2],
+        response: &mut Response,
+    ) -> Result<Option<LayerRun>> {
+        let Some(h) = &self.model.head else {
+            return Ok(None);
+        };
         let mut inputs = HashMap::new();
-        inputs.insert(Role::Input, y.data.clone());
+        inputs.insert(Role::Input, std::mem::take(&mut response.output.data));
         for (p, w) in self.head.iter().enumerate() {
             inputs.insert(Role::Param(p as u32), w.clone());
         }
-        inputs
+        let run = h.run(rows, inputs)?;
+        response.output = Tensor {
+            shape: vec![dims[0], dims[1], self.model.features()],
+            data: run.output(h).to_vec(),
+        };
+        Ok(Some(run))
     }
 
     /// The forward pass: the output is the head's logits `(T, B, classes)` (or batch-first),
@@ -608,32 +654,111 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
     pub fn forward(&self, run: &Run<'_>) -> Result<Response> {
         let front = self.front(run.input)?;
         let mut response = self.stack.forward(&self.request(run, &front.x))?;
-        if let Some(h) = &self.model.head {
-            let run = h.run(front.rows, self.head_inputs(&response.output))?;
-            let classes = self.model.features();
-            response.output = Tensor {
-                shape: vec![front.dims[0], front.dims[1], classes],
-                data: run.output(h).to_vec(),
-            };
-        }
+        self.head(front.rows, front.dims, &mut response)?;
         Ok(response)
+    }
+
+    /// [`BoundModel::forward`], keeping what [`BoundModel::backward`] needs.
+    pub fn forward_train(&self, run: &Run<'_>) -> Result<(Response, ModelTape<R::Tape>)> {
+        let front = self.front(run.input)?;
+        let (mut response, stack) = self.stack.forward_train(&self.request(run, &front.x))?;
+        let stack_shape = response.output.shape.clone();
+        let head = self.head(front.rows, front.dims, &mut response)?;
+        let tape = ModelTape {
+            rows: front.rows,
+            embedding: front.embedding,
+            stack,
+            stack_shape,
+            head,
+            out_shape: response.output.shape.clone(),
+        };
+        Ok((response, tape))
+    }
+
+    /// The backward pass of a [`BoundModel::forward_train`]: the gradients of
+    /// `sum(output · grad_output) + Σ sum(state_n · grad_state_n)` (the output being the
+    /// logits when there is a head).
+    pub fn backward(
+        &self,
+        tape: ModelTape<R::Tape>,
+        grad_output: &Tensor,
+        grad_final_states: &[Option<&Tensor>],
+    ) -> Result<ModelGrads> {
+        if grad_output.shape != tape.out_shape {
+            return Err(Error::TensorShape {
+                name: "grad_output".into(),
+                expected: tape.out_shape,
+                found: grad_output.shape.clone(),
+            });
+        }
+        let mut params = BTreeMap::new();
+        let d_output = match (&self.model.head, &tape.head) {
+            (Some(h), Some(run)) => {
+                let back = h.back(run, grad_output.data.clone())?;
+                for (p, info) in h.forward.params().iter().enumerate() {
+                    let g = grad_of(&h.backward, OutRole::ParamGrad(p as u32))?;
+                    params.insert(
+                        format!("fc.{}", info.name),
+                        Tensor {
+                            shape: info.dims(),
+                            data: back[g.index()].clone(),
+                        },
+                    );
+                }
+                Tensor {
+                    shape: tape.stack_shape.clone(),
+                    data: back[grad_of(&h.backward, OutRole::InputGrad)?.index()].clone(),
+                }
+            }
+            _ => grad_output.clone(),
+        };
+        let stack = self
+            .stack
+            .backward(tape.stack, &d_output, grad_final_states)?;
+        let prefix = self.model.stack_prefix();
+        for (name, g) in stack.params {
+            params.insert(format!("{prefix}{name}"), g);
+        }
+        let input = match (&self.model.embedding, &tape.embedding) {
+            (Some(e), Some(run)) => {
+                let back = e.back(run, stack.input.data)?;
+                let g = grad_of(&e.backward, OutRole::ParamGrad(0))?;
+                params.insert(
+                    "embedding.weight".into(),
+                    Tensor {
+                        shape: e.forward.params()[0].dims(),
+                        data: back[g.index()].clone(),
+                    },
+                );
+                None
+            }
+            _ => Some(stack.input),
+        };
+        Ok(ModelGrads {
+            params,
+            input,
+            initial_states: stack.initial_states,
+        })
     }
 
     /// The mean cross-entropy of the model's output against `targets` (shaped like the input,
     /// each a class id or `ignore`), PyTorch's `cross_entropy(logits, targets, ignore_index)`,
-    /// and the gradient of every parameter. Positions past a sequence's length must hold
-    /// `ignore`; a run whose targets are all `ignore` has no mean and is refused.
+    /// and its gradients. Positions past a sequence's length must hold `ignore`; a run whose
+    /// targets are all `ignore` has no mean and is refused.
     pub fn loss(&self, run: &Run<'_>, targets: &Ids, ignore: i64) -> Result<Loss> {
         if !(-MAX_ID..=MAX_ID).contains(&ignore) {
             return Err(Error::Argument(format!(
                 "the ignore index {ignore} is beyond ±2^24, the ids a model can hold exactly"
             )));
         }
-        let front = self.front(run.input)?;
-        if targets.shape[..] != front.dims[..] {
+        let dims = match run.input {
+            Input::Ids(ids) => ids.shape.clone(),
+            Input::Features(x) => x.shape.iter().take(2).copied().collect(),
+        };
+        if targets.shape != dims {
             return Err(Error::TensorShape {
                 name: "targets".into(),
-                expected: front.dims.to_vec(),
+                expected: dims,
                 found: targets.shape.clone(),
             });
         }
@@ -648,91 +773,38 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                 "every target is the ignore index {ignore}: the mean loss over no target is undefined"
             )));
         }
-        let rows = front.rows;
-        let (response, tape) = self.stack.forward_train(&self.request(run, &front.x))?;
-
-        // The head, the loss, and back through both.
-        let head_run = match &self.model.head {
-            Some(h) => Some(h.run(rows, self.head_inputs(&response.output))?),
-            None => None,
-        };
-        let logits = match (&self.model.head, &head_run) {
-            (Some(h), Some(run)) => run.output(h).to_vec(),
-            _ => response.output.data.clone(),
-        };
+        let (response, tape) = self.forward_train(run)?;
+        let rows = tape.rows;
         let lossg = loss_graph(classes, ignore as i32)?;
-        let mut loss_inputs = HashMap::new();
-        loss_inputs.insert(Role::Input, logits);
-        loss_inputs.insert(Role::Target, lanes);
-        let loss_run = lossg.run(rows, loss_inputs)?;
+        let mut inputs = HashMap::new();
+        inputs.insert(Role::Input, response.output.data);
+        inputs.insert(Role::Target, lanes);
+        let loss_run = lossg.run(rows, inputs)?;
         let total: f64 = loss_run.output(&lossg).iter().map(|&x| f64::from(x)).sum();
-        let scale = 1.0 / counted as f32;
-        let back = lossg.back(&loss_run, vec![scale; rows])?;
-        let d_logits = back[grad_of(&lossg.backward, OutRole::InputGrad)?.index()].clone();
-
-        let mut grads = BTreeMap::new();
-        let d_output = match (&self.model.head, &head_run) {
-            (Some(h), Some(run)) => {
-                let back = h.back(run, d_logits)?;
-                for (p, info) in h.forward.params().iter().enumerate() {
-                    let g = grad_of(&h.backward, OutRole::ParamGrad(p as u32))?;
-                    grads.insert(
-                        format!("fc.{}", info.name),
-                        Tensor {
-                            shape: info.dims(),
-                            data: back[g.index()].clone(),
-                        },
-                    );
-                }
-                back[grad_of(&h.backward, OutRole::InputGrad)?.index()].clone()
-            }
-            _ => d_logits,
+        let back = lossg.back(&loss_run, vec![1.0 / counted as f32; rows])?;
+        let d_logits = Tensor {
+            shape: response.output.shape,
+            data: back[grad_of(&lossg.backward, OutRole::InputGrad)?.index()].clone(),
         };
-        let d_output = Tensor {
-            shape: response.output.shape.clone(),
-            data: d_output,
-        };
-        let stack_grads = self.stack.backward(tape, &d_output, &[])?;
-        let prefix = self.model.stack_prefix();
-        for (name, g) in &stack_grads.params {
-            grads.insert(format!("{prefix}{name}"), g.clone());
-        }
-        let input_grads = match (&self.model.embedding, front.embedding) {
-            (Some(e), Some(run)) => {
-                let back = e.back(&run, stack_grads.input.data.clone())?;
-                let g = grad_of(&e.backward, OutRole::ParamGrad(0))?;
-                let dims = e.forward.params()[0].dims();
-                grads.insert(
-                    "embedding.weight".into(),
-                    Tensor {
-                        shape: dims,
-                        data: back[g.index()].clone(),
-                    },
-                );
-                None
-            }
-            _ => Some(stack_grads),
-        };
+        let grads = self.backward(tape, &d_logits, &[])?;
         Ok(Loss {
             loss: total / counted as f64,
             counted,
             final_states: response.final_states,
             grads,
-            input_grads,
         })
     }
 
     /// Refuses a counted target past its sequence's length (the stack's output is zero there).
     fn check_padding(&self, targets: &Ids, lengths: &[i64], ignore: i64) -> Result<()> {
         let batch_first = self.model.spec.batch_first;
-        let [d0, d1] = [targets.shape[0], targets.shape[1]];
+        let d1 = targets.shape[1];
         for (i, &t) in targets.data.iter().enumerate() {
             let (step, row) = if batch_first {
                 (i % d1, i / d1)
             } else {
                 (i / d1, i % d1)
             };
-            let _ = d0;
             if let Some(&len) = lengths.get(row)
                 && step as i64 >= len
                 && t != ignore

@@ -34,7 +34,7 @@
 use crate::driver::Response;
 use crate::error::{Error, Result};
 use crate::interp::{Exec, argmax};
-use crate::model::{BoundModel, Ids, Input, Interpreted, Model, Recurrent, Run};
+use crate::model::{BoundModel, Ids, Input, Interpreted, Loss, Model, ModelGrads, Recurrent, Run};
 use crate::program::Program;
 use crate::spec::{CellKind, ModelSpec};
 use crate::tensor::Tensor;
@@ -256,12 +256,16 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
             ..Run::new(Input::Ids(src))
         };
         let Response { final_states, .. } = self.encoder.forward(&run)?;
-        let spec = &self.encoder.model().spec;
-        if !spec.bidirectional {
-            return Ok(final_states);
+        Ok(self.bridge(final_states))
+    }
+
+    /// The encoder's final states as the decoder's initial states (the module doc's bridge).
+    fn bridge(&self, states: Vec<Tensor>) -> Vec<Tensor> {
+        if !self.encoder.model().spec.bidirectional {
+            return states;
         }
         // (layers·2, B, n) -> (layers, B, 2n): each layer's two directions side by side.
-        Ok(final_states
+        states
             .into_iter()
             .map(|s| {
                 let [ld, b, n] = [s.shape[0], s.shape[1], s.shape[2]];
@@ -279,7 +283,83 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
                     data,
                 }
             })
-            .collect())
+            .collect()
+    }
+
+    /// The bridge backwards: gradients of the decoder's initial states as gradients of the
+    /// encoder's final states.
+    fn unbridge(&self, grads: Vec<Tensor>) -> Vec<Tensor> {
+        if !self.encoder.model().spec.bidirectional {
+            return grads;
+        }
+        grads
+            .into_iter()
+            .map(|g| {
+                let [l, b, n2] = [g.shape[0], g.shape[1], g.shape[2]];
+                let n = n2 / 2;
+                let mut data = vec![0.0; g.data.len()];
+                for layer in 0..l {
+                    for r in 0..b {
+                        for d in 0..2 {
+                            let from = (layer * b + r) * n2 + d * n;
+                            let to = ((2 * layer + d) * b + r) * n;
+                            data[to..to + n].copy_from_slice(&g.data[from..from + n]);
+                        }
+                    }
+                }
+                Tensor {
+                    shape: vec![2 * l, b, n],
+                    data,
+                }
+            })
+            .collect()
+    }
+
+    /// The teacher-forced training loss: the decoder reads `tgt_in` (the target shifted right,
+    /// starting with the start token) from the encoded `src`, and its logits are scored against
+    /// `tgt_out` by the mean cross-entropy with `ignore` (see [`BoundModel::loss`]); the
+    /// gradients of every parameter of both parts, named `encoder.…` and `decoder.…`, flow back
+    /// through the bridge into the encoder.
+    pub fn loss(
+        &self,
+        src: &Ids,
+        src_lengths: Option<&[i64]>,
+        tgt_in: &Ids,
+        tgt_out: &Ids,
+        ignore: i64,
+    ) -> Result<Loss> {
+        let run = Run {
+            lengths: src_lengths,
+            ..Run::new(Input::Ids(src))
+        };
+        let (encoded, tape) = self.encoder.forward_train(&run)?;
+        let zeros = Tensor::zeros(encoded.output.shape.clone());
+        let init = self.bridge(encoded.final_states);
+        let dec_run = Run {
+            initial_states: init.iter().map(Some).collect(),
+            ..Run::new(Input::Ids(tgt_in))
+        };
+        let dec = self.decoder.loss(&dec_run, tgt_out, ignore)?;
+        let d_final = self.unbridge(dec.grads.initial_states);
+        let d_final: Vec<Option<&Tensor>> = d_final.iter().map(Some).collect();
+        let enc = self.encoder.backward(tape, &zeros, &d_final)?;
+        let mut params = BTreeMap::new();
+        for (n, g) in enc.params {
+            params.insert(format!("encoder.{n}"), g);
+        }
+        for (n, g) in dec.grads.params {
+            params.insert(format!("decoder.{n}"), g);
+        }
+        Ok(Loss {
+            loss: dec.loss,
+            counted: dec.counted,
+            final_states: dec.final_states,
+            grads: ModelGrads {
+                params,
+                input: None,
+                initial_states: Vec::new(),
+            },
+        })
     }
 
     /// Greedy decoding of `src` (see the module doc): the tokens, `(B, decode.steps)`.

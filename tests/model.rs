@@ -1,0 +1,297 @@
+//! Models around a stack against PyTorch (`tests/fixtures/model/`, made by
+//! `make_model_cases.py`): an embedding, a stack and a linear head trained by the mean
+//! cross-entropy with an ignore index, and teacher-forced encoder-decoders (a bidirectional
+//! encoder through the bridge; a two-layer encoder over packed sources). The loss, the logits
+//! and every gradient, on the interpreter and on the JIT.
+
+use rnn::ir::model::{BoundModel, Ids, Input, Model, Recurrent, Run};
+use rnn::ir::seq2seq::{BoundSeq2Seq, Seq2Seq};
+use rnn::ir::{Error, Exec, Program, Tensor, Weights, npy, weights};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+mod common;
+use common::assert_close;
+
+const RTOL: f64 = 1e-5;
+const ATOL: f64 = 1e-6;
+
+fn dir(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/model")
+        .join(case)
+}
+
+fn read(case: &str, file: &str) -> Vec<u8> {
+    std::fs::read(dir(case).join(file)).unwrap()
+}
+
+fn ids(case: &str, file: &str) -> Ids {
+    let (shape, data) = npy::read_i64(&read(case, file)).unwrap();
+    Ids::new(shape, data).unwrap()
+}
+
+fn meta(case: &str) -> serde_json::Value {
+    serde_json::from_slice(&read(case, "meta.json")).unwrap()
+}
+
+fn weights_of(case: &str) -> Weights {
+    Weights {
+        tensors: weights::read_safetensors(&read(case, "weights.safetensors")).unwrap(),
+    }
+}
+
+fn expected(case: &str) -> BTreeMap<String, Tensor> {
+    weights::read_safetensors(&read(case, "expected.safetensors")).unwrap()
+}
+
+/// The declaration of a language-model case.
+fn declaration(m: &serde_json::Value) -> String {
+    let cell = match m["cell"].as_str().unwrap() {
+        "rnn_tanh" => "rnn",
+        other => other,
+    };
+    let vocab = match m["vocab"].as_u64().unwrap() {
+        0 => String::new(),
+        v => format!("vocab: {v}, "),
+    };
+    format!(
+        "{cell} {{ {vocab}input: {}, hidden: {}, layers: {}, bidirectional: {}, batch_first: {}, head: {} }}",
+        m["input"], m["hidden"], m["layers"], m["bidirectional"], m["batch_first"], m["head"]
+    )
+}
+
+const LM_CASES: [&str; 3] = [
+    "lm_lstm_2layer",
+    "gru_bidir_features_batch_first",
+    "rnn_lm_batch_first",
+];
+
+fn check_lm<R: Recurrent>(case: &str, bound: &BoundModel<'_, R>, backend: &str) {
+    let m = meta(case);
+    let want = expected(case);
+    let targets = ids(case, "targets.npy");
+    let ignore = m["ignore_index"].as_i64().unwrap();
+    let features;
+    let tokens;
+    let input = if m["vocab"].as_u64().unwrap() == 0 {
+        features = npy::read_f32(&read(case, "input.npy")).unwrap();
+        Input::Features(&features)
+    } else {
+        tokens = ids(case, "input.npy");
+        Input::Ids(&tokens)
+    };
+    let run = Run::new(input);
+    let what = |n: &str| format!("{case} ({backend}): {n}");
+    let logits = bound.forward(&run).unwrap();
+    assert_close(&what("logits"), &logits.output, &want["logits"], RTOL, ATOL);
+    let loss = bound.loss(&run, &targets, ignore).unwrap();
+    let expected_loss = want["loss"].data[0] as f64;
+    assert!(
+        (loss.loss - expected_loss).abs() <= 1e-5 * expected_loss.abs(),
+        "{}: {} against PyTorch's {expected_loss}",
+        what("loss"),
+        loss.loss
+    );
+    let counted = targets.data.iter().filter(|&&t| t != ignore).count();
+    assert_eq!(loss.counted, counted);
+    let names: Vec<String> = bound
+        .model()
+        .parameters()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(loss.grads.params.len(), names.len());
+    for name in names {
+        assert_close(
+            &what(&format!("grad.{name}")),
+            &loss.grads.params[&name],
+            &want[&format!("grad.{name}")],
+            RTOL,
+            ATOL,
+        );
+    }
+    match (&loss.grads.input, want.get("grad.input")) {
+        (Some(g), Some(w)) => assert_close(&what("grad.input"), g, w, RTOL, ATOL),
+        (None, None) => {}
+        (g, w) => panic!("{}: {g:?} against {w:?}", what("grad.input")),
+    }
+}
+
+#[test]
+fn language_models_match_pytorch_on_the_interpreter() {
+    for case in LM_CASES {
+        let model = Model::compile(&rnn::parse_str(&declaration(&meta(case))).unwrap()).unwrap();
+        let bound = model
+            .bind_interp(&weights_of(case), Exec::default())
+            .unwrap();
+        check_lm(case, &bound, "interp");
+    }
+}
+
+#[test]
+fn language_models_match_pytorch_on_the_jit() {
+    for case in LM_CASES {
+        let model = Model::compile(&rnn::parse_str(&declaration(&meta(case))).unwrap()).unwrap();
+        let bound = model.bind(&weights_of(case), rnn::jit::bind_stack).unwrap();
+        check_lm(case, &bound, "jit");
+    }
+}
+
+const SEQ2SEQ_CASES: [&str; 2] = ["seq2seq_gru_bidir", "seq2seq_lstm_2layer_packed"];
+
+/// Checks the teacher-forced loss of `case` and its gradients on `backend` (`interp`, `jit`).
+fn check_seq2seq(case: &str, backend: &str) {
+    let w = weights_of(case);
+    let model = Seq2Seq::from_state_dict(&w, None).unwrap();
+    assert_eq!(
+        model.encoder.spec.bidirectional,
+        meta(case)["bidirectional"] == true
+    );
+    match backend {
+        "interp" => compare_seq2seq(
+            case,
+            &model,
+            &model.bind_interp(&w, Exec::default()).unwrap(),
+            backend,
+        ),
+        _ => compare_seq2seq(
+            case,
+            &model,
+            &model.bind(&w, rnn::jit::bind_stack).unwrap(),
+            backend,
+        ),
+    }
+}
+
+fn compare_seq2seq<R: Recurrent>(
+    case: &str,
+    model: &Seq2Seq,
+    bound: &BoundSeq2Seq<'_, R>,
+    backend: &str,
+) {
+    let want = expected(case);
+    let lengths = dir(case)
+        .join("src_lengths.npy")
+        .exists()
+        .then(|| npy::read_i64(&read(case, "src_lengths.npy")).unwrap().1);
+    let loss = bound
+        .loss(
+            &ids(case, "src.npy"),
+            lengths.as_deref(),
+            &ids(case, "tgt_in.npy"),
+            &ids(case, "tgt_out.npy"),
+            -100,
+        )
+        .unwrap();
+    let expected_loss = want["loss"].data[0] as f64;
+    assert!(
+        (loss.loss - expected_loss).abs() <= 1e-5 * expected_loss.abs(),
+        "{case} ({backend}): loss {} against PyTorch's {expected_loss}",
+        loss.loss
+    );
+    assert_eq!(loss.grads.params.len(), model.parameters().len());
+    for (name, _) in model.parameters() {
+        assert_close(
+            &format!("{case} ({backend}): grad.{name}"),
+            &loss.grads.params[&name],
+            &want[&format!("grad.{name}")],
+            RTOL,
+            ATOL,
+        );
+    }
+}
+
+#[test]
+fn teacher_forced_seq2seq_matches_pytorch_on_the_interpreter() {
+    for case in SEQ2SEQ_CASES {
+        check_seq2seq(case, "interp");
+    }
+}
+
+#[test]
+fn teacher_forced_seq2seq_matches_pytorch_on_the_jit() {
+    for case in SEQ2SEQ_CASES {
+        check_seq2seq(case, "jit");
+    }
+}
+
+#[test]
+fn bad_model_inputs_are_typed_errors() {
+    let case = "lm_lstm_2layer";
+    let model = Model::compile(&rnn::parse_str(&declaration(&meta(case))).unwrap()).unwrap();
+    let bound = model
+        .bind_interp(&weights_of(case), Exec::default())
+        .unwrap();
+    let x = ids(case, "input.npy");
+    let targets = ids(case, "targets.npy");
+    // An input id outside the vocabulary of 11; a target outside the 11 classes.
+    let mut bad = x.clone();
+    bad.data[4] = 11;
+    let err = bound.forward(&Run::new(Input::Ids(&bad))).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Token {
+                index: 4,
+                found: 11,
+                vocab: 11,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let mut bad = targets.clone();
+    bad.data[1] = -7;
+    let err = bound
+        .loss(&Run::new(Input::Ids(&x)), &bad, -100)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Token { ref name, found: -7, .. } if name == "targets"),
+        "{err:?}"
+    );
+    // Targets of another shape; every target ignored; an ignore index beyond 2^24.
+    let short = Ids::new(vec![1, 3], vec![0, 1, 2]).unwrap();
+    let err = bound
+        .loss(&Run::new(Input::Ids(&x)), &short, -100)
+        .unwrap_err();
+    assert!(matches!(err, Error::TensorShape { .. }), "{err:?}");
+    let none = Ids::new(targets.shape.clone(), vec![-100; targets.data.len()]).unwrap();
+    let err = bound
+        .loss(&Run::new(Input::Ids(&x)), &none, -100)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("every target is the ignore index"),
+        "{err}"
+    );
+    let err = bound
+        .loss(&Run::new(Input::Ids(&x)), &targets, 1 << 30)
+        .unwrap_err();
+    assert!(err.to_string().contains("2^24"), "{err}");
+    // Features to a model that embeds ids.
+    let f = Tensor::zeros(vec![6, 3, 5]);
+    let err = bound.forward(&Run::new(Input::Features(&f))).unwrap_err();
+    assert!(err.to_string().contains("give it ids"), "{err}");
+    // Ids of one dimension; the wrong count.
+    assert!(Ids::new(vec![6], vec![0; 6]).is_err());
+    assert!(Ids::new(vec![2, 3], vec![0; 5]).is_err());
+    // Weights of another model: a stack's names without the `rnn.` prefix.
+    let w = weights_of(case);
+    let stripped = w.clone().strip_prefix("rnn.").unwrap();
+    assert!(matches!(
+        model.bind_interp(&stripped, Exec::default()),
+        Err(Error::MissingTensor { .. })
+    ));
+    // A Program refuses a declaration with layers around its stack, naming Model.
+    let spec = rnn::parse_str("lstm { vocab: 4, input: 2, hidden: 3, head: 4 }").unwrap();
+    let err = Program::compile(&spec).unwrap_err();
+    assert!(err.to_string().contains("Model::compile"), "{err}");
+    // Past a sequence's length a target must be ignored.
+    let lengths = [6i64, 2, 6];
+    let run = Run {
+        lengths: Some(&lengths),
+        ..Run::new(Input::Ids(&x))
+    };
+    let err = bound.loss(&run, &targets, -100).unwrap_err();
+    assert!(err.to_string().contains("past its length"), "{err}");
+}
