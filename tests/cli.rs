@@ -1592,3 +1592,141 @@ fn inspect_clif_prints_every_kernel_the_jit_compiles() {
     // The step's gate math is vector code.
     assert!(text.contains("f32x4"));
 }
+
+/// `rnnc seq2seq` on the shared fixture with `extra` flags, writing to `out`.
+fn seq2seq_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let dir = fixtures().join("seq2seq_greedy");
+    let mut args: Vec<String> = [
+        "seq2seq",
+        "--weights",
+        path_str(&dir.join("weights.safetensors")),
+        "--src",
+        path_str(&dir.join("src.npy")),
+        "--steps",
+        "5",
+        "--sos",
+        "1",
+        "--out",
+        path_str(out),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+#[test]
+fn rnnc_seq2seq_decodes_the_fixture_to_pytorchs_tokens_on_every_backend() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = std::fs::read(fixtures().join("seq2seq_greedy/expected_tokens.npy")).unwrap();
+    let (shape, want) = npy::read_i64(&expected).unwrap();
+    for extra in [
+        vec!["--backend", "interp"],
+        vec!["--backend", "jit"],
+        vec!["--backend", "jit", "--beam", "1"],
+        vec!["--beam", "1", "--length-penalty", "0"],
+    ] {
+        let out = tmp.path().join("tokens.npy");
+        let args = seq2seq_args(&out, &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = rnnc(&args);
+        assert!(
+            o.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let (got_shape, got) = npy::read_i64(&std::fs::read(&out).unwrap()).unwrap();
+        assert_eq!((got_shape, got), (shape.clone(), want.clone()), "{extra:?}");
+    }
+    // A wider beam writes tokens of the same shape, ending in the end token once produced.
+    let out = tmp.path().join("beam.npy");
+    let args = seq2seq_args(&out, &["--beam", "4", "--eos", "21", "--backend", "jit"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = rnnc(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (got_shape, got) = npy::read_i64(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(got_shape, shape);
+    for row in got.chunks(5) {
+        if let Some(first) = row.iter().position(|&t| t == 21) {
+            assert!(row[first..].iter().all(|&t| t == 21), "{row:?}");
+        }
+    }
+}
+
+#[test]
+fn rnnc_seq2seq_bad_inputs_exit_2_naming_the_culprit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("t.npy");
+    let bad_src = tmp.path().join("bad_src.npy");
+    std::fs::write(&bad_src, npy::write_i64(&[2, 3], &[1, 2, 3, 4, 50, 6])).unwrap();
+    let empty_src = tmp.path().join("empty.npy");
+    std::fs::write(&empty_src, npy::write_i64(&[2, 0], &[])).unwrap();
+    let vector_src = tmp.path().join("vector.npy");
+    std::fs::write(&vector_src, npy::write_i64(&[3], &[1, 2, 3])).unwrap();
+    let lstm = fixtures().join("lstm_basic/weights.safetensors");
+    let src_flag = |p: &Path| vec!["--src".to_string(), path_str(p).to_string()];
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--sos".into(), "60".into()],
+            "--sos: `sos` holds the token id 60",
+        ),
+        (
+            vec!["--eos".into(), "-2".into()],
+            "--eos: `eos` holds the token id -2",
+        ),
+        (
+            vec!["--beam".into(), "0".into()],
+            "--beam: the beam width must be at least 1",
+        ),
+        (
+            vec![
+                "--beam".into(),
+                "2".into(),
+                "--length-penalty".into(),
+                "-1".into(),
+            ],
+            "--length-penalty",
+        ),
+        (
+            src_flag(&bad_src),
+            "holds the token id 50 at flat index 4, outside the vocabulary of 50",
+        ),
+        (src_flag(&empty_src), "hold no token"),
+        (
+            src_flag(&vector_src),
+            "the source must be token ids (batch, src_len)",
+        ),
+        (
+            vec!["--weights".into(), path_str(&lstm).into()],
+            "missing tensor `encoder.embedding.weight`",
+        ),
+        (
+            vec![
+                "--out".into(),
+                path_str(&fixtures().join("seq2seq_greedy/src.npy")).into(),
+            ],
+            "would overwrite an input",
+        ),
+    ];
+    for (extra, message) in cases {
+        // A later flag replaces an earlier one of the same name only for --src/--weights/--out,
+        // which clap refuses to repeat: build the argument list with the replacement in place.
+        let mut args = seq2seq_args(&out, &[]);
+        let mut i = 0;
+        while i < extra.len() {
+            let flag = &extra[i];
+            match args.iter().position(|a| a == flag) {
+                Some(at) => args[at + 1] = extra[i + 1].clone(),
+                None => args.extend([flag.clone(), extra[i + 1].clone()]),
+            }
+            i += 2;
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = rnnc(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(message), "{extra:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+}

@@ -6,6 +6,8 @@
 //! - `rnnc init`: initial weights for a declared model, with its parameters' names.
 //! - `rnnc inspect`: a model's spec, parameter count and compiled IR.
 //! - `rnnc bench`: the workloads W1–W6.
+//! - `rnnc seq2seq`: decode source token ids with an encoder-decoder's PyTorch state dict
+//!   (greedy, or beam search), tokens out as int64 `.npy`.
 //! - `rnnc` alone: a short demonstration (parameter counts and vanishing gradients).
 //!
 //! Any bad input (command-line mistakes included) exits with code 2 and one line on stderr
@@ -98,6 +100,55 @@ enum Command {
     Emit(EmitArgs),
     /// Time the workloads W1–W6 (all when none is named).
     Bench(BenchArgs),
+    /// Decode source token ids with an encoder-decoder (a PyTorch state dict with
+    /// `encoder.embedding`, `encoder.rnn`, `decoder.embedding`, `decoder.rnn`, `decoder.fc`):
+    /// greedy, or beam search with `--beam`; the tokens are written as int64 (batch, steps).
+    Seq2seq(Seq2seqArgs),
+}
+
+#[derive(Args)]
+struct Seq2seqArgs {
+    /// The weights (safetensors, float32): the encoder-decoder's `state_dict`.
+    #[arg(long, value_name = "W.safetensors")]
+    weights: PathBuf,
+    /// The source token ids, integer `.npy` (batch, src_len).
+    #[arg(long, value_name = "S.npy")]
+    src: PathBuf,
+    /// Per-sequence source lengths, integer `.npy` (batch,): packed sources.
+    #[arg(long, value_name = "L.npy")]
+    src_lengths: Option<PathBuf>,
+    /// Tokens to produce per sequence (at least 1).
+    #[arg(long, value_parser = at_least_one)]
+    steps: usize,
+    /// The start token fed to the decoder first.
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
+    sos: i64,
+    /// The end token: a sequence that produces it produces it again at every later step, and
+    /// decoding stops once every sequence has.
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
+    eos: Option<i64>,
+    /// Beam search with this many hypotheses per sequence (1 is greedy decoding).
+    #[arg(long, value_name = "N")]
+    beam: Option<usize>,
+    /// The length normalisation of beam search: hypotheses are ranked by their summed
+    /// log-probability divided by length^ALPHA (0: the raw sum).
+    #[arg(
+        long,
+        value_name = "ALPHA",
+        default_value_t = 1.0,
+        requires = "beam",
+        allow_negative_numbers = true
+    )]
+    length_penalty: f64,
+    /// Where to write the tokens, int64 `.npy` (batch, steps); never one of the inputs.
+    #[arg(long, value_name = "T.npy")]
+    out: PathBuf,
+    /// The cell, where the weights' shapes do not settle it (an RNN's nonlinearity).
+    #[arg(long, value_enum)]
+    cell: Option<Cell>,
+    /// The backend that runs the encoder's and the decoder's recurrent stacks.
+    #[arg(long, value_enum, default_value = "interp")]
+    backend: Backend,
 }
 
 #[derive(Args)]
@@ -314,6 +365,7 @@ fn main() -> ExitCode {
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Emit(args)) => emit(&args),
         Some(Command::Bench(args)) => run_bench(&args),
+        Some(Command::Seq2seq(args)) => seq2seq(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -670,6 +722,105 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     let given: Vec<bool> = state_paths.iter().map(Option::is_some).collect();
     let results = out.into_named(states, &given);
     let bytes = weights::write_safetensors(&results).map_err(|e| fail(out_path, e))?;
+    std::fs::write(out_path, bytes).map_err(|e| fail(out_path, e))
+}
+
+fn seq2seq(args: &Seq2seqArgs) -> Result<(), Failure> {
+    use rnn::ir::model::{Ids, Recurrent};
+    use rnn::ir::seq2seq::{Beam, BoundSeq2Seq, Decode, Seq2Seq};
+    let (weights_path, src_path, out_path) = (
+        args.weights.as_path(),
+        args.src.as_path(),
+        args.out.as_path(),
+    );
+    let mut inputs: Vec<(String, &Path)> = vec![
+        ("--weights".into(), weights_path),
+        ("--src".into(), src_path),
+    ];
+    inputs.extend(
+        args.src_lengths
+            .as_deref()
+            .map(|p| ("--src-lengths".to_string(), p)),
+    );
+    refuse_overwrite(out_path, &inputs)?;
+    let weights = Weights {
+        tensors: weights::read_safetensors(&read(weights_path)?)
+            .map_err(|e| fail(weights_path, e))?,
+    };
+    let model = Seq2Seq::from_state_dict(&weights, args.cell.map(Cell::kind))
+        .map_err(|e| fail(weights_path, e))?;
+    let (shape, data) = npy::read_i64(&read(src_path)?).map_err(|e| fail(src_path, e))?;
+    if shape.len() != 2 {
+        return Err(fail(
+            src_path,
+            format!("the source must be token ids (batch, src_len), found shape {shape:?}"),
+        ));
+    }
+    let src = Ids::new(shape, data).map_err(|e| fail(src_path, e))?;
+    let lengths = match args.src_lengths.as_deref() {
+        None => None,
+        Some(p) => {
+            let (shape, data) = npy::read_i64(&read(p)?).map_err(|e| fail(p, e))?;
+            if shape.len() != 1 {
+                return Err(fail(
+                    p,
+                    format!("lengths must be a vector (batch,), found shape {shape:?}"),
+                ));
+            }
+            Some(data)
+        }
+    };
+    let decode = Decode {
+        steps: args.steps,
+        sos: args.sos,
+        eos: args.eos,
+    };
+    fn go<R: Recurrent>(
+        bound: &BoundSeq2Seq<'_, R>,
+        src: &Ids,
+        lengths: Option<&[i64]>,
+        decode: &Decode,
+        beam: Option<Beam>,
+    ) -> rnn::ir::Result<Ids> {
+        match beam {
+            None => bound.greedy(src, lengths, decode),
+            Some(beam) => Ok(bound.beam(src, lengths, decode, &beam)?.0),
+        }
+    }
+    let beam = args.beam.map(|width| Beam {
+        width,
+        alpha: args.length_penalty,
+    });
+    let lengths = lengths.as_deref();
+    let tokens = match args.backend {
+        Backend::Interp => {
+            let bound = model
+                .bind_interp(&weights, Exec::default())
+                .map_err(|e| fail(weights_path, e))?;
+            go(&bound, &src, lengths, &decode, beam)
+        }
+        Backend::Jit => {
+            let bound = model
+                .bind(&weights, rnn::jit::bind_stack)
+                .map_err(|e| fail(weights_path, e))?;
+            go(&bound, &src, lengths, &decode, beam)
+        }
+    }
+    .map_err(|e| {
+        let place = match &e {
+            Error::Token { name, .. } if name == "sos" => "--sos".to_string(),
+            Error::Token { name, .. } if name == "eos" => "--eos".to_string(),
+            Error::Length { .. } => args
+                .src_lengths
+                .as_deref()
+                .map_or_else(|| "--src-lengths".into(), |p| p.display().to_string()),
+            Error::Argument(m) if m.contains("beam width") => "--beam".to_string(),
+            Error::Argument(m) if m.contains("normalisation") => "--length-penalty".to_string(),
+            _ => src_path.display().to_string(),
+        };
+        fail(Path::new(&place), e)
+    })?;
+    let bytes = npy::write_i64(&tokens.shape, &tokens.data);
     std::fs::write(out_path, bytes).map_err(|e| fail(out_path, e))
 }
 
