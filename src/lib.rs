@@ -34,6 +34,8 @@ pub mod bench;
 pub mod emit;
 #[doc(hidden)]
 pub mod rt;
+#[cfg(feature = "jit")]
+pub mod train;
 
 /// The Cranelift JIT: a model compiled at run time from a [`ModelSpec`], a
 /// `.rnn` text or a [`Program`]; bind PyTorch weights, then run many times with

@@ -38,10 +38,9 @@ pub struct Checkpoint {
     pub data_position: u64,
 }
 
-/// The parameters of `program` as one line: `name[shape] …`.
-fn fingerprint(program: &Program) -> String {
-    program
-        .parameters()
+/// Parameters as one line: `name[shape] …`.
+fn fingerprint(params: &[(String, Vec<usize>)]) -> String {
+    params
         .iter()
         .map(|(name, shape)| {
             let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
@@ -58,7 +57,14 @@ fn bad(m: String) -> Error {
 impl Checkpoint {
     /// The checkpoint as a safetensors file, its weights first checked against `program`.
     pub fn to_safetensors(&self, program: &Program) -> Result<Vec<u8>> {
-        self.weights.check(program)?;
+        self.to_safetensors_for(&program.parameters())
+    }
+
+    /// [`Checkpoint::to_safetensors`] for a model given by its parameters (names and shapes:
+    /// a [`crate::model::Model`]'s, an encoder-decoder's).
+    pub fn to_safetensors_for(&self, params: &[(String, Vec<usize>)]) -> Result<Vec<u8>> {
+        self.weights
+            .check_params(params.iter().map(|(n, s)| (n.as_str(), s.as_slice())))?;
         let mut tensors: BTreeMap<String, Tensor> = self
             .weights
             .tensors
@@ -67,7 +73,7 @@ impl Checkpoint {
             .collect();
         let mut meta: BTreeMap<String, String> = BTreeMap::new();
         meta.insert("format".into(), FORMAT.into());
-        meta.insert("model".into(), fingerprint(program));
+        meta.insert("model".into(), fingerprint(params));
         meta.insert("step".into(), self.step.to_string());
         meta.insert("data_position".into(), self.data_position.to_string());
         let mut put = |k: &str, v: String| meta.insert(k.into(), v);
@@ -125,6 +131,14 @@ impl Checkpoint {
     /// Reads a checkpoint that [`Checkpoint::to_safetensors`] wrote for `program` (or a model
     /// with the same parameters), checking that it is one.
     pub fn from_safetensors(bytes: &[u8], program: &Program) -> Result<Checkpoint> {
+        Self::from_safetensors_for(bytes, &program.parameters())
+    }
+
+    /// [`Checkpoint::from_safetensors`] for a model given by its parameters.
+    pub fn from_safetensors_for(
+        bytes: &[u8],
+        params: &[(String, Vec<usize>)],
+    ) -> Result<Checkpoint> {
         let (mut tensors, meta) = read_safetensors_with(bytes)?;
         let get = |k: &str| -> Result<&str> {
             meta.get(k).map(String::as_str).ok_or_else(|| {
@@ -139,7 +153,7 @@ impl Checkpoint {
                 get("format")?
             )));
         }
-        let mine = fingerprint(program);
+        let mine = fingerprint(params);
         let theirs = get("model")?;
         if theirs != mine {
             let first = theirs
@@ -199,7 +213,7 @@ impl Checkpoint {
                 weights.tensors.insert(name.to_string(), t);
             }
         }
-        weights.check(program)?;
+        weights.check_params(params.iter().map(|(n, s)| (n.as_str(), s.as_slice())))?;
         for (key, value) in &meta {
             let Some(name) = key.strip_prefix("steps.") else {
                 continue;
