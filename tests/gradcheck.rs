@@ -8,7 +8,7 @@
 use rnn::bench::random_tensor;
 use rnn::ir::autodiff::backward;
 use rnn::ir::graph::{Graph, Op, OutRole, Role, Shape, Value};
-use rnn::ir::interp::eval_graph;
+use rnn::ir::interp::{Extent, eval_graph, eval_graph_with};
 use rnn::ir::spec::{BiasConvention, GruReset};
 use rnn::{CellKind, Exec, ModelSpec, Program, Request, Tensor, Weights, parse_str};
 use std::collections::HashMap;
@@ -39,23 +39,39 @@ fn random(n: usize, seed: u64) -> Vec<f64> {
 }
 
 fn len(shape: Shape) -> usize {
-    if shape.is_batched() {
-        ROWS * shape.row_len()
-    } else {
-        shape.row_len()
+    len_at(shape, ROWS, None)
+}
+
+/// Elements of a value of `shape` over `rows` rows and a memory of extent `e`.
+fn len_at(shape: Shape, rows: usize, e: Option<&Extent<'_>>) -> usize {
+    let positions = e.map_or(1, |e| e.positions);
+    match shape {
+        Shape::Memory(n) => positions * e.map_or(1, |e| e.batch) * n,
+        Shape::Pairs(n) => rows * positions * n,
+        s if s.is_batched() => rows * s.row_len(),
+        s => s.row_len(),
     }
 }
 
 /// Checks the autodiff gradient of every input of `g` (whose `Output` is the result) against
 /// central differences of `Σ output ⊙ G`.
 fn check_graph(g: &Graph, what: &str) {
+    check_graph_at(g, what, ROWS, None);
+}
+
+/// [`check_graph`] over `rows` rows and a memory of extent `extent`.
+fn check_graph_at(g: &Graph, what: &str, rows: usize, extent: Option<&Extent<'_>>) {
     let exec = Exec::default();
+    let len = |s: Shape| len_at(s, rows, extent);
+    let eval = |g: &Graph, inputs: &HashMap<Role, Vec<f64>>| {
+        eval_graph_with::<f64>(g, rows, inputs, &exec, extent).unwrap()
+    };
     let out = g.output(OutRole::Output).expect("an output");
     let mut inputs: HashMap<Role, Vec<f64>> = HashMap::new();
     for (i, v) in g.iter().enumerate() {
         if let Op::Input(role) = g.data(v).op {
             let x = match g.shape(v) {
-                Shape::Tokens => IDS.to_vec(),
+                Shape::Tokens => (0..rows).map(|r| IDS[r % ROWS]).collect(),
                 shape => random(len(shape), 100 + i as u64),
             };
             inputs.insert(role, x);
@@ -63,7 +79,7 @@ fn check_graph(g: &Graph, what: &str) {
     }
     let weight = random(len(g.shape(out)), 7);
     let loss = |inputs: &HashMap<Role, Vec<f64>>| -> f64 {
-        let vals = eval_graph::<f64>(g, ROWS, inputs, &exec).unwrap();
+        let vals = eval(g, inputs);
         vals[out.index()]
             .iter()
             .zip(&weight)
@@ -72,7 +88,7 @@ fn check_graph(g: &Graph, what: &str) {
     };
 
     let b = backward(g).unwrap();
-    let fwd = eval_graph::<f64>(g, ROWS, &inputs, &exec).unwrap();
+    let fwd = eval(g, &inputs);
     let mut b_inputs: HashMap<Role, Vec<f64>> = HashMap::new();
     for v in b.iter() {
         if let Op::Input(role) = b.data(v).op {
@@ -85,7 +101,7 @@ fn check_graph(g: &Graph, what: &str) {
             b_inputs.insert(role, x);
         }
     }
-    let grads = eval_graph::<f64>(&b, ROWS, &b_inputs, &exec).unwrap();
+    let grads = eval(&b, &b_inputs);
     for v in g.iter() {
         let Op::Input(role) = g.data(v).op else {
             continue;
@@ -99,6 +115,7 @@ fn check_graph(g: &Graph, what: &str) {
             Role::Param(p) => OutRole::ParamGrad(p),
             Role::Input => OutRole::InputGrad,
             Role::State(k) => OutRole::StateGrad(k),
+            Role::Memory => OutRole::MemoryGrad,
             _ => unreachable!(),
         };
         let analytic = &grads[b.output(grad_role).unwrap().index()];
@@ -874,4 +891,131 @@ fn ids_are_not_numbers_to_compute_with() {
     assert!(g.slice(ids, 0, 1).is_err());
     let w = g.param("W", Shape::Matrix(2, 1));
     assert!(g.matmul(w, ids).is_err());
+}
+
+/// A decoder-side graph over `T = 2` steps of `B = 2` sequences (4 rows) and a memory of 3
+/// source positions, the second sequence's source 2 long: `h: batch[3]`, `M: memory[4]`.
+fn attention_check(what: &str, f: impl FnOnce(&mut Graph, Value, Value) -> Value) {
+    let mut g = Graph::new();
+    let h = g.x(3);
+    let m = g.input_value(Role::Memory, Shape::Memory(4), Some("M".into()));
+    let y = f(&mut g, h, m);
+    g.set_output(OutRole::Output, y);
+    let lengths = [3, 2];
+    let extent = Extent {
+        positions: 3,
+        batch: 2,
+        lengths: Some(&lengths),
+    };
+    check_graph_at(&g, what, 4, Some(&extent));
+}
+
+#[test]
+fn luong_general_attention_gradient() {
+    // s = (W_a M)·h, a = softmax over the valid positions, c = Σ a M, h̃ = tanh(W_c [c; h])
+    attention_check("general attention", |g, h, m| {
+        let wa = g.param("W_a", Shape::Matrix(3, 4));
+        let k = g.matmul(wa, m).unwrap();
+        let s = g.push(Op::PairDot, &[k, h]).unwrap();
+        let a = g.push(Op::SoftmaxPositions, &[s]).unwrap();
+        let c = g.push(Op::Context, &[a, m]).unwrap();
+        let ch = g.push(Op::Concat, &[c, h]).unwrap();
+        let wc = g.param("W_c", Shape::Matrix(3, 7));
+        let z = g.matmul(wc, ch).unwrap();
+        g.tanh(z).unwrap()
+    });
+}
+
+#[test]
+fn additive_attention_gradient() {
+    // Bahdanau's score: v · tanh(W_1 M + W_2 h + b), then the context.
+    attention_check("additive attention", |g, h, m| {
+        let w1 = g.param("W_1", Shape::Matrix(5, 4));
+        let w2 = g.param("W_2", Shape::Matrix(5, 3));
+        let bias = g.param("b", Shape::Vector(5));
+        let v = g.param("v", Shape::Matrix(1, 5));
+        let k = g.matmul(w1, m).unwrap();
+        let kb = g.add(k, bias).unwrap();
+        let q = g.matmul(w2, h).unwrap();
+        let kp = g.push(Op::MemoryToPairs, &[kb]).unwrap();
+        let qp = g.push(Op::SpreadPositions, &[q]).unwrap();
+        let sum = g.add(kp, qp).unwrap();
+        let t = g.tanh(sum).unwrap();
+        let s = g.matmul(v, t).unwrap();
+        let a = g.push(Op::SoftmaxPositions, &[s]).unwrap();
+        g.push(Op::Context, &[a, m]).unwrap()
+    });
+}
+
+#[test]
+fn the_backward_attention_ops_have_gradients_too() {
+    // context_t, pairs_to_memory and sum_positions, differentiated themselves.
+    attention_check("context_t / pairs_to_memory / sum_positions", |g, h, m| {
+        let w = g.param("W", Shape::Matrix(4, 3));
+        let hw = g.matmul(w, h).unwrap(); // batch[4]
+        let s = g.push(Op::PairDot, &[m, hw]).unwrap();
+        let y = g.push(Op::ContextT, &[s, hw]).unwrap(); // memory[4]
+        let p = g.push(Op::MemoryToPairs, &[y]).unwrap();
+        let back = g.push(Op::PairsToMemory, &[p]).unwrap();
+        let ym = g.mul(back, m).unwrap();
+        let c = g.push(Op::Context, &[s, ym]).unwrap();
+        let sp = g.push(Op::SpreadPositions, &[c]).unwrap();
+        let t = g.tanh(sp).unwrap();
+        g.push(Op::SumPositions, &[t]).unwrap()
+    });
+}
+
+#[test]
+fn masked_positions_weigh_nothing_and_get_no_gradient() {
+    // The second sequence's third position is past its length: its weight is exactly 0 and
+    // the memory there gets no gradient.
+    let mut g = Graph::new();
+    let h = g.x(4);
+    let m = g.input_value(Role::Memory, Shape::Memory(4), Some("M".into()));
+    let s = g.push(Op::PairDot, &[m, h]).unwrap();
+    let a = g.push(Op::SoftmaxPositions, &[s]).unwrap();
+    let c = g.push(Op::Context, &[a, m]).unwrap();
+    g.set_output(OutRole::Output, c);
+    let lengths = [3, 2];
+    let extent = Extent {
+        positions: 3,
+        batch: 2,
+        lengths: Some(&lengths),
+    };
+    let exec = Exec::default();
+    let mut inputs = HashMap::new();
+    inputs.insert(Role::Input, random(16, 1));
+    inputs.insert(Role::Memory, random(24, 2));
+    let vals = eval_graph_with::<f64>(&g, 4, &inputs, &exec, Some(&extent)).unwrap();
+    let w = &vals[a.index()];
+    for r in 0..4 {
+        let row = &w[r * 3..r * 3 + 3];
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        if r % 2 == 1 {
+            assert_eq!(row[2], 0.0, "row {r} weighs a masked position");
+        }
+    }
+    let b = backward(&g).unwrap();
+    let mut b_inputs = HashMap::new();
+    for v in b.iter() {
+        if let Op::Input(role) = b.data(v).op {
+            let x = match role {
+                Role::Saved(sv) => vals[sv.index()].clone(),
+                Role::Cotangent(OutRole::Output) => vec![1.0; 16],
+                other => inputs[&other].clone(),
+            };
+            b_inputs.insert(role, x);
+        }
+    }
+    let grads = eval_graph_with::<f64>(&b, 4, &b_inputs, &exec, Some(&extent)).unwrap();
+    let dm = &grads[b.output(OutRole::MemoryGrad).unwrap().index()];
+    // Position 2 of sequence 1 is memory row 2 · 2 + 1 = 5.
+    assert!(
+        dm[5 * 4..6 * 4].iter().all(|&x| x == 0.0),
+        "{:?}",
+        &dm[20..24]
+    );
+    // Without an extent, a graph with a memory is refused.
+    let err = eval_graph::<f64>(&g, 4, &inputs, &exec).unwrap_err();
+    assert!(err.to_string().contains("extent"), "{err}");
 }

@@ -432,6 +432,75 @@ pub fn backward(f: &Graph) -> Result<Graph, IrError> {
             }
             // Ids are piecewise constant in `a`.
             Op::ArgMax => {}
+            // P = M at every row of its sequence:  dM = Σ_rows dP
+            Op::MemoryToPairs => {
+                let g = cx.push(Op::PairsToMemory, &[dv])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // M = Σ_rows P:  dP = dM at every row
+            Op::PairsToMemory => {
+                let g = cx.push(Op::MemoryToPairs, &[dv])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // P = q at every position:  dq = Σ_positions dP
+            Op::SpreadPositions => {
+                let g = cx.push(Op::SumPositions, &[dv])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // q = Σ_positions P:  dP = dq at every position
+            Op::SumPositions => {
+                let g = cx.push(Op::SpreadPositions, &[dv])?;
+                cx.accumulate(args[0], g)?;
+            }
+            // s[r, p] = M[p]·q[r]:  dq = Σ_p ds[r, p] M[p] (a context),  dM = Σ_r ds[r, p] q[r]
+            Op::PairDot => {
+                if need(1) {
+                    let m = cx.saved(args[0]);
+                    let g = cx.push(Op::Context, &[dv, m])?;
+                    cx.accumulate(args[1], g)?;
+                }
+                if need(0) {
+                    let q = cx.saved(args[1]);
+                    let g = cx.push(Op::ContextT, &[dv, q])?;
+                    cx.accumulate(args[0], g)?;
+                }
+            }
+            // c[r] = Σ_p a[r, p] M[p]:  da = M[p]·dc[r],  dM = Σ_r a[r, p] dc[r]
+            Op::Context => {
+                if need(0) {
+                    let m = cx.saved(args[1]);
+                    let g = cx.push(Op::PairDot, &[m, dv])?;
+                    cx.accumulate(args[0], g)?;
+                }
+                if need(1) {
+                    let a = cx.saved(args[0]);
+                    let g = cx.push(Op::ContextT, &[a, dv])?;
+                    cx.accumulate(args[1], g)?;
+                }
+            }
+            // Y[p] = Σ_r a[r, p] d[r]:  da = dY[p]·d[r],  dd = Σ_p a[r, p] dY[p]
+            Op::ContextT => {
+                if need(0) {
+                    let d = cx.saved(args[1]);
+                    let g = cx.push(Op::PairDot, &[dv, d])?;
+                    cx.accumulate(args[0], g)?;
+                }
+                if need(1) {
+                    let a = cx.saved(args[0]);
+                    let g = cx.push(Op::Context, &[a, dv])?;
+                    cx.accumulate(args[1], g)?;
+                }
+            }
+            // y = softmax over positions:  ds = y ⊙ (dy - Σ_positions y ⊙ dy) (0 where masked)
+            Op::SoftmaxPositions => {
+                let y = cx.saved(v);
+                let ydy = cx.push(Op::Mul, &[y, dv])?;
+                let sum = cx.push(Op::SumPositions, &[ydy])?;
+                let spread = cx.push(Op::SpreadPositions, &[sum])?;
+                let centred = cx.push(Op::Sub, &[dv, spread])?;
+                let g = cx.push(Op::Mul, &[y, centred])?;
+                cx.accumulate(args[0], g)?;
+            }
         }
     }
 
@@ -458,6 +527,9 @@ pub fn backward(f: &Graph) -> Result<Graph, IrError> {
             find(Role::State(k as u32)),
             Shape::Batch(*n),
         ));
+    }
+    if let Some(m) = f.input(Role::Memory) {
+        results.push((OutRole::MemoryGrad, find(Role::Memory), f.shape(m)));
     }
     for (role, g, shape) in results {
         let g = match g {

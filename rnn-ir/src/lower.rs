@@ -782,6 +782,8 @@ fn shape_words(s: Shape) -> String {
         Shape::Matrix(r, c) => format!("a [{r}, {c}] matrix"),
         Shape::Scalar => "a number".into(),
         Shape::Tokens => "token ids".into(),
+        Shape::Memory(n) => format!("a memory of {n} features"),
+        Shape::Pairs(n) => format!("{n} features per source position"),
     }
 }
 

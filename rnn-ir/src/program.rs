@@ -212,7 +212,7 @@ fn same_sizes(first: &CellProgram, cell: &CellProgram, layer: usize) -> Result<(
 pub fn shape_dims(s: Shape) -> Vec<usize> {
     match s {
         Shape::Scalar | Shape::Tokens => vec![],
-        Shape::Vector(n) | Shape::Batch(n) => vec![n],
+        Shape::Vector(n) | Shape::Batch(n) | Shape::Memory(n) | Shape::Pairs(n) => vec![n],
         Shape::Matrix(r, c) => vec![r, c],
     }
 }

@@ -61,18 +61,39 @@ pub enum Shape {
     /// [`Op::ScatterRows`], [`Op::ArgMax`]); arithmetic on ids is ill-typed, and no gradient
     /// flows into them.
     Tokens,
+    /// An attention's memory: `n` features at each source position of each sequence, `S × B`
+    /// rows of `n` at run time (source positions outer, `S` known only at run time). Only a
+    /// layer around the stack ([`crate::model`]) reads one.
+    Memory(usize),
+    /// `n` features for each (row, source position) pair: `rows × S` rows of `n`, row `r`'s
+    /// positions together (`Pairs(1)` holds an attention's scores and weights).
+    Pairs(usize),
 }
 
 impl Shape {
     /// Whether the value has one row per batch element.
     pub fn is_batched(self) -> bool {
-        matches!(self, Shape::Batch(_) | Shape::Tokens)
+        matches!(
+            self,
+            Shape::Batch(_) | Shape::Tokens | Shape::Memory(_) | Shape::Pairs(_)
+        )
+    }
+
+    /// The kind of rows a batched shape has (`Batch` and `Tokens` share the batch's rows;
+    /// a memory's and pairs' rows are their own), or `None` for an unbatched shape.
+    pub fn rows_kind(self) -> Option<u8> {
+        match self {
+            Shape::Batch(_) | Shape::Tokens => Some(0),
+            Shape::Memory(_) => Some(1),
+            Shape::Pairs(_) => Some(2),
+            _ => None,
+        }
     }
     /// The length of the leading feature axis: `n` for vectors and batches, rows for matrices.
     pub fn features(self) -> usize {
         match self {
             Shape::Scalar | Shape::Tokens => 1,
-            Shape::Vector(n) | Shape::Batch(n) => n,
+            Shape::Vector(n) | Shape::Batch(n) | Shape::Memory(n) | Shape::Pairs(n) => n,
             Shape::Matrix(r, _) => r,
         }
     }
@@ -83,6 +104,8 @@ impl Shape {
             Shape::Tokens => Shape::Tokens,
             Shape::Vector(_) => Shape::Vector(n),
             Shape::Batch(_) => Shape::Batch(n),
+            Shape::Memory(_) => Shape::Memory(n),
+            Shape::Pairs(_) => Shape::Pairs(n),
             Shape::Matrix(_, c) => Shape::Matrix(n, c),
         }
     }
@@ -98,7 +121,7 @@ impl Shape {
     pub fn row_len(self) -> usize {
         match self {
             Shape::Scalar | Shape::Tokens => 1,
-            Shape::Vector(n) | Shape::Batch(n) => n,
+            Shape::Vector(n) | Shape::Batch(n) | Shape::Memory(n) | Shape::Pairs(n) => n,
             Shape::Matrix(r, c) => r * c,
         }
     }
@@ -112,6 +135,8 @@ impl fmt::Display for Shape {
             Shape::Matrix(r, c) => write!(f, "[{r}, {c}]"),
             Shape::Batch(n) => write!(f, "batch[{n}]"),
             Shape::Tokens => write!(f, "tokens"),
+            Shape::Memory(n) => write!(f, "memory[{n}]"),
+            Shape::Pairs(n) => write!(f, "pairs[{n}]"),
         }
     }
 }
@@ -127,6 +152,8 @@ pub enum Role {
     State(u32),
     /// The target tokens of a loss (`Shape::Tokens`): what the output should have predicted.
     Target,
+    /// An attention's memory (`Shape::Memory`): the encoder's outputs.
+    Memory,
     /// (Backward graphs) the value `v` of the forward graph at this step.
     Saved(Value),
     /// (Backward graphs) the gradient flowing into the forward output with this role.
@@ -146,6 +173,8 @@ pub enum OutRole {
     InputGrad,
     /// (Backward graphs) the gradient of recurrent state `k` as it was before this step.
     StateGrad(u32),
+    /// (Backward graphs) the gradient of the attention's memory.
+    MemoryGrad,
 }
 
 /// An operation. Element-wise binary ops broadcast `Scalar` against anything, `Vector(n)`
@@ -244,6 +273,29 @@ pub enum Op {
     /// when several tie; a NaN counts as the largest (`torch.argmax`). No gradient flows
     /// through it.
     ArgMax,
+    /// `[m: Memory(n)] -> Pairs(n)`: each row's sequence's memory, position by position.
+    MemoryToPairs,
+    /// `[p: Pairs(n)] -> Memory(n)`: the pairs of each sequence's rows summed into its memory
+    /// (the backward of [`Op::MemoryToPairs`]).
+    PairsToMemory,
+    /// `[q: Batch(n)] -> Pairs(n)`: each row repeated at every source position.
+    SpreadPositions,
+    /// `[p: Pairs(n)] -> Batch(n)`: each row's pairs summed over the source positions (the
+    /// backward of [`Op::SpreadPositions`]).
+    SumPositions,
+    /// `[m: Memory(n), q: Batch(n)] -> Pairs(1)`: the dot product of each row with its
+    /// sequence's memory at every position (Luong's dot score).
+    PairDot,
+    /// `[a: Pairs(1), m: Memory(n)] -> Batch(n)`: each row's weighted sum of its sequence's
+    /// memory (an attention's context).
+    Context,
+    /// `[a: Pairs(1), d: Batch(n)] -> Memory(n)`: each row `d` spread over its sequence's
+    /// positions by its weights, summed over the sequence's rows (the memory's gradient of
+    /// [`Op::Context`]).
+    ContextT,
+    /// `[s: Pairs(1)] -> Pairs(1)`: a softmax over each row's source positions, the positions
+    /// past its sequence's source length weighing 0.
+    SoftmaxPositions,
 }
 
 impl Op {
@@ -284,6 +336,14 @@ impl Op {
             Op::Pick { .. } => "pick",
             Op::Place { .. } => "place",
             Op::ArgMax => "argmax",
+            Op::MemoryToPairs => "memory_to_pairs",
+            Op::PairsToMemory => "pairs_to_memory",
+            Op::SpreadPositions => "spread_positions",
+            Op::SumPositions => "sum_positions",
+            Op::PairDot => "pair_dot",
+            Op::Context => "context",
+            Op::ContextT => "context_t",
+            Op::SoftmaxPositions => "softmax_positions",
         }
     }
 
@@ -329,6 +389,30 @@ impl Op {
                 | Op::Pick { .. }
                 | Op::Place { .. }
                 | Op::ArgMax
+                | Op::MemoryToPairs
+                | Op::PairsToMemory
+                | Op::SpreadPositions
+                | Op::SumPositions
+                | Op::PairDot
+                | Op::Context
+                | Op::ContextT
+                | Op::SoftmaxPositions
+        )
+    }
+
+    /// Whether the op reads or makes an attention's memory or pairs, so that evaluating it
+    /// needs the memory's extent ([`crate::interp::Extent`]).
+    pub fn is_attention_op(&self) -> bool {
+        matches!(
+            self,
+            Op::MemoryToPairs
+                | Op::PairsToMemory
+                | Op::SpreadPositions
+                | Op::SumPositions
+                | Op::PairDot
+                | Op::Context
+                | Op::ContextT
+                | Op::SoftmaxPositions
         )
     }
 
@@ -358,14 +442,22 @@ impl Op {
             Op::MatMul => {
                 arity(2)?;
                 match (args[0], args[1]) {
-                    (Shape::Matrix(o, i), Shape::Batch(n)) if i == n => Ok(Shape::Batch(o)),
+                    (Shape::Matrix(o, i), Shape::Batch(n) | Shape::Memory(n) | Shape::Pairs(n))
+                        if i == n =>
+                    {
+                        Ok(args[1].with_features(o))
+                    }
                     (a, b) => Err(format!("matmul needs [o, i] @ batch[i], found {a} @ {b}")),
                 }
             }
             Op::MatMulT => {
                 arity(2)?;
                 match (args[0], args[1]) {
-                    (Shape::Matrix(o, i), Shape::Batch(n)) if o == n => Ok(Shape::Batch(i)),
+                    (Shape::Matrix(o, i), Shape::Batch(n) | Shape::Memory(n) | Shape::Pairs(n))
+                        if o == n =>
+                    {
+                        Ok(args[1].with_features(i))
+                    }
                     (a, b) => Err(format!(
                         "matmul_t needs [o, i] and batch[o], found {a} and {b}"
                     )),
@@ -374,14 +466,21 @@ impl Op {
             Op::OuterSum => {
                 arity(2)?;
                 match (args[0], args[1]) {
-                    (Shape::Batch(o), Shape::Batch(i)) => Ok(Shape::Matrix(o, i)),
+                    (a, b)
+                        if a.rows_kind().is_some()
+                            && a.rows_kind() == b.rows_kind()
+                            && a != Shape::Tokens
+                            && b != Shape::Tokens =>
+                    {
+                        Ok(Shape::Matrix(a.features(), b.features()))
+                    }
                     (a, b) => Err(format!("outer_sum needs two batches, found {a} and {b}")),
                 }
             }
             Op::SumRows => {
                 arity(1)?;
                 match args[0] {
-                    Shape::Batch(n) => Ok(Shape::Vector(n)),
+                    Shape::Batch(n) | Shape::Memory(n) | Shape::Pairs(n) => Ok(Shape::Vector(n)),
                     a => Err(format!("sum_rows needs a batch, found {a}")),
                 }
             }
@@ -428,8 +527,10 @@ impl Op {
             Op::SumFeatures => {
                 arity(1)?;
                 match args[0] {
-                    Shape::Vector(_) => Ok(Shape::Vector(1)),
-                    Shape::Batch(_) => Ok(Shape::Batch(1)),
+                    a @ (Shape::Vector(_)
+                    | Shape::Batch(_)
+                    | Shape::Memory(_)
+                    | Shape::Pairs(_)) => Ok(a.with_features(1)),
                     a => Err(format!(
                         "a sum over the features needs a vector or a batch, found {a}"
                     )),
@@ -439,8 +540,10 @@ impl Op {
                 arity(1)?;
                 match args[0] {
                     _ if n == 0 => Err("spread needs at least one feature".into()),
-                    Shape::Vector(1) => Ok(Shape::Vector(n as usize)),
-                    Shape::Batch(1) => Ok(Shape::Batch(n as usize)),
+                    a @ (Shape::Vector(1)
+                    | Shape::Batch(1)
+                    | Shape::Memory(1)
+                    | Shape::Pairs(1)) => Ok(a.with_features(n as usize)),
                     a => Err(format!("spread needs one feature, found {a}")),
                 }
             }
@@ -524,6 +627,68 @@ impl Op {
                     a => Err(format!("argmax needs a batch, found {a}")),
                 }
             }
+            Op::MemoryToPairs => {
+                arity(1)?;
+                match args[0] {
+                    Shape::Memory(n) => Ok(Shape::Pairs(n)),
+                    a => Err(format!("memory_to_pairs needs a memory, found {a}")),
+                }
+            }
+            Op::PairsToMemory => {
+                arity(1)?;
+                match args[0] {
+                    Shape::Pairs(n) => Ok(Shape::Memory(n)),
+                    a => Err(format!("pairs_to_memory needs pairs, found {a}")),
+                }
+            }
+            Op::SpreadPositions => {
+                arity(1)?;
+                match args[0] {
+                    Shape::Batch(n) => Ok(Shape::Pairs(n)),
+                    a => Err(format!("spread_positions needs a batch, found {a}")),
+                }
+            }
+            Op::SumPositions => {
+                arity(1)?;
+                match args[0] {
+                    Shape::Pairs(n) => Ok(Shape::Batch(n)),
+                    a => Err(format!("sum_positions needs pairs, found {a}")),
+                }
+            }
+            Op::PairDot => {
+                arity(2)?;
+                match (args[0], args[1]) {
+                    (Shape::Memory(m), Shape::Batch(n)) if m == n => Ok(Shape::Pairs(1)),
+                    (a, b) => Err(format!(
+                        "pair_dot needs memory[n] and batch[n], found {a} and {b}"
+                    )),
+                }
+            }
+            Op::Context => {
+                arity(2)?;
+                match (args[0], args[1]) {
+                    (Shape::Pairs(1), Shape::Memory(n)) => Ok(Shape::Batch(n)),
+                    (a, b) => Err(format!(
+                        "context needs pairs[1] and a memory, found {a} and {b}"
+                    )),
+                }
+            }
+            Op::ContextT => {
+                arity(2)?;
+                match (args[0], args[1]) {
+                    (Shape::Pairs(1), Shape::Batch(n)) => Ok(Shape::Memory(n)),
+                    (a, b) => Err(format!(
+                        "context_t needs pairs[1] and a batch, found {a} and {b}"
+                    )),
+                }
+            }
+            Op::SoftmaxPositions => {
+                arity(1)?;
+                match args[0] {
+                    Shape::Pairs(1) => Ok(Shape::Pairs(1)),
+                    a => Err(format!("softmax_positions needs pairs[1], found {a}")),
+                }
+            }
         }
     }
 }
@@ -539,6 +704,13 @@ pub fn broadcast(a: Shape, b: Shape) -> Option<Shape> {
         _ if a == b => Some(a),
         (Shape::Scalar, s) | (s, Shape::Scalar) => Some(s),
         (Shape::Matrix(..), _) | (_, Shape::Matrix(..)) => None,
+        // Rows of different kinds (a batch's, a memory's, pairs') do not pair up.
+        _ if a.rows_kind().is_some()
+            && b.rows_kind().is_some()
+            && a.rows_kind() != b.rows_kind() =>
+        {
+            None
+        }
         _ => {
             let (fa, fb) = (a.features(), b.features());
             let n = if fa == fb || fb == 1 {
@@ -548,10 +720,10 @@ pub fn broadcast(a: Shape, b: Shape) -> Option<Shape> {
             } else {
                 return None;
             };
-            Some(if a.is_batched() || b.is_batched() {
-                Shape::Batch(n)
-            } else {
-                Shape::Vector(n)
+            Some(match (a.rows_kind(), b.rows_kind()) {
+                (Some(_), _) => a.with_features(n),
+                (_, Some(_)) => b.with_features(n),
+                _ => Shape::Vector(n),
             })
         }
     }
@@ -593,7 +765,7 @@ impl ParamInfo {
         match self.shape {
             _ if self.scalar => Vec::new(),
             Shape::Scalar | Shape::Tokens => Vec::new(),
-            Shape::Vector(n) | Shape::Batch(n) => vec![n],
+            Shape::Vector(n) | Shape::Batch(n) | Shape::Memory(n) | Shape::Pairs(n) => vec![n],
             Shape::Matrix(r, c) => vec![r, c],
         }
     }

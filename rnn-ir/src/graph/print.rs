@@ -21,6 +21,7 @@ impl Graph {
             },
             Role::Input => "x".into(),
             Role::Target => "target".into(),
+            Role::Memory => "memory".into(),
             Role::State(k) => format!("state {}", self.state_name(k)),
             Role::Saved(v) => format!("saved {v}"),
             Role::Cotangent(o) => format!("d({})", self.out_role_name(o)),
@@ -38,6 +39,7 @@ impl Graph {
             },
             OutRole::InputGrad => "grad x".into(),
             OutRole::StateGrad(k) => format!("grad state {}", self.state_name(k)),
+            OutRole::MemoryGrad => "grad memory".into(),
         }
     }
 

@@ -91,6 +91,13 @@ pub fn verify(g: &Graph) -> Result<(), IrError> {
                 }
                 None => return Err(err(format!("gradient of undeclared parameter {p}"))),
             },
+            OutRole::MemoryGrad => {
+                if !matches!(shape, Shape::Memory(_)) {
+                    return Err(err(format!(
+                        "the memory's gradient must be a memory, found {shape}"
+                    )));
+                }
+            }
             OutRole::Output | OutRole::InputGrad => {
                 if !shape.is_batched() {
                     return Err(err(format!("{:?} must be batched, found {shape}", o.role)));
@@ -130,6 +137,15 @@ fn check_role(g: &Graph, role: Role, shape: Shape) -> Result<(), String> {
                 Err(format!(
                     "the step input is {}, its input is {shape}",
                     g.input_shape()
+                ))
+            }
+        }
+        Role::Memory => {
+            if matches!(shape, Shape::Memory(_)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "an attention's memory is a memory, its input is {shape}"
                 ))
             }
         }

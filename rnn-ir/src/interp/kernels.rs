@@ -180,6 +180,16 @@ pub fn eval<T: Real>(
     let threads = exec.threads;
     match op {
         Op::Input(_) | Op::Concat => unreachable!("inputs are fed and concats assembled"),
+        Op::MemoryToPairs
+        | Op::PairsToMemory
+        | Op::SpreadPositions
+        | Op::SumPositions
+        | Op::PairDot
+        | Op::Context
+        | Op::ContextT
+        | Op::SoftmaxPositions => {
+            unreachable!("attention ops run in eval_graph_with; Program::bind refuses them")
+        }
         Op::Const(bits) => dst.fill(T::from_f32(f32::from_bits(bits))),
         Op::MatMul => {
             // y = x · wᵀ

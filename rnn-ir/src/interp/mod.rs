@@ -9,6 +9,7 @@
 //!   lengths and the backward pass are the shared [`driver`]'s), the streaming
 //!   [`Stream`], and single-graph entry points for tests ([`run_sequence`], [`eval_graph`]).
 
+mod attend;
 mod executor;
 mod kernels;
 pub use kernels::argmax;
@@ -42,6 +43,18 @@ impl Default for Exec {
     }
 }
 
+/// The extent of an attention's memory, for graphs that read one ([`eval_graph_with`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Extent<'a> {
+    /// Source positions `S`.
+    pub positions: usize,
+    /// Sequences `B`: batch row `r` belongs to sequence `r % B` (rows are time-major).
+    pub batch: usize,
+    /// Each sequence's source length (`1 ..= S`); positions past it weigh 0. All `S` when
+    /// absent.
+    pub lengths: Option<&'a [usize]>,
+}
+
 /// The parameters and bound values of one layer and direction.
 #[derive(Clone, Debug)]
 struct BoundCell<T> {
@@ -68,6 +81,16 @@ impl Program {
     /// nothing else), converts them to `T` and computes the bound values of every plan.
     pub fn bind<T: Real>(&self, weights: &Weights) -> Result<Bound<'_, T>> {
         weights.check(self)?;
+        for cell in &self.layers {
+            for g in [&cell.forward.graph, &cell.backward.graph] {
+                if let Some(v) = g.iter().find(|&v| g.data(v).op.is_attention_op()) {
+                    return Err(Error::Argument(format!(
+                        "{v} = {}: a recurrent step cannot read an attention's memory; attention runs after the stack (`model::Model`)",
+                        g.data(v).op.mnemonic()
+                    )));
+                }
+            }
+        }
         let mut cells = Vec::new();
         for (layer, cell) in self.layers.iter().enumerate() {
             for dir in 0..self.spec.directions() {
@@ -607,8 +630,56 @@ pub fn eval_graph<T: Real>(
     inputs: &HashMap<Role, Vec<T>>,
     exec: &Exec,
 ) -> Result<Vec<Vec<T>>> {
+    eval_graph_with(g, rows, inputs, exec, None)
+}
+
+/// [`eval_graph`] for a graph that may read an attention's memory of extent `extent` (a
+/// memory has `S · B` rows, pairs `rows · S`).
+pub fn eval_graph_with<T: Real>(
+    g: &Graph,
+    rows: usize,
+    inputs: &HashMap<Role, Vec<T>>,
+    exec: &Exec,
+    extent: Option<&Extent<'_>>,
+) -> Result<Vec<Vec<T>>> {
+    let needs_extent = g
+        .iter()
+        .any(|v| matches!(g.shape(v), Shape::Memory(_) | Shape::Pairs(_)));
+    let extent = match extent {
+        Some(e) if e.positions == 0 || e.batch == 0 || rows % e.batch != 0 => {
+            return Err(Error::Argument(format!(
+                "a memory of {} positions for {} sequences cannot serve {rows} rows",
+                e.positions, e.batch
+            )));
+        }
+        Some(e) => *e,
+        None if needs_extent => {
+            return Err(Error::Argument(
+                "the graph reads an attention's memory: give its extent".into(),
+            ));
+        }
+        None => Extent {
+            positions: 1,
+            batch: 1,
+            lengths: None,
+        },
+    };
+    if let Some(l) = extent.lengths
+        && (l.len() != extent.batch || l.iter().any(|&n| n == 0 || n > extent.positions))
+    {
+        return Err(Error::Argument(format!(
+            "source lengths {l:?} must give 1 ..= {} for each of {} sequences",
+            extent.positions, extent.batch
+        )));
+    }
     let mut vals: Vec<Vec<T>> = Vec::with_capacity(g.len());
-    let rows_of = |s: Shape| if s.is_batched() { rows } else { 1 };
+    let rows_of = |s: Shape| match s {
+        Shape::Memory(_) => extent.positions * extent.batch,
+        Shape::Pairs(_) => rows * extent.positions,
+        s if s.is_batched() => rows,
+        _ => 1,
+    };
+    let buf_len = |s: Shape, _rows: usize| rows_of(s) * s.row_len();
     for v in g.iter() {
         let d = g.data(v);
         let out = match d.op {
@@ -645,7 +716,12 @@ pub fn eval_graph<T: Real>(
                     width,
                     stride: width,
                 };
-                if op == Op::Concat {
+                if op.is_attention_op() {
+                    let dense: Vec<&[T]> =
+                        d.args.iter().map(|&a| vals[a.index()].as_slice()).collect();
+                    let widths: Vec<usize> = shapes.iter().map(|s| s.row_len()).collect();
+                    attend::eval(op, dst.data, &dense, &widths, rows, &extent);
+                } else if op == Op::Concat {
                     let unit = d.shape.feature_len();
                     let mut col = 0;
                     for (a, s) in args.iter().zip(&shapes) {
