@@ -646,7 +646,7 @@ pub fn eval_graph_with<T: Real>(
         .iter()
         .any(|v| matches!(g.shape(v), Shape::Memory(_) | Shape::Pairs(_)));
     let extent = match extent {
-        Some(e) if e.positions == 0 || e.batch == 0 || rows % e.batch != 0 => {
+        Some(e) if e.positions == 0 || e.batch == 0 || !rows.is_multiple_of(e.batch) => {
             return Err(Error::Argument(format!(
                 "a memory of {} positions for {} sequences cannot serve {rows} rows",
                 e.positions, e.batch
