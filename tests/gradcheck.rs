@@ -38,10 +38,6 @@ fn random(n: usize, seed: u64) -> Vec<f64> {
         .collect()
 }
 
-fn len(shape: Shape) -> usize {
-    len_at(shape, ROWS, None)
-}
-
 /// Elements of a value of `shape` over `rows` rows and a memory of extent `e`.
 fn len_at(shape: Shape, rows: usize, e: Option<&Extent<'_>>) -> usize {
     let positions = e.map_or(1, |e| e.positions);
