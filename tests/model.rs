@@ -5,7 +5,8 @@
 //! and every gradient, on the interpreter and on the JIT.
 
 use rnn::ir::model::{BoundModel, Ids, Input, Model, Recurrent, Run};
-use rnn::ir::seq2seq::{BoundSeq2Seq, Seq2Seq};
+use rnn::ir::seq2seq::{BoundSeq2Seq, Decode, Seq2Seq};
+use rnn::ir::spec::Score;
 use rnn::ir::{Error, Exec, Program, Tensor, Weights, npy, weights};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -138,16 +139,28 @@ fn language_models_match_pytorch_on_the_jit() {
     }
 }
 
-const SEQ2SEQ_CASES: [&str; 2] = ["seq2seq_gru_bidir", "seq2seq_lstm_2layer_packed"];
+const SEQ2SEQ_CASES: [&str; 5] = [
+    "seq2seq_gru_bidir",
+    "seq2seq_lstm_2layer_packed",
+    "seq2seq_attn_general_lstm_packed",
+    "seq2seq_attn_additive_gru_bidir",
+    "seq2seq_attn_dot_rnn",
+];
 
 /// Checks the teacher-forced loss of `case` and its gradients on `backend` (`interp`, `jit`).
 fn check_seq2seq(case: &str, backend: &str) {
     let w = weights_of(case);
     let model = Seq2Seq::from_state_dict(&w, None).unwrap();
-    assert_eq!(
-        model.encoder.spec.bidirectional,
-        meta(case)["bidirectional"] == true
-    );
+    let m = meta(case);
+    assert_eq!(model.encoder.spec.bidirectional, m["bidirectional"] == true);
+    let score = model.decoder.spec.attention.map(|a| a.score);
+    let want = match m["attention"].as_str() {
+        None => None,
+        Some("dot") => Some(Score::Dot),
+        Some("general") => Some(Score::General),
+        Some(_) => Some(Score::Additive(m["units"].as_u64().unwrap() as usize)),
+    };
+    assert_eq!(score, want, "{case}: the attention inferred from the names");
     match backend {
         "interp" => compare_seq2seq(
             case,
@@ -189,6 +202,20 @@ fn compare_seq2seq<R: Recurrent>(
         (loss.loss - expected_loss).abs() <= 1e-5 * expected_loss.abs(),
         "{case} ({backend}): loss {} against PyTorch's {expected_loss}",
         loss.loss
+    );
+    // Greedy decoding (through the attention, over the packed sources) as PyTorch's.
+    let decode = Decode {
+        steps: 6,
+        sos: 1,
+        eos: None,
+    };
+    let tokens = bound
+        .greedy(&ids(case, "src.npy"), lengths.as_deref(), &decode)
+        .unwrap();
+    assert_eq!(
+        tokens,
+        ids(case, "greedy_tokens.npy"),
+        "{case} ({backend}): greedy tokens"
     );
     assert_eq!(loss.grads.params.len(), model.parameters().len());
     for (name, _) in model.parameters() {

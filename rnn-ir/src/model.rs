@@ -39,9 +39,9 @@ use crate::autodiff;
 use crate::driver::{Gradients, Request, Response};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op, OutRole, Role, Shape, Value, verify};
-use crate::interp::{Bound, Exec, Tape as InterpTape, eval_graph};
+use crate::interp::{Bound, Exec, Extent, Tape as InterpTape, eval_graph_with};
 use crate::program::Program;
-use crate::spec::ModelSpec;
+use crate::spec::{Attention, ModelSpec, Score};
 use crate::tensor::Tensor;
 use crate::weights::{SeededUniform, Weights};
 use std::collections::{BTreeMap, HashMap};
@@ -120,11 +120,29 @@ impl Layer {
 
     /// Runs the forward graph on `rows` rows of `inputs`.
     fn run(&self, rows: usize, inputs: HashMap<Role, Vec<f32>>) -> Result<LayerRun> {
-        let values = eval_graph::<f32>(&self.forward, rows, &inputs, &Exec::default())?;
+        self.run_with(rows, inputs, None)
+    }
+
+    /// [`Layer::run`] against a memory of `extent` (positions, sequences, source lengths).
+    fn run_with(
+        &self,
+        rows: usize,
+        inputs: HashMap<Role, Vec<f32>>,
+        extent: Option<(usize, usize, Option<Vec<usize>>)>,
+    ) -> Result<LayerRun> {
+        let values = {
+            let e = extent.as_ref().map(|(positions, batch, lengths)| Extent {
+                positions: *positions,
+                batch: *batch,
+                lengths: lengths.as_deref(),
+            });
+            eval_graph_with::<f32>(&self.forward, rows, &inputs, &Exec::default(), e.as_ref())?
+        };
         Ok(LayerRun {
             rows,
             inputs,
             values,
+            extent,
         })
     }
 
@@ -149,7 +167,15 @@ impl Layer {
             };
             given.insert(role, x);
         }
-        eval_graph::<f32>(b, run.rows, &given, &Exec::default())
+        let e = run
+            .extent
+            .as_ref()
+            .map(|(positions, batch, lengths)| Extent {
+                positions: *positions,
+                batch: *batch,
+                lengths: lengths.as_deref(),
+            });
+        eval_graph_with::<f32>(b, run.rows, &given, &Exec::default(), e.as_ref())
     }
 
     fn output(&self) -> Value {
@@ -164,6 +190,8 @@ struct LayerRun {
     rows: usize,
     inputs: HashMap<Role, Vec<f32>>,
     values: Vec<Vec<f32>>,
+    /// The memory's positions, sequences and source lengths (an attention's run).
+    extent: Option<(usize, usize, Option<Vec<usize>>)>,
 }
 
 impl LayerRun {
@@ -195,6 +223,60 @@ fn head_graph(features: usize, classes: usize) -> Result<Layer> {
     Layer::new(g)
 }
 
+/// The attention's graph (see [`Attention`]): the stack's output `h` (`features`) and the
+/// memory in, `tanh(W_c [c; h])` out. Its parameters, in order: the score's (`score.weight`
+/// for `general`; `key.weight`, `query.weight`, `v.weight` for `additive`), then
+/// `combine.weight`; none has a bias.
+fn attention_graph(features: usize, a: Attention) -> Result<Layer> {
+    let mut g = Graph::new();
+    let h = g.x(features);
+    let m = g.input_value(Role::Memory, Shape::Memory(a.memory), Some("memory".into()));
+    let scores = match a.score {
+        Score::Dot => g.push(Op::PairDot, &[m, h])?,
+        Score::General => {
+            let w = g.param("score.weight", Shape::Matrix(features, a.memory));
+            let k = g.matmul(w, m)?;
+            g.push(Op::PairDot, &[k, h])?
+        }
+        Score::Additive(units) => {
+            let wk = g.param("key.weight", Shape::Matrix(units, a.memory));
+            let wq = g.param("query.weight", Shape::Matrix(units, features));
+            let v = g.param("v.weight", Shape::Matrix(1, units));
+            // The memory's projection does not depend on the step: computed once per sequence.
+            let k = g.matmul(wk, m)?;
+            let q = g.matmul(wq, h)?;
+            let kp = g.push(Op::MemoryToPairs, &[k])?;
+            let qp = g.push(Op::SpreadPositions, &[q])?;
+            let sum = g.add(kp, qp)?;
+            let t = g.tanh(sum)?;
+            g.matmul(v, t)?
+        }
+    };
+    let weights = g.push(Op::SoftmaxPositions, &[scores])?;
+    let context = g.push(Op::Context, &[weights, m])?;
+    let joined = g.push(Op::Concat, &[context, h])?;
+    let wc = g.param(
+        "combine.weight",
+        Shape::Matrix(features, a.memory + features),
+    );
+    let z = g.matmul(wc, joined)?;
+    let y = g.tanh(z)?;
+    g.set_output(OutRole::Output, y);
+    Layer::new(g)
+}
+
+/// `(d0, d1, n)` as `(d1, d0, n)`.
+fn swap_outer(data: &[f32], d0: usize, d1: usize, n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(data.len());
+    for j in 0..d1 {
+        for i in 0..d0 {
+            let at = (i * d1 + j) * n;
+            out.extend_from_slice(&data[at..at + n]);
+        }
+    }
+    out
+}
+
 /// The loss's graph: logits and targets in, each row's negative log-likelihood out (0 on a row
 /// whose target is `ignore`).
 fn loss_graph(classes: usize, ignore: i32) -> Result<Layer> {
@@ -217,6 +299,8 @@ pub struct Model {
     pub stack: Program,
     /// The embedding, when the declaration has `vocab`.
     pub embedding: Option<Layer>,
+    /// The attention, when the declaration has one.
+    pub attention: Option<Layer>,
     /// The head, when the declaration has `head`.
     pub head: Option<Layer>,
 }
@@ -231,18 +315,23 @@ impl Model {
             .map(|v| embedding_graph(v, spec.input_size))
             .transpose()?;
         let features = stack.output_size() * spec.directions();
+        let attention = spec
+            .attention
+            .map(|a| attention_graph(features, a))
+            .transpose()?;
         let head = spec.head.map(|n| head_graph(features, n)).transpose()?;
         Ok(Model {
             spec: spec.clone(),
             stack,
             embedding,
+            attention,
             head,
         })
     }
 
     /// Whether the model has layers around its stack (and so prefixes the stack's names).
     pub fn has_layers(&self) -> bool {
-        self.embedding.is_some() || self.head.is_some()
+        self.embedding.is_some() || self.head.is_some() || self.attention.is_some()
     }
 
     /// The prefix of the stack's parameter names: `rnn.` when there are layers around it.
@@ -272,6 +361,9 @@ impl Model {
         let prefix = self.stack_prefix();
         for (name, dims) in self.stack.parameters() {
             out.push((format!("{prefix}{name}"), dims));
+        }
+        if let Some(a) = &self.attention {
+            layer(&mut out, "attention.", a);
         }
         if let Some(h) = &self.head {
             layer(&mut out, "fc.", h);
@@ -313,6 +405,19 @@ impl Model {
                 }
             }
             tensors.insert("embedding.weight".into(), Tensor { shape: dims, data });
+        }
+        if let Some(a) = &self.attention {
+            // Each of nn.Linear's weights uniform in ±1/√(its input features).
+            for (i, p) in a.forward.params().iter().enumerate() {
+                let dims = p.dims();
+                let name = format!("attention.{}", p.name);
+                let w = Weights::init_params(
+                    [(name.as_str(), dims.clone(), None)],
+                    dims[1],
+                    seed ^ (0x6174_7465_6e64 + i as u64),
+                )?;
+                tensors.extend(w.tensors);
+            }
         }
         if let Some(h) = &self.head {
             let features = self.stack.output_size() * self.spec.directions();
@@ -359,6 +464,7 @@ impl Model {
         Ok(Split {
             stack,
             embedding: layer("embedding.", &self.embedding),
+            attention: layer("attention.", &self.attention),
             head: layer("fc.", &self.head),
         })
     }
@@ -376,6 +482,7 @@ impl Model {
             model: self,
             stack,
             embedding: split.embedding,
+            attention: split.attention,
             head: split.head,
         })
     }
@@ -402,6 +509,8 @@ pub struct Split {
     pub stack: Weights,
     /// The embedding's parameters in its graph's order (empty without one).
     pub embedding: Vec<Vec<f32>>,
+    /// The attention's parameters in its graph's order (empty without one).
+    pub attention: Vec<Vec<f32>>,
     /// The head's parameters in its graph's order (empty without one).
     pub head: Vec<Vec<f32>>,
 }
@@ -488,6 +597,8 @@ pub struct Run<'a> {
     pub initial_states: Vec<Option<&'a Tensor>>,
     /// Per-sequence lengths (packed-sequence semantics).
     pub lengths: Option<&'a [i64]>,
+    /// The memory an attention reads (required by a model with one, refused by others).
+    pub memory: Option<MemoryRef<'a>>,
 }
 
 impl<'a> Run<'a> {
@@ -497,8 +608,19 @@ impl<'a> Run<'a> {
             input,
             initial_states: Vec::new(),
             lengths: None,
+            memory: None,
         }
     }
+}
+
+/// An attention's memory: an encoder's outputs `(S, B, features)`, or `(B, S, features)` for a
+/// batch-first model, and each sequence's source length.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryRef<'a> {
+    /// The outputs.
+    pub values: &'a Tensor,
+    /// Each sequence's source length (`1 ..= S`); all `S` when absent.
+    pub lengths: Option<&'a [i64]>,
 }
 
 /// The gradients of a backward pass through a whole model ([`BoundModel::backward`]).
@@ -510,6 +632,8 @@ pub struct ModelGrads {
     pub input: Option<Tensor>,
     /// Of each initial state, `(layers·directions, B, size)`.
     pub initial_states: Vec<Tensor>,
+    /// Of the attention's memory, shaped like it (with an attention).
+    pub memory: Option<Tensor>,
 }
 
 /// The cross-entropy of a run and every gradient of it ([`BoundModel::loss`]).
@@ -530,6 +654,7 @@ pub struct BoundModel<'m, R> {
     model: &'m Model,
     stack: R,
     embedding: Vec<Vec<f32>>,
+    attention: Vec<Vec<f32>>,
     head: Vec<Vec<f32>>,
 }
 
@@ -550,6 +675,8 @@ pub struct ModelTape<T> {
     stack: T,
     /// The stack's output's shape.
     stack_shape: Vec<usize>,
+    /// The attention's run, and the memory's shape.
+    attention: Option<(LayerRun, Vec<usize>)>,
     head: Option<LayerRun>,
     /// The model's output's shape.
     out_shape: Vec<usize>,
@@ -625,16 +752,120 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         }
     }
 
-    /// Runs the head (when there is one) on the stack's output in `response`, which becomes
-    /// the logits; returns the head's run.
-    fn head(
+    /// Runs the attention on the stack's output `y` (`(d0, d1, features)` in the model's
+    /// layout) against `memory`: its run (time-major rows) and its output in the model's layout.
+    fn attend(
+        &self,
+        layer: &Layer,
+        dims: [usize; 2],
+        y: Vec<f32>,
+        memory: Option<MemoryRef<'_>>,
+    ) -> Result<(LayerRun, Vec<f32>)> {
+        let Some(memory) = memory else {
+            return Err(Error::Argument(
+                "the model attends over a memory (an encoder's outputs): give it with the run"
+                    .into(),
+            ));
+        };
+        let bf = self.model.spec.batch_first;
+        let features = self.model.stack.output_size() * self.model.spec.directions();
+        let (steps, batch) = if bf {
+            (dims[1], dims[0])
+        } else {
+            (dims[0], dims[1])
+        };
+        let size = self.model.spec.attention.map_or(0, |a| a.memory);
+        let m = memory.values;
+        let fits = |a: usize, b: usize| if bf { (b, a) } else { (a, b) };
+        let (positions, m_batch) = match m.shape[..] {
+            [a, b, f] if f == size && fits(a, b).1 == batch && fits(a, b).0 > 0 => fits(a, b),
+            _ => {
+                return Err(Error::TensorShape {
+                    name: "memory".into(),
+                    expected: if bf {
+                        vec![batch, m.shape.get(1).copied().unwrap_or(1).max(1), size]
+                    } else {
+                        vec![m.shape.first().copied().unwrap_or(1).max(1), batch, size]
+                    },
+                    found: m.shape.clone(),
+                });
+            }
+        };
+        if let Some((index, found)) = m.first_non_finite() {
+            return Err(Error::NonFinite {
+                name: "memory".into(),
+                index,
+                found,
+            });
+        }
+        let lengths = match memory.lengths {
+            None => None,
+            Some(l) => {
+                if l.len() != m_batch {
+                    return Err(Error::Argument(format!(
+                        "{} source lengths given for a memory of {m_batch} sequences",
+                        l.len()
+                    )));
+                }
+                let mut out = Vec::with_capacity(l.len());
+                for (index, &n) in l.iter().enumerate() {
+                    if n < 1 || n as usize > positions {
+                        return Err(Error::Length {
+                            index,
+                            found: n,
+                            max: positions,
+                        });
+                    }
+                    out.push(n as usize);
+                }
+                Some(out)
+            }
+        };
+        let tm = |data: Vec<f32>, d0: usize, d1: usize, n: usize| {
+            if bf {
+                swap_outer(&data, d0, d1, n)
+            } else {
+                data
+            }
+        };
+        let mut inputs = HashMap::new();
+        inputs.insert(Role::Input, tm(y, batch, steps, features));
+        inputs.insert(Role::Memory, tm(m.data.clone(), batch, positions, size));
+        for (p, w) in self.attention.iter().enumerate() {
+            inputs.insert(Role::Param(p as u32), w.clone());
+        }
+        let run = layer.run_with(steps * batch, inputs, Some((positions, batch, lengths)))?;
+        let out = tm(run.output(layer).to_vec(), steps, batch, features);
+        Ok((run, out))
+    }
+
+    /// Runs the attention and the head (those the model has) on the stack's output in
+    /// `response`, which becomes theirs; returns their runs.
+    #[allow(clippy::type_complexity)]
+    fn after_stack(
         &self,
         rows: usize,
         dims: [usize; 2],
         response: &mut Response,
-    ) -> Result<Option<LayerRun>> {
+        memory: Option<MemoryRef<'_>>,
+    ) -> Result<(Option<(LayerRun, Vec<usize>)>, Option<LayerRun>)> {
+        let attention = match (&self.model.attention, memory) {
+            (Some(a), memory) => {
+                let y = std::mem::take(&mut response.output.data);
+                let (run, out) = self.attend(a, dims, y, memory)?;
+                response.output.data = out;
+                let shape = memory.map(|m| m.values.shape.clone()).unwrap_or_default();
+                Some((run, shape))
+            }
+            (None, Some(_)) => {
+                return Err(Error::Argument(
+                    "the model has no attention: it reads no memory".into(),
+                ));
+            }
+            (None, None) => None,
+        };
         let Some(h) = &self.model.head else {
-            return Ok(None);
+            return Ok((attention, None));
         };
         let mut inputs = HashMap::new();
         inputs.insert(Role::Input, std::mem::take(&mut response.output.data));
@@ -646,7 +877,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             shape: vec![dims[0], dims[1], self.model.features()],
             data: run.output(h).to_vec(),
         };
-        Ok(Some(run))
+        Ok((attention, Some(run)))
     }
 
     /// The forward pass: the output is the head's logits `(T, B, classes)` (or batch-first),
@@ -654,7 +885,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
     pub fn forward(&self, run: &Run<'_>) -> Result<Response> {
         let front = self.front(run.input)?;
         let mut response = self.stack.forward(&self.request(run, &front.x))?;
-        self.head(front.rows, front.dims, &mut response)?;
+        self.after_stack(front.rows, front.dims, &mut response, run.memory)?;
         Ok(response)
     }
 
@@ -663,12 +894,14 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         let front = self.front(run.input)?;
         let (mut response, stack) = self.stack.forward_train(&self.request(run, &front.x))?;
         let stack_shape = response.output.shape.clone();
-        let head = self.head(front.rows, front.dims, &mut response)?;
+        let (attention, head) =
+            self.after_stack(front.rows, front.dims, &mut response, run.memory)?;
         let tape = ModelTape {
             rows: front.rows,
             embedding: front.embedding,
             stack,
             stack_shape,
+            attention,
             head,
             out_shape: response.output.shape.clone(),
         };
@@ -712,6 +945,49 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             }
             _ => grad_output.clone(),
         };
+        let (d_output, memory) = match (&self.model.attention, &tape.attention) {
+            (Some(a), Some((run, memory_shape))) => {
+                let bf = self.model.spec.batch_first;
+                let [d0, d1, n] = [d_output.shape[0], d_output.shape[1], d_output.shape[2]];
+                let (steps, batch) = if bf { (d1, d0) } else { (d0, d1) };
+                let tm = |data: Vec<f32>, x0: usize, x1: usize, n: usize| {
+                    if bf {
+                        swap_outer(&data, x0, x1, n)
+                    } else {
+                        data
+                    }
+                };
+                let back = a.back(run, tm(d_output.data, batch, steps, n))?;
+                for (p, info) in a.forward.params().iter().enumerate() {
+                    let g = grad_of(&a.backward, OutRole::ParamGrad(p as u32))?;
+                    params.insert(
+                        format!("attention.{}", info.name),
+                        Tensor {
+                            shape: info.dims(),
+                            data: back[g.index()].clone(),
+                        },
+                    );
+                }
+                let dy = back[grad_of(&a.backward, OutRole::InputGrad)?.index()].clone();
+                let dm = back[grad_of(&a.backward, OutRole::MemoryGrad)?.index()].clone();
+                let (positions, size) = if bf {
+                    (memory_shape[1], memory_shape[2])
+                } else {
+                    (memory_shape[0], memory_shape[2])
+                };
+                (
+                    Tensor {
+                        shape: vec![d0, d1, n],
+                        data: tm(dy, steps, batch, n),
+                    },
+                    Some(Tensor {
+                        shape: memory_shape.clone(),
+                        data: tm(dm, positions, batch, size),
+                    }),
+                )
+            }
+            _ => (d_output, None),
+        };
         let stack = self
             .stack
             .backward(tape.stack, &d_output, grad_final_states)?;
@@ -738,6 +1014,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             params,
             input,
             initial_states: stack.initial_states,
+            memory,
         })
     }
 

@@ -14,6 +14,12 @@
 //! (`[h_fwd; h_bwd]`), so the decoder's sizes are twice the encoder's. The decoder itself is
 //! unidirectional: it runs forward in time, one token after another.
 //!
+//! **Attention.** A decoder declared with an [`Attention`] attends over the encoder's outputs
+//! (both directions, the memory's size set by [`Seq2Seq::new`]) after its stack, at every
+//! step, masked past each source's length; its parameters are `decoder.attention.*`. Decoding
+//! and training pass the memory along; in training, its gradient flows back into the encoder's
+//! outputs.
+//!
 //! **Greedy decoding** starts every row from the start token, and at each step feeds back the
 //! arg-max of the head's logits (the first of equals, as `torch.argmax`). With an end token, a
 //! row that has produced it produces it again at every later step, and decoding stops early
@@ -34,9 +40,11 @@
 use crate::driver::Response;
 use crate::error::{Error, Result};
 use crate::interp::{Exec, argmax};
-use crate::model::{BoundModel, Ids, Input, Interpreted, Loss, Model, ModelGrads, Recurrent, Run};
+use crate::model::{
+    BoundModel, Ids, Input, Interpreted, Loss, MemoryRef, Model, ModelGrads, Recurrent, Run,
+};
 use crate::program::Program;
-use crate::spec::{CellKind, ModelSpec};
+use crate::spec::{Attention, CellKind, ModelSpec, Score};
 use crate::tensor::Tensor;
 use crate::weights::{Weights, infer_spec};
 use std::collections::BTreeMap;
@@ -103,7 +111,12 @@ impl Seq2Seq {
             ));
         }
         let encoder = Model::compile(encoder)?;
-        let decoder = Model::compile(decoder)?;
+        let mut decoder = decoder.clone();
+        if let Some(a) = &mut decoder.attention {
+            // The decoder attends over the encoder's outputs, both directions.
+            a.memory = encoder.stack.output_size() * encoder.spec.directions();
+        }
+        let decoder = Model::compile(&decoder)?;
         let (es, ds) = (encoder.stack.states(), decoder.stack.states());
         let dirs = encoder.spec.directions();
         let fits = es.len() == ds.len()
@@ -162,6 +175,22 @@ impl Seq2Seq {
         let mut decoder = part("decoder")?;
         let (classes, _) = matrix("decoder.fc.weight")?;
         decoder.head = Some(classes);
+        let has = |n: &str| {
+            weights
+                .tensors
+                .contains_key(&format!("decoder.attention.{n}"))
+        };
+        if has("combine.weight") {
+            let score = if has("score.weight") {
+                Score::General
+            } else if has("key.weight") {
+                Score::Additive(matrix("decoder.attention.key.weight")?.0)
+            } else {
+                Score::Dot
+            };
+            // The memory's size is the encoder's; `Seq2Seq::new` sets it.
+            decoder.attention = Some(Attention { score, memory: 1 });
+        }
         let s = Seq2Seq::new(&encoder, &decoder)?;
         s.check(weights)?;
         Ok(s)
@@ -251,12 +280,27 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
     /// Encodes `src` (`(B, S)` ids, or `(S, B)` when not batch-first; `lengths` per row, as
     /// packed sequences) and returns the decoder's initial states through the bridge.
     pub fn encode(&self, src: &Ids, lengths: Option<&[i64]>) -> Result<Vec<Tensor>> {
+        Ok(self.encode_all(src, lengths)?.0)
+    }
+
+    /// [`BoundSeq2Seq::encode`], also returning the encoder's outputs when the decoder attends
+    /// over them.
+    pub fn encode_all(
+        &self,
+        src: &Ids,
+        lengths: Option<&[i64]>,
+    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         let run = Run {
             lengths,
             ..Run::new(Input::Ids(src))
         };
-        let Response { final_states, .. } = self.encoder.forward(&run)?;
-        Ok(self.bridge(final_states))
+        let Response {
+            final_states,
+            output,
+            ..
+        } = self.encoder.forward(&run)?;
+        let memory = self.decoder.model().attention.is_some().then_some(output);
+        Ok((self.bridge(final_states), memory))
     }
 
     /// The encoder's final states as the decoder's initial states (the module doc's bridge).
@@ -333,16 +377,25 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
             ..Run::new(Input::Ids(src))
         };
         let (encoded, tape) = self.encoder.forward_train(&run)?;
-        let zeros = Tensor::zeros(encoded.output.shape.clone());
         let init = self.bridge(encoded.final_states);
+        let attends = self.decoder.model().attention.is_some();
         let dec_run = Run {
             initial_states: init.iter().map(Some).collect(),
+            memory: attends.then_some(MemoryRef {
+                values: &encoded.output,
+                lengths: src_lengths,
+            }),
             ..Run::new(Input::Ids(tgt_in))
         };
         let dec = self.decoder.loss(&dec_run, tgt_out, ignore)?;
         let d_final = self.unbridge(dec.grads.initial_states);
         let d_final: Vec<Option<&Tensor>> = d_final.iter().map(Some).collect();
-        let enc = self.encoder.backward(tape, &zeros, &d_final)?;
+        // The encoder's outputs reach the loss through the attention only.
+        let d_memory = dec
+            .grads
+            .memory
+            .unwrap_or_else(|| Tensor::zeros(encoded.output.shape.clone()));
+        let enc = self.encoder.backward(tape, &d_memory, &d_final)?;
         let mut params = BTreeMap::new();
         for (n, g) in enc.params {
             params.insert(format!("encoder.{n}"), g);
@@ -358,6 +411,7 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
                 params,
                 input: None,
                 initial_states: Vec::new(),
+                memory: None,
             },
         })
     }
@@ -371,7 +425,7 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
             .copied()
             .unwrap_or(0);
         self.check_decode(decode)?;
-        let mut states = self.encode(src, lengths)?;
+        let (mut states, memory) = self.encode_all(src, lengths)?;
         let mut tokens = vec![decode.sos; batch];
         let mut out = vec![0i64; batch * decode.steps];
         let mut done = vec![false; batch];
@@ -385,6 +439,7 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
             let ids = Ids::new(shape, tokens.clone())?;
             let run = Run {
                 initial_states: states.iter().map(Some).collect(),
+                memory: memory.as_ref().map(|values| MemoryRef { values, lengths }),
                 ..Run::new(Input::Ids(&ids))
             };
             let response = self.decoder.forward(&run)?;
@@ -435,9 +490,41 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
         }
         let batch_first = self.encoder.model().spec.batch_first;
         let (w, steps) = (beam.width, decode.steps);
-        let states = self.encode(src, lengths)?;
+        let (states, memory) = self.encode_all(src, lengths)?;
         let batch = states.first().map_or(0, |s| s.shape[1]);
         let rows = batch * w;
+        // The memory and source lengths of each row, repeated for each of its hypotheses (a
+        // hypothesis never moves to another row, so they are never reordered).
+        let memory = memory.map(|m| {
+            let [d0, d1, n] = [m.shape[0], m.shape[1], m.shape[2]];
+            let mut data = Vec::with_capacity(m.data.len() * w);
+            if batch_first {
+                for b in 0..d0 {
+                    for _ in 0..w {
+                        data.extend_from_slice(&m.data[b * d1 * n..(b + 1) * d1 * n]);
+                    }
+                }
+                Tensor {
+                    shape: vec![d0 * w, d1, n],
+                    data,
+                }
+            } else {
+                for p in 0..d0 {
+                    for b in 0..d1 {
+                        let at = (p * d1 + b) * n;
+                        for _ in 0..w {
+                            data.extend_from_slice(&m.data[at..at + n]);
+                        }
+                    }
+                }
+                Tensor {
+                    shape: vec![d0, d1 * w, n],
+                    data,
+                }
+            }
+        });
+        let beam_lengths: Option<Vec<i64>> =
+            lengths.map(|l| l.iter().flat_map(|&n| std::iter::repeat_n(n, w)).collect());
         // Every row's encoder state, repeated for each of its hypotheses.
         let mut states: Vec<Tensor> = states
             .iter()
@@ -466,6 +553,10 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
             let ids = Ids::new(shape, last)?;
             let run = Run {
                 initial_states: states.iter().map(Some).collect(),
+                memory: memory.as_ref().map(|values| MemoryRef {
+                    values,
+                    lengths: beam_lengths.as_deref(),
+                }),
                 ..Run::new(Input::Ids(&ids))
             };
             let response = self.decoder.forward(&run)?;

@@ -144,6 +144,31 @@ pub struct ModelSpec {
     /// output (`torch.nn.Linear(directions · output, head)`, always with its bias: `bias`
     /// switches the cell's biases only).
     pub head: Option<usize>,
+    /// Attention over a memory (an encoder's outputs) between the stack and the head.
+    pub attention: Option<Attention>,
+}
+
+/// How an attention scores a query (a decoder's output `h`) against a memory row `m`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Score {
+    /// Luong's dot: `m · h` (the memory and the query have one size).
+    Dot,
+    /// Luong's general: `(W_a m) · h`.
+    General,
+    /// Bahdanau's additive (Luong's concat), with this many units: `v · tanh(W_1 m + W_2 h)`.
+    Additive(usize),
+}
+
+/// An attention after the stack (Luong et al.'s global attention): at every step the stack's
+/// output `h` scores each memory row, a softmax over the source positions (those past a
+/// sequence's source length weigh 0) weighs them into a context `c`, and
+/// `tanh(W_c [c; h])` replaces `h` as what the head reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attention {
+    /// The score.
+    pub score: Score,
+    /// Features of a memory row (an encoder's outputs, both directions).
+    pub memory: usize,
 }
 
 impl ModelSpec {
@@ -163,13 +188,14 @@ impl ModelSpec {
             batch_first: false,
             vocab: None,
             head: None,
+            attention: None,
         }
     }
 
     /// Whether the declaration has layers around its recurrent stack (an embedding, a head),
     /// which [`crate::model::Model`] runs.
     pub fn has_model_layers(&self) -> bool {
-        self.vocab.is_some() || self.head.is_some()
+        self.vocab.is_some() || self.head.is_some() || self.attention.is_some()
     }
 
     /// The recurrent stack alone: this declaration without its embedding and head.
@@ -177,6 +203,7 @@ impl ModelSpec {
         ModelSpec {
             vocab: None,
             head: None,
+            attention: None,
             ..self.clone()
         }
     }
@@ -248,6 +275,30 @@ impl ModelSpec {
         }
         if self.head == Some(0) {
             return Err("`head` must be at least 1".into());
+        }
+        if let Some(a) = self.attention {
+            if a.memory == 0 || a.memory > Self::MAX_SIZE {
+                return Err(format!(
+                    "an attention's memory must have 1 ..= {} features, found {}",
+                    Self::MAX_SIZE,
+                    a.memory
+                ));
+            }
+            if let Score::Additive(u) = a.score
+                && (u == 0 || u > Self::MAX_SIZE)
+            {
+                return Err(format!(
+                    "an additive attention needs 1 ..= {} units, found {u}",
+                    Self::MAX_SIZE
+                ));
+            }
+            if a.score == Score::Dot && a.memory != self.output_size() * self.directions() {
+                return Err(format!(
+                    "a dot attention needs memory rows of the stack's output size ({}), found {}: use `general` or `additive` to bridge the sizes",
+                    self.output_size() * self.directions(),
+                    a.memory
+                ));
+            }
         }
         if self.proj_size > 0 && !matches!(self.cell, CellKind::Lstm) {
             return Err("`proj` (proj_size) is only defined for LSTM cells".into());
