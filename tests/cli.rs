@@ -1730,3 +1730,206 @@ fn rnnc_seq2seq_bad_inputs_exit_2_naming_the_culprit() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 }
+
+/// `rnnc train` with `args` (strings) and `--quiet`.
+fn train(args: &[&str]) -> Output {
+    let mut all = vec!["train", "--quiet"];
+    all.extend_from_slice(args);
+    rnnc(&all)
+}
+
+#[test]
+fn rnnc_train_resumes_from_a_checkpoint_to_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for (task, backend, extra) in [
+        (
+            "reverse",
+            "interp",
+            vec!["--attention", "additive", "--bidirectional"],
+        ),
+        ("copy", "jit", vec!["--cell", "gru"]),
+        ("charlm", "jit", vec!["--seq-len", "16"]),
+    ] {
+        let _ = std::fs::remove_dir_all(&a);
+        let _ = std::fs::remove_dir_all(&b);
+        let mut common = vec![
+            "--task",
+            task,
+            "--backend",
+            backend,
+            "--hidden",
+            "16",
+            "--embedding",
+            "8",
+            "--min-len",
+            "2",
+            "--max-len",
+            "5",
+            "--batch",
+            "4",
+            "--steps",
+            "20",
+            "--eval-every",
+            "10",
+            "--checkpoint-every",
+            "10",
+            "--sample-len",
+            "20",
+        ];
+        if task == "charlm" {
+            common.retain(|&s| !["--min-len", "2", "--max-len", "5"].contains(&s));
+        }
+        common.extend(extra.iter().copied());
+        let whole = [common.clone(), vec!["--out", path_str(&a)]].concat();
+        let o = train(&whole);
+        assert!(
+            o.status.success(),
+            "{task}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let ckpt = a.join("checkpoint-10.safetensors");
+        let resumed = [
+            common.clone(),
+            vec!["--out", path_str(&b), "--resume", path_str(&ckpt)],
+        ]
+        .concat();
+        let o = train(&resumed);
+        assert!(
+            o.status.success(),
+            "{task}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let full = std::fs::read(a.join("checkpoint-20.safetensors")).unwrap();
+        let again = std::fs::read(b.join("checkpoint-20.safetensors")).unwrap();
+        assert!(
+            full == again,
+            "{task} on {backend}: the resumed run's checkpoint differs"
+        );
+        // The loss log: a header and a line per step; the resumed one continues at step 11
+        // with the whole run's numbers (the seconds column aside).
+        let log = std::fs::read_to_string(a.join("loss.csv")).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 21, "{log}");
+        assert!(lines[0].starts_with("step,loss,grad_norm,"));
+        let resumed_log = std::fs::read_to_string(b.join("loss.csv")).unwrap();
+        let strip = |l: &str| l.rsplit_once(',').unwrap().0.to_string();
+        let tail: Vec<String> = resumed_log.lines().map(strip).collect();
+        let whole_tail: Vec<String> = lines[11..].iter().map(|l| strip(l)).collect();
+        assert_eq!(tail, whole_tail, "{task}");
+        if task == "charlm" {
+            assert!(a.join("samples-20.txt").exists());
+        }
+    }
+}
+
+#[test]
+fn rnnc_train_bad_inputs_exit_2_naming_the_culprit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let small = [
+        "--hidden",
+        "8",
+        "--embedding",
+        "4",
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--max-len",
+        "4",
+        "--min-len",
+        "2",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--task", "reverse", "--out", path_str(&out)];
+        args.extend_from_slice(&small);
+        args.extend_from_slice(extra);
+        train(&args)
+    };
+    let o = run(&["--checkpoint-every", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpt = out.join("checkpoint-2.safetensors");
+    let not_utf8 = tmp.path().join("bad.txt");
+    std::fs::write(&not_utf8, [0xff, 0xfe, 0x00]).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![], "loss.csv: exists"),
+        (
+            vec![
+                "--resume".into(),
+                path_str(&ckpt).into(),
+                "--steps".into(),
+                "2".into(),
+            ],
+            "`--steps` must be more",
+        ),
+        (
+            vec![
+                "--resume".into(),
+                path_str(&ckpt).into(),
+                "--hidden".into(),
+                "9".into(),
+            ],
+            "checkpoint",
+        ),
+        (
+            vec![
+                "--resume".into(),
+                path_str(&ckpt).into(),
+                "--lr".into(),
+                "0.01".into(),
+            ],
+            "learning rate differs",
+        ),
+        (vec!["--lr".into(), "0".into()], "--lr"),
+        (vec!["--clip".into(), "-1".into()], "--clip"),
+        (
+            vec!["--min-len".into(), "5".into()],
+            "lengths 1 <= min <= max",
+        ),
+        (
+            vec!["--text".into(), path_str(&not_utf8).into()],
+            "only `--task charlm` reads a text",
+        ),
+    ];
+    for (extra, message) in cases {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        // A later flag replaces the earlier one of the same name.
+        let mut args = vec!["--task", "reverse", "--out", path_str(&out)];
+        let mut base: Vec<&str> = small.to_vec();
+        let mut i = 0;
+        while i < extra.len() {
+            match base.iter().position(|a| *a == extra[i]) {
+                Some(at) => base[at + 1] = extra[i + 1],
+                None => base.extend([extra[i], extra[i + 1]]),
+            }
+            i += 2;
+        }
+        args.extend(base);
+        let o = train(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(message), "{extra:?}: {stderr}");
+    }
+    // A text that is not UTF-8, and the encoder's options on a language model.
+    let o = train(&[
+        "--task",
+        "charlm",
+        "--out",
+        path_str(&tmp.path().join("lm")),
+        "--text",
+        path_str(&not_utf8),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not UTF-8"));
+    let o = train(&[
+        "--task",
+        "charlm",
+        "--out",
+        path_str(&tmp.path().join("lm")),
+        "--attention",
+        "dot",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no encoder"));
+}

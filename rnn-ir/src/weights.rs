@@ -337,7 +337,53 @@ pub fn write_safetensors_with(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     });
-    safetensors::serialize(views, info).map_err(|e| Error::WeightFile(e.to_string()))
+    let mut bytes =
+        safetensors::serialize(views, info).map_err(|e| Error::WeightFile(e.to_string()))?;
+    sort_metadata(&mut bytes, metadata);
+    Ok(bytes)
+}
+
+/// Rewrites the metadata object of serialized safetensors `bytes` with its entries in key
+/// order, so that the same tensors and metadata always give the same bytes (the `safetensors`
+/// crate writes them in a hash map's order). Only plain entries are rewritten (no character
+/// JSON escapes); the object keeps its length, so nothing else moves.
+fn sort_metadata(bytes: &mut [u8], metadata: &BTreeMap<String, String>) {
+    let plain = |s: &str| !s.chars().any(|c| c == '"' || c == '\\' || c.is_control());
+    if metadata.is_empty() || !metadata.iter().all(|(k, v)| plain(k) && plain(v)) {
+        return;
+    }
+    let sorted: Vec<String> = metadata
+        .iter()
+        .map(|(k, v)| format!("\"{k}\":\"{v}\""))
+        .collect();
+    let sorted = format!("{{{}}}", sorted.join(","));
+    let Some(header_len) = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| u64::from_le_bytes(b) as usize)
+    else {
+        return;
+    };
+    let key = b"\"__metadata__\":";
+    let Some(header) = bytes.get_mut(8..8 + header_len) else {
+        return;
+    };
+    let Some(at) = header.windows(key.len()).position(|w| w == key) else {
+        return;
+    };
+    let start = at + key.len();
+    let end = start + sorted.len();
+    if end > header.len() || header[start] != b'{' || header[end - 1] != b'}' {
+        return;
+    }
+    // The same entries in another order: the same bytes, counted.
+    let mut a = header[start..end].to_vec();
+    let mut b = sorted.as_bytes().to_vec();
+    a.sort_unstable();
+    b.sort_unstable();
+    if a == b {
+        header[start..end].copy_from_slice(sorted.as_bytes());
+    }
 }
 
 /// Infers the model a PyTorch `nn.RNN` / `nn.LSTM` / `nn.GRU` state dict belongs to: layers and

@@ -6,6 +6,9 @@
 //! - `rnnc init`: initial weights for a declared model, with its parameters' names.
 //! - `rnnc inspect`: a model's spec, parameter count and compiled IR.
 //! - `rnnc bench`: the workloads W1–W6.
+//! - `rnnc train`: train a model on the copy or reversal task (an encoder-decoder, with or
+//!   without attention) or as a character language model, with a progress bar, a loss log,
+//!   checkpoints and `--resume`.
 //! - `rnnc seq2seq`: decode source token ids with an encoder-decoder's PyTorch state dict
 //!   (greedy, or beam search), tokens out as int64 `.npy`.
 //! - `rnnc` alone: a short demonstration (parameter counts and vanishing gradients).
@@ -104,6 +107,128 @@ enum Command {
     /// `encoder.embedding`, `encoder.rnn`, `decoder.embedding`, `decoder.rnn`, `decoder.fc`):
     /// greedy, or beam search with `--beam`; the tokens are written as int64 (batch, steps).
     Seq2seq(Seq2seqArgs),
+    /// Train a model on a task: `copy` or `reverse` (an encoder-decoder) or `charlm` (a
+    /// character language model); writes `loss.csv` and checkpoints into `--out`.
+    Train(TrainArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TrainTask {
+    /// Copy a random string of symbols (an encoder-decoder).
+    Copy,
+    /// Reverse a random string of symbols (an encoder-decoder).
+    Reverse,
+    /// Predict the next character of a text (a language model).
+    Charlm,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AttentionScore {
+    /// Luong's dot score.
+    Dot,
+    /// Luong's general score.
+    General,
+    /// Bahdanau's additive score.
+    Additive,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OptimizerKind {
+    /// Adam (PyTorch's defaults but `--lr`).
+    Adam,
+    /// AdamW (weight decay 0.01).
+    Adamw,
+    /// SGD with momentum 0.9.
+    Sgd,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The task.
+    #[arg(long, value_enum)]
+    task: TrainTask,
+    /// The text of `charlm` (UTF-8); the first 100 kB of the Shakespeare corpus when absent.
+    #[arg(long, value_name = "FILE.txt")]
+    text: Option<PathBuf>,
+    /// The cell of every stack.
+    #[arg(long, value_enum, default_value = "lstm")]
+    cell: Cell,
+    /// Embedding features.
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
+    embedding: usize,
+    /// Hidden features (the encoder's; a decoder after a bidirectional encoder has twice as
+    /// many).
+    #[arg(long, default_value_t = 128, value_parser = at_least_one)]
+    hidden: usize,
+    /// Stacked layers.
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    layers: usize,
+    /// A bidirectional encoder (copy and reverse).
+    #[arg(long)]
+    bidirectional: bool,
+    /// The decoder attends over the encoder's outputs with this score (copy and reverse).
+    #[arg(long, value_enum)]
+    attention: Option<AttentionScore>,
+    /// Units of the additive score.
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    attention_units: usize,
+    /// Distinct symbols of copy and reverse.
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
+    symbols: usize,
+    /// The shortest source of copy and reverse.
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
+    min_len: usize,
+    /// The longest source of copy and reverse.
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
+    max_len: usize,
+    /// Characters per training window of charlm.
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    seq_len: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
+    batch: usize,
+    /// Optimisation steps in all (a resumed run continues up to it).
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one_step)]
+    steps: u64,
+    /// The optimiser.
+    #[arg(long, value_enum, default_value = "adam")]
+    optimizer: OptimizerKind,
+    /// The learning rate.
+    #[arg(long, default_value_t = 2e-3, allow_negative_numbers = true)]
+    lr: f64,
+    /// Clip the gradients to this global L2 norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    clip: f32,
+    /// The seed of the initial weights and of the data.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The folder of `loss.csv`, the checkpoints `checkpoint-STEP.safetensors` and (charlm)
+    /// `samples.txt`; created if missing. Nothing in it is overwritten.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Evaluate (token accuracy of greedy decoding, or the held-out loss) every this many
+    /// steps, and at the end.
+    #[arg(long, default_value_t = 100, value_parser = at_least_one_step)]
+    eval_every: u64,
+    /// Write a checkpoint every this many steps, and at the end.
+    #[arg(long, default_value_t = 500, value_parser = at_least_one_step)]
+    checkpoint_every: u64,
+    /// Continue from this checkpoint (weights, optimiser state, step, data position); the
+    /// model and task flags must be those of the run that wrote it.
+    #[arg(long, value_name = "CKPT.safetensors")]
+    resume: Option<PathBuf>,
+    /// The backend that runs the stacks.
+    #[arg(long, value_enum, default_value = "jit")]
+    backend: Backend,
+    /// The temperature of the text sampled after a charlm run.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Characters sampled after a charlm run.
+    #[arg(long, default_value_t = 300)]
+    sample_len: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -300,6 +425,11 @@ struct BenchArgs {
     json: bool,
 }
 
+/// A step count that must be at least 1.
+fn at_least_one_step(s: &str) -> Result<u64, String> {
+    at_least_one(s).map(|n| n as u64)
+}
+
 /// A count that must be at least 1.
 fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
@@ -366,6 +496,7 @@ fn main() -> ExitCode {
         Some(Command::Emit(args)) => emit(&args),
         Some(Command::Bench(args)) => run_bench(&args),
         Some(Command::Seq2seq(args)) => seq2seq(&args),
+        Some(Command::Train(args)) => train(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -822,6 +953,336 @@ fn seq2seq(args: &Seq2seqArgs) -> Result<(), Failure> {
     })?;
     let bytes = npy::write_i64(&tokens.shape, &tokens.data);
     std::fs::write(out_path, bytes).map_err(|e| fail(out_path, e))
+}
+
+/// The text `rnnc train --task charlm` learns when no `--text` is given.
+const SHAKESPEARE: &str = include_str!("../../data/shakespeare_100k.txt");
+
+/// What a training run trains.
+enum Trainee<'m> {
+    Seq2seq(rnn::train::Seq2SeqRunner<'m>, rnn::train::SeqTask),
+    Lm(rnn::train::LmRunner<'m>, rnn::train::CharText),
+}
+
+fn train(args: &TrainArgs) -> Result<(), Failure> {
+    use rnn::ir::checkpoint::Checkpoint;
+    use rnn::ir::model::Model;
+    use rnn::ir::optim::{Adam, Optimizer, Rule, Sgd};
+    use rnn::ir::seq2seq::Seq2Seq;
+    use rnn::ir::spec::{Attention, Score};
+    use rnn::train::{
+        Backend as TrainBackend, CharText, LmRunner, Seq2SeqRunner, SeqTask, TaskKind,
+        token_accuracy, train_step,
+    };
+
+    let seq_task = matches!(args.task, TrainTask::Copy | TrainTask::Reverse);
+    if !seq_task && (args.attention.is_some() || args.bidirectional) {
+        return Err(fail_at(
+            if args.attention.is_some() {
+                "--attention"
+            } else {
+                "--bidirectional"
+            },
+            "a character language model has no encoder: attention and a bidirectional encoder are for `copy` and `reverse`",
+        ));
+    }
+    if seq_task && args.text.is_some() {
+        return Err(fail_at("--text", "only `--task charlm` reads a text"));
+    }
+    if !(args.lr > 0.0 && args.lr.is_finite()) {
+        return Err(fail_at(
+            "--lr",
+            format!(
+                "the learning rate must be positive and finite, found {}",
+                args.lr
+            ),
+        ));
+    }
+    if !(args.clip >= 0.0 && args.clip.is_finite()) {
+        return Err(fail_at(
+            "--clip",
+            format!(
+                "the clipping norm must be finite and at least 0, found {}",
+                args.clip
+            ),
+        ));
+    }
+    let backend = match args.backend {
+        Backend::Interp => TrainBackend::Interp,
+        Backend::Jit => TrainBackend::Jit,
+    };
+    let cell = |input: usize, hidden: usize| {
+        let mut spec = ModelSpec::new(args.cell.kind(), input, hidden);
+        spec.num_layers = args.layers;
+        spec
+    };
+
+    // The model and its data.
+    let (seq2seq, lm, task, text);
+    let params: Vec<(String, Vec<usize>)>;
+    if seq_task {
+        let t = SeqTask {
+            kind: if args.task == TrainTask::Copy {
+                TaskKind::Copy
+            } else {
+                TaskKind::Reverse
+            },
+            symbols: args.symbols,
+            min_len: args.min_len,
+            max_len: args.max_len,
+        };
+        t.check().map_err(|e| fail_at("--min-len", e))?;
+        let vocab = t.vocab();
+        let mut enc = cell(args.embedding, args.hidden);
+        enc.vocab = Some(vocab);
+        enc.bidirectional = args.bidirectional;
+        enc.batch_first = true;
+        let dirs = if args.bidirectional { 2 } else { 1 };
+        let mut dec = cell(args.embedding, args.hidden * dirs);
+        dec.vocab = Some(vocab);
+        dec.head = Some(vocab);
+        dec.batch_first = true;
+        dec.attention = args.attention.map(|a| Attention {
+            score: match a {
+                AttentionScore::Dot => Score::Dot,
+                AttentionScore::General => Score::General,
+                AttentionScore::Additive => Score::Additive(args.attention_units),
+            },
+            memory: 1,
+        });
+        let m = Seq2Seq::new(&enc, &dec).map_err(|e| fail_at("--hidden", e))?;
+        params = m.parameters();
+        seq2seq = Some(m);
+        lm = None;
+        task = Some(t);
+        text = None;
+    } else {
+        let source = match &args.text {
+            Some(p) => String::from_utf8(read(p)?).map_err(|_| fail(p, "the text is not UTF-8"))?,
+            None => SHAKESPEARE.to_string(),
+        };
+        let place = args.text.clone().unwrap_or_else(|| PathBuf::from("--text"));
+        let data = CharText::new(&source, args.seq_len).map_err(|e| fail(&place, e))?;
+        let v = data.vocab();
+        let mut spec = cell(args.embedding, args.hidden);
+        spec.vocab = Some(v);
+        spec.head = Some(v);
+        let m = Model::compile(&spec).map_err(|e| fail_at("--hidden", e))?;
+        params = m.parameters();
+        lm = Some(m);
+        seq2seq = None;
+        task = None;
+        text = Some(data);
+    }
+    let trainee = match (&seq2seq, &lm) {
+        (Some(m), _) => Trainee::Seq2seq(
+            Seq2SeqRunner::new(m, backend).map_err(|e| fail_at("--backend", e))?,
+            task.expect("a task"),
+        ),
+        (_, Some(m)) => Trainee::Lm(
+            LmRunner::new(m, backend).map_err(|e| fail_at("--backend", e))?,
+            text.clone().expect("a text"),
+        ),
+        _ => unreachable!("a model was made"),
+    };
+
+    // Where it starts: a checkpoint, or fresh weights and optimiser.
+    let rule = match args.optimizer {
+        OptimizerKind::Adam => Rule::Adam(Adam {
+            lr: args.lr,
+            ..Adam::default()
+        }),
+        OptimizerKind::Adamw => Rule::AdamW(Adam {
+            lr: args.lr,
+            ..Adam::adamw()
+        }),
+        OptimizerKind::Sgd => Rule::Sgd(Sgd {
+            lr: args.lr,
+            momentum: 0.9,
+            ..Sgd::default()
+        }),
+    };
+    let (mut weights, mut opt, start) = match &args.resume {
+        Some(p) => {
+            let c = Checkpoint::from_safetensors_for(&read(p)?, &params).map_err(|e| fail(p, e))?;
+            if c.optimizer.rule() != rule {
+                return Err(fail(
+                    p,
+                    "the checkpoint's optimiser or learning rate differs from the flags': give the run's own `--optimizer` and `--lr`",
+                ));
+            }
+            if c.step != c.data_position {
+                return Err(fail(
+                    p,
+                    "the checkpoint's data position is not its step: it was not written by `rnnc train`",
+                ));
+            }
+            (c.weights, c.optimizer, c.step)
+        }
+        None => {
+            let w = match (&seq2seq, &lm) {
+                (Some(m), _) => m.init(args.seed),
+                (_, Some(m)) => m.init(args.seed),
+                _ => unreachable!("a model was made"),
+            }
+            .map_err(|e| fail_at("--hidden", e))?;
+            (w, Optimizer::new(rule).map_err(|e| fail_at("--lr", e))?, 0)
+        }
+    };
+    if start >= args.steps {
+        return Err(fail_at(
+            "--steps",
+            format!("the checkpoint is at step {start}: `--steps` must be more to train further"),
+        ));
+    }
+
+    // The outputs: the loss log is appended to, never rewritten; checkpoints are new files.
+    std::fs::create_dir_all(&args.out).map_err(|e| fail(&args.out, e))?;
+    let log_path = args.out.join("loss.csv");
+    if args.resume.is_none() && log_path.exists() {
+        return Err(fail(
+            &log_path,
+            "exists: a run already wrote here; pass `--resume` with its checkpoint, or another `--out`",
+        ));
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| fail(&log_path, e))?;
+    if args.resume.is_none() {
+        let eval = if seq_task {
+            "token_accuracy"
+        } else {
+            "held_out_loss"
+        };
+        writeln!(log, "step,loss,grad_norm,{eval},seconds").map_err(|e| fail(&log_path, e))?;
+    }
+    let held = text.as_ref().map(|t| t.held_out(64, args.seq_len));
+    let evaluate = |weights: &Weights| -> Result<f64, Error> {
+        match &trainee {
+            Trainee::Seq2seq(r, t) => {
+                let (mut right, mut total) = (0, 0);
+                for e in 0..4 {
+                    let b = t.batch(args.seed ^ 0x6576_616c, e, 64);
+                    let (a, n) = token_accuracy(&r.greedy(weights, &b)?, &b);
+                    right += a;
+                    total += n;
+                }
+                Ok(right as f64 / total.max(1) as f64)
+            }
+            Trainee::Lm(r, _) => r.evaluate(weights, held.as_deref().unwrap_or(&[])),
+        }
+    };
+    let save = |weights: &Weights, opt: &Optimizer, step: u64| -> Result<(), Failure> {
+        let path = args.out.join(format!("checkpoint-{step}.safetensors"));
+        if path.exists() || args.resume.as_deref().is_some_and(|r| same_file(r, &path)) {
+            return Err(fail(
+                &path,
+                "exists: a checkpoint is never overwritten; choose another `--out`",
+            ));
+        }
+        let c = Checkpoint {
+            weights: weights.clone(),
+            optimizer: opt.clone(),
+            step,
+            data_position: step,
+        };
+        let bytes = c.to_safetensors_for(&params).map_err(|e| fail(&path, e))?;
+        std::fs::write(&path, bytes).map_err(|e| fail(&path, e))
+    };
+
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(args.steps)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps {elapsed_precise} (eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(start);
+    let clock = std::time::Instant::now();
+    let mut last = None;
+    for step in start..args.steps {
+        let loss = match &trainee {
+            Trainee::Seq2seq(r, t) => r.loss(&weights, &t.batch(args.seed, step, args.batch)),
+            Trainee::Lm(r, text) => {
+                let (x, y) = text.train_batch(args.seed, step, args.batch, args.seq_len);
+                r.loss(&weights, &x, &y)
+            }
+        }
+        .map_err(|e| fail_at("train", e))?;
+        let value = loss.loss;
+        let clip = (args.clip > 0.0).then_some(args.clip);
+        let norm =
+            train_step(&mut weights, &mut opt, loss, clip).map_err(|e| fail_at("train", e))?;
+        let done = step + 1;
+        let eval = if done % args.eval_every == 0 || done == args.steps {
+            Some(evaluate(&weights).map_err(|e| fail_at("train", e))?)
+        } else {
+            None
+        };
+        let shown = eval.map_or_else(String::new, |e| format!("{e:.4}"));
+        writeln!(
+            log,
+            "{done},{value:.6},{norm:.6},{shown},{:.3}",
+            clock.elapsed().as_secs_f64()
+        )
+        .map_err(|e| fail(&log_path, e))?;
+        if let Some(e) = eval {
+            last = Some(e);
+        }
+        bar.set_message(match last {
+            Some(e) if seq_task => format!("loss {value:.4}, accuracy {e:.3}"),
+            Some(e) => format!("loss {value:.4}, held-out {e:.4}"),
+            None => format!("loss {value:.4}"),
+        });
+        bar.inc(1);
+        if done % args.checkpoint_every == 0 || done == args.steps {
+            save(&weights, &opt, done)?;
+        }
+    }
+    bar.finish();
+    let mut summary = match last {
+        Some(e) if seq_task => format!("token accuracy {e:.4} after {} steps\n", args.steps),
+        Some(e) => format!(
+            "held-out loss {e:.4} nats per character after {} steps\n",
+            args.steps
+        ),
+        None => String::new(),
+    };
+    if let Trainee::Lm(r, text) = &trainee {
+        let prompt = text
+            .encode("\n")
+            .or_else(|_| Ok::<_, Error>(vec![0]))
+            .unwrap_or_default();
+        let ids = r
+            .sample(
+                &weights,
+                &prompt,
+                args.sample_len,
+                args.temperature,
+                args.seed,
+            )
+            .map_err(|e| fail_at("--temperature", e))?;
+        let sample = text.decode(&ids);
+        let path = args.out.join(format!("samples-{}.txt", args.steps));
+        if path.exists() {
+            return Err(fail(
+                &path,
+                "exists: never overwritten; choose another `--out`",
+            ));
+        }
+        std::fs::write(&path, format!("{sample}\n")).map_err(|e| fail(&path, e))?;
+        summary.push_str(&format!(
+            "sample at temperature {}:\n{sample}\n",
+            args.temperature
+        ));
+    }
+    say(&summary)
 }
 
 fn init(args: &InitArgs) -> Result<(), Failure> {
