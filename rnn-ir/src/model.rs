@@ -39,7 +39,7 @@ use crate::autodiff;
 use crate::driver::{Gradients, Request, Response};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op, OutRole, Role, Shape, Value, verify};
-use crate::interp::{Bound, Exec, Extent, Tape as InterpTape, eval_graph_with};
+use crate::interp::{Bound, Exec, Extent, Tape as InterpTape, eval_graph_borrowed};
 use crate::program::Program;
 use crate::spec::{Attention, ModelSpec, Score};
 use crate::tensor::Tensor;
@@ -118,9 +118,15 @@ impl Layer {
         Ok(Layer { forward, backward })
     }
 
-    /// Runs the forward graph on `rows` rows of `inputs`.
-    fn run(&self, rows: usize, inputs: HashMap<Role, Vec<f32>>) -> Result<LayerRun> {
-        self.run_with(rows, inputs, None)
+    /// Runs the forward graph on `rows` rows of `inputs` (those not parameters) and `params`
+    /// (borrowed, not copied).
+    fn run(
+        &self,
+        rows: usize,
+        inputs: HashMap<Role, Vec<f32>>,
+        params: &[Vec<f32>],
+    ) -> Result<LayerRun> {
+        self.run_with(rows, inputs, params, None)
     }
 
     /// [`Layer::run`] against a memory of `extent` (positions, sequences, source lengths).
@@ -128,6 +134,7 @@ impl Layer {
         &self,
         rows: usize,
         inputs: HashMap<Role, Vec<f32>>,
+        params: &[Vec<f32>],
         extent: Option<(usize, usize, Option<Vec<usize>>)>,
     ) -> Result<LayerRun> {
         let values = {
@@ -136,7 +143,16 @@ impl Layer {
                 batch: *batch,
                 lengths: lengths.as_deref(),
             });
-            eval_graph_with::<f32>(&self.forward, rows, &inputs, &Exec::default(), e.as_ref())?
+            let lookup = |role: Role| fed(&inputs, params, role);
+            let mut values = eval_graph_borrowed::<f32>(
+                &self.forward,
+                rows,
+                lookup,
+                &Exec::default(),
+                e.as_ref(),
+            )?;
+            fill_outputs(&self.forward, &mut values, lookup);
+            values
         };
         Ok(LayerRun {
             rows,
@@ -146,27 +162,26 @@ impl Layer {
         })
     }
 
-    /// Runs the backward graph of forward run `run` with `cotangent` flowing into the output;
-    /// every value of the backward graph.
-    fn back(&self, run: &LayerRun, cotangent: Vec<f32>) -> Result<Vec<Vec<f32>>> {
-        let b = &self.backward;
-        let mut given: HashMap<Role, Vec<f32>> = HashMap::new();
-        let mut cotangent = Some(cotangent);
-        for v in b.iter() {
-            let Op::Input(role) = b.data(v).op else {
-                continue;
-            };
-            let x = match role {
-                Role::Saved(s) => run.values[s.index()].clone(),
-                Role::Cotangent(OutRole::Output) => cotangent.take().unwrap_or_default(),
-                other => run
-                    .inputs
-                    .get(&other)
-                    .cloned()
-                    .ok_or_else(|| Error::Argument(format!("no value for {other:?}")))?,
-            };
-            given.insert(role, x);
-        }
+    /// Runs the backward graph of forward run `run` (with the same `params`) with `cotangent`
+    /// flowing into the output; every value of the backward graph.
+    fn back(
+        &self,
+        run: &LayerRun,
+        cotangent: Vec<f32>,
+        params: &[Vec<f32>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let (f, b) = (&self.forward, &self.backward);
+        let lookup = |role: Role| -> Option<&[f32]> {
+            match role {
+                Role::Cotangent(OutRole::Output) => Some(cotangent.as_slice()),
+                // A saved forward value: an input as it was fed, or what the run computed.
+                Role::Saved(s) => match f.data(s).op {
+                    Op::Input(r) => fed(&run.inputs, params, r),
+                    _ => run.values.get(s.index()).map(Vec::as_slice),
+                },
+                other => fed(&run.inputs, params, other),
+            }
+        };
         let e = run
             .extent
             .as_ref()
@@ -175,13 +190,44 @@ impl Layer {
                 batch: *batch,
                 lengths: lengths.as_deref(),
             });
-        eval_graph_with::<f32>(b, run.rows, &given, &Exec::default(), e.as_ref())
+        let mut values =
+            eval_graph_borrowed::<f32>(b, run.rows, lookup, &Exec::default(), e.as_ref())?;
+        fill_outputs(b, &mut values, lookup);
+        Ok(values)
     }
 
     fn output(&self) -> Value {
         self.forward
             .output(OutRole::Output)
             .expect("a layer's graph has an output")
+    }
+}
+
+/// The value fed to input `role`: a parameter from `params`, anything else from `inputs`.
+fn fed<'a>(
+    inputs: &'a HashMap<Role, Vec<f32>>,
+    params: &'a [Vec<f32>],
+    role: Role,
+) -> Option<&'a [f32]> {
+    match role {
+        Role::Param(p) => params.get(p as usize).map(Vec::as_slice),
+        other => inputs.get(&other).map(Vec::as_slice),
+    }
+}
+
+/// Copies into `values` the inputs that are also outputs of `g` (their slots are empty after
+/// [`eval_graph_borrowed`]).
+fn fill_outputs<'a>(
+    g: &Graph,
+    values: &mut [Vec<f32>],
+    lookup: impl Fn(Role) -> Option<&'a [f32]>,
+) {
+    for o in g.outputs() {
+        if let Op::Input(role) = g.data(o.value).op
+            && let Some(x) = lookup(role)
+        {
+            values[o.value.index()] = x.to_vec();
+        }
     }
 }
 
@@ -708,8 +754,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                 }
                 let mut inputs = HashMap::new();
                 inputs.insert(Role::Input, lanes);
-                inputs.insert(Role::Param(0), self.embedding[0].clone());
-                let run = e.run(rows, inputs)?;
+                let run = e.run(rows, inputs, &self.embedding)?;
                 let x = Tensor {
                     shape: vec![ids.shape[0], ids.shape[1], self.model.spec.input_size],
                     data: run.output(e).to_vec(),
@@ -831,10 +876,12 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         let mut inputs = HashMap::new();
         inputs.insert(Role::Input, tm(y, batch, steps, features));
         inputs.insert(Role::Memory, tm(m.data.clone(), batch, positions, size));
-        for (p, w) in self.attention.iter().enumerate() {
-            inputs.insert(Role::Param(p as u32), w.clone());
-        }
-        let run = layer.run_with(steps * batch, inputs, Some((positions, batch, lengths)))?;
+        let run = layer.run_with(
+            steps * batch,
+            inputs,
+            &self.attention,
+            Some((positions, batch, lengths)),
+        )?;
         let out = tm(run.output(layer).to_vec(), steps, batch, features);
         Ok((run, out))
     }
@@ -869,10 +916,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         };
         let mut inputs = HashMap::new();
         inputs.insert(Role::Input, std::mem::take(&mut response.output.data));
-        for (p, w) in self.head.iter().enumerate() {
-            inputs.insert(Role::Param(p as u32), w.clone());
-        }
-        let run = h.run(rows, inputs)?;
+        let run = h.run(rows, inputs, &self.head)?;
         response.output = Tensor {
             shape: vec![dims[0], dims[1], self.model.features()],
             data: run.output(h).to_vec(),
@@ -927,7 +971,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         let mut params = BTreeMap::new();
         let d_output = match (&self.model.head, &tape.head) {
             (Some(h), Some(run)) => {
-                let back = h.back(run, grad_output.data.clone())?;
+                let back = h.back(run, grad_output.data.clone(), &self.head)?;
                 for (p, info) in h.forward.params().iter().enumerate() {
                     let g = grad_of(&h.backward, OutRole::ParamGrad(p as u32))?;
                     params.insert(
@@ -957,7 +1001,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                         data
                     }
                 };
-                let back = a.back(run, tm(d_output.data, batch, steps, n))?;
+                let back = a.back(run, tm(d_output.data, batch, steps, n), &self.attention)?;
                 for (p, info) in a.forward.params().iter().enumerate() {
                     let g = grad_of(&a.backward, OutRole::ParamGrad(p as u32))?;
                     params.insert(
@@ -997,7 +1041,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         }
         let input = match (&self.model.embedding, &tape.embedding) {
             (Some(e), Some(run)) => {
-                let back = e.back(run, stack.input.data)?;
+                let back = e.back(run, stack.input.data, &self.embedding)?;
                 let g = grad_of(&e.backward, OutRole::ParamGrad(0))?;
                 params.insert(
                     "embedding.weight".into(),
@@ -1056,9 +1100,9 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         let mut inputs = HashMap::new();
         inputs.insert(Role::Input, response.output.data);
         inputs.insert(Role::Target, lanes);
-        let loss_run = lossg.run(rows, inputs)?;
+        let loss_run = lossg.run(rows, inputs, &[])?;
         let total: f64 = loss_run.output(&lossg).iter().map(|&x| f64::from(x)).sum();
-        let back = lossg.back(&loss_run, vec![1.0 / counted as f32; rows])?;
+        let back = lossg.back(&loss_run, vec![1.0 / counted as f32; rows], &[])?;
         let d_logits = Tensor {
             shape: response.output.shape,
             data: back[grad_of(&lossg.backward, OutRole::InputGrad)?.index()].clone(),

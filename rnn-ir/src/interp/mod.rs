@@ -642,6 +642,30 @@ pub fn eval_graph_with<T: Real>(
     exec: &Exec,
     extent: Option<&Extent<'_>>,
 ) -> Result<Vec<Vec<T>>> {
+    let mut vals = eval_graph_borrowed(
+        g,
+        rows,
+        |role| inputs.get(&role).map(Vec::as_slice),
+        exec,
+        extent,
+    )?;
+    for v in g.iter() {
+        if let Op::Input(role) = g.data(v).op {
+            vals[v.index()] = inputs[&role].clone();
+        }
+    }
+    Ok(vals)
+}
+
+/// [`eval_graph_with`] reading each input where `input(role)` has it, without copying it: the
+/// values returned hold every computed value, and nothing in the slots of the inputs.
+pub fn eval_graph_borrowed<'i, T: Real>(
+    g: &Graph,
+    rows: usize,
+    input: impl Fn(Role) -> Option<&'i [T]>,
+    exec: &Exec,
+    extent: Option<&Extent<'_>>,
+) -> Result<Vec<Vec<T>>> {
     let needs_extent = g
         .iter()
         .any(|v| matches!(g.shape(v), Shape::Memory(_) | Shape::Pairs(_)));
@@ -673,6 +697,7 @@ pub fn eval_graph_with<T: Real>(
         )));
     }
     let mut vals: Vec<Vec<T>> = Vec::with_capacity(g.len());
+    let mut fed: Vec<Option<&'i [T]>> = vec![None; g.len()];
     let rows_of = |s: Shape| match s {
         Shape::Memory(_) => extent.positions * extent.batch,
         Shape::Pairs(_) => rows * extent.positions,
@@ -684,7 +709,7 @@ pub fn eval_graph_with<T: Real>(
         let d = g.data(v);
         let out = match d.op {
             Op::Input(role) => {
-                let x = inputs.get(&role).ok_or_else(|| {
+                let x = input(role).ok_or_else(|| {
                     Error::Argument(format!("no value given for input `{}`", g.role_name(role)))
                 })?;
                 if x.len() != buf_len(d.shape, rows) {
@@ -695,17 +720,19 @@ pub fn eval_graph_with<T: Real>(
                         buf_len(d.shape, rows)
                     )));
                 }
-                x.clone()
+                fed[v.index()] = Some(x);
+                Vec::new()
             }
             op => {
                 let width = d.shape.row_len();
                 let mut out = vec![T::ZERO; buf_len(d.shape, rows)];
+                let value = |a: Value| -> &[T] { fed[a.index()].unwrap_or(&vals[a.index()]) };
                 let args: Vec<View<'_, T>> = d
                     .args
                     .iter()
                     .map(|&a| {
                         let s = g.shape(a);
-                        View::dense(&vals[a.index()], rows_of(s), s.row_len())
+                        View::dense(value(a), rows_of(s), s.row_len())
                     })
                     .collect();
                 let shapes: Vec<Shape> = d.args.iter().map(|&a| g.shape(a)).collect();
@@ -717,8 +744,7 @@ pub fn eval_graph_with<T: Real>(
                     stride: width,
                 };
                 if op.is_attention_op() {
-                    let dense: Vec<&[T]> =
-                        d.args.iter().map(|&a| vals[a.index()].as_slice()).collect();
+                    let dense: Vec<&[T]> = d.args.iter().map(|&a| value(a)).collect();
                     let widths: Vec<usize> = shapes.iter().map(|s| s.row_len()).collect();
                     attend::eval(op, dst.data, &dense, &widths, rows, &extent);
                 } else if op == Op::Concat {
