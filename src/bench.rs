@@ -1,4 +1,4 @@
-//! The benchmark workloads W1–W6 (`docs/workloads.md`) and their measurement: median, min and max time over
+//! The benchmark workloads W1–W8 (`docs/workloads.md`) and their measurement: median, min and max time over
 //! repetitions, GFLOP/s, and the fraction of this machine's single-core limit.
 
 use crate::ir::graph::{Graph, OutRole, Role, Shape};
@@ -23,7 +23,7 @@ pub struct Workload {
 }
 
 /// Every workload, in order.
-pub const WORKLOADS: [Workload; 6] = [
+pub const WORKLOADS: [Workload; 8] = [
     Workload {
         id: "W1",
         name: "lstm_fwd_seed",
@@ -53,6 +53,16 @@ pub const WORKLOADS: [Workload; 6] = [
         id: "W6",
         name: "linear_seed",
         what: "Linear 256→256 on a (32, 512, 256) tensor",
+    },
+    Workload {
+        id: "W7",
+        name: "seq2seq_train",
+        what: "the chapter's seq2seq (LSTM encoder and decoder, vocabularies 5000 → 6000, embedding 64, hidden 128), batch 32, source and target 30: teacher-forced forward, cross-entropy, backward, one Adam step",
+    },
+    Workload {
+        id: "W8",
+        name: "seq2seq_greedy",
+        what: "the W7 model, batch 1, source 30: encode, then 30 greedy decoding steps",
     },
 ];
 
@@ -216,10 +226,32 @@ fn spec(cell: CellKind, input: usize, hidden: usize) -> ModelSpec {
 /// The backends [`measure`] times.
 pub const BACKENDS: [&str; 3] = ["interp", "macro", "jit"];
 
-/// Whether `backend` runs workload `w`: the macro backend runs the recurrent ones (W1–W5), not
-/// W6 (a Linear layer).
+/// Whether `backend` runs workload `w`: the macro backend runs the recurrent layers (W1–W5),
+/// not W6 (a Linear layer) nor the encoder-decoder of W7 and W8 (which has no macro yet).
 pub fn runs(backend: &str, w: Workload) -> bool {
-    !(backend == "macro" && w.id == "W6")
+    !(backend == "macro" && matches!(w.id, "W6" | "W7" | "W8"))
+}
+
+/// The chapter's encoder-decoder of W7 and W8 (batch-first LSTMs).
+pub fn seq2seq_model() -> Result<crate::ir::seq2seq::Seq2Seq> {
+    let mut enc = spec(CellKind::Lstm, 64, 128);
+    enc.vocab = Some(5000);
+    enc.batch_first = true;
+    let mut dec = spec(CellKind::Lstm, 64, 128);
+    dec.vocab = Some(6000);
+    dec.head = Some(6000);
+    dec.batch_first = true;
+    crate::ir::seq2seq::Seq2Seq::new(&enc, &dec)
+}
+
+/// `n` random ids below `vocab` from `seed`.
+fn random_ids(shape: Vec<usize>, vocab: usize, seed: u64) -> crate::ir::model::Ids {
+    let n: usize = shape.iter().product();
+    let data = SeededUniform::new(seed)
+        .take(n)
+        .map(|u| (((u + 1.0) / 2.0 * vocab as f64) as i64).min(vocab as i64 - 1))
+        .collect();
+    crate::ir::model::Ids { shape, data }
 }
 
 /// The workloads' models declared with the macros at the workloads' sizes: the `macro`
@@ -259,7 +291,8 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
     }
     if !runs(backend, w) {
         return Err(crate::Error::Argument(format!(
-            "W6 (a Linear layer) is not a recurrent model: the {backend} backend does not run it"
+            "the {backend} backend does not run {} ({}): W6 is not a recurrent model, and W7 and W8's encoder-decoder has no macro yet",
+            w.id, w.name
         )));
     }
     // The JIT's model of a workload's program, compiled once before timing.
@@ -404,6 +437,63 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
                 })?
             };
             (times, 2.0 * (rows * n * n) as f64, 1)
+        }
+        "W7" => {
+            use crate::ir::optim::{Adam, Optimizer, Rule};
+            use crate::train::{Backend, Seq2SeqRunner, SeqBatch};
+            let model = seq2seq_model()?;
+            let mut weights = model.init(1)?;
+            let runner =
+                Seq2SeqRunner::new(&model, if jit { Backend::Jit } else { Backend::Interp })?
+                    .with_threads(threads);
+            let (b, t) = (32, 30);
+            let tgt = random_ids(vec![b, t + 1], 6000, 3);
+            let column = |range: std::ops::Range<usize>| crate::ir::model::Ids {
+                shape: vec![b, t],
+                data: tgt
+                    .data
+                    .chunks(t + 1)
+                    .flat_map(|row| row[range.clone()].to_vec())
+                    .collect(),
+            };
+            let batch = SeqBatch {
+                src: random_ids(vec![b, t], 5000, 2),
+                lengths: vec![t as i64; b],
+                tgt_in: column(0..t),
+                tgt_out: column(1..t + 1),
+            };
+            let mut opt = Optimizer::new(Rule::Adam(Adam {
+                lr: 1e-3,
+                ..Adam::default()
+            }))?;
+            let times = time(reps, || {
+                let loss = runner.loss(&weights, &batch)?;
+                crate::train::train_step(&mut weights, &mut opt, loss, None).map(drop)
+            })?;
+            let lstm = cell_flops(4, 64, 128, b, t);
+            (
+                times,
+                3.0 * (2.0 * lstm + 2.0 * 128.0 * 6000.0 * (b * t) as f64),
+                1,
+            )
+        }
+        "W8" => {
+            use crate::train::{Backend, Seq2SeqRunner};
+            let model = seq2seq_model()?;
+            let weights = model.init(1)?;
+            let runner =
+                Seq2SeqRunner::new(&model, if jit { Backend::Jit } else { Backend::Interp })?
+                    .with_threads(threads);
+            let src = random_ids(vec![1, 30], 5000, 2);
+            let decode = crate::ir::seq2seq::Decode {
+                steps: 30,
+                sos: 1,
+                eos: None,
+            };
+            let bound = runner.bound(&weights)?;
+            let times = time(reps, || bound.greedy(&src, None, &decode).map(drop))?;
+            let flops = cell_flops(4, 64, 128, 1, 60) + 2.0 * 128.0 * 6000.0 * 30.0;
+            (times, flops, 1)
         }
         other => {
             return Err(crate::Error::Argument(format!(

@@ -444,6 +444,25 @@ impl<'m> LmRunner<'m> {
 pub struct Seq2SeqRunner<'m> {
     model: &'m Seq2Seq,
     jits: Option<(Arc<Jit>, Arc<Jit>)>,
+    threads: usize,
+}
+
+/// An encoder-decoder bound to its weights on either backend ([`Seq2SeqRunner::bound`]).
+pub enum BoundRunner<'m> {
+    /// On the interpreter.
+    Interp(BoundSeq2Seq<'m, rnn_ir::model::Interpreted<'m>>),
+    /// On the JIT.
+    Jit(BoundSeq2Seq<'m, crate::jit::JitModel>),
+}
+
+impl BoundRunner<'_> {
+    /// [`BoundSeq2Seq::greedy`].
+    pub fn greedy(&self, src: &Ids, lengths: Option<&[i64]>, decode: &Decode) -> Result<Ids> {
+        match self {
+            BoundRunner::Interp(b) => b.greedy(src, lengths, decode),
+            BoundRunner::Jit(b) => b.greedy(src, lengths, decode),
+        }
+    }
 }
 
 impl<'m> Seq2SeqRunner<'m> {
@@ -456,7 +475,41 @@ impl<'m> Seq2SeqRunner<'m> {
                 Arc::new(Jit::compile(&model.decoder.stack)?),
             )),
         };
-        Ok(Seq2SeqRunner { model, jits })
+        Ok(Seq2SeqRunner {
+            model,
+            jits,
+            threads: 1,
+        })
+    }
+
+    /// The same runner with `threads` threads for the matrix products (the interpreter's)
+    /// or the batch (the JIT's).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// Binds `weights` once, for many decodings.
+    pub fn bound(&self, weights: &Weights) -> Result<BoundRunner<'m>> {
+        match &self.jits {
+            None => Ok(BoundRunner::Interp(self.model.bind_interp(
+                weights,
+                Exec {
+                    threads: self.threads,
+                },
+            )?)),
+            Some((enc, dec)) => {
+                let encoder = &self.model.encoder.stack;
+                let threads = self.threads;
+                Ok(BoundRunner::Jit(self.model.bind(
+                    weights,
+                    |p: &Program, w| {
+                        let j = if std::ptr::eq(p, encoder) { enc } else { dec };
+                        j.bind(w)?.with_threads(threads)
+                    },
+                )?))
+            }
+        }
     }
 
     fn with<T>(
@@ -465,19 +518,9 @@ impl<'m> Seq2SeqRunner<'m> {
         interp: impl FnOnce(&BoundSeq2Seq<'_, rnn_ir::model::Interpreted<'_>>) -> Result<T>,
         jit: impl FnOnce(&BoundSeq2Seq<'_, crate::jit::JitModel>) -> Result<T>,
     ) -> Result<T> {
-        match &self.jits {
-            None => interp(&self.model.bind_interp(weights, Exec::default())?),
-            Some((enc, dec)) => {
-                let encoder = &self.model.encoder.stack;
-                let bound = self.model.bind(weights, |p: &Program, w| {
-                    if std::ptr::eq(p, encoder) {
-                        enc.bind(w)
-                    } else {
-                        dec.bind(w)
-                    }
-                })?;
-                jit(&bound)
-            }
+        match self.bound(weights)? {
+            BoundRunner::Interp(b) => interp(&b),
+            BoundRunner::Jit(b) => jit(&b),
         }
     }
 

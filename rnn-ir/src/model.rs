@@ -167,13 +167,13 @@ impl Layer {
     fn back(
         &self,
         run: &LayerRun,
-        cotangent: Vec<f32>,
+        cotangent: &[f32],
         params: &[Vec<f32>],
     ) -> Result<Vec<Vec<f32>>> {
         let (f, b) = (&self.forward, &self.backward);
         let lookup = |role: Role| -> Option<&[f32]> {
             match role {
-                Role::Cotangent(OutRole::Output) => Some(cotangent.as_slice()),
+                Role::Cotangent(OutRole::Output) => Some(cotangent),
                 // A saved forward value: an input as it was fed, or what the run computed.
                 Role::Saved(s) => match f.data(s).op {
                     Op::Input(r) => fed(&run.inputs, params, r),
@@ -325,6 +325,7 @@ fn swap_outer(data: &[f32], d0: usize, d1: usize, n: usize) -> Vec<f32> {
 
 /// The loss's graph: logits and targets in, each row's negative log-likelihood out (0 on a row
 /// whose target is `ignore`).
+#[cfg(test)]
 fn loss_graph(classes: usize, ignore: i32) -> Result<Layer> {
     let mut g = Graph::new();
     let logits = g.x(classes);
@@ -335,6 +336,75 @@ fn loss_graph(classes: usize, ignore: i32) -> Result<Layer> {
     g.set_output(OutRole::Output, nll);
     Layer::new(g)
 }
+
+/// The summed negative log-likelihood of `targets` under each row of `logits` (`classes`
+/// wide), PyTorch's `cross_entropy` with `ignore_index` before the mean; `logits` become the
+/// gradient of `scale` times that sum: `scale · (softmax(row) - onehot(target))`, zero on an
+/// ignored row. One pass per row computes the loss graph's values ([`Op::LogSoftmax`], then
+/// [`Op::Pick`]) and its backward graph's gradient; the sums are in `f64`. Targets are
+/// `0 .. classes` or `ignore` (checked by the callers).
+pub fn cross_entropy_fused(
+    logits: &mut [f32],
+    classes: usize,
+    targets: &[i64],
+    ignore: i64,
+    scale: f32,
+) -> f64 {
+    let mut total = 0.0;
+    for (row, &t) in logits.chunks_mut(classes).zip(targets) {
+        if t == ignore {
+            row.fill(0.0);
+            continue;
+        }
+        let m = row.iter().fold(
+            f32::NEG_INFINITY,
+            |m, &x| {
+                if x > m || x.is_nan() { x } else { m }
+            },
+        );
+        let picked = row[t as usize];
+        for x in row.iter_mut() {
+            *x = exp_nonpositive(*x - m);
+        }
+        let sum: f64 = row.iter().map(|&e| f64::from(e)).sum();
+        total += f64::from(m) + sum.ln() - f64::from(picked);
+        let inv = (1.0 / sum) as f32;
+        for x in row.iter_mut() {
+            *x *= inv * scale;
+        }
+        row[t as usize] -= scale;
+    }
+    total
+}
+
+/// `e^x` for `x ≤ 0` (and NaN), within a few ulp of the correctly rounded `f32` result over
+/// `[-87.3, 0]` and tiny below (where it underflows): Cody–Waite reduction by `ln 2` and a
+/// degree-6 Taylor polynomial, branch-free so that a loop over a row vectorises
+/// (`cross_entropy_fused`).
+#[inline]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let c = x.max(-87.3);
+    // Round to nearest by the 1.5 · 2^23 trick (no call, so the loop vectorises).
+    const MAGIC: f32 = 12_582_912.0;
+    let k = (c * LOG2E + MAGIC) - MAGIC;
+    let r = (c - k * LN2_HI) - k * LN2_LO;
+    // e^r on [-ln2/2, ln2/2].
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // 2^k by the exponent bits: k is in -126 ..= 0 here.
+    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    let y = p * scale;
+    if x.is_nan() { x } else { y }
+}
+
+/// The most rows an inference runs the head's product for on packed panels rather than
+/// through `gemm`.
+const PANEL_ROWS: usize = 32;
 
 /// A compiled model: the stack and the layers around it.
 #[derive(Clone, Debug)]
@@ -524,12 +594,22 @@ impl Model {
     ) -> Result<BoundModel<'m, R>> {
         let split = self.split(weights)?;
         let stack = bind_stack(&self.stack, &split.stack)?;
+        let head_panels = match (&self.head, split.head.first()) {
+            (Some(h), Some(w)) if crate::panels::available() => {
+                let dims = h.forward.params()[0].dims();
+                let mut panels = vec![0.0; crate::panels::panels_len(dims[0], dims[1])];
+                crate::panels::pack_panels(dims[0], dims[1], w, &mut panels);
+                Some(panels)
+            }
+            _ => None,
+        };
         Ok(BoundModel {
             model: self,
             stack,
             embedding: split.embedding,
             attention: split.attention,
             head: split.head,
+            head_panels,
         })
     }
 
@@ -702,6 +782,9 @@ pub struct BoundModel<'m, R> {
     embedding: Vec<Vec<f32>>,
     attention: Vec<Vec<f32>>,
     head: Vec<Vec<f32>>,
+    /// The head's weight packed in panels (on a CPU with AVX-512), for inference over a few
+    /// rows: decoding reads the whole weight at every step.
+    head_panels: Option<Vec<f32>>,
 }
 
 /// What the forward pass of the layers before the head computed.
@@ -716,7 +799,6 @@ struct Front {
 
 /// What [`BoundModel::forward_train`] keeps for [`BoundModel::backward`].
 pub struct ModelTape<T> {
-    rows: usize,
     embedding: Option<LayerRun>,
     stack: T,
     /// The stack's output's shape.
@@ -895,6 +977,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         dims: [usize; 2],
         response: &mut Response,
         memory: Option<MemoryRef<'_>>,
+        keep: bool,
     ) -> Result<(Option<(LayerRun, Vec<usize>)>, Option<LayerRun>)> {
         let attention = match (&self.model.attention, memory) {
             (Some(a), memory) => {
@@ -914,12 +997,51 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         let Some(h) = &self.model.head else {
             return Ok((attention, None));
         };
+        let classes = self.model.features();
+        if let (false, Some(panels), true) = (keep, &self.head_panels, rows <= PANEL_ROWS) {
+            // Inference over a few rows (decoding): the head's product on its packed weight,
+            // then its bias; the head graph's values, summed in another order.
+            let features = response.output.data.len() / rows.max(1);
+            let mut logits = vec![0.0; rows * classes];
+            if rows == 1 {
+                let x = &response.output.data;
+                crate::panels::matvec_panels(classes, features, panels, x, &mut logits);
+            } else {
+                crate::panels::matmul_panels(
+                    classes,
+                    features,
+                    rows,
+                    panels,
+                    &response.output.data,
+                    features,
+                    &mut logits,
+                    classes,
+                );
+            }
+            for row in logits.chunks_mut(classes) {
+                for (y, &b) in row.iter_mut().zip(&self.head[1]) {
+                    *y += b;
+                }
+            }
+            response.output = Tensor {
+                shape: vec![dims[0], dims[1], classes],
+                data: logits,
+            };
+            return Ok((attention, None));
+        }
         let mut inputs = HashMap::new();
         inputs.insert(Role::Input, std::mem::take(&mut response.output.data));
-        let run = h.run(rows, inputs, &self.head)?;
+        let mut run = h.run(rows, inputs, &self.head)?;
+        let out = h.output();
+        // The logits leave the run uncopied unless the head's backward reads them.
+        let data = if h.backward.input(Role::Saved(out)).is_none() {
+            std::mem::take(&mut run.values[out.index()])
+        } else {
+            run.values[out.index()].clone()
+        };
         response.output = Tensor {
-            shape: vec![dims[0], dims[1], self.model.features()],
-            data: run.output(h).to_vec(),
+            shape: vec![dims[0], dims[1], classes],
+            data,
         };
         Ok((attention, Some(run)))
     }
@@ -929,7 +1051,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
     pub fn forward(&self, run: &Run<'_>) -> Result<Response> {
         let front = self.front(run.input)?;
         let mut response = self.stack.forward(&self.request(run, &front.x))?;
-        self.after_stack(front.rows, front.dims, &mut response, run.memory)?;
+        self.after_stack(front.rows, front.dims, &mut response, run.memory, false)?;
         Ok(response)
     }
 
@@ -939,9 +1061,8 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         let (mut response, stack) = self.stack.forward_train(&self.request(run, &front.x))?;
         let stack_shape = response.output.shape.clone();
         let (attention, head) =
-            self.after_stack(front.rows, front.dims, &mut response, run.memory)?;
+            self.after_stack(front.rows, front.dims, &mut response, run.memory, true)?;
         let tape = ModelTape {
-            rows: front.rows,
             embedding: front.embedding,
             stack,
             stack_shape,
@@ -971,7 +1092,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         let mut params = BTreeMap::new();
         let d_output = match (&self.model.head, &tape.head) {
             (Some(h), Some(run)) => {
-                let back = h.back(run, grad_output.data.clone(), &self.head)?;
+                let back = h.back(run, &grad_output.data, &self.head)?;
                 for (p, info) in h.forward.params().iter().enumerate() {
                     let g = grad_of(&h.backward, OutRole::ParamGrad(p as u32))?;
                     params.insert(
@@ -1001,7 +1122,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                         data
                     }
                 };
-                let back = a.back(run, tm(d_output.data, batch, steps, n), &self.attention)?;
+                let back = a.back(run, &tm(d_output.data, batch, steps, n), &self.attention)?;
                 for (p, info) in a.forward.params().iter().enumerate() {
                     let g = grad_of(&a.backward, OutRole::ParamGrad(p as u32))?;
                     params.insert(
@@ -1041,7 +1162,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         }
         let input = match (&self.model.embedding, &tape.embedding) {
             (Some(e), Some(run)) => {
-                let back = e.back(run, stack.input.data, &self.embedding)?;
+                let back = e.back(run, &stack.input.data, &self.embedding)?;
                 let g = grad_of(&e.backward, OutRole::ParamGrad(0))?;
                 params.insert(
                     "embedding.weight".into(),
@@ -1084,7 +1205,8 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             });
         }
         let classes = self.model.features();
-        let lanes = targets.lanes("targets", classes, Some(ignore))?;
+        // Checks every target is a class or `ignore`.
+        targets.lanes("targets", classes, Some(ignore))?;
         if let Some(lengths) = run.lengths {
             self.check_padding(targets, lengths, ignore)?;
         }
@@ -1094,19 +1216,17 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                 "every target is the ignore index {ignore}: the mean loss over no target is undefined"
             )));
         }
-        let (response, tape) = self.forward_train(run)?;
-        let rows = tape.rows;
-        let lossg = loss_graph(classes, ignore as i32)?;
-        let mut inputs = HashMap::new();
-        inputs.insert(Role::Input, response.output.data);
-        inputs.insert(Role::Target, lanes);
-        let loss_run = lossg.run(rows, inputs, &[])?;
-        let total: f64 = loss_run.output(&lossg).iter().map(|&x| f64::from(x)).sum();
-        let back = lossg.back(&loss_run, vec![1.0 / counted as f32; rows], &[])?;
-        let d_logits = Tensor {
-            shape: response.output.shape,
-            data: back[grad_of(&lossg.backward, OutRole::InputGrad)?.index()].clone(),
-        };
+        let (mut response, tape) = self.forward_train(run)?;
+        // The loss graph's log_softmax, pick and their backward, fused into one pass over the
+        // logits, which become their gradient in place (`cross_entropy_fused`).
+        let total = cross_entropy_fused(
+            &mut response.output.data,
+            classes,
+            &targets.data,
+            ignore,
+            1.0 / counted as f32,
+        );
+        let d_logits = response.output;
         let grads = self.backward(tape, &d_logits, &[])?;
         Ok(Loss {
             loss: total / counted as f64,
@@ -1142,4 +1262,57 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
 fn grad_of(g: &Graph, role: OutRole) -> Result<Value> {
     g.output(role)
         .ok_or_else(|| Error::Argument(format!("the backward graph has no {role:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fused_exponential_is_within_a_few_ulp() {
+        let mut worst = 0.0f64;
+        let n = 2_000_000;
+        for i in 0..=n {
+            let x = -87.0 * i as f32 / n as f32;
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_nonpositive(x));
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 4e-7, "relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+        assert!(exp_nonpositive(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn the_fused_cross_entropy_is_the_loss_graph_and_its_backward() {
+        let (rows, classes, ignore) = (7, 13, -100i64);
+        let mut u = SeededUniform::new(3);
+        let logits: Vec<f32> = (0..rows * classes)
+            .map(|_| (u.next().unwrap_or(0.0) * 8.0) as f32)
+            .collect();
+        let targets: Vec<i64> = vec![0, 12, ignore, 5, 5, ignore, 7];
+        let scale = 0.2f32;
+        // The graph: log_softmax, pick, neg, then its backward graph.
+        let g = loss_graph(classes, ignore as i32).unwrap();
+        let mut inputs = HashMap::new();
+        inputs.insert(Role::Input, logits.clone());
+        inputs.insert(Role::Target, targets.iter().map(|&t| t as f32).collect());
+        let run = g.run(rows, inputs, &[]).unwrap();
+        let graph_total: f64 = run.output(&g).iter().map(|&x| f64::from(x)).sum();
+        let back = g.back(&run, &vec![scale; rows], &[]).unwrap();
+        let graph_grad = &back[grad_of(&g.backward, OutRole::InputGrad).unwrap().index()];
+        // Fused.
+        let mut fused = logits.clone();
+        let total = cross_entropy_fused(&mut fused, classes, &targets, ignore, scale);
+        assert!(
+            (total - graph_total).abs() <= 1e-5 * graph_total.abs(),
+            "{total} vs {graph_total}"
+        );
+        for (i, (a, b)) in fused.iter().zip(graph_grad).enumerate() {
+            assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "[{i}]: {a} vs {b}");
+        }
+        // Ignored rows: no gradient.
+        assert!(fused[2 * classes..3 * classes].iter().all(|&x| x == 0.0));
+    }
 }

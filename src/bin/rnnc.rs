@@ -5,7 +5,7 @@
 //!   outputs, final states and (with `--grad-output`) every gradient out, as safetensors.
 //! - `rnnc init`: initial weights for a declared model, with its parameters' names.
 //! - `rnnc inspect`: a model's spec, parameter count and compiled IR.
-//! - `rnnc bench`: the workloads W1–W6.
+//! - `rnnc bench`: the workloads W1–W8.
 //! - `rnnc train`: train a model on the copy or reversal task (an encoder-decoder, with or
 //!   without attention) or as a character language model, with a progress bar, a loss log,
 //!   checkpoints and `--resume`.
@@ -101,7 +101,7 @@ enum Command {
     Inspect(InspectArgs),
     /// Print the Rust that `rnn!` / `lstm!` / `gru!` would emit for a model, formatted.
     Emit(EmitArgs),
-    /// Time the workloads W1–W6 (all when none is named).
+    /// Time the workloads W1–W8 (all the backend runs when none is named).
     Bench(BenchArgs),
     /// Decode source token ids with an encoder-decoder (a PyTorch state dict with
     /// `encoder.embedding`, `encoder.rnn`, `decoder.embedding`, `decoder.rnn`, `decoder.fc`):
@@ -1429,7 +1429,7 @@ fn run_bench(args: &BenchArgs) -> Result<(), Failure> {
             .iter()
             .map(|n| {
                 bench::workload(n)
-                    .ok_or_else(|| fail(here, format!("unknown workload `{n}`: expected W1 … W6")))
+                    .ok_or_else(|| fail(here, format!("unknown workload `{n}`: expected W1 … W8")))
             })
             .collect::<Result<_, _>>()?
     };
