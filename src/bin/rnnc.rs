@@ -409,7 +409,7 @@ struct EmitArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Workloads by id or name (W1 … W6, lstm_fwd_seed …).
+    /// Workloads by id or name (W1 … W8, lstm_fwd_seed …).
     workloads: Vec<String>,
     /// The backend to time.
     #[arg(long, value_enum, default_value = "interp")]
