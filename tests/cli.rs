@@ -511,7 +511,7 @@ fn bench_json_prints_one_object_per_workload_with_every_field() {
 fn bench_rejects_an_unknown_workload() {
     let err = complaint(&["bench", "W9"]);
     assert!(
-        err.contains("unknown workload `W9`: expected W1 … W6"),
+        err.contains("unknown workload `W9`: expected W1 … W8"),
         "{err}"
     );
 }
@@ -1549,7 +1549,12 @@ fn bench_runs_the_macro_backend_and_refuses_what_it_cannot_run() {
     assert_eq!(v["backend"], "macro");
     assert_eq!(v["workload"], "W5");
     let err = complaint(&["bench", "W6", "--backend", "macro"]);
-    assert!(err.contains("the macro backend does not run it"), "{err}");
+    assert!(err.contains("the macro backend does not run W6"), "{err}");
+    let err = complaint(&["bench", "W8", "--backend", "macro"]);
+    assert!(
+        err.contains("the macro backend does not run W8 (seq2seq_greedy)"),
+        "{err}"
+    );
     let err = complaint(&["bench", "W5", "--backend", "macro", "--threads", "2"]);
     assert!(
         err.contains("the macro backend runs on one thread"),

@@ -66,7 +66,7 @@ fn unknown_setting_names_the_valid_ones() {
     let e = errors("lstm {\n  input: 128,\n  hiden: 256\n}");
     assert_eq!(
         e[0],
-        "3:3: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj"
+        "3:3: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj, vocab, head"
     );
 }
 
@@ -369,7 +369,7 @@ fn misspelt_model_kinds_are_suggested_and_the_body_still_checked() {
         errors("lstn { input: 3, hiden: 4 }"),
         vec![
             "1:1: unknown model kind `lstn`: did you mean `lstm`? expected `rnn`, `lstm`, `gru` or `cell`",
-            "1:18: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj",
+            "1:18: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj, vocab, head",
         ]
     );
     assert_eq!(
@@ -403,7 +403,7 @@ fn misspelt_settings_and_setting_values_are_suggested() {
     assert_eq!(
         errors("gru { input: 3, hidden: 4, bidirectonal: ture }"),
         vec![
-            "1:28: unknown setting `bidirectonal` for `gru`: did you mean `bidirectional`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset"
+            "1:28: unknown setting `bidirectonal` for `gru`: did you mean `bidirectional`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset, vocab, head"
         ]
     );
     assert_eq!(
@@ -424,7 +424,7 @@ fn misspelt_settings_and_setting_values_are_suggested() {
     assert_eq!(
         errors("gru { input: 3, hidden: 4, proj: 2 }"),
         vec![
-            "1:28: unknown setting `proj` for `gru`: it is a setting of `lstm` only; expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset"
+            "1:28: unknown setting `proj` for `gru`: it is a setting of `lstm` only; expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset, vocab, head"
         ]
     );
     // A misspelt size is not also reported missing; a missing one is.
@@ -679,4 +679,34 @@ fn an_output_equation_cannot_take_a_states_or_parameters_name() {
         "cell C { input: 3, hidden: 4, param W: [hidden, input], state h, state c, h = tanh(W @ x + c), c = h, output c }",
     )
     .unwrap();
+}
+
+#[test]
+fn vocab_and_head_declare_a_model_around_the_stack() {
+    let spec = parse_str("lstm Lm { vocab: 65, input: 32, hidden: 128, head: 65 }").unwrap();
+    assert_eq!((spec.vocab, spec.head), (Some(65), Some(65)));
+    assert!(spec.has_model_layers());
+    assert_eq!(spec.stack().vocab, None);
+    let cell = parse_str(
+        "cell E { input: 3, hidden: 4, vocab: 9, param W: [hidden, input], state h, h = tanh(W @ x) }",
+    )
+    .unwrap();
+    assert_eq!(cell.vocab, Some(9));
+    for (text, want) in [
+        (
+            "gru { input: 3, hidden: 4, vocab: 0 }",
+            "`vocab` must be at least 1",
+        ),
+        (
+            "gru { input: 3, hidden: 4, head: 0 }",
+            "`head` must be at least 1",
+        ),
+        (
+            "gru { input: 3, hidden: 4, head: 99999999 }",
+            "more than the largest size",
+        ),
+    ] {
+        let err = parse_str(text).unwrap_err().to_string();
+        assert!(err.contains(want), "{text}: {err}");
+    }
 }

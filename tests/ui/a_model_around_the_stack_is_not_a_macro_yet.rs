@@ -1,0 +1,10 @@
+rnn::lstm! {
+    pub struct CharModel {
+        vocab: 65,
+        input: 32,
+        hidden: 128,
+        head: 65,
+    }
+}
+
+fn main() {}
