@@ -79,6 +79,7 @@ fn main() -> Result<(), rnn::Error> {
         optimizer: opt.clone(),
         step: 250,
         data_position: 250,
+        run: Default::default(),
     }
     .to_safetensors(&program)?;
     println!("checkpoint at step 250: {} bytes", saved.len());

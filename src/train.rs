@@ -32,6 +32,19 @@ pub const FIRST_SYMBOL: i64 = 3;
 /// The ignore index of the targets.
 pub const IGNORE: i64 = rnn_ir::model::IGNORE_INDEX;
 
+/// The largest size of a task, a window, a batch or a sample (the compiler's largest size).
+const MAX: usize = rnn_ir::ModelSpec::MAX_SIZE;
+
+/// Refuses a batch of `batch` sequences of `len` that cannot be held.
+fn room(batch: usize, len: usize) -> Result<()> {
+    match batch.checked_mul(len) {
+        Some(n) if batch <= MAX && n <= (isize::MAX as usize) / 8 => Ok(()),
+        _ => Err(Error::Argument(format!(
+            "a batch of {batch} sequences of {len} is more than can be held (batches are at most {MAX})"
+        ))),
+    }
+}
+
 /// A small deterministic generator (SplitMix64) for data.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
@@ -118,11 +131,20 @@ impl SeqTask {
                 self.symbols, self.min_len, self.max_len
             )));
         }
+        if self.symbols > MAX || self.max_len > MAX {
+            return Err(Error::Argument(format!(
+                "a task's symbols and lengths are at most {MAX}, found {} symbols and length {}",
+                self.symbols, self.max_len
+            )));
+        }
         Ok(())
     }
 
-    /// Batch number `position` of a run seeded `seed`.
-    pub fn batch(&self, seed: u64, position: u64, batch: usize) -> SeqBatch {
+    /// Batch number `position` of a run seeded `seed`; the task is checked first, and a batch
+    /// too large to hold is a typed error.
+    pub fn batch(&self, seed: u64, position: u64, batch: usize) -> Result<SeqBatch> {
+        self.check()?;
+        room(batch, self.max_len + 1)?;
         let mut rng = Rng::at(seed, position);
         let (s, t) = (self.max_len, self.max_len + 1);
         let mut src = vec![PAD; batch * s];
@@ -145,7 +167,7 @@ impl SeqTask {
             tgt_out[b * t..b * t + len].copy_from_slice(&target);
             tgt_out[b * t + len] = EOS;
         }
-        SeqBatch {
+        Ok(SeqBatch {
             src: Ids {
                 shape: vec![batch, s],
                 data: src,
@@ -159,7 +181,7 @@ impl SeqTask {
                 shape: vec![batch, t],
                 data: tgt_out,
             },
-        }
+        })
     }
 }
 
@@ -206,6 +228,11 @@ impl CharText {
             .map(|c| chars.binary_search(&c).map_or(0, |i| i as i64))
             .collect();
         let split = ids.len() - ids.len() / 10;
+        if steps == 0 || steps > MAX {
+            return Err(Error::Argument(format!(
+                "a window holds 1 ..= {MAX} characters, found {steps}"
+            )));
+        }
         if ids.len() / 10 < steps + 1 {
             return Err(Error::Argument(format!(
                 "the text has {} characters: its held-out tenth needs at least {} (a window of `steps` + 1)",
@@ -214,6 +241,11 @@ impl CharText {
             )));
         }
         Ok(CharText { chars, ids, split })
+    }
+
+    /// Every character's id, in the text's order.
+    pub fn encode_all(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ids.iter().map(|&i| i as u64)
     }
 
     /// The vocabulary's size.
@@ -264,23 +296,45 @@ impl CharText {
 
     /// Training batch number `position` of a run seeded `seed`: `batch` windows of `steps`
     /// characters at random places of the training part.
-    pub fn train_batch(&self, seed: u64, position: u64, batch: usize, steps: usize) -> (Ids, Ids) {
+    pub fn train_batch(
+        &self,
+        seed: u64,
+        position: u64,
+        batch: usize,
+        steps: usize,
+    ) -> Result<(Ids, Ids)> {
+        self.check_window(steps)?;
+        room(batch, steps)?;
         let mut rng = Rng::at(seed, position);
-        let room = self.split - steps;
-        let starts: Vec<usize> = (0..batch).map(|_| rng.below(room)).collect();
-        self.windows(&starts, steps)
+        let span = self.split - steps;
+        let starts: Vec<usize> = (0..batch).map(|_| rng.below(span)).collect();
+        Ok(self.windows(&starts, steps))
+    }
+
+    /// Refuses a window of `steps` that either part of the text cannot hold.
+    fn check_window(&self, steps: usize) -> Result<()> {
+        let held = self.ids.len() - self.split;
+        if steps == 0 || steps >= held || steps >= self.split {
+            return Err(Error::Argument(format!(
+                "a window of {steps} characters does not fit the text's parts ({} and {} characters; a window needs 1 and one more than its length)",
+                self.split, held
+            )));
+        }
+        Ok(())
     }
 
     /// The held-out part as consecutive windows of `steps` characters, `batch` at a time
     /// (the last batch may be smaller).
-    pub fn held_out(&self, batch: usize, steps: usize) -> Vec<(Ids, Ids)> {
+    pub fn held_out(&self, batch: usize, steps: usize) -> Result<Vec<(Ids, Ids)>> {
+        self.check_window(steps)?;
+        room(batch, steps)?;
         let starts: Vec<usize> = (self.split..self.ids.len() - steps)
             .step_by(steps)
             .collect();
-        starts
+        Ok(starts
             .chunks(batch.max(1))
             .map(|c| self.windows(c, steps))
-            .collect()
+            .collect())
     }
 }
 
@@ -325,6 +379,11 @@ impl<'m> LmRunner<'m> {
         if model.embedding.is_none() || model.head.is_none() {
             return Err(Error::Argument(
                 "a language model needs an embedding (`vocab`) and a head (`head`)".into(),
+            ));
+        }
+        if model.spec.batch_first {
+            return Err(Error::Argument(
+                "the language-model runner feeds (time, batch) windows: declare the model time-major (no `batch_first`)".into(),
             ));
         }
         let jit = match backend {
@@ -386,6 +445,11 @@ impl<'m> LmRunner<'m> {
                 "sampling needs a prompt of at least one character".into(),
             ));
         }
+        if n > MAX {
+            return Err(Error::Argument(format!(
+                "at most {MAX} characters are sampled at once, {n} were asked for"
+            )));
+        }
         if !(temperature > 0.0 && temperature.is_finite()) {
             return Err(Error::Argument(format!(
                 "the temperature must be positive and finite, found {temperature}"
@@ -401,7 +465,7 @@ impl<'m> LmRunner<'m> {
             let mut rng = Rng::new(seed);
             let x = Ids::new(vec![prompt.len(), 1], prompt.to_vec())?;
             let mut out = b.forward(&Run::new(Input::Ids(&x)))?;
-            let mut sampled = Vec::with_capacity(n);
+            let mut sampled = Vec::new();
             for _ in 0..n {
                 let classes = out.output.shape[2];
                 let last = &out.output.data[out.output.data.len() - classes..];
@@ -468,6 +532,11 @@ impl BoundRunner<'_> {
 impl<'m> Seq2SeqRunner<'m> {
     /// Compiles the two stacks for `backend` (once).
     pub fn new(model: &'m Seq2Seq, backend: Backend) -> Result<Seq2SeqRunner<'m>> {
+        if !model.encoder.spec.batch_first {
+            return Err(Error::Argument(
+                "the encoder-decoder runner feeds (batch, time) batches: declare both parts `batch_first`".into(),
+            ));
+        }
         let jits = match backend {
             Backend::Interp => None,
             Backend::Jit => Some((

@@ -42,6 +42,7 @@ fn resumes_bit_identically(spec: &ModelSpec, rule: Rule) {
         optimizer: opt.clone(),
         step: 4,
         data_position: 4,
+        run: Default::default(),
     }
     .to_safetensors(&program)
     .unwrap();
@@ -93,6 +94,7 @@ fn checkpoint_of(spec: &ModelSpec) -> (Program, Vec<u8>) {
         optimizer: opt,
         step: 2,
         data_position: 2,
+        run: Default::default(),
     }
     .to_safetensors(&program)
     .unwrap();

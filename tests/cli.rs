@@ -1682,7 +1682,7 @@ fn rnnc_seq2seq_bad_inputs_exit_2_naming_the_culprit() {
         ),
         (
             vec!["--beam".into(), "0".into()],
-            "--beam: the beam width must be at least 1",
+            "--beam: the beam width must be in 1 ..= 16777216",
         ),
         (
             vec![
@@ -1819,7 +1819,12 @@ fn rnnc_train_resumes_from_a_checkpoint_to_the_same_bytes() {
         assert!(lines[0].starts_with("step,loss,grad_norm,"));
         let resumed_log = std::fs::read_to_string(b.join("loss.csv")).unwrap();
         let strip = |l: &str| l.rsplit_once(',').unwrap().0.to_string();
-        let tail: Vec<String> = resumed_log.lines().map(strip).collect();
+        let tail: Vec<String> = resumed_log.lines().skip(1).map(strip).collect();
+        assert_eq!(
+            resumed_log.lines().next(),
+            lines.first().copied(),
+            "the header"
+        );
         let whole_tail: Vec<String> = lines[11..].iter().map(|l| strip(l)).collect();
         assert_eq!(tail, whole_tail, "{task}");
         if task == "charlm" {
@@ -1885,6 +1890,32 @@ fn rnnc_train_bad_inputs_exit_2_naming_the_culprit() {
                 "0.01".into(),
             ],
             "learning rate differs",
+        ),
+        (
+            vec![
+                "--resume".into(),
+                path_str(&ckpt).into(),
+                "--seed".into(),
+                "7".into(),
+            ],
+            "had `seed` 0, these flags give 7",
+        ),
+        (
+            vec![
+                "--resume".into(),
+                path_str(&ckpt).into(),
+                "--batch".into(),
+                "3".into(),
+            ],
+            "had `batch` 2, these flags give 3",
+        ),
+        (
+            vec!["--resume".into(), path_str(&ckpt).into()],
+            "already records step 4, past the checkpoint's step 2",
+        ),
+        (
+            vec!["--batch".into(), "16777217".into()],
+            "--batch: a batch of 16777217",
         ),
         (vec!["--lr".into(), "0".into()], "--lr"),
         (vec!["--clip".into(), "-1".into()], "--clip"),

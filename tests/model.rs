@@ -299,6 +299,24 @@ fn bad_model_inputs_are_typed_errors() {
     let f = Tensor::zeros(vec![6, 3, 5]);
     let err = bound.forward(&Run::new(Input::Features(&f))).unwrap_err();
     assert!(err.to_string().contains("give it ids"), "{err}");
+    // Ids made by hand (public fields) that disagree with their shape.
+    for bad in [
+        Ids {
+            shape: vec![18],
+            data: vec![0; 18],
+        },
+        Ids {
+            shape: vec![6, 3],
+            data: vec![0; 17],
+        },
+    ] {
+        let err = bound.forward(&Run::new(Input::Ids(&bad))).unwrap_err();
+        assert!(err.to_string().contains("holds"), "{err}");
+        let err = bound
+            .loss(&Run::new(Input::Ids(&x)), &bad, -100)
+            .unwrap_err();
+        assert!(err.to_string().contains("holds"), "{err}");
+    }
     // Ids of one dimension; the wrong count.
     assert!(Ids::new(vec![6], vec![0; 6]).is_err());
     assert!(Ids::new(vec![2, 3], vec![0; 5]).is_err());

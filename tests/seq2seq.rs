@@ -309,9 +309,35 @@ fn bad_beams_are_typed_errors() {
         )
         .unwrap_err();
     assert!(
-        err.to_string().contains("beam width must be at least 1"),
+        err.to_string().contains("beam width must be in 1 ..="),
         "{err}"
     );
+    // Sizes that cannot be held are typed errors before any work.
+    for (steps, width) in [(usize::MAX, 1), (1 << 25, 1), (3, usize::MAX), (3, 1 << 25)] {
+        let err = bound
+            .beam(
+                &f.src,
+                None,
+                &Decode { steps, ..decode },
+                &Beam { width, alpha: 1.0 },
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("largest size") || err.to_string().contains("beam width"),
+            "{err}"
+        );
+    }
+    let err = bound
+        .greedy(
+            &f.src,
+            None,
+            &Decode {
+                steps: usize::MAX,
+                ..decode
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("largest size"), "{err}");
     for alpha in [-1.0, f64::NAN, f64::INFINITY] {
         assert!(
             bound

@@ -38,12 +38,12 @@ fn reversal_accuracy(len: usize, attention: bool, steps: u64, hidden: usize) -> 
     }))
     .unwrap();
     for step in 0..steps {
-        let loss = runner.loss(&w, &task.batch(11, step, 32)).unwrap();
+        let loss = runner.loss(&w, &task.batch(11, step, 32).unwrap()).unwrap();
         train_step(&mut w, &mut opt, loss, Some(1.0)).unwrap();
     }
     let (mut right, mut total) = (0, 0);
     for e in 0..4 {
-        let b = task.batch(999, e, 64);
+        let b = task.batch(999, e, 64).unwrap();
         let (r, t) = token_accuracy(&runner.greedy(&w, &b).unwrap(), &b);
         right += r;
         total += t;
@@ -84,10 +84,10 @@ fn a_character_model_learns_shakespeare_and_samples_with_a_temperature() {
         ..Adam::default()
     }))
     .unwrap();
-    let held = data.held_out(64, steps);
+    let held = data.held_out(64, steps).unwrap();
     let before = runner.evaluate(&w, &held).unwrap();
     for step in 0..400 {
-        let (x, y) = data.train_batch(7, step, 32, steps);
+        let (x, y) = data.train_batch(7, step, 32, steps).unwrap();
         let loss = runner.loss(&w, &x, &y).unwrap();
         train_step(&mut w, &mut opt, loss, Some(1.0)).unwrap();
     }
@@ -124,4 +124,23 @@ fn a_character_model_learns_shakespeare_and_samples_with_a_temperature() {
     assert!(runner.sample(&w, &prompt, 5, f64::NAN, 5).is_err());
     assert!(runner.sample(&w, &[], 5, 1.0, 5).is_err());
     assert!(data.encode("€").is_err());
+    // Sizes that cannot be held, windows that do not fit: typed errors.
+    assert!(data.train_batch(7, 0, usize::MAX, steps).is_err());
+    assert!(data.train_batch(7, 0, 2, 0).is_err());
+    assert!(data.held_out(2, 1 << 20).is_err());
+    assert!(runner.sample(&w, &prompt, usize::MAX, 1.0, 5).is_err());
+    let task = SeqTask {
+        kind: TaskKind::Copy,
+        symbols: 3,
+        min_len: 1,
+        max_len: usize::MAX,
+    };
+    assert!(task.batch(0, 0, 2).is_err());
+    let task = SeqTask { max_len: 4, ..task };
+    assert!(task.batch(0, 0, usize::MAX).is_err());
+    // The runners refuse a model of the other layout.
+    let mut bf = spec.clone();
+    bf.batch_first = true;
+    let bf = Model::compile(&bf).unwrap();
+    assert!(LmRunner::new(&bf, Backend::Interp).is_err());
 }

@@ -36,6 +36,10 @@ pub struct Checkpoint {
     pub step: u64,
     /// Where the data stands (the next batch, a byte offset: the trainer's own count).
     pub data_position: u64,
+    /// The trainer's own settings that the data and the steps depend on (a seed, a batch
+    /// size, a task), as text by name: stored as `run.<name>` metadata and read back as they
+    /// were, for the trainer to compare on resuming.
+    pub run: BTreeMap<String, String>,
 }
 
 /// Parameters as one line: `name[shape] …`.
@@ -76,6 +80,9 @@ impl Checkpoint {
         meta.insert("model".into(), fingerprint(params));
         meta.insert("step".into(), self.step.to_string());
         meta.insert("data_position".into(), self.data_position.to_string());
+        for (k, v) in &self.run {
+            meta.insert(format!("run.{k}"), v.clone());
+        }
         let mut put = |k: &str, v: String| meta.insert(k.into(), v);
         match self.optimizer.rule {
             Rule::Sgd(h) => {
@@ -284,11 +291,16 @@ impl Checkpoint {
                 "tensor `{extra}` belongs to no weight and no optimiser state"
             )));
         }
+        let run = meta
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("run.")?.to_string(), v.clone())))
+            .collect();
         Ok(Checkpoint {
             weights,
             optimizer,
             step: u("step")?,
             data_position: u("data_position")?,
+            run,
         })
     }
 }

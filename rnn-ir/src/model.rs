@@ -80,6 +80,23 @@ impl Ids {
         Ok(Ids { shape, data })
     }
 
+    /// Checks that the ids are two-dimensional and hold as many ids as their shape says (the
+    /// fields are public: [`Ids::new`] is not the only way to make them).
+    pub fn check(&self, name: &str) -> Result<()> {
+        let n = match self.shape[..] {
+            [a, b] => a.checked_mul(b),
+            _ => None,
+        };
+        if n != Some(self.data.len()) {
+            return Err(Error::Argument(format!(
+                "`{name}` has shape {:?} but holds {} ids: token ids are (time, batch) or (batch, time)",
+                self.shape,
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// The ids as `f32` lanes, each checked to be in `0 .. vocab` or to equal `ignore`.
     fn lanes(&self, name: &str, vocab: usize, ignore: Option<i64>) -> Result<Vec<f32>> {
         self.data
@@ -825,6 +842,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
     fn front(&self, input: Input<'_>) -> Result<Front> {
         match (input, &self.model.embedding) {
             (Input::Ids(ids), Some(e)) => {
+                ids.check("input")?;
                 let vocab = self.model.spec.vocab.unwrap_or(0);
                 let lanes = ids.lanes("input", vocab, None)?;
                 let rows = lanes.len();
@@ -903,6 +921,13 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         };
         let size = self.model.spec.attention.map_or(0, |a| a.memory);
         let m = memory.values;
+        if Some(m.data.len()) != m.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) {
+            return Err(Error::Argument(format!(
+                "the memory has shape {:?} but holds {} values",
+                m.shape,
+                m.data.len()
+            )));
+        }
         let fits = |a: usize, b: usize| if bf { (b, a) } else { (a, b) };
         let (positions, m_batch) = match m.shape[..] {
             [a, b, f] if f == size && fits(a, b).1 == batch && fits(a, b).0 > 0 => fits(a, b),
@@ -1089,6 +1114,13 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                 found: grad_output.shape.clone(),
             });
         }
+        if grad_output.data.len() != grad_output.shape.iter().product::<usize>() {
+            return Err(Error::Argument(format!(
+                "`grad_output` has shape {:?} but holds {} values",
+                grad_output.shape,
+                grad_output.data.len()
+            )));
+        }
         let mut params = BTreeMap::new();
         let d_output = match (&self.model.head, &tape.head) {
             (Some(h), Some(run)) => {
@@ -1193,6 +1225,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                 "the ignore index {ignore} is beyond ±2^24, the ids a model can hold exactly"
             )));
         }
+        targets.check("targets")?;
         let dims = match run.input {
             Input::Ids(ids) => ids.shape.clone(),
             Input::Features(x) => x.shape.iter().take(2).copied().collect(),

@@ -425,9 +425,13 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
             .copied()
             .unwrap_or(0);
         self.check_decode(decode)?;
+        let cells = room(&[batch, decode.steps], "the tokens of greedy decoding")?;
         let (mut states, memory) = self.encode_all(src, lengths)?;
         let mut tokens = vec![decode.sos; batch];
-        let mut out = vec![0i64; batch * decode.steps];
+        let mut out = Vec::new();
+        out.try_reserve_exact(cells)
+            .map_err(|_| Error::Argument(format!("cannot allocate {cells} tokens")))?;
+        out.resize(cells, 0i64);
         let mut done = vec![false; batch];
         let classes = self.decoder.model().features();
         for step in 0..decode.steps {
@@ -477,10 +481,12 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
         beam: &Beam,
     ) -> Result<(Ids, Vec<f64>)> {
         self.check_decode(decode)?;
-        if beam.width == 0 {
-            return Err(Error::Argument(
-                "the beam width must be at least 1 (1 is greedy decoding)".into(),
-            ));
+        if beam.width == 0 || beam.width > ModelSpec::MAX_SIZE {
+            return Err(Error::Argument(format!(
+                "the beam width must be in 1 ..= {} (1 is greedy decoding), found {}",
+                ModelSpec::MAX_SIZE,
+                beam.width
+            )));
         }
         if !(beam.alpha >= 0.0 && beam.alpha.is_finite()) {
             return Err(Error::Argument(format!(
@@ -490,9 +496,22 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
         }
         let batch_first = self.encoder.model().spec.batch_first;
         let (w, steps) = (beam.width, decode.steps);
+        let batch = src
+            .shape
+            .get(usize::from(!batch_first))
+            .copied()
+            .unwrap_or(0);
+        // Every hypothesis holds up to `steps` tokens, and each row's memory is repeated for
+        // each of its hypotheses: refuse sizes that cannot be held before any work.
+        let rows = room(&[batch, w], "the hypotheses of beam search")?;
+        room(&[rows, steps], "the tokens of beam search")?;
         let (states, memory) = self.encode_all(src, lengths)?;
-        let batch = states.first().map_or(0, |s| s.shape[1]);
-        let rows = batch * w;
+        if let Some(m) = &memory {
+            room(
+                &[m.data.len(), w],
+                "the memory repeated for every hypothesis",
+            )?;
+        }
         // The memory and source lengths of each row, repeated for each of its hypotheses (a
         // hypothesis never moves to another row, so they are never reordered).
         let memory = memory.map(|m| {
@@ -532,7 +551,7 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
             .collect();
         let mut hyps: Vec<Hyp> = (0..rows)
             .map(|i| Hyp {
-                tokens: Vec::with_capacity(steps),
+                tokens: Vec::new(),
                 score: if i % w == 0 { 0.0 } else { f64::NEG_INFINITY },
                 len: 0,
                 finished: false,
@@ -651,6 +670,13 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
                 "decoding needs at least one step (`steps` is 0)".into(),
             ));
         }
+        if decode.steps > ModelSpec::MAX_SIZE {
+            return Err(Error::Argument(format!(
+                "`steps` is {}, more than the largest size supported ({})",
+                decode.steps,
+                ModelSpec::MAX_SIZE
+            )));
+        }
         let vocab = self.decoder.model().spec.vocab.unwrap_or(0);
         let classes = self.decoder.model().features();
         if !(0..vocab as i64).contains(&decode.sos) {
@@ -673,6 +699,23 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
         }
         Ok(())
     }
+}
+
+/// The product of `dims`, when a buffer of that many 8-byte elements can exist; else a typed
+/// error naming `what`.
+fn room(dims: &[usize], what: &str) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= isize::MAX as usize / 8)
+        .ok_or_else(|| {
+            Error::Argument(format!(
+                "{what} would need {} elements: more than memory can hold",
+                dims.iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" × ")
+            ))
+        })
 }
 
 /// One hypothesis of a beam.

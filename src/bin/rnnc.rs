@@ -203,7 +203,8 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// The folder of `loss.csv`, the checkpoints `checkpoint-STEP.safetensors` and (charlm)
-    /// `samples.txt`; created if missing. Nothing in it is overwritten.
+    /// `samples-STEPS.txt`; created if missing. Nothing in it is overwritten: a resumed run may
+    /// continue the folder of the run it resumes (its log is appended to).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Evaluate (token accuracy of greedy decoding, or the held-out loss) every this many
@@ -214,7 +215,8 @@ struct TrainArgs {
     #[arg(long, default_value_t = 500, value_parser = at_least_one_step)]
     checkpoint_every: u64,
     /// Continue from this checkpoint (weights, optimiser state, step, data position); the
-    /// model and task flags must be those of the run that wrote it.
+    /// model and task flags must be those of the run that wrote it (the checkpoint records
+    /// them, and another value is refused).
     #[arg(long, value_name = "CKPT.safetensors")]
     resume: Option<PathBuf>,
     /// The backend that runs the stacks.
@@ -946,6 +948,7 @@ fn seq2seq(args: &Seq2seqArgs) -> Result<(), Failure> {
                 .as_deref()
                 .map_or_else(|| "--src-lengths".into(), |p| p.display().to_string()),
             Error::Argument(m) if m.contains("beam width") => "--beam".to_string(),
+            Error::Argument(m) if m.starts_with("`steps`") => "--steps".to_string(),
             Error::Argument(m) if m.contains("normalisation") => "--length-penalty".to_string(),
             _ => src_path.display().to_string(),
         };
@@ -1086,6 +1089,71 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         _ => unreachable!("a model was made"),
     };
 
+    // The settings the data stream and the steps depend on, recorded in every checkpoint and
+    // compared on resuming (the model's sizes are in its parameters' shapes).
+    let mut settings: std::collections::BTreeMap<String, String> = [
+        ("task", format!("{:?}", args.task).to_lowercase()),
+        ("seed", args.seed.to_string()),
+        ("batch", args.batch.to_string()),
+        ("clip", args.clip.to_string()),
+        ("cell", format!("{:?}", args.cell).to_lowercase()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if seq_task {
+        for (k, v) in [
+            ("symbols", args.symbols),
+            ("min-len", args.min_len),
+            ("max-len", args.max_len),
+        ] {
+            settings.insert(k.into(), v.to_string());
+        }
+        settings.insert(
+            "attention".into(),
+            format!("{:?}", args.attention).to_lowercase(),
+        );
+    } else {
+        settings.insert("seq-len".into(), args.seq_len.to_string());
+        // The text by a 64-bit FNV-1a hash of its characters' ids and its vocabulary.
+        let t = text.as_ref().expect("a text");
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for c in t.chars.iter().map(|&c| c as u64).chain(t.encode_all()) {
+            h = (h ^ c).wrapping_mul(0x0100_0000_01b3);
+        }
+        settings.insert("text".into(), format!("{h:016x}"));
+    }
+    // Every size is checked before any work: one batch, the held-out windows, the sample.
+    match &trainee {
+        Trainee::Seq2seq(_, t) => {
+            t.batch(args.seed, 0, args.batch)
+                .map_err(|e| fail_at("--batch", e))?;
+        }
+        Trainee::Lm(_, t) => {
+            t.train_batch(args.seed, 0, args.batch, args.seq_len)
+                .map_err(|e| fail_at("--batch", e))?;
+            if !(args.temperature > 0.0 && args.temperature.is_finite()) {
+                return Err(fail_at(
+                    "--temperature",
+                    format!(
+                        "the temperature must be positive and finite, found {}",
+                        args.temperature
+                    ),
+                ));
+            }
+            if args.sample_len > ModelSpec::MAX_SIZE {
+                return Err(fail_at(
+                    "--sample-len",
+                    format!(
+                        "at most {} characters are sampled, found {}",
+                        ModelSpec::MAX_SIZE,
+                        args.sample_len
+                    ),
+                ));
+            }
+        }
+    }
+
     // Where it starts: a checkpoint, or fresh weights and optimiser.
     let rule = match args.optimizer {
         OptimizerKind::Adam => Rule::Adam(Adam {
@@ -1111,10 +1179,19 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
                     "the checkpoint's optimiser or learning rate differs from the flags': give the run's own `--optimizer` and `--lr`",
                 ));
             }
-            if c.step != c.data_position {
+            if c.step != c.data_position || c.run.is_empty() {
                 return Err(fail(
                     p,
-                    "the checkpoint's data position is not its step: it was not written by `rnnc train`",
+                    "the checkpoint was not written by `rnnc train` (its data position is not its step, or it records no run settings)",
+                ));
+            }
+            if let Some((k, v)) = settings.iter().find(|(k, v)| c.run.get(*k) != Some(*v)) {
+                let theirs = c.run.get(k).map_or("nothing", String::as_str);
+                return Err(fail(
+                    p,
+                    format!(
+                        "the checkpoint's run had `{k}` {theirs}, these flags give {v}: resume with the run's own flags (`--{k}`), or the data would not continue where it stopped"
+                    ),
                 ));
             }
             (c.weights, c.optimizer, c.step)
@@ -1137,12 +1214,43 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
     }
 
     // The outputs: the loss log is appended to, never rewritten; checkpoints are new files.
+    // Everything the run would clash with is found before it starts.
     std::fs::create_dir_all(&args.out).map_err(|e| fail(&args.out, e))?;
     let log_path = args.out.join("loss.csv");
-    if args.resume.is_none() && log_path.exists() {
+    let logged = if log_path.exists() {
+        let text = std::fs::read_to_string(&log_path).map_err(|e| fail(&log_path, e))?;
+        let last = text
+            .lines()
+            .filter_map(|l| l.split(',').next()?.parse::<u64>().ok())
+            .max();
+        if args.resume.is_none() {
+            return Err(fail(
+                &log_path,
+                "exists: a run already wrote here; pass `--resume` with its checkpoint, or another `--out`",
+            ));
+        }
+        if let Some(last) = last.filter(|&l| l > start) {
+            return Err(fail(
+                &log_path,
+                format!(
+                    "already records step {last}, past the checkpoint's step {start}: resume into another `--out`"
+                ),
+            ));
+        }
+        true
+    } else {
+        false
+    };
+    let sample_path = args.out.join(format!("samples-{}.txt", args.steps));
+    let clash = (start + 1..=args.steps)
+        .filter(|d| d % args.checkpoint_every == 0 || *d == args.steps)
+        .map(|d| args.out.join(format!("checkpoint-{d}.safetensors")))
+        .chain((!seq_task).then(|| sample_path.clone()))
+        .find(|p| p.exists());
+    if let Some(p) = clash {
         return Err(fail(
-            &log_path,
-            "exists: a run already wrote here; pass `--resume` with its checkpoint, or another `--out`",
+            &p,
+            "exists: the run would write it, and nothing is overwritten; choose another `--out`",
         ));
     }
     let mut log = std::fs::OpenOptions::new()
@@ -1150,7 +1258,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         .append(true)
         .open(&log_path)
         .map_err(|e| fail(&log_path, e))?;
-    if args.resume.is_none() {
+    if !logged {
         let eval = if seq_task {
             "token_accuracy"
         } else {
@@ -1158,20 +1266,25 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         };
         writeln!(log, "step,loss,grad_norm,{eval},seconds").map_err(|e| fail(&log_path, e))?;
     }
-    let held = text.as_ref().map(|t| t.held_out(64, args.seq_len));
+    let held = match &text {
+        Some(t) => t
+            .held_out(64, args.seq_len)
+            .map_err(|e| fail_at("--seq-len", e))?,
+        None => Vec::new(),
+    };
     let evaluate = |weights: &Weights| -> Result<f64, Error> {
         match &trainee {
             Trainee::Seq2seq(r, t) => {
                 let (mut right, mut total) = (0, 0);
                 for e in 0..4 {
-                    let b = t.batch(args.seed ^ 0x6576_616c, e, 64);
+                    let b = t.batch(args.seed ^ 0x6576_616c, e, 64)?;
                     let (a, n) = token_accuracy(&r.greedy(weights, &b)?, &b);
                     right += a;
                     total += n;
                 }
                 Ok(right as f64 / total.max(1) as f64)
             }
-            Trainee::Lm(r, _) => r.evaluate(weights, held.as_deref().unwrap_or(&[])),
+            Trainee::Lm(r, _) => r.evaluate(weights, &held),
         }
     };
     let save = |weights: &Weights, opt: &Optimizer, step: u64| -> Result<(), Failure> {
@@ -1187,6 +1300,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
             optimizer: opt.clone(),
             step,
             data_position: step,
+            run: settings.clone(),
         };
         let bytes = c.to_safetensors_for(&params).map_err(|e| fail(&path, e))?;
         std::fs::write(&path, bytes).map_err(|e| fail(&path, e))
@@ -1208,11 +1322,12 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
     let mut last = None;
     for step in start..args.steps {
         let loss = match &trainee {
-            Trainee::Seq2seq(r, t) => r.loss(&weights, &t.batch(args.seed, step, args.batch)),
-            Trainee::Lm(r, text) => {
-                let (x, y) = text.train_batch(args.seed, step, args.batch, args.seq_len);
-                r.loss(&weights, &x, &y)
-            }
+            Trainee::Seq2seq(r, t) => t
+                .batch(args.seed, step, args.batch)
+                .and_then(|b| r.loss(&weights, &b)),
+            Trainee::Lm(r, text) => text
+                .train_batch(args.seed, step, args.batch, args.seq_len)
+                .and_then(|(x, y)| r.loss(&weights, &x, &y)),
         }
         .map_err(|e| fail_at("train", e))?;
         let value = loss.loss;
@@ -1269,7 +1384,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
             )
             .map_err(|e| fail_at("--temperature", e))?;
         let sample = text.decode(&ids);
-        let path = args.out.join(format!("samples-{}.txt", args.steps));
+        let path = sample_path;
         if path.exists() {
             return Err(fail(
                 &path,
