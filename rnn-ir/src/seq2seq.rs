@@ -96,6 +96,13 @@ impl Seq2Seq {
                 "the decoder needs an embedding (`vocab`) and a head (`head`): it reads and writes target token ids".into(),
             );
         }
+        if let (Some(v), Some(h)) = (decoder.vocab, decoder.head)
+            && h > v
+        {
+            return bad(format!(
+                "the decoder's head has {h} classes but its embedding {v} ids: every token it writes is read back, so the head can have no more classes than the vocabulary"
+            ));
+        }
         if decoder.bidirectional {
             return bad(
                 "the decoder cannot be bidirectional: it writes one token after another".into(),
