@@ -340,3 +340,55 @@ fn bad_model_inputs_are_typed_errors() {
     let err = bound.loss(&run, &targets, -100).unwrap_err();
     assert!(err.to_string().contains("past its length"), "{err}");
 }
+
+#[test]
+fn an_attention_seq2seq_models_gradients_match_finite_differences() {
+    // A small encoder-decoder with additive attention over a bidirectional GRU encoder and
+    // packed sources: every parameter's gradient (three entries of each) against central
+    // differences of the loss. The model computes in float32; the loss is summed in float64
+    // and the step is large enough that float32 rounding stays below the tolerance.
+    use rnn::ir::spec::Attention;
+    let mut enc = rnn::ModelSpec::new(rnn::CellKind::Gru, 3, 4);
+    enc.vocab = Some(7);
+    enc.bidirectional = true;
+    enc.batch_first = true;
+    let mut dec = rnn::ModelSpec::new(rnn::CellKind::Gru, 3, 8);
+    dec.vocab = Some(6);
+    dec.head = Some(6);
+    dec.batch_first = true;
+    dec.attention = Some(Attention {
+        score: Score::Additive(5),
+        memory: 1,
+    });
+    let model = Seq2Seq::new(&enc, &dec).unwrap();
+    let weights = model.init(3).unwrap();
+    let src = Ids::new(vec![2, 4], vec![1, 5, 6, 2, 3, 0, 4, 4]).unwrap();
+    let lengths = [4i64, 2];
+    let tgt_in = Ids::new(vec![2, 3], vec![1, 2, 3, 1, 5, 0]).unwrap();
+    let tgt_out = Ids::new(vec![2, 3], vec![2, 3, 4, 5, -100, -100]).unwrap();
+    let loss_of = |w: &Weights| {
+        let bound = model.bind_interp(w, Exec::default()).unwrap();
+        bound
+            .loss(&src, Some(&lengths), &tgt_in, &tgt_out, -100)
+            .unwrap()
+    };
+    let analytic = loss_of(&weights).grads.params;
+    let eps = 1e-2f32;
+    for (name, dims) in model.parameters() {
+        let n: usize = dims.iter().product();
+        for k in [0, n / 2, n - 1] {
+            let mut plus = weights.clone();
+            plus.tensors.get_mut(&name).unwrap().data[k] += eps;
+            let mut minus = weights.clone();
+            minus.tensors.get_mut(&name).unwrap().data[k] -= eps;
+            // The step actually taken in float32.
+            let h = (plus.tensors[&name].data[k] - minus.tensors[&name].data[k]) as f64;
+            let numeric = (loss_of(&plus).loss - loss_of(&minus).loss) / h;
+            let a = analytic[&name].data[k] as f64;
+            assert!(
+                (a - numeric).abs() <= 2e-4 + 2e-2 * numeric.abs(),
+                "d loss / d {name}[{k}]: {a} by autodiff, {numeric} by finite differences"
+            );
+        }
+    }
+}
