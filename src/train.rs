@@ -21,6 +21,31 @@ use rnn_ir::seq2seq::{BoundSeq2Seq, Decode, Seq2Seq};
 use rnn_ir::{Error, Exec, Program, Result, Tensor, Weights};
 use std::sync::Arc;
 
+/// Runs `$body` with `$b` the runner's model bound to `$weights` on its backend: the two
+/// bound types differ, so the body is written once and expanded for each.
+macro_rules! on_backend {
+    ($runner:expr, $weights:expr, |$b:ident| $body:expr) => {
+        match $runner.bind_any($weights)? {
+            Bound::Interp($b) => {
+                let $b = &$b;
+                $body
+            }
+            Bound::Jit($b) => {
+                let $b = &$b;
+                $body
+            }
+        }
+    };
+}
+
+/// A model bound on the interpreter or on the JIT.
+pub enum Bound<I, J> {
+    /// On the interpreter.
+    Interp(I),
+    /// On the JIT.
+    Jit(J),
+}
+
 /// The padding of sources (never a target: targets past the end hold [`IGNORE`]).
 pub const PAD: i64 = 0;
 /// The start token.
@@ -393,26 +418,24 @@ impl<'m> LmRunner<'m> {
         Ok(LmRunner { model, jit })
     }
 
-    fn with<T>(
+    /// The model bound to `weights` on the runner's backend.
+    #[allow(clippy::type_complexity)]
+    pub fn bind_any(
         &self,
         weights: &Weights,
-        interp: impl FnOnce(&BoundModel<'_, rnn_ir::model::Interpreted<'_>>) -> Result<T>,
-        jit: impl FnOnce(&BoundModel<'_, crate::jit::JitModel>) -> Result<T>,
-    ) -> Result<T> {
-        match &self.jit {
-            None => interp(&self.model.bind_interp(weights, Exec::default())?),
-            Some(j) => jit(&self.model.bind(weights, |_, w| j.bind(w))?),
-        }
+    ) -> Result<
+        Bound<BoundModel<'m, rnn_ir::model::Interpreted<'m>>, BoundModel<'m, crate::jit::JitModel>>,
+    > {
+        Ok(match &self.jit {
+            None => Bound::Interp(self.model.bind_interp(weights, Exec::default())?),
+            Some(j) => Bound::Jit(self.model.bind(weights, |_, w| j.bind(w))?),
+        })
     }
 
     /// The loss of predicting `targets` from `inputs` (time-major ids) and its gradients.
     pub fn loss(&self, weights: &Weights, inputs: &Ids, targets: &Ids) -> Result<Loss> {
         let run = Run::new(Input::Ids(inputs));
-        self.with(
-            weights,
-            |b| b.loss(&run, targets, IGNORE),
-            |b| b.loss(&run, targets, IGNORE),
-        )
+        on_backend!(self, weights, |b| b.loss(&run, targets, IGNORE))
     }
 
     /// The mean loss over `batches`, in nats per character (no gradients).
@@ -427,7 +450,7 @@ impl<'m> LmRunner<'m> {
             }
             Ok(sum / count.max(1) as f64)
         }
-        self.with(weights, |b| go(b, batches), |b| go(b, batches))
+        on_backend!(self, weights, |b| go(b, batches))
     }
 
     /// `n` ids sampled after `prompt` (at least one id), each drawn from the softmax of the
@@ -496,11 +519,7 @@ impl<'m> LmRunner<'m> {
             }
             Ok(sampled)
         }
-        self.with(
-            weights,
-            |b| go(b, prompt, n, temperature, seed),
-            |b| go(b, prompt, n, temperature, seed),
-        )
+        on_backend!(self, weights, |b| go(b, prompt, n, temperature, seed))
     }
 }
 
@@ -512,19 +531,15 @@ pub struct Seq2SeqRunner<'m> {
 }
 
 /// An encoder-decoder bound to its weights on either backend ([`Seq2SeqRunner::bound`]).
-pub enum BoundRunner<'m> {
-    /// On the interpreter.
-    Interp(BoundSeq2Seq<'m, rnn_ir::model::Interpreted<'m>>),
-    /// On the JIT.
-    Jit(BoundSeq2Seq<'m, crate::jit::JitModel>),
-}
+pub type BoundRunner<'m> =
+    Bound<BoundSeq2Seq<'m, rnn_ir::model::Interpreted<'m>>, BoundSeq2Seq<'m, crate::jit::JitModel>>;
 
 impl BoundRunner<'_> {
     /// [`BoundSeq2Seq::greedy`].
     pub fn greedy(&self, src: &Ids, lengths: Option<&[i64]>, decode: &Decode) -> Result<Ids> {
         match self {
-            BoundRunner::Interp(b) => b.greedy(src, lengths, decode),
-            BoundRunner::Jit(b) => b.greedy(src, lengths, decode),
+            Bound::Interp(b) => b.greedy(src, lengths, decode),
+            Bound::Jit(b) => b.greedy(src, lengths, decode),
         }
     }
 }
@@ -561,7 +576,7 @@ impl<'m> Seq2SeqRunner<'m> {
     /// Binds `weights` once, for many decodings.
     pub fn bound(&self, weights: &Weights) -> Result<BoundRunner<'m>> {
         match &self.jits {
-            None => Ok(BoundRunner::Interp(self.model.bind_interp(
+            None => Ok(Bound::Interp(self.model.bind_interp(
                 weights,
                 Exec {
                     threads: self.threads,
@@ -570,52 +585,29 @@ impl<'m> Seq2SeqRunner<'m> {
             Some((enc, dec)) => {
                 let encoder = &self.model.encoder.stack;
                 let threads = self.threads;
-                Ok(BoundRunner::Jit(self.model.bind(
-                    weights,
-                    |p: &Program, w| {
-                        let j = if std::ptr::eq(p, encoder) { enc } else { dec };
-                        j.bind(w)?.with_threads(threads)
-                    },
-                )?))
+                Ok(Bound::Jit(self.model.bind(weights, |p: &Program, w| {
+                    let j = if std::ptr::eq(p, encoder) { enc } else { dec };
+                    j.bind(w)?.with_threads(threads)
+                })?))
             }
         }
     }
 
-    fn with<T>(
-        &self,
-        weights: &Weights,
-        interp: impl FnOnce(&BoundSeq2Seq<'_, rnn_ir::model::Interpreted<'_>>) -> Result<T>,
-        jit: impl FnOnce(&BoundSeq2Seq<'_, crate::jit::JitModel>) -> Result<T>,
-    ) -> Result<T> {
-        match self.bound(weights)? {
-            BoundRunner::Interp(b) => interp(&b),
-            BoundRunner::Jit(b) => jit(&b),
-        }
+    /// [`Seq2SeqRunner::bound`], for `on_backend!`.
+    fn bind_any(&self, weights: &Weights) -> Result<BoundRunner<'m>> {
+        self.bound(weights)
     }
 
     /// The teacher-forced loss of `batch` and its gradients.
     pub fn loss(&self, weights: &Weights, batch: &SeqBatch) -> Result<Loss> {
-        self.with(
-            weights,
-            |b| {
-                b.loss(
-                    &batch.src,
-                    Some(&batch.lengths),
-                    &batch.tgt_in,
-                    &batch.tgt_out,
-                    IGNORE,
-                )
-            },
-            |b| {
-                b.loss(
-                    &batch.src,
-                    Some(&batch.lengths),
-                    &batch.tgt_in,
-                    &batch.tgt_out,
-                    IGNORE,
-                )
-            },
-        )
+        let (src, lengths) = (&batch.src, Some(batch.lengths.as_slice()));
+        on_backend!(self, weights, |b| b.loss(
+            src,
+            lengths,
+            &batch.tgt_in,
+            &batch.tgt_out,
+            IGNORE
+        ))
     }
 
     /// Greedy decoding of `batch`'s sources for as many steps as its targets.
@@ -625,11 +617,8 @@ impl<'m> Seq2SeqRunner<'m> {
             sos: SOS,
             eos: Some(EOS),
         };
-        self.with(
-            weights,
-            |b| b.greedy(&batch.src, Some(&batch.lengths), &decode),
-            |b| b.greedy(&batch.src, Some(&batch.lengths), &decode),
-        )
+        self.bound(weights)?
+            .greedy(&batch.src, Some(&batch.lengths), &decode)
     }
 }
 
