@@ -392,3 +392,59 @@ fn an_attention_seq2seq_models_gradients_match_finite_differences() {
         }
     }
 }
+
+#[test]
+fn a_prepared_memory_decodes_to_the_same_bits_and_is_checked() {
+    // Greedy decoding prepares the memory once (the projected memory of the general and
+    // additive scores); one decoder step on it equals the step that computes everything.
+    use rnn::ir::model::MemoryRef;
+    for case in [
+        "seq2seq_attn_general_lstm_packed",
+        "seq2seq_attn_additive_gru_bidir",
+    ] {
+        let w = weights_of(case);
+        let model = Seq2Seq::from_state_dict(&w, None).unwrap();
+        let bound = model.bind_interp(&w, Exec::default()).unwrap();
+        let src = ids(case, "src.npy");
+        let lengths = npy::read_i64(&read(case, "src_lengths.npy")).unwrap().1;
+        let (states, memory) = bound.encode_all(&src, Some(&lengths)).unwrap();
+        let memory = memory.unwrap();
+        let plain = MemoryRef {
+            values: &memory,
+            lengths: Some(&lengths),
+            prepared: None,
+        };
+        let prepared = bound.decoder.prepare(plain).unwrap();
+        let tokens = Ids::new(vec![3, 1], vec![1, 2, 3]).unwrap();
+        let step = |memory| {
+            bound
+                .decoder
+                .forward(&Run {
+                    initial_states: states.iter().map(Some).collect(),
+                    memory: Some(memory),
+                    ..Run::new(Input::Ids(&tokens))
+                })
+                .unwrap()
+                .output
+        };
+        let with = step(MemoryRef {
+            prepared: Some(&prepared),
+            ..plain
+        });
+        assert_eq!(with.data, step(plain).data, "{case}");
+        // A prepared memory of another batch is refused.
+        let two = Ids::new(vec![2, 1], vec![1, 2]).unwrap();
+        let err = bound
+            .decoder
+            .forward(&Run {
+                initial_states: Vec::new(),
+                memory: Some(MemoryRef {
+                    prepared: Some(&prepared),
+                    ..plain
+                }),
+                ..Run::new(Input::Ids(&two))
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("memory"), "{err}");
+    }
+}

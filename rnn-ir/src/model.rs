@@ -39,7 +39,9 @@ use crate::autodiff;
 use crate::driver::{Gradients, Request, Response};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op, OutRole, Role, Shape, Value, verify};
-use crate::interp::{Bound, Exec, Extent, Tape as InterpTape, eval_graph_borrowed};
+use crate::interp::{
+    Bound, Exec, Extent, Tape as InterpTape, eval_graph_borrowed, eval_graph_partial,
+};
 use crate::program::Program;
 use crate::spec::{Attention, ModelSpec, Score};
 use crate::tensor::Tensor;
@@ -125,6 +127,10 @@ pub struct Layer {
     pub forward: Graph,
     /// Its backward graph ([`autodiff::backward`]).
     pub backward: Graph,
+    /// For each forward value, whether it depends on the memory and the parameters alone, not
+    /// on the step's input: computed once per sequence while decoding ([`Prepared`]), as time
+    /// hoisting computes a step graph's fixed values before the loop.
+    pub per_sequence: Vec<bool>,
 }
 
 impl Layer {
@@ -132,7 +138,20 @@ impl Layer {
         verify(&forward)?;
         let backward = autodiff::backward(&forward)?;
         verify(&backward)?;
-        Ok(Layer { forward, backward })
+        let mut per_sequence = vec![false; forward.len()];
+        for v in forward.iter() {
+            let d = forward.data(v);
+            per_sequence[v.index()] = match d.op {
+                Op::Input(role) => matches!(role, Role::Memory | Role::Param(_)),
+                Op::Const(_) => true,
+                _ => d.args.iter().all(|a| per_sequence[a.index()]),
+            };
+        }
+        Ok(Layer {
+            forward,
+            backward,
+            per_sequence,
+        })
     }
 
     /// Runs the forward graph on `rows` rows of `inputs` (those not parameters) and `params`
@@ -764,6 +783,23 @@ pub struct MemoryRef<'a> {
     pub values: &'a Tensor,
     /// Each sequence's source length (`1 ..= S`); all `S` when absent.
     pub lengths: Option<&'a [i64]>,
+    /// What [`BoundModel::prepare`] computed of this memory once (decoding reads it at every
+    /// step); used by inference, ignored by training.
+    pub prepared: Option<&'a Prepared>,
+}
+
+/// An attention's memory made ready once for many decoding steps ([`BoundModel::prepare`]):
+/// the memory in time-major rows and every attention value that depends on the memory and the
+/// parameters alone (the projected memory of the general and additive scores).
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    memory: Vec<f32>,
+    shape: Vec<usize>,
+    positions: usize,
+    batch: usize,
+    lengths: Option<Vec<usize>>,
+    /// By value of the attention's graph: the per-sequence values, empty elsewhere.
+    values: Vec<Vec<f32>>,
 }
 
 /// The gradients of a backward pass through a whole model ([`BoundModel::backward`]).
@@ -899,26 +935,14 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
 
     /// Runs the attention on the stack's output `y` (`(d0, d1, features)` in the model's
     /// layout) against `memory`: its run (time-major rows) and its output in the model's layout.
-    fn attend(
+    /// The memory checked against the model (`batch` sequences, its features, finite, its
+    /// lengths): its positions, its lengths and its rows time-major.
+    fn memory_rows(
         &self,
-        layer: &Layer,
-        dims: [usize; 2],
-        y: Vec<f32>,
-        memory: Option<MemoryRef<'_>>,
-    ) -> Result<(LayerRun, Vec<f32>)> {
-        let Some(memory) = memory else {
-            return Err(Error::Argument(
-                "the model attends over a memory (an encoder's outputs): give it with the run"
-                    .into(),
-            ));
-        };
+        memory: MemoryRef<'_>,
+        batch: usize,
+    ) -> Result<(usize, Option<Vec<usize>>, Vec<f32>)> {
         let bf = self.model.spec.batch_first;
-        let features = self.model.stack.output_size() * self.model.spec.directions();
-        let (steps, batch) = if bf {
-            (dims[1], dims[0])
-        } else {
-            (dims[0], dims[1])
-        };
         let size = self.model.spec.attention.map_or(0, |a| a.memory);
         let m = memory.values;
         if Some(m.data.len()) != m.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) {
@@ -973,6 +997,94 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                 Some(out)
             }
         };
+        let rows = if bf {
+            swap_outer(&m.data, batch, positions, size)
+        } else {
+            m.data.clone()
+        };
+        Ok((positions, lengths, rows))
+    }
+
+    /// Makes `memory` ready for many inference runs (decoding): checked, time-major, and the
+    /// attention's per-sequence values (the projected memory) computed once.
+    pub fn prepare(&self, memory: MemoryRef<'_>) -> Result<Prepared> {
+        let Some(layer) = &self.model.attention else {
+            return Err(Error::Argument(
+                "the model has no attention: it reads no memory".into(),
+            ));
+        };
+        let bf = self.model.spec.batch_first;
+        let batch = match memory.values.shape[..] {
+            [a, b, _] => {
+                if bf {
+                    a
+                } else {
+                    b
+                }
+            }
+            _ => 0,
+        };
+        let (positions, lengths, rows) = self.memory_rows(memory, batch)?;
+        let extent = Extent {
+            positions,
+            batch,
+            lengths: lengths.as_deref(),
+        };
+        let lookup = |role: Role| match role {
+            Role::Memory => Some(rows.as_slice()),
+            Role::Param(p) => self.attention.get(p as usize).map(Vec::as_slice),
+            _ => None,
+        };
+        let per = &layer.per_sequence;
+        let mut values = eval_graph_partial::<f32>(
+            &layer.forward,
+            batch,
+            lookup,
+            |_| None,
+            |v| !per[v.index()],
+            &Exec::default(),
+            Some(&extent),
+        )?;
+        // Inputs stay where they are fed; only computed values are kept.
+        for v in layer.forward.iter() {
+            if matches!(layer.forward.data(v).op, Op::Input(_)) {
+                values[v.index()] = Vec::new();
+            }
+        }
+        Ok(Prepared {
+            memory: rows,
+            shape: memory.values.shape.clone(),
+            positions,
+            batch,
+            lengths,
+            values,
+        })
+    }
+
+    /// Runs the attention on the stack's output `y` (`(d0, d1, features)` in the model's
+    /// layout) against `memory`: its run (time-major rows; none for an inference on a prepared
+    /// memory) and its output in the model's layout.
+    fn attend(
+        &self,
+        layer: &Layer,
+        dims: [usize; 2],
+        y: Vec<f32>,
+        memory: Option<MemoryRef<'_>>,
+        keep: bool,
+    ) -> Result<(Option<LayerRun>, Vec<f32>)> {
+        let Some(memory) = memory else {
+            return Err(Error::Argument(
+                "the model attends over a memory (an encoder's outputs): give it with the run"
+                    .into(),
+            ));
+        };
+        let bf = self.model.spec.batch_first;
+        let features = self.model.stack.output_size() * self.model.spec.directions();
+        let (steps, batch) = if bf {
+            (dims[1], dims[0])
+        } else {
+            (dims[0], dims[1])
+        };
         let tm = |data: Vec<f32>, d0: usize, d1: usize, n: usize| {
             if bf {
                 swap_outer(&data, d0, d1, n)
@@ -980,9 +1092,47 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                 data
             }
         };
+        if let (false, Some(p)) = (keep, memory.prepared) {
+            if p.batch != batch || p.shape != memory.values.shape {
+                return Err(Error::Argument(format!(
+                    "the prepared memory is of shape {:?} for {} sequences; this run gives {:?} for {batch}",
+                    p.shape, p.batch, memory.values.shape
+                )));
+            }
+            let x = tm(y, batch, steps, features);
+            let extent = Extent {
+                positions: p.positions,
+                batch,
+                lengths: p.lengths.as_deref(),
+            };
+            let lookup = |role: Role| match role {
+                Role::Input => Some(x.as_slice()),
+                Role::Memory => Some(p.memory.as_slice()),
+                Role::Param(i) => self.attention.get(i as usize).map(Vec::as_slice),
+                _ => None,
+            };
+            let given = |v: Value| {
+                p.values
+                    .get(v.index())
+                    .filter(|x| !x.is_empty())
+                    .map(Vec::as_slice)
+            };
+            let mut values = eval_graph_partial::<f32>(
+                &layer.forward,
+                steps * batch,
+                lookup,
+                given,
+                |_| false,
+                &Exec::default(),
+                Some(&extent),
+            )?;
+            let out = std::mem::take(&mut values[layer.output().index()]);
+            return Ok((None, tm(out, steps, batch, features)));
+        }
+        let (positions, lengths, rows) = self.memory_rows(memory, batch)?;
         let mut inputs = HashMap::new();
         inputs.insert(Role::Input, tm(y, batch, steps, features));
-        inputs.insert(Role::Memory, tm(m.data.clone(), batch, positions, size));
+        inputs.insert(Role::Memory, rows);
         let run = layer.run_with(
             steps * batch,
             inputs,
@@ -990,7 +1140,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             Some((positions, batch, lengths)),
         )?;
         let out = tm(run.output(layer).to_vec(), steps, batch, features);
-        Ok((run, out))
+        Ok((Some(run), out))
     }
 
     /// Runs the attention and the head (those the model has) on the stack's output in
@@ -1007,10 +1157,10 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         let attention = match (&self.model.attention, memory) {
             (Some(a), memory) => {
                 let y = std::mem::take(&mut response.output.data);
-                let (run, out) = self.attend(a, dims, y, memory)?;
+                let (run, out) = self.attend(a, dims, y, memory, keep)?;
                 response.output.data = out;
                 let shape = memory.map(|m| m.values.shape.clone()).unwrap_or_default();
-                Some((run, shape))
+                run.map(|r| (r, shape))
             }
             (None, Some(_)) => {
                 return Err(Error::Argument(

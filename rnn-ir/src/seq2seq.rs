@@ -391,6 +391,7 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
             memory: attends.then_some(MemoryRef {
                 values: &encoded.output,
                 lengths: src_lengths,
+                prepared: None,
             }),
             ..Run::new(Input::Ids(tgt_in))
         };
@@ -434,6 +435,17 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
         self.check_decode(decode)?;
         let cells = room(&[batch, decode.steps], "the tokens of greedy decoding")?;
         let (mut states, memory) = self.encode_all(src, lengths)?;
+        // The memory's per-sequence values (its projection), computed once for every step.
+        let prepared = memory
+            .as_ref()
+            .map(|values| {
+                self.decoder.prepare(MemoryRef {
+                    values,
+                    lengths,
+                    prepared: None,
+                })
+            })
+            .transpose()?;
         let mut tokens = vec![decode.sos; batch];
         let mut out = Vec::new();
         out.try_reserve_exact(cells)
@@ -450,7 +462,11 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
             let ids = Ids::new(shape, tokens.clone())?;
             let run = Run {
                 initial_states: states.iter().map(Some).collect(),
-                memory: memory.as_ref().map(|values| MemoryRef { values, lengths }),
+                memory: memory.as_ref().map(|values| MemoryRef {
+                    values,
+                    lengths,
+                    prepared: prepared.as_ref(),
+                }),
                 ..Run::new(Input::Ids(&ids))
             };
             let response = self.decoder.forward(&run)?;
@@ -551,6 +567,16 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
         });
         let beam_lengths: Option<Vec<i64>> =
             lengths.map(|l| l.iter().flat_map(|&n| std::iter::repeat_n(n, w)).collect());
+        let prepared = memory
+            .as_ref()
+            .map(|values| {
+                self.decoder.prepare(MemoryRef {
+                    values,
+                    lengths: beam_lengths.as_deref(),
+                    prepared: None,
+                })
+            })
+            .transpose()?;
         // Every row's encoder state, repeated for each of its hypotheses.
         let mut states: Vec<Tensor> = states
             .iter()
@@ -582,6 +608,7 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
                 memory: memory.as_ref().map(|values| MemoryRef {
                     values,
                     lengths: beam_lengths.as_deref(),
+                    prepared: prepared.as_ref(),
                 }),
                 ..Run::new(Input::Ids(&ids))
             };

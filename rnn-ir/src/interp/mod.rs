@@ -666,6 +666,22 @@ pub fn eval_graph_borrowed<'i, T: Real>(
     exec: &Exec,
     extent: Option<&Extent<'_>>,
 ) -> Result<Vec<Vec<T>>> {
+    eval_graph_partial(g, rows, input, |_| None, |_| false, exec, extent)
+}
+
+/// [`eval_graph_borrowed`] where `given(v)` supplies value `v` already computed (it is not
+/// computed again: what a previous call computed of values that do not change, such as an
+/// attention's projected memory while decoding) and `skip(v)` leaves `v` uncomputed (its slot
+/// empty; nothing computed may read it). Given and skipped values' slots are empty.
+pub fn eval_graph_partial<'i, T: Real>(
+    g: &Graph,
+    rows: usize,
+    input: impl Fn(Role) -> Option<&'i [T]>,
+    given: impl Fn(Value) -> Option<&'i [T]>,
+    skip: impl Fn(Value) -> bool,
+    exec: &Exec,
+    extent: Option<&Extent<'_>>,
+) -> Result<Vec<Vec<T>>> {
     let needs_extent = g
         .iter()
         .any(|v| matches!(g.shape(v), Shape::Memory(_) | Shape::Pairs(_)));
@@ -707,6 +723,30 @@ pub fn eval_graph_borrowed<'i, T: Real>(
     let buf_len = |s: Shape, _rows: usize| rows_of(s) * s.row_len();
     for v in g.iter() {
         let d = g.data(v);
+        if let Some(x) = given(v) {
+            if x.len() != buf_len(d.shape, rows) {
+                return Err(Error::Argument(format!(
+                    "the value given for {v} has {} elements, expected {}",
+                    x.len(),
+                    buf_len(d.shape, rows)
+                )));
+            }
+            fed[v.index()] = Some(x);
+            vals.push(Vec::new());
+            continue;
+        }
+        if skip(v) {
+            vals.push(Vec::new());
+            continue;
+        }
+        if let Some(a) = d.args.iter().find(|a| {
+            fed[a.index()].is_none()
+                && vals[a.index()].is_empty()
+                && !matches!(g.data(**a).op, Op::Input(_))
+                && buf_len(g.shape(**a), rows) > 0
+        }) {
+            return Err(Error::Argument(format!("{v} reads {a}, which was skipped")));
+        }
         let out = match d.op {
             Op::Input(role) => {
                 let x = input(role).ok_or_else(|| {
