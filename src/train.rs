@@ -15,10 +15,10 @@
 //! resumed from a checkpoint (which records the position) sees the same batches.
 
 use crate::jit::Jit;
-use rnn_ir::model::{BoundModel, Ids, Input, Loss, Model, Recurrent, Run};
+use rnn_ir::model::{BoundModel, Ids, Input, Loss, Model, Recurrent, Run, cross_entropy_fused};
 use rnn_ir::optim::{Norm, Optimizer, clip_grad_norm};
 use rnn_ir::seq2seq::{BoundSeq2Seq, Decode, Seq2Seq};
-use rnn_ir::{Error, Exec, Program, Result, Tensor, Weights};
+use rnn_ir::{Error, Exec, Program, Result, Weights};
 use std::sync::Arc;
 
 /// Runs `$body` with `$b` the runner's model bound to `$weights` on its backend: the two
@@ -372,26 +372,6 @@ pub enum Backend {
     Jit,
 }
 
-/// The mean negative log-likelihood of `targets` under `logits` (`(…, classes)`), skipping
-/// [`IGNORE`]: the sum and the count.
-fn nll(logits: &Tensor, targets: &Ids) -> (f64, usize) {
-    let classes = logits.shape[2];
-    let (mut sum, mut count) = (0.0, 0);
-    for (row, &t) in logits.data.chunks(classes).zip(&targets.data) {
-        if t == IGNORE {
-            continue;
-        }
-        let m = row
-            .iter()
-            .map(|&x| x as f64)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-        sum += lse - row[t as usize] as f64;
-        count += 1;
-    }
-    (sum, count)
-}
-
 /// A language model (an embedding, a stack and a head) on a backend.
 pub struct LmRunner<'m> {
     model: &'m Model,
@@ -443,10 +423,11 @@ impl<'m> LmRunner<'m> {
         fn go<R: Recurrent>(b: &BoundModel<'_, R>, batches: &[(Ids, Ids)]) -> Result<f64> {
             let (mut sum, mut count) = (0.0, 0);
             for (x, y) in batches {
-                let out = b.forward(&Run::new(Input::Ids(x)))?;
-                let (s, c) = nll(&out.output, y);
-                sum += s;
-                count += c;
+                let mut out = b.forward(&Run::new(Input::Ids(x)))?.output;
+                let classes = out.shape[2];
+                // The training loss's own computation; its gradient (scaled by 0) is not read.
+                sum += cross_entropy_fused(&mut out.data, classes, &y.data, IGNORE, 0.0);
+                count += y.data.iter().filter(|&&t| t != IGNORE).count();
             }
             Ok(sum / count.max(1) as f64)
         }

@@ -1598,6 +1598,17 @@ fn inspect_clif_prints_every_kernel_the_jit_compiles() {
     assert!(text.contains("f32x4"));
 }
 
+/// Sets each `--flag value` pair of `pairs` in `args`: the value of a flag already there is
+/// replaced (clap refuses most flags twice), a new flag is appended.
+fn set_flags<'a>(args: &mut Vec<&'a str>, pairs: &[&'a str]) {
+    for pair in pairs.chunks(2) {
+        match args.iter().position(|a| *a == pair[0]) {
+            Some(at) => args[at + 1] = pair[1],
+            None => args.extend_from_slice(pair),
+        }
+    }
+}
+
 /// `rnnc seq2seq` on the shared fixture with `extra` flags, writing to `out`.
 fn seq2seq_args(out: &Path, extra: &[&str]) -> Vec<String> {
     let dir = fixtures().join("seq2seq_greedy");
@@ -1717,17 +1728,10 @@ fn rnnc_seq2seq_bad_inputs_exit_2_naming_the_culprit() {
     for (extra, message) in cases {
         // A later flag replaces an earlier one of the same name only for --src/--weights/--out,
         // which clap refuses to repeat: build the argument list with the replacement in place.
-        let mut args = seq2seq_args(&out, &[]);
-        let mut i = 0;
-        while i < extra.len() {
-            let flag = &extra[i];
-            match args.iter().position(|a| a == flag) {
-                Some(at) => args[at + 1] = extra[i + 1].clone(),
-                None => args.extend([flag.clone(), extra[i + 1].clone()]),
-            }
-            i += 2;
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let args = seq2seq_args(&out, &[]);
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        set_flags(&mut args, &extra);
         let o = rnnc(&args);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{extra:?}: {stderr}");
@@ -1933,14 +1937,7 @@ fn rnnc_train_bad_inputs_exit_2_naming_the_culprit() {
         // A later flag replaces the earlier one of the same name.
         let mut args = vec!["--task", "reverse", "--out", path_str(&out)];
         let mut base: Vec<&str> = small.to_vec();
-        let mut i = 0;
-        while i < extra.len() {
-            match base.iter().position(|a| *a == extra[i]) {
-                Some(at) => base[at + 1] = extra[i + 1],
-                None => base.extend([extra[i], extra[i + 1]]),
-            }
-            i += 2;
-        }
+        set_flags(&mut base, &extra);
         args.extend(base);
         let o = train(&args);
         let stderr = String::from_utf8_lossy(&o.stderr);

@@ -171,14 +171,10 @@ impl Layer {
         rows: usize,
         inputs: HashMap<Role, Vec<f32>>,
         params: &[Vec<f32>],
-        extent: Option<(usize, usize, Option<Vec<usize>>)>,
+        extent: Option<Span>,
     ) -> Result<LayerRun> {
         let values = {
-            let e = extent.as_ref().map(|(positions, batch, lengths)| Extent {
-                positions: *positions,
-                batch: *batch,
-                lengths: lengths.as_deref(),
-            });
+            let e = extent.as_ref().map(Span::extent);
             let lookup = |role: Role| fed(&inputs, params, role);
             let mut values = eval_graph_borrowed::<f32>(
                 &self.forward,
@@ -218,14 +214,7 @@ impl Layer {
                 other => fed(&run.inputs, params, other),
             }
         };
-        let e = run
-            .extent
-            .as_ref()
-            .map(|(positions, batch, lengths)| Extent {
-                positions: *positions,
-                batch: *batch,
-                lengths: lengths.as_deref(),
-            });
+        let e = run.extent.as_ref().map(Span::extent);
         let mut values =
             eval_graph_borrowed::<f32>(b, run.rows, lookup, &Exec::default(), e.as_ref())?;
         fill_outputs(b, &mut values, lookup);
@@ -273,7 +262,25 @@ struct LayerRun {
     inputs: HashMap<Role, Vec<f32>>,
     values: Vec<Vec<f32>>,
     /// The memory's positions, sequences and source lengths (an attention's run).
-    extent: Option<(usize, usize, Option<Vec<usize>>)>,
+    extent: Option<Span>,
+}
+
+/// An owned [`Extent`]: a memory's positions, its sequences and their source lengths.
+#[derive(Clone, Debug)]
+struct Span {
+    positions: usize,
+    batch: usize,
+    lengths: Option<Vec<usize>>,
+}
+
+impl Span {
+    fn extent(&self) -> Extent<'_> {
+        Extent {
+            positions: self.positions,
+            batch: self.batch,
+            lengths: self.lengths.as_deref(),
+        }
+    }
 }
 
 impl LayerRun {
@@ -656,10 +663,7 @@ impl Model {
         exec: Exec,
     ) -> Result<BoundModel<'_, Interpreted<'_>>> {
         self.bind(weights, |program, w| {
-            Ok(Interpreted {
-                bound: program.bind::<f32>(w)?,
-                exec,
-            })
+            Interpreted::bind_with(program, w, exec)
         })
     }
 }
@@ -707,9 +711,18 @@ impl<'p> Interpreted<'p> {
     /// Binds `weights` to `program` on the interpreter, one thread: the stack binder
     /// [`Model::bind`] and [`crate::seq2seq::Seq2Seq::bind`] take for the interpreter.
     pub fn bind(program: &'p Program, weights: &Weights) -> Result<Interpreted<'p>> {
+        Self::bind_with(program, weights, Exec::default())
+    }
+
+    /// [`Interpreted::bind`] with the threads and tuning of `exec`.
+    pub fn bind_with(
+        program: &'p Program,
+        weights: &Weights,
+        exec: Exec,
+    ) -> Result<Interpreted<'p>> {
         Ok(Interpreted {
             bound: program.bind::<f32>(weights)?,
-            exec: Exec::default(),
+            exec,
         })
     }
 }
@@ -795,9 +808,7 @@ pub struct MemoryRef<'a> {
 pub struct Prepared {
     memory: Vec<f32>,
     shape: Vec<usize>,
-    positions: usize,
-    batch: usize,
-    lengths: Option<Vec<usize>>,
+    span: Span,
     /// By value of the attention's graph: the per-sequence values, empty elsewhere.
     values: Vec<Vec<f32>>,
 }
@@ -1025,10 +1036,10 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             _ => 0,
         };
         let (positions, lengths, rows) = self.memory_rows(memory, batch)?;
-        let extent = Extent {
+        let span = Span {
             positions,
             batch,
-            lengths: lengths.as_deref(),
+            lengths,
         };
         let lookup = |role: Role| match role {
             Role::Memory => Some(rows.as_slice()),
@@ -1043,7 +1054,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             |_| None,
             |v| !per[v.index()],
             &Exec::default(),
-            Some(&extent),
+            Some(&span.extent()),
         )?;
         // Inputs stay where they are fed; only computed values are kept.
         for v in layer.forward.iter() {
@@ -1054,9 +1065,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         Ok(Prepared {
             memory: rows,
             shape: memory.values.shape.clone(),
-            positions,
-            batch,
-            lengths,
+            span,
             values,
         })
     }
@@ -1093,18 +1102,14 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             }
         };
         if let (false, Some(p)) = (keep, memory.prepared) {
-            if p.batch != batch || p.shape != memory.values.shape {
+            if p.span.batch != batch || p.shape != memory.values.shape {
                 return Err(Error::Argument(format!(
                     "the prepared memory is of shape {:?} for {} sequences; this run gives {:?} for {batch}",
-                    p.shape, p.batch, memory.values.shape
+                    p.shape, p.span.batch, memory.values.shape
                 )));
             }
             let x = tm(y, batch, steps, features);
-            let extent = Extent {
-                positions: p.positions,
-                batch,
-                lengths: p.lengths.as_deref(),
-            };
+            let extent = p.span.extent();
             let lookup = |role: Role| match role {
                 Role::Input => Some(x.as_slice()),
                 Role::Memory => Some(p.memory.as_slice()),
@@ -1137,7 +1142,11 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             steps * batch,
             inputs,
             &self.attention,
-            Some((positions, batch, lengths)),
+            Some(Span {
+                positions,
+                batch,
+                lengths,
+            }),
         )?;
         let out = tm(run.output(layer).to_vec(), steps, batch, features);
         Ok((Some(run), out))

@@ -267,10 +267,7 @@ impl Seq2Seq {
         exec: Exec,
     ) -> Result<BoundSeq2Seq<'_, Interpreted<'_>>> {
         self.bind(weights, |program, w| {
-            Ok(Interpreted {
-                bound: program.bind::<f32>(w)?,
-                exec,
-            })
+            Interpreted::bind_with(program, w, exec)
         })
     }
 }

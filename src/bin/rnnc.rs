@@ -604,6 +604,21 @@ fn refuse_overwrite(out: &Path, inputs: &[(String, &Path)]) -> Result<(), Failur
     }
 }
 
+/// Per-sequence lengths from an integer `.npy` vector `(B,)`, when a file is given.
+fn read_lengths(path: Option<&Path>) -> Result<Option<Vec<i64>>, Failure> {
+    let Some(p) = path else {
+        return Ok(None);
+    };
+    let (shape, data) = npy::read_i64(&read(p)?).map_err(|e| fail(p, e))?;
+    if shape.len() != 1 {
+        return Err(fail(
+            p,
+            format!("lengths must be a vector (B,), found shape {shape:?}"),
+        ));
+    }
+    Ok(Some(data))
+}
+
 /// Reads and parses a `.rnn` declaration.
 fn read_model(path: &Path) -> Result<ModelSpec, Failure> {
     let text =
@@ -789,19 +804,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         .iter()
         .map(|p| p.map(load).transpose())
         .collect::<Result<_, _>>()?;
-    let lengths = match lengths_path {
-        None => None,
-        Some(p) => {
-            let (shape, data) = npy::read_i64(&read(p)?).map_err(|e| fail(p, e))?;
-            if shape.len() != 1 {
-                return Err(fail(
-                    p,
-                    format!("lengths must be a vector (B,), found shape {shape:?}"),
-                ));
-            }
-            Some(data)
-        }
-    };
+    let lengths = read_lengths(lengths_path)?;
     let grad_output = grad_path.map(load).transpose()?;
     let req = Request {
         input: Some(&input),
@@ -890,19 +893,7 @@ fn seq2seq(args: &Seq2seqArgs) -> Result<(), Failure> {
         ));
     }
     let src = Ids::new(shape, data).map_err(|e| fail(src_path, e))?;
-    let lengths = match args.src_lengths.as_deref() {
-        None => None,
-        Some(p) => {
-            let (shape, data) = npy::read_i64(&read(p)?).map_err(|e| fail(p, e))?;
-            if shape.len() != 1 {
-                return Err(fail(
-                    p,
-                    format!("lengths must be a vector (batch,), found shape {shape:?}"),
-                ));
-            }
-            Some(data)
-        }
-    };
+    let lengths = read_lengths(args.src_lengths.as_deref())?;
     let decode = Decode {
         steps: args.steps,
         sos: args.sos,
