@@ -153,6 +153,62 @@ pub use rnn_macros::lstm;
 /// ```
 pub use rnn_macros::gru;
 
+/// Declares an encoder-decoder (the chapter's seq2seq model) as Rust: two size-specialised
+/// stacks and the layers around them.
+///
+/// # Grammar
+/// ```text
+/// seq2seq! { [#[attr]]* [pub] struct Name {
+///     encoder: kind { setting, ... },
+///     decoder: kind { setting, ... },
+/// } }
+/// kind    := rnn | lstm | gru            (an `rnn` with equations is a custom cell)
+/// setting := those of `rnn!`, `lstm!`, `gru!`, and
+///            vocab: N                     (the part's embedding: ids below N)
+///          | head: N                      (the decoder's vocabulary head: N classes)
+///          | attention: dot | general | additive   (the decoder's, over the encoder's outputs)
+///          | attention_units: N           (of an additive score; 64 when not given)
+/// ```
+/// The encoder needs `vocab`; the decoder `vocab` and `head` (at most `vocab` classes), one
+/// direction, and the encoder's number of layers and `batch_first`. The decoder starts from the
+/// encoder's final states (a bidirectional encoder's two joined, forward first, so the decoder's
+/// `hidden` is twice the encoder's): see [`ir::seq2seq`] for the bridge, attention, greedy and
+/// beam decoding. The checks are [`ir::seq2seq::Seq2Seq::new`]'s, at compile time.
+///
+/// It declares `Name`, and the two stacks as `lstm!` (or `rnn!`, `gru!`) declares them,
+/// `NameEncoder` and `NameDecoder` (with their `step`, `forward`, `backward`). `Name` holds them
+/// as the fields `encoder` and `decoder`, and every other parameter as an array named after its
+/// PyTorch name (`decoder.fc.weight` is `decoder_fc_weight`); `PARAMETERS`, `parameters()`,
+/// `parameters_mut()`. With the `std` feature: `init(seed)`, `zeroed()`, `from_weights`,
+/// `load`, `from_safetensors`, `to_weights`, `to_safetensors` (PyTorch's names, the shared
+/// fixture's: `encoder.embedding.weight`, `encoder.rnn.weight_ih_l0`, …, `decoder.fc.bias`),
+/// `compiled()` (the runtime's [`ir::seq2seq::Seq2Seq`] of the same declaration), and
+/// `bind()`: an [`ir::seq2seq::BoundSeq2Seq`] whose stacks run this model's emitted kernels and
+/// whose embeddings, attention and head run the shared kernels, with `greedy`, `beam`,
+/// `encode` and `loss` (teacher forcing, every gradient).
+///
+/// A declaration of `rnn!`, `lstm!` or `gru!` with `vocab` or `head` (a language model) is a
+/// model around a stack the same way: `NameStack` and `Name`, whose `bind()` gives an
+/// [`ir::model::BoundModel`].
+///
+/// ```
+/// use rnn::ir::model::Ids;
+/// use rnn::ir::seq2seq::Decode;
+/// rnn::seq2seq! {
+///     pub struct Reverser {
+///         encoder: gru { vocab: 12, input: 8, hidden: 16, bidirectional: true, batch_first: true },
+///         decoder: gru { vocab: 12, input: 8, hidden: 32, head: 12, attention: general,
+///                        batch_first: true },
+///     }
+/// }
+/// let model = Reverser::init(0)?;
+/// let src = Ids::new(vec![2, 5], vec![3, 4, 5, 6, 7, 8, 9, 10, 11, 3])?; // (batch, time)
+/// let tokens = model.bind()?.greedy(&src, None, &Decode { steps: 6, sos: 1, eos: Some(2) })?;
+/// assert_eq!(tokens.shape, vec![2, 6]);
+/// # Ok::<(), rnn::Error>(())
+/// ```
+pub use rnn_macros::seq2seq;
+
 /// The Rust code blocks of `README.md`, compiled and run as doctests (`cargo test --doc`), so the
 /// README's example cannot drift from the API.
 #[cfg(all(doctest, feature = "std"))]

@@ -66,7 +66,7 @@ fn unknown_setting_names_the_valid_ones() {
     let e = errors("lstm {\n  input: 128,\n  hiden: 256\n}");
     assert_eq!(
         e[0],
-        "3:3: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj, vocab, head"
+        "3:3: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj, vocab, head, attention, attention_units"
     );
 }
 
@@ -369,7 +369,7 @@ fn misspelt_model_kinds_are_suggested_and_the_body_still_checked() {
         errors("lstn { input: 3, hiden: 4 }"),
         vec![
             "1:1: unknown model kind `lstn`: did you mean `lstm`? expected `rnn`, `lstm`, `gru` or `cell`",
-            "1:18: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj, vocab, head",
+            "1:18: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj, vocab, head, attention, attention_units",
         ]
     );
     assert_eq!(
@@ -403,7 +403,7 @@ fn misspelt_settings_and_setting_values_are_suggested() {
     assert_eq!(
         errors("gru { input: 3, hidden: 4, bidirectonal: ture }"),
         vec![
-            "1:28: unknown setting `bidirectonal` for `gru`: did you mean `bidirectional`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset, vocab, head"
+            "1:28: unknown setting `bidirectonal` for `gru`: did you mean `bidirectional`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset, vocab, head, attention, attention_units"
         ]
     );
     assert_eq!(
@@ -424,7 +424,7 @@ fn misspelt_settings_and_setting_values_are_suggested() {
     assert_eq!(
         errors("gru { input: 3, hidden: 4, proj: 2 }"),
         vec![
-            "1:28: unknown setting `proj` for `gru`: it is a setting of `lstm` only; expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset, vocab, head"
+            "1:28: unknown setting `proj` for `gru`: it is a setting of `lstm` only; expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset, vocab, head, attention, attention_units"
         ]
     );
     // A misspelt size is not also reported missing; a missing one is.
@@ -709,4 +709,38 @@ fn vocab_and_head_declare_a_model_around_the_stack() {
         let err = parse_str(text).unwrap_err().to_string();
         assert!(err.contains(want), "{text}: {err}");
     }
+}
+
+#[test]
+fn an_attention_is_declared_by_its_score_and_sized_by_its_encoder() {
+    use rnn::ir::spec::Score;
+    let spec = parse_str(
+        "gru { vocab: 9, input: 4, hidden: 8, head: 9, attention: additive, attention_units: 5 }",
+    )
+    .unwrap();
+    let a = spec.attention.unwrap();
+    assert_eq!((a.score, a.memory), (Score::Additive(5), 0));
+    // The units given before the score are an error, and so is a score that does not exist.
+    assert_eq!(
+        errors("gru { input: 4, hidden: 8, attention_units: 5, attention: additive }"),
+        vec![
+            "1:28: `attention_units` sizes an additive score: declare `attention: additive` before it"
+        ]
+    );
+    assert_eq!(
+        errors("gru { input: 4, hidden: 8, attention: genral }"),
+        vec![
+            "1:39: `attention` takes `dot`, `general` (Luong) or `additive` (Bahdanau), found `genral`: did you mean `general`?"
+        ]
+    );
+    // Without an encoder there is no memory to attend over.
+    let e = rnn::ir::model::Model::compile(
+        &parse_str("gru { vocab: 9, input: 4, hidden: 8, head: 9, attention: dot }").unwrap(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("declare it in the decoder of an encoder-decoder"),
+        "{e}"
+    );
 }

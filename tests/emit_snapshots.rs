@@ -100,3 +100,56 @@ fn the_expansion_is_deterministic() {
         here.trim_end()
     );
 }
+
+/// The items of an expansion that belong to `name` itself, not to the stacks it declares
+/// beside it (those are pinned above, as `lstm!` emits them).
+fn own_items(tokens: proc_macro2::TokenStream, name: &str) -> String {
+    let file: syn::File = syn::parse2(tokens).unwrap();
+    let mine = |item: &syn::Item| {
+        let text = quote::quote!(#item).to_string();
+        match item {
+            syn::Item::Struct(s) => s.ident == name,
+            syn::Item::Impl(i) => {
+                let ty = &i.self_ty;
+                quote::quote!(#ty).to_string() == name
+            }
+            _ => {
+                text.contains(&format!("impl {name} {{"))
+                    || text.contains(&format!("for {name} {{"))
+                    || text.contains(&format!("size_of :: < {name} >"))
+            }
+        }
+    };
+    let items = file.items.into_iter().filter(mine).collect();
+    prettyplease::unparse(&syn::File {
+        shebang: None,
+        attrs: Vec::new(),
+        items,
+    })
+}
+
+#[test]
+fn an_encoder_decoder_with_attention() {
+    let tokens: proc_macro2::TokenStream = "pub struct Tiny {
+        encoder: gru { vocab: 5, input: 2, hidden: 3, bidirectional: true, batch_first: true },
+        decoder: gru { vocab: 6, input: 2, hidden: 6, head: 6, batch_first: true, attention: general },
+    }"
+    .parse()
+    .unwrap();
+    insta::assert_snapshot!(
+        "seq2seq_attention",
+        own_items(rnn::ir::emit::expand_seq2seq(tokens), "Tiny")
+    );
+}
+
+#[test]
+fn a_language_model_around_a_stack() {
+    let tokens: proc_macro2::TokenStream =
+        "pub struct CharLm { vocab: 7, input: 2, hidden: 3, head: 7 }"
+            .parse()
+            .unwrap();
+    insta::assert_snapshot!(
+        "language_model",
+        own_items(rnn::ir::emit::expand("lstm", tokens), "CharLm")
+    );
+}

@@ -243,6 +243,115 @@ fn teacher_forced_seq2seq_matches_pytorch_on_the_jit() {
     }
 }
 
+/// The cases declared with the macros: the emitted stacks, the layers on the shared kernels.
+mod declared {
+    rnn::lstm! { pub struct LmLstm2Layer { vocab: 11, input: 5, hidden: 7, layers: 2, head: 11 } }
+    rnn::gru! {
+        pub struct GruBidirFeatures { input: 4, hidden: 6, bidirectional: true, batch_first: true, head: 5 }
+    }
+    rnn::rnn! { pub struct RnnLm { vocab: 9, input: 3, hidden: 8, batch_first: true, head: 9 } }
+
+    rnn::seq2seq! {
+        pub struct GruBidir {
+            encoder: gru { vocab: 13, input: 4, hidden: 5, bidirectional: true, batch_first: true },
+            decoder: gru { vocab: 9, input: 4, hidden: 10, head: 9, batch_first: true },
+        }
+    }
+    rnn::seq2seq! {
+        pub struct Lstm2LayerPacked {
+            encoder: lstm { vocab: 12, input: 3, hidden: 6, layers: 2, batch_first: true },
+            decoder: lstm { vocab: 10, input: 3, hidden: 6, layers: 2, head: 10, batch_first: true },
+        }
+    }
+    rnn::seq2seq! {
+        pub struct AttnGeneralLstm {
+            encoder: lstm { vocab: 12, input: 3, hidden: 6, batch_first: true },
+            decoder: lstm { vocab: 10, input: 3, hidden: 6, head: 10, batch_first: true, attention: general },
+        }
+    }
+    rnn::seq2seq! {
+        pub struct AttnAdditiveGruBidir {
+            encoder: gru { vocab: 11, input: 4, hidden: 4, bidirectional: true, batch_first: true },
+            decoder: gru {
+                vocab: 9, input: 4, hidden: 8, head: 9, batch_first: true,
+                attention: additive, attention_units: 5,
+            },
+        }
+    }
+    rnn::seq2seq! {
+        pub struct AttnDotRnn {
+            encoder: rnn { vocab: 10, input: 3, hidden: 6, batch_first: true },
+            decoder: rnn { vocab: 8, input: 3, hidden: 6, head: 8, batch_first: true, attention: dot },
+        }
+    }
+}
+
+/// Runs `f` on each path of the emitted kernels this CPU has, named.
+fn on_each_isa(mut f: impl FnMut(&str)) {
+    use rnn::rt::Isa;
+    for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+        rnn::rt::with_isa(isa, || f(&format!("macro {isa:?}")));
+    }
+}
+
+#[test]
+fn language_models_match_pytorch_on_the_macros() {
+    macro_rules! check {
+        ($case:expr, $ty:ty) => {{
+            let model = <$ty>::from_weights(&weights_of($case)).unwrap();
+            // The macro's declaration is the case's: the runtime's view of it agrees.
+            let runtime =
+                Model::compile(&rnn::parse_str(&declaration(&meta($case))).unwrap()).unwrap();
+            assert_eq!(
+                <$ty>::compiled().unwrap().parameters(),
+                runtime.parameters()
+            );
+            assert_eq!(<$ty>::PARAMETERS as u128, runtime.parameter_count());
+            let bound = model.bind().unwrap();
+            on_each_isa(|backend| check_lm($case, &bound, backend));
+        }};
+    }
+    check!("lm_lstm_2layer", declared::LmLstm2Layer);
+    check!("gru_bidir_features_batch_first", declared::GruBidirFeatures);
+    check!("rnn_lm_batch_first", declared::RnnLm);
+}
+
+#[test]
+fn teacher_forced_seq2seq_matches_pytorch_on_the_macros() {
+    macro_rules! check {
+        ($case:expr, $ty:ty) => {{
+            let w = weights_of($case);
+            let model = <$ty>::from_weights(&w).unwrap();
+            let runtime = Seq2Seq::from_state_dict(&w, None).unwrap();
+            let compiled = <$ty>::compiled().unwrap();
+            assert_eq!(compiled.parameters(), runtime.parameters());
+            assert_eq!(
+                compiled.decoder.spec.attention,
+                runtime.decoder.spec.attention
+            );
+            assert_eq!(
+                model.to_weights().tensors,
+                w.tensors,
+                "{}: weights round trip",
+                $case
+            );
+            let bound = model.bind().unwrap();
+            on_each_isa(|backend| compare_seq2seq($case, compiled, &bound, backend));
+        }};
+    }
+    check!("seq2seq_gru_bidir", declared::GruBidir);
+    check!("seq2seq_lstm_2layer_packed", declared::Lstm2LayerPacked);
+    check!(
+        "seq2seq_attn_general_lstm_packed",
+        declared::AttnGeneralLstm
+    );
+    check!(
+        "seq2seq_attn_additive_gru_bidir",
+        declared::AttnAdditiveGruBidir
+    );
+    check!("seq2seq_attn_dot_rnn", declared::AttnDotRnn);
+}
+
 #[test]
 fn bad_model_inputs_are_typed_errors() {
     let case = "lm_lstm_2layer";

@@ -71,6 +71,47 @@ fn the_fixture_decodes_to_pytorchs_tokens_on_the_jit() {
     assert_eq!(tokens, expected);
 }
 
+rnn::seq2seq! {
+    /// The shared fixture's model (`seq2seq_greedy/meta.json`).
+    struct Greedy {
+        encoder: lstm { vocab: 50, input: 8, hidden: 16, batch_first: true },
+        decoder: lstm { vocab: 60, input: 8, hidden: 16, head: 60, batch_first: true },
+    }
+}
+
+#[test]
+fn the_fixture_decodes_to_pytorchs_tokens_on_the_macros() {
+    let f = fixture();
+    let model = Greedy::from_safetensors(
+        &std::fs::read(common::fixtures().join("seq2seq_greedy/weights.safetensors")).unwrap(),
+    )
+    .unwrap();
+    let bound = model.bind().unwrap();
+    let decode = Decode {
+        steps: f.steps,
+        sos: f.sos,
+        eos: None,
+    };
+    for isa in [
+        rnn::rt::Isa::Portable,
+        rnn::rt::Isa::Avx2,
+        rnn::rt::Isa::Avx512,
+    ] {
+        if let Some(tokens) = rnn::rt::with_isa(isa, || bound.greedy(&f.src, None, &decode)) {
+            assert_eq!(tokens.unwrap(), f.expected, "{isa:?}");
+        }
+    }
+    // The same weights through the other door, and the model's own checks.
+    let from_weights = Greedy::from_weights(&f.weights).unwrap();
+    assert_eq!(from_weights.to_weights().tensors, f.weights.tensors);
+    let mut other = f.weights.clone();
+    other.tensors.remove("decoder.fc.bias");
+    match Greedy::from_weights(&other) {
+        Err(Error::MissingTensor { name, .. }) if name == "decoder.fc.bias" => {}
+        other => panic!("{:?}", other.map(drop)),
+    }
+}
+
 #[test]
 fn an_end_token_holds_a_finished_row_and_stops_early() {
     let f = fixture();

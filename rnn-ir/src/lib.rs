@@ -56,7 +56,6 @@ pub mod graph;
 #[cfg(feature = "runtime")]
 pub mod interp;
 pub mod lower;
-#[cfg(feature = "runtime")]
 pub mod model;
 #[cfg(feature = "runtime")]
 pub mod npy;
@@ -69,7 +68,6 @@ pub mod plan;
 pub mod pool;
 pub mod program;
 pub mod schedule;
-#[cfg(feature = "runtime")]
 pub mod seq2seq;
 pub mod spec;
 #[cfg(feature = "runtime")]

@@ -114,13 +114,16 @@
 
 use crate::error::{Diagnostic, Error, suggest};
 use crate::spec::{
-    BiasConvention, BinOp, CellKind, CustomCell, CustomParam, Dim, Expr, GruReset, Loc, ModelSpec,
-    Range,
+    Attention, BiasConvention, BinOp, CellKind, CustomCell, CustomParam, Dim, Expr, GruReset, Loc,
+    ModelSpec, Range, Score,
 };
 use proc_macro2::{Delimiter, Group, Span, TokenStream, TokenTree};
 use std::cell::Cell;
 use std::rc::Rc;
 use std::str::FromStr;
+
+/// Units of an additive attention declared without `attention_units` (as `rnnc train`'s).
+pub const DEFAULT_ATTENTION_UNITS: usize = 64;
 
 /// The kinds of model.
 const KINDS: [&str; 4] = ["rnn", "lstm", "gru", "cell"];
@@ -142,6 +145,8 @@ fn settings_of(kind: &str) -> &'static [&'static str] {
             "proj",
             "vocab",
             "head",
+            "attention",
+            "attention_units",
         ],
         "gru" => &[
             "input",
@@ -154,6 +159,8 @@ fn settings_of(kind: &str) -> &'static [&'static str] {
             "reset",
             "vocab",
             "head",
+            "attention",
+            "attention_units",
         ],
         "rnn" => &[
             "input",
@@ -166,6 +173,8 @@ fn settings_of(kind: &str) -> &'static [&'static str] {
             "nonlinearity",
             "vocab",
             "head",
+            "attention",
+            "attention_units",
         ],
         _ => &[
             "input",
@@ -175,6 +184,8 @@ fn settings_of(kind: &str) -> &'static [&'static str] {
             "batch_first",
             "vocab",
             "head",
+            "attention",
+            "attention_units",
         ],
     }
 }
@@ -1419,6 +1430,48 @@ impl Parser {
             "batch_first" => spec.batch_first = boolean(self)?,
             "vocab" => spec.vocab = Some(size(self, 1)?),
             "head" => spec.head = Some(size(self, 1)?),
+            "attention" => {
+                let options = ["dot", "general", "additive"];
+                let units = match spec.attention {
+                    Some(Attention {
+                        score: Score::Additive(u),
+                        ..
+                    }) => u,
+                    _ => DEFAULT_ATTENTION_UNITS,
+                };
+                spec.attention = Some(Attention {
+                    score: match options.iter().position(|o| *o == value) {
+                        Some(0) => Score::Dot,
+                        Some(1) => Score::General,
+                        Some(_) => Score::Additive(units),
+                        None => {
+                            let hint = did_you_mean(value, options);
+                            return self.error(
+                                vspan,
+                                format!(
+                                    "`attention` takes `dot`, `general` (Luong) or `additive` (Bahdanau), found `{value}`{hint}"
+                                ),
+                            );
+                        }
+                    },
+                    memory: 0,
+                });
+            }
+            "attention_units" => {
+                let u = size(self, 1)?;
+                match &mut spec.attention {
+                    Some(Attention {
+                        score: Score::Additive(units),
+                        ..
+                    }) => *units = u,
+                    _ => {
+                        return self.error(
+                            kspan,
+                            "`attention_units` sizes an additive score: declare `attention: additive` before it".to_string(),
+                        );
+                    }
+                }
+            }
             "proj" | "proj_size" if kind == "lstm" => spec.proj_size = size(self, 0)?,
             "reset" if kind == "gru" => {
                 let takes = "`after` (PyTorch) or `before` (Cho et al.)";

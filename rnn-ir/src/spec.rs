@@ -277,7 +277,9 @@ impl ModelSpec {
             return Err("`head` must be at least 1".into());
         }
         if let Some(a) = self.attention {
-            if a.memory == 0 || a.memory > Self::MAX_SIZE {
+            // A memory of size 0 is one a declaration leaves to its encoder-decoder
+            // (`Seq2Seq::new` sizes it); `Model::compile` refuses it.
+            if a.memory > Self::MAX_SIZE {
                 return Err(format!(
                     "an attention's memory must have 1 ..= {} features, found {}",
                     Self::MAX_SIZE,
@@ -292,7 +294,10 @@ impl ModelSpec {
                     Self::MAX_SIZE
                 ));
             }
-            if a.score == Score::Dot && a.memory != self.output_size() * self.directions() {
+            if a.score == Score::Dot
+                && a.memory != 0
+                && a.memory != self.output_size() * self.directions()
+            {
                 return Err(format!(
                     "a dot attention needs memory rows of the stack's output size ({}), found {}: use `general` or `additive` to bridge the sizes",
                     self.output_size() * self.directions(),

@@ -1,4 +1,4 @@
-//! `rnn-macros`: the `rnn!`, `lstm!` and `gru!` declaration macros of `rnn`.
+//! `rnn-macros`: the `rnn!`, `lstm!`, `gru!` and `seq2seq!` declaration macros of `rnn`.
 //!
 //! A shell: each macro is one call into `rnn_ir::emit::expand`, which parses the declaration
 //! (the language of `.rnn` files), compiles it and emits the model; mistakes come back as
@@ -26,6 +26,12 @@ pub fn lstm(input: TokenStream) -> TokenStream {
 #[proc_macro]
 pub fn gru(input: TokenStream) -> TokenStream {
     rnn_ir::emit::expand("gru", input.into()).into()
+}
+
+/// An encoder-decoder. See `rnn::seq2seq!`.
+#[proc_macro]
+pub fn seq2seq(input: TokenStream) -> TokenStream {
+    rnn_ir::emit::expand_seq2seq(input.into()).into()
 }
 
 /// The item unchanged: what the facade's `__std` attribute is with its `std` feature.

@@ -228,3 +228,95 @@ pub const fn param(
 pub const fn state(name: &'static str, size: usize) -> (Cow<'static, str>, usize) {
     (Cow::Borrowed(name), size)
 }
+
+pub use rnn_ir::model::{BoundModel, Model, Recurrent};
+pub use rnn_ir::parse::parse_str;
+pub use rnn_ir::seq2seq::{BoundSeq2Seq, Seq2Seq};
+pub use std::string::String;
+pub use std::sync::OnceLock;
+
+/// A recurrent stack the macros emitted, as a model around it drives it: the inherent
+/// `forward`, `forward_train` and `backward` of every `rnn!`, `lstm!` and `gru!` declaration,
+/// behind one object-safe trait so that an encoder and a decoder of different types share
+/// [`Emitted`].
+pub trait Stack {
+    /// The emitted `forward`.
+    fn forward(&self, request: &Request<'_>) -> Result<Response>;
+    /// The emitted `forward_train`.
+    fn forward_train(&self, request: &Request<'_>) -> Result<(Response, Tape<'_>)>;
+    /// The emitted `backward`.
+    fn backward(
+        &self,
+        tape: Tape<'_>,
+        grad_output: &Tensor,
+        grad_final_states: &[Option<&Tensor>],
+    ) -> Result<Gradients>;
+}
+
+/// An emitted stack as a model's backend ([`Recurrent`]): what `seq2seq!` and the models with
+/// an embedding or a head bind their stacks to.
+#[derive(Clone, Copy)]
+pub struct Emitted<'m>(pub &'m dyn Stack);
+
+impl core::fmt::Debug for Emitted<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Emitted(..)")
+    }
+}
+
+impl<'m> Recurrent for Emitted<'m> {
+    type Tape = Tape<'m>;
+    fn forward(&self, req: &Request) -> Result<Response> {
+        self.0.forward(req)
+    }
+    fn forward_train(&self, req: &Request) -> Result<(Response, Tape<'m>)> {
+        self.0.forward_train(req)
+    }
+    fn backward(
+        &self,
+        tape: Tape<'m>,
+        grad_output: &Tensor,
+        grad_final_states: &[Option<&Tensor>],
+    ) -> Result<Gradients> {
+        self.0.backward(tape, grad_output, grad_final_states)
+    }
+}
+
+/// The model a declaration's text (`kind { settings }`) compiles to, compiled once per
+/// process into `cell`: what an emitted model around a stack runs its layers with. The text is
+/// the declaration the macro compiled, so this fails only if the two disagree.
+pub fn compiled_model(
+    cell: &'static OnceLock<core::result::Result<Model, String>>,
+    text: &str,
+) -> Result<&'static Model> {
+    cell.get_or_init(|| {
+        parse_str(text)
+            .and_then(|spec| Model::compile(&spec))
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| recompiled(e))
+}
+
+/// The error of a declaration that compiled in the macro and not at run time: the macro and
+/// the runtime disagree (different versions of `rnn`).
+fn recompiled(e: &str) -> Error {
+    Error::Spec(format!(
+        "the declaration the macro compiled does not compile at run time (are the macros and the runtime from one version of `rnn`?): {e}"
+    ))
+}
+
+/// [`compiled_model`] for an encoder-decoder declared by its two parts' texts.
+pub fn compiled_seq2seq(
+    cell: &'static OnceLock<core::result::Result<Seq2Seq, String>>,
+    encoder: &str,
+    decoder: &str,
+) -> Result<&'static Seq2Seq> {
+    cell.get_or_init(|| {
+        let part = |text: &str| parse_str(text).map_err(|e| e.to_string());
+        Seq2Seq::new(&part(encoder)?, &part(decoder)?).map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| recompiled(e))
+}
+pub use rnn_ir::weights::read_safetensors;

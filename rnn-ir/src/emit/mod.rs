@@ -35,6 +35,7 @@
 //! and keeps its helpers inside `const _: () = { ... };` blocks, so that nothing but the
 //! declared struct and its state type enters the user's namespace.
 
+mod composite;
 pub mod kernel;
 
 use crate::error::{Diagnostic, Error};
@@ -84,17 +85,263 @@ pub fn expand(kind: &str, input: TokenStream) -> TokenStream {
         head.body.clone(),
         head.body_close,
     );
-    let program = spec.and_then(|spec| Program::compile(&spec));
-    match program {
-        Ok(program) => emit_model(&program, &head.name, &head.vis, &head.attrs),
-        Err(Error::Parse(diagnostics)) => fail(
+    let report = |e: Error| match e {
+        Error::Parse(diagnostics) => fail(
             diagnostics
                 .iter()
                 .map(|d| (diagnostic_span(d, &head), d.message.clone()))
                 .collect(),
         ),
-        Err(e) => fail(vec![(head.body_span, e.to_string())]),
+        e => fail(vec![(head.body_span, e.to_string())]),
+    };
+    let spec = match spec {
+        Ok(spec) => spec,
+        Err(e) => return report(e),
+    };
+    if spec.has_model_layers() {
+        // An embedding, an attention or a head around the stack: a model.
+        let model = match crate::model::Model::compile(&spec) {
+            Ok(model) => model,
+            Err(e) => return report(e),
+        };
+        let ty = format_ident!("{}Stack", head.name);
+        let doc = format!(
+            " A model around a recurrent stack: {}{}{}; {} parameters.",
+            spec.vocab
+                .map_or(String::new(), |v| format!("an embedding of {v} ids, ")),
+            format_args!("the stack [`{ty}`]"),
+            match (spec.attention.is_some(), spec.head) {
+                (_, Some(n)) => format!(", a head of {n} classes"),
+                _ => String::new(),
+            },
+            model.parameter_count()
+        );
+        let part = composite::Part {
+            field: "rnn",
+            ty,
+            prefix: model.stack_prefix().to_string(),
+            program: &model.stack,
+            doc: format!(" The recurrent stack of [`{}`].", head.name),
+        };
+        let text = format!("{kind} {} {{ {} }}", head.name, head.body);
+        return composite::emit(
+            &head.name,
+            &head.vis,
+            &head.attrs,
+            &doc,
+            &[part],
+            &model.parameters(),
+            &composite::Runtime::Model { text },
+        );
     }
+    match Program::compile(&spec) {
+        Ok(program) => emit_model(&program, &head.name, &head.vis, &head.attrs),
+        Err(e) => report(e),
+    }
+}
+
+/// Expands `seq2seq! { [#[attr]] [vis] struct Name { encoder: kind { .. }, decoder: kind { .. } } }`:
+/// each part is a declaration of `rnn!`, `lstm!` or `gru!` (a custom cell too), the decoder
+/// with a `head` over the target vocabulary and optionally an `attention`. Mistakes come back
+/// as `compile_error!`s at the offending tokens, beside an empty struct of the declared name.
+pub fn expand_seq2seq(input: TokenStream) -> TokenStream {
+    let head = match Head::parse(input) {
+        Ok(head) => head,
+        Err((span, message)) => return compile_error(span, &message),
+    };
+    let fail = |errors: Vec<(Span, String)>| {
+        let mut out: TokenStream = errors
+            .iter()
+            .map(|(span, m)| compile_error(*span, m))
+            .collect();
+        let (attrs, vis, name) = (&head.attrs, &head.vis, &head.name);
+        out.extend(quote!(#(#attrs)* #vis struct #name;));
+        out
+    };
+    let parts = match seq2seq_parts(&head) {
+        Ok(parts) => parts,
+        Err(e) => return fail(vec![e]),
+    };
+    let mut specs = Vec::new();
+    let mut errors = Vec::new();
+    for (role, kind, group) in &parts {
+        let kind = if kind == "rnn" && is_custom(&group.stream()) {
+            "cell".to_string()
+        } else {
+            kind.to_string()
+        };
+        let name = format!("{}{}", head.name, capitalised(&role.to_string()));
+        let text = format!("{kind} {name} {{ {} }}", group.stream());
+        match parse_body(
+            &kind,
+            role.span(),
+            Some(name),
+            group.stream(),
+            group.span_close(),
+        ) {
+            Ok(spec) => specs.push((spec, text)),
+            Err(Error::Parse(diagnostics)) => errors.extend(diagnostics.iter().map(|d| {
+                let span = d
+                    .span
+                    .or_else(|| span_at(&group.stream(), d.loc()))
+                    .unwrap_or(group.span());
+                (span, d.message.clone())
+            })),
+            Err(e) => errors.push((group.span(), e.to_string())),
+        }
+    }
+    if !errors.is_empty() {
+        return fail(errors);
+    }
+    let [(enc, enc_text), (dec, dec_text)] = <[_; 2]>::try_from(specs).expect("two parts");
+    let model = match crate::seq2seq::Seq2Seq::new(&enc, &dec) {
+        Ok(model) => model,
+        Err(e) => return fail(vec![(head.body_span, e.to_string())]),
+    };
+    let (enc_ty, dec_ty) = (
+        format_ident!("{}Encoder", head.name),
+        format_ident!("{}Decoder", head.name),
+    );
+    let doc = format!(
+        " An encoder-decoder: source ids below {} through the encoder [`{enc_ty}`], its final \
+         states into the decoder [`{dec_ty}`]{}, a head over {} target ids; {} parameters.",
+        enc.vocab.unwrap_or(0),
+        if dec.attention.is_some() {
+            ", which attends over the encoder's outputs"
+        } else {
+            ""
+        },
+        dec.head.unwrap_or(0),
+        model.encoder.parameter_count() + model.decoder.parameter_count()
+    );
+    let name = &head.name;
+    let parts = [
+        composite::Part {
+            field: "encoder",
+            ty: enc_ty,
+            prefix: format!("encoder.{}", model.encoder.stack_prefix()),
+            program: &model.encoder.stack,
+            doc: format!(" The encoder's recurrent stack of [`{name}`]."),
+        },
+        composite::Part {
+            field: "decoder",
+            ty: dec_ty,
+            prefix: format!("decoder.{}", model.decoder.stack_prefix()),
+            program: &model.decoder.stack,
+            doc: format!(" The decoder's recurrent stack of [`{name}`]."),
+        },
+    ];
+    composite::emit(
+        name,
+        &head.vis,
+        &head.attrs,
+        &doc,
+        &parts,
+        &model.parameters(),
+        &composite::Runtime::Seq2Seq {
+            encoder: enc_text,
+            decoder: dec_text,
+        },
+    )
+}
+
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+/// A part of a `seq2seq!` body: its role, its kind and its braced settings.
+type PartTokens = (Ident, Ident, proc_macro2::Group);
+
+/// The two parts of a `seq2seq!` body, `encoder: kind { .. }` then `decoder: kind { .. }`
+/// (either order, each once), as (role, kind, body), the encoder first.
+fn seq2seq_parts(head: &Head) -> Result<Vec<PartTokens>, (Span, String)> {
+    const ROLES: [&str; 2] = ["encoder", "decoder"];
+    let mut found: [Option<PartTokens>; 2] = [None, None];
+    let mut it = head.body.clone().into_iter().peekable();
+    while let Some(t) = it.next() {
+        let role = match t {
+            TokenTree::Ident(i) => i,
+            t => {
+                return Err((
+                    t.span(),
+                    format!(
+                        "expected `encoder` or `decoder`, found `{t}`: an encoder-decoder reads `encoder: lstm {{ .. }}, decoder: lstm {{ .. }}`"
+                    ),
+                ));
+            }
+        };
+        let r = role.to_string();
+        let Some(k) = ROLES.iter().position(|x| *x == r) else {
+            let hint = crate::error::suggest(&r, ROLES)
+                .map_or_else(String::new, |s| format!(" (did you mean `{s}`?)"));
+            return Err((
+                role.span(),
+                format!(
+                    "unknown part `{r}`{hint}: an encoder-decoder has an `encoder` and a `decoder`"
+                ),
+            ));
+        };
+        if found[k].is_some() {
+            return Err((role.span(), format!("the `{r}` is declared twice")));
+        }
+        match it.next() {
+            Some(TokenTree::Punct(p)) if p.as_char() == ':' => {}
+            other => {
+                let span = other.as_ref().map_or(role.span(), |t| t.span());
+                return Err((span, format!("expected `:` after `{r}`")));
+            }
+        }
+        let kind = match it.next() {
+            Some(TokenTree::Ident(i))
+                if ["rnn", "lstm", "gru"].contains(&i.to_string().as_str()) =>
+            {
+                i
+            }
+            other => {
+                let span = other.as_ref().map_or(role.span(), |t| t.span());
+                let what = other.map_or_else(|| "nothing".to_string(), |t| format!("`{t}`"));
+                return Err((
+                    span,
+                    format!(
+                        "expected the {r}'s cell, `rnn`, `lstm` or `gru` (a custom cell is an `rnn` with equations), found {what}"
+                    ),
+                ));
+            }
+        };
+        let body = match it.next() {
+            Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Brace => g,
+            other => {
+                let span = other.as_ref().map_or(kind.span(), |t| t.span());
+                return Err((
+                    span,
+                    format!("expected `{{` and the {r}'s settings after `{kind}`"),
+                ));
+            }
+        };
+        found[k] = Some((role, kind, body));
+        match it.next() {
+            None => break,
+            Some(TokenTree::Punct(p)) if p.as_char() == ',' || p.as_char() == ';' => {}
+            Some(t) => {
+                return Err((t.span(), format!("expected `,` after the {r}, found `{t}`")));
+            }
+        }
+    }
+    let [Some(enc), Some(dec)] = found else {
+        let missing = if found[0].is_none() {
+            "encoder"
+        } else {
+            "decoder"
+        };
+        return Err((
+            head.body_close,
+            format!("the encoder-decoder has no `{missing}`: declare `{missing}: lstm {{ .. }}`"),
+        ));
+    };
+    Ok(vec![enc, dec])
 }
 
 /// Where a diagnostic points: its token, found again from its line and column when lowering
@@ -280,6 +527,22 @@ impl Field {
     }
 }
 
+/// The parameters of `program` as the fields of its struct, in its order.
+fn fields_of(program: &Program) -> Vec<Field> {
+    program
+        .parameter_infos()
+        .into_iter()
+        .map(|(n, info)| Field {
+            ident: rust_ident(&n),
+            name: n,
+            dims: info.dims(),
+            shape: info.shape,
+            scalar: info.scalar,
+            init: info.init,
+        })
+        .collect()
+}
+
 /// The Rust a macro emits for `program`, declared as `vis struct name` with `attrs`.
 pub fn emit_model(
     program: &Program,
@@ -319,18 +582,7 @@ pub fn emit_model(
     let state_name = format_ident!("{}State", name);
     let dirs = spec.directions();
     let layers = program.layers.len();
-    let fields: Vec<Field> = program
-        .parameter_infos()
-        .into_iter()
-        .map(|(n, info)| Field {
-            ident: rust_ident(&n),
-            name: n,
-            dims: info.dims(),
-            shape: info.shape,
-            scalar: info.scalar,
-            init: info.init,
-        })
-        .collect();
+    let fields = fields_of(program);
     let per_cell = fields.len() / (layers * dirs);
     let cell_fields = |layer: usize, dir: usize| {
         let start = (layer * dirs + dir) * per_cell;
@@ -770,6 +1022,29 @@ pub fn emit_model(
                     /// interpreter's `Program::run` does, with this model's kernels.
                     pub fn run(&self, request: &::rnn::rt::Request<'_>) -> ::rnn::rt::Result<::rnn::rt::Response> {
                         ::rnn::rt::run_response(&LAYOUT, &__RnnExecutor(self), request)
+                    }
+                }
+
+                #[automatically_derived]
+                impl ::rnn::rt::Stack for #name {
+                    fn forward(&self, request: &::rnn::rt::Request<'_>) -> ::rnn::rt::Result<::rnn::rt::Response> {
+                        #name::forward(self, request)
+                    }
+
+                    fn forward_train(
+                        &self,
+                        request: &::rnn::rt::Request<'_>,
+                    ) -> ::rnn::rt::Result<(::rnn::rt::Response, ::rnn::rt::Tape<'_>)> {
+                        #name::forward_train(self, request)
+                    }
+
+                    fn backward(
+                        &self,
+                        tape: ::rnn::rt::Tape<'_>,
+                        grad_output: &::rnn::rt::Tensor,
+                        grad_final_states: &[::core::option::Option<&::rnn::rt::Tensor>],
+                    ) -> ::rnn::rt::Result<::rnn::rt::Gradients> {
+                        #name::backward(self, tape, grad_output, grad_final_states)
                     }
                 }
             };

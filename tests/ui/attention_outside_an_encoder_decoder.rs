@@ -4,6 +4,7 @@ rnn::lstm! {
         input: 32,
         hidden: 128,
         head: 65,
+        attention: general,
     }
 }
 
