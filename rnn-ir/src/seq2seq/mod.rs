@@ -14,7 +14,7 @@
 //! (`[h_fwd; h_bwd]`), so the decoder's sizes are twice the encoder's. The decoder itself is
 //! unidirectional: it runs forward in time, one token after another.
 //!
-//! **Attention.** A decoder declared with an [`Attention`] attends over the encoder's outputs
+//! **Attention.** A decoder declared with an [`Attention`](crate::spec::Attention) attends over the encoder's outputs
 //! (both directions, the memory's size set by [`Seq2Seq::new`]) after its stack, at every
 //! step, masked past each source's length; its parameters are `decoder.attention.*`. Decoding
 //! and training pass the memory along; in training, its gradient flows back into the encoder's
