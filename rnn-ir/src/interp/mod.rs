@@ -657,6 +657,31 @@ pub fn eval_graph_with<T: Real>(
     Ok(vals)
 }
 
+/// Whether the kernel of `op` writes every element of its result (so its buffer need not be
+/// zeroed first): the products and the element-wise ops.
+fn writes_all(op: Op) -> bool {
+    matches!(
+        op,
+        Op::MatMul
+            | Op::MatMulT
+            | Op::OuterSum
+            | Op::Add
+            | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::Neg
+            | Op::Exp
+            | Op::Log
+            | Op::Sqrt
+            | Op::Softplus
+            | Op::Abs
+            | Op::Sigmoid
+            | Op::Tanh
+            | Op::Relu
+            | Op::Step
+    )
+}
+
 /// [`eval_graph_with`] reading each input where `input(role)` has it, without copying it: the
 /// values returned hold every computed value, and nothing in the slots of the inputs.
 pub fn eval_graph_borrowed<'i, T: Real>(
@@ -765,7 +790,13 @@ pub fn eval_graph_partial<'i, T: Real>(
             }
             op => {
                 let width = d.shape.row_len();
-                let mut out = vec![T::ZERO; buf_len(d.shape, rows)];
+                // A product or an element-wise op writes every element of its result: its
+                // buffer is not zeroed.
+                let mut out = if writes_all(op) {
+                    T::scratch(buf_len(d.shape, rows))
+                } else {
+                    T::zeros(buf_len(d.shape, rows))
+                };
                 let value = |a: Value| -> &[T] { fed[a.index()].unwrap_or(&vals[a.index()]) };
                 let args: Vec<View<'_, T>> = d
                     .args

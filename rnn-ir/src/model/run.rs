@@ -189,6 +189,44 @@ struct LayerRun {
     extent: Option<Span>,
 }
 
+impl Drop for LayerRun {
+    /// The run's buffers (a head's logits are a vocabulary wide) go back to this thread's pool.
+    fn drop(&mut self) {
+        crate::pool::recycle(
+            std::mem::take(&mut self.values)
+                .into_iter()
+                .chain(self.inputs.drain().map(|(_, v)| v)),
+        );
+    }
+}
+
+/// Values `wanted` of a backward run, moved out (a value wanted twice is copied); the rest go
+/// back to this thread's pool.
+fn take_values(mut values: Vec<Vec<f32>>, wanted: &[Value]) -> Vec<Vec<f32>> {
+    let out = wanted
+        .iter()
+        .enumerate()
+        .map(|(k, v)| {
+            if wanted[k + 1..].contains(v) {
+                values[v.index()].clone()
+            } else {
+                std::mem::take(&mut values[v.index()])
+            }
+        })
+        .collect();
+    crate::pool::recycle(values);
+    out
+}
+
+/// The backward graph's gradient of each of `layer`'s parameters, then of `extra` outputs.
+fn grad_values(layer: &Layer, extra: &[OutRole]) -> Result<Vec<Value>> {
+    (0..layer.forward.params().len())
+        .map(|p| OutRole::ParamGrad(p as u32))
+        .chain(extra.iter().copied())
+        .map(|role| grad_of(&layer.backward, role))
+        .collect()
+}
+
 /// An owned [`Extent`]: a memory's positions, its sequences and their source lengths.
 #[derive(Clone, Debug)]
 struct Span {
@@ -252,27 +290,100 @@ pub fn cross_entropy_fused(
     ignore: i64,
     scale: f32,
 ) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (detected above).
+            return unsafe { cross_entropy_avx512(logits, classes, targets, ignore, scale) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (detected above).
+            return unsafe { cross_entropy_avx2(logits, classes, targets, ignore, scale) };
+        }
+    }
+    cross_entropy_rows(logits, classes, targets, ignore, scale)
+}
+
+/// [`cross_entropy_rows`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn cross_entropy_avx512(
+    logits: &mut [f32],
+    classes: usize,
+    targets: &[i64],
+    ignore: i64,
+    scale: f32,
+) -> f64 {
+    cross_entropy_rows(logits, classes, targets, ignore, scale)
+}
+
+/// [`cross_entropy_rows`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn cross_entropy_avx2(
+    logits: &mut [f32],
+    classes: usize,
+    targets: &[i64],
+    ignore: i64,
+    scale: f32,
+) -> f64 {
+    cross_entropy_rows(logits, classes, targets, ignore, scale)
+}
+
+/// Lanes of the cross-entropy's reductions: independent accumulators the compiler keeps in
+/// vector registers (a sequential `fold` would wait on each addition).
+const LANES: usize = 16;
+
+/// The body of [`cross_entropy_fused`], the same arithmetic on every instruction set (no
+/// contraction into fused multiply-adds, the sums in a fixed order), so every path gives the
+/// same bits. The maximum ignores NaNs: a NaN logit makes its exponential, the row's sum and so
+/// every gradient of the row and the loss NaN, as a NaN maximum would.
+#[inline(always)]
+fn cross_entropy_rows(
+    logits: &mut [f32],
+    classes: usize,
+    targets: &[i64],
+    ignore: i64,
+    scale: f32,
+) -> f64 {
     let mut total = 0.0;
     for (row, &t) in logits.chunks_mut(classes).zip(targets) {
         if t == ignore {
             row.fill(0.0);
             continue;
         }
-        let m = row.iter().fold(
-            f32::NEG_INFINITY,
-            |m, &x| {
-                if x > m || x.is_nan() { x } else { m }
-            },
-        );
-        let picked = row[t as usize];
-        for x in row.iter_mut() {
-            *x = exp_nonpositive(*x - m);
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (m, &x) in lanes.iter_mut().zip(c) {
+                *m = if x > *m { x } else { *m };
+            }
         }
-        let sum: f64 = row.iter().map(|&e| f64::from(e)).sum();
+        let m = chunks
+            .remainder()
+            .iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+        let picked = row[t as usize];
+        // The exponentials in place, summed in f64 lanes.
+        let mut sums = [0.0f64; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (s, x) in sums.iter_mut().zip(c.iter_mut()) {
+                *x = exp_nonpositive(*x - m);
+                *s += f64::from(*x);
+            }
+        }
+        let mut sum = 0.0f64;
+        for x in chunks.into_remainder() {
+            *x = exp_nonpositive(*x - m);
+            sum += f64::from(*x);
+        }
+        sum += sums.iter().sum::<f64>();
         total += f64::from(m) + sum.ln() - f64::from(picked);
-        let inv = (1.0 / sum) as f32;
+        let k = (1.0 / sum) as f32 * scale;
         for x in row.iter_mut() {
-            *x *= inv * scale;
+            *x *= k;
         }
         row[t as usize] -= scale;
     }
@@ -291,15 +402,17 @@ fn exp_nonpositive(x: f32) -> f32 {
     let c = x.max(-87.3);
     // Round to nearest by the 1.5 · 2^23 trick (no call, so the loop vectorises).
     const MAGIC: f32 = 12_582_912.0;
-    let k = (c * LOG2E + MAGIC) - MAGIC;
+    let t = c * LOG2E + MAGIC;
+    let k = t - MAGIC;
     let r = (c - k * LN2_HI) - k * LN2_LO;
     // e^r on [-ln2/2, ln2/2].
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // 2^k by the exponent bits: k is in -126 ..= 0 here.
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    // 2^k by the exponent bits: k is in -126 ..= 0 here, and `t`'s low bits hold it (`t` is
+    // 1.5 · 2^23 + k), so no float-to-integer conversion (scalar code) is needed.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits() - 127) << 23);
     let y = p * scale;
     if x.is_nan() { x } else { y }
 }
@@ -408,22 +521,13 @@ impl Model {
     ) -> Result<BoundModel<'m, R>> {
         let split = self.split(weights)?;
         let stack = bind_stack(&self.stack, &split.stack)?;
-        let head_panels = match (&self.head, split.head.first()) {
-            (Some(h), Some(w)) if crate::panels::available() => {
-                let dims = h.forward.params()[0].dims();
-                let mut panels = vec![0.0; crate::panels::panels_len(dims[0], dims[1])];
-                crate::panels::pack_panels(dims[0], dims[1], w, &mut panels);
-                Some(panels)
-            }
-            _ => None,
-        };
         Ok(BoundModel {
             model: self,
             stack,
             embedding: split.embedding,
             attention: split.attention,
             head: split.head,
-            head_panels,
+            head_panels: std::sync::OnceLock::new(),
         })
     }
 
@@ -618,8 +722,9 @@ pub struct BoundModel<'m, R> {
     attention: Vec<Vec<f32>>,
     head: Vec<Vec<f32>>,
     /// The head's weight packed in panels (on a CPU with AVX-512), for inference over a few
-    /// rows: decoding reads the whole weight at every step.
-    head_panels: Option<Vec<f32>>,
+    /// rows: decoding reads the whole weight at every step. Packed at the first such inference
+    /// ([`BoundModel::head_panels`]), not at `bind`: a training step binds and never reads it.
+    head_panels: std::sync::OnceLock<Option<Vec<f32>>>,
 }
 
 /// What the forward pass of the layers before the head computed.
@@ -654,6 +759,22 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
     /// The bound stack.
     pub fn stack(&self) -> &R {
         &self.stack
+    }
+
+    /// The head's weight packed in panels, packed at the first call (`None` without a head or
+    /// without AVX-512).
+    fn head_panels(&self) -> Option<&[f32]> {
+        self.head_panels
+            .get_or_init(|| match (&self.model.head, self.head.first()) {
+                (Some(h), Some(w)) if crate::panels::available() => {
+                    let dims = h.forward.params()[0].dims();
+                    let mut panels = vec![0.0; crate::panels::panels_len(dims[0], dims[1])];
+                    crate::panels::pack_panels(dims[0], dims[1], w, &mut panels);
+                    Some(panels)
+                }
+                _ => None,
+            })
+            .as_deref()
     }
 
     /// Embeds the input (ids checked against the vocabulary), or takes the features.
@@ -953,7 +1074,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             return Ok((attention, None));
         };
         let classes = self.model.features();
-        if let (false, Some(panels), true) = (keep, &self.head_panels, rows <= PANEL_ROWS) {
+        if let (false, true, Some(panels)) = (keep, rows <= PANEL_ROWS, self.head_panels()) {
             // Inference over a few rows (decoding): the head's product on its packed weight,
             // then its bias; the head graph's values, summed in another order.
             let features = response.output.data.len() / rows.max(1);
@@ -1054,20 +1175,21 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         let mut params = BTreeMap::new();
         let d_output = match (&self.model.head, &tape.head) {
             (Some(h), Some(run)) => {
-                let back = h.back(run, &grad_output.data, &self.head)?;
-                for (p, info) in h.forward.params().iter().enumerate() {
-                    let g = grad_of(&h.backward, OutRole::ParamGrad(p as u32))?;
+                let wanted = grad_values(h, &[OutRole::InputGrad])?;
+                let mut back = take_values(h.back(run, &grad_output.data, &self.head)?, &wanted);
+                let dx = back.pop().expect("the input's gradient was wanted");
+                for (info, data) in h.forward.params().iter().zip(back) {
                     params.insert(
                         format!("fc.{}", info.name),
                         Tensor {
                             shape: info.dims(),
-                            data: back[g.index()].clone(),
+                            data,
                         },
                     );
                 }
                 Tensor {
                     shape: tape.stack_shape.clone(),
-                    data: back[grad_of(&h.backward, OutRole::InputGrad)?.index()].clone(),
+                    data: dx,
                 }
             }
             _ => grad_output.clone(),
@@ -1084,19 +1206,20 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                         data
                     }
                 };
+                let wanted = grad_values(a, &[OutRole::InputGrad, OutRole::MemoryGrad])?;
                 let back = a.back(run, &tm(d_output.data, batch, steps, n), &self.attention)?;
-                for (p, info) in a.forward.params().iter().enumerate() {
-                    let g = grad_of(&a.backward, OutRole::ParamGrad(p as u32))?;
+                let mut back = take_values(back, &wanted);
+                let dm = back.pop().expect("the memory's gradient was wanted");
+                let dy = back.pop().expect("the input's gradient was wanted");
+                for (info, data) in a.forward.params().iter().zip(back) {
                     params.insert(
                         format!("attention.{}", info.name),
                         Tensor {
                             shape: info.dims(),
-                            data: back[g.index()].clone(),
+                            data,
                         },
                     );
                 }
-                let dy = back[grad_of(&a.backward, OutRole::InputGrad)?.index()].clone();
-                let dm = back[grad_of(&a.backward, OutRole::MemoryGrad)?.index()].clone();
                 let (positions, size) = if bf {
                     (memory_shape[1], memory_shape[2])
                 } else {
@@ -1124,13 +1247,14 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         }
         let input = match (&self.model.embedding, &tape.embedding) {
             (Some(e), Some(run)) => {
+                let wanted = grad_values(e, &[])?;
                 let back = e.back(run, &stack.input.data, &self.embedding)?;
-                let g = grad_of(&e.backward, OutRole::ParamGrad(0))?;
+                let data = take_values(back, &wanted).pop().expect("one parameter");
                 params.insert(
                     "embedding.weight".into(),
                     Tensor {
                         shape: e.forward.params()[0].dims(),
-                        data: back[g.index()].clone(),
+                        data,
                     },
                 );
                 None
@@ -1191,6 +1315,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         );
         let d_logits = response.output;
         let grads = self.backward(tape, &d_logits, &[])?;
+        crate::pool::recycle([d_logits.data]);
         Ok(Loss {
             loss: total / counted as f64,
             counted,
