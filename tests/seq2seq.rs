@@ -387,3 +387,72 @@ fn bad_beams_are_typed_errors() {
         );
     }
 }
+
+rnn::seq2seq! {
+    /// An encoder-decoder of custom cells: a minimal GRU reads, a ReLU Elman cell writes.
+    struct CustomCells {
+        encoder: rnn {
+            vocab: 7, input: 3, hidden: 4, bidirectional: true, batch_first: true,
+            param W_z: [hidden, input], param W_h: [hidden, input], param b: [hidden],
+            state h,
+            z = sigmoid(W_z @ x + b),
+            h = (1 - z) * h + z * tanh(W_h @ x),
+        },
+        decoder: rnn {
+            vocab: 6, input: 3, hidden: 8, head: 6, batch_first: true, attention: general,
+            param W_xh: [hidden, input], param W_hh: [hidden, hidden],
+            state h,
+            h = relu(W_xh @ x + W_hh @ h),
+        },
+    }
+}
+
+/// The loss, its gradients and the greedy tokens of an encoder-decoder on a fixed batch.
+fn run_custom<R: Recurrent>(
+    bound: &rnn::ir::seq2seq::BoundSeq2Seq<'_, R>,
+) -> (rnn::ir::model::Loss, Ids) {
+    let src = Ids::new(vec![2, 4], vec![1, 2, 3, 4, 5, 6, 1, 0]).unwrap();
+    let lengths = [4, 3];
+    let tgt_in = Ids::new(vec![2, 3], vec![1, 3, 4, 1, 5, 2]).unwrap();
+    let tgt_out = Ids::new(vec![2, 3], vec![3, 4, 2, 5, 2, -100]).unwrap();
+    let loss = bound
+        .loss(&src, Some(&lengths), &tgt_in, &tgt_out, -100)
+        .unwrap();
+    let decode = Decode {
+        steps: 5,
+        sos: 1,
+        eos: Some(2),
+    };
+    let tokens = bound.greedy(&src, Some(&lengths), &decode).unwrap();
+    (loss, tokens)
+}
+
+#[test]
+fn custom_cells_encode_and_decode_alike_on_every_backend() {
+    let model = CustomCells::init(3).unwrap();
+    let weights = model.to_weights();
+    let runtime = CustomCells::compiled().unwrap();
+    let (want, want_tokens) = run_custom(&runtime.bind_interp(&weights, Exec::default()).unwrap());
+    let jit = runtime.bind(&weights, rnn::jit::bind_stack).unwrap();
+    let emitted = model.bind().unwrap();
+    let mut runs = vec![("jit", run_custom(&jit))];
+    for isa in [rnn::rt::Isa::Portable, rnn::rt::Isa::Avx2, rnn::rt::Isa::Avx512] {
+        if let Some(r) = rnn::rt::with_isa(isa, || run_custom(&emitted)) {
+            runs.push(("macro", r));
+        }
+    }
+    for (backend, (loss, tokens)) in runs {
+        assert_eq!(tokens, want_tokens, "{backend}");
+        assert!((loss.loss - want.loss).abs() <= 1e-5 * want.loss.abs(), "{backend}");
+        assert_eq!(loss.grads.params.len(), runtime.parameters().len());
+        for (name, g) in &want.grads.params {
+            common::assert_close(
+                &format!("{backend}: {name}"),
+                &loss.grads.params[name],
+                g,
+                1e-5,
+                1e-6,
+            );
+        }
+    }
+}
