@@ -614,5 +614,7 @@ pub fn train_step(
     let mut grads = loss.grads.params;
     let norm = clip_grad_norm(&mut grads, clip.unwrap_or(f32::MAX), Norm::L2)?;
     opt.step(weights, &grads)?;
+    // The gradients' buffers serve the next step's (on this thread).
+    rnn_ir::pool::recycle(grads.into_values().map(|t| t.data));
     Ok(norm)
 }

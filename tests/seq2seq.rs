@@ -436,14 +436,21 @@ fn custom_cells_encode_and_decode_alike_on_every_backend() {
     let jit = runtime.bind(&weights, rnn::jit::bind_stack).unwrap();
     let emitted = model.bind().unwrap();
     let mut runs = vec![("jit", run_custom(&jit))];
-    for isa in [rnn::rt::Isa::Portable, rnn::rt::Isa::Avx2, rnn::rt::Isa::Avx512] {
+    for isa in [
+        rnn::rt::Isa::Portable,
+        rnn::rt::Isa::Avx2,
+        rnn::rt::Isa::Avx512,
+    ] {
         if let Some(r) = rnn::rt::with_isa(isa, || run_custom(&emitted)) {
             runs.push(("macro", r));
         }
     }
     for (backend, (loss, tokens)) in runs {
         assert_eq!(tokens, want_tokens, "{backend}");
-        assert!((loss.loss - want.loss).abs() <= 1e-5 * want.loss.abs(), "{backend}");
+        assert!(
+            (loss.loss - want.loss).abs() <= 1e-5 * want.loss.abs(),
+            "{backend}"
+        );
         assert_eq!(loss.grads.params.len(), runtime.parameters().len());
         for (name, g) in &want.grads.params {
             common::assert_close(

@@ -12,7 +12,7 @@
 mod attend;
 mod executor;
 mod kernels;
-pub use kernels::argmax;
+pub use kernels::{argmax, argmax_f32};
 
 use crate::driver::{
     self, Backward, Forward, Gradients, RawResponse, Request, Response, Seq, SequenceExecutor,

@@ -489,7 +489,13 @@ impl Model {
         let layer = |prefix: &str, l: &Option<Layer>| -> Vec<Vec<f32>> {
             l.iter()
                 .flat_map(|l| l.forward.params())
-                .map(|p| weights.tensors[&format!("{prefix}{}", p.name)].data.clone())
+                .map(|p| {
+                    // In a buffer of this thread's pool: a training loop binds at every step.
+                    let data = &weights.tensors[&format!("{prefix}{}", p.name)].data;
+                    let mut copy = crate::pool::scratch(data.len());
+                    copy.copy_from_slice(data);
+                    copy
+                })
                 .collect()
         };
         let prefix = self.stack_prefix();
@@ -712,6 +718,19 @@ pub struct Loss {
     pub final_states: Vec<Tensor>,
     /// The gradients of `loss`.
     pub grads: ModelGrads,
+}
+
+impl<R> Drop for BoundModel<'_, R> {
+    /// The layers' weights go back to this thread's pool, for the next `bind` of a training
+    /// loop.
+    fn drop(&mut self) {
+        crate::pool::recycle(
+            std::mem::take(&mut self.embedding)
+                .into_iter()
+                .chain(std::mem::take(&mut self.attention))
+                .chain(std::mem::take(&mut self.head)),
+        );
+    }
 }
 
 /// A model bound to its weights, the stack on backend `R`.

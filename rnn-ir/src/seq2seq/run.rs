@@ -4,7 +4,7 @@
 use super::*;
 use crate::driver::Response;
 use crate::error::{Error, Result};
-use crate::interp::{Exec, argmax};
+use crate::interp::{Exec, argmax_f32};
 use crate::model::{
     BoundModel, Ids, Input, Interpreted, Loss, MemoryRef, ModelGrads, Recurrent, Run,
 };
@@ -339,7 +339,7 @@ impl<R: Recurrent> BoundSeq2Seq<'_, R> {
                 let logits = &response.output.data[r * classes..(r + 1) * classes];
                 *token = match decode.eos {
                     Some(eos) if done[r] => eos,
-                    _ => argmax(logits) as i64,
+                    _ => argmax_f32(logits) as i64,
                 };
                 done[r] |= Some(*token) == decode.eos;
                 out[r * decode.steps + step] = *token;
