@@ -1525,6 +1525,30 @@ fn emit_prints_the_formatted_rust_a_macro_would_produce() {
 }
 
 #[test]
+fn emit_prints_a_model_around_its_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = model_file(
+        &dir,
+        "char.rnn",
+        "lstm CharLm { vocab: 7, input: 2, hidden: 3, head: 7 }",
+    );
+    let o = rnnc(&["emit", path_str(&file)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let code = String::from_utf8(o.stdout).unwrap();
+    for part in [
+        "pub struct CharLmStack {",
+        "pub struct CharLm {",
+        "pub rnn: CharLmStack,",
+        "pub embedding_weight: [[f32; 2]; 7],",
+        "pub fc_bias: [f32; 7],",
+        "(\"rnn.weight_hh_l0\", self.rnn.weight_hh_l0.as_flattened()),",
+        "::rnn::rt::compiled_model(",
+    ] {
+        assert!(code.contains(part), "`{part}` in:\n{code}");
+    }
+}
+
+#[test]
 fn emit_refuses_a_name_that_is_not_a_rust_identifier() {
     let err = complaint(&[
         "emit",

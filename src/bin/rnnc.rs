@@ -99,7 +99,8 @@ enum Command {
     Init(InitArgs),
     /// Print a model's spec, its parameter count and the IR of its step and backward step.
     Inspect(InspectArgs),
-    /// Print the Rust that `rnn!` / `lstm!` / `gru!` would emit for a model, formatted.
+    /// Print the Rust that `rnn!` / `lstm!` / `gru!` would emit for a model (or a model
+    /// around its stack, from a file with `vocab` or `head`), formatted.
     Emit(EmitArgs),
     /// Time the workloads W1–W8 (all the backend runs when none is named).
     Bench(BenchArgs),
@@ -1430,13 +1431,25 @@ fn emit(args: &EmitArgs) -> Result<(), Failure> {
     let here = Path::new("");
     let file = args.model.file.as_deref();
     let spec = model_spec(&args.model)?;
-    let program = Program::compile(&spec).map_err(|e| fail_model(file.unwrap_or(here), e))?;
     let name = args
         .name
         .clone()
         .or_else(|| spec.name.clone())
         .unwrap_or_else(|| "Model".into());
-    let code = rnn::emit::rust(&program, &name).map_err(|e| fail(here, e))?;
+    let code = match file {
+        // A model around its stack: what the macros emit for it, the file its runtime text.
+        Some(path) if spec.has_model_layers() => {
+            let model = rnn::ir::model::Model::compile(&spec).map_err(|e| fail_model(path, e))?;
+            let source = std::fs::read_to_string(path).map_err(|e| fail(path, e))?;
+            rnn::emit::rust_model(&model, &name, &source)
+        }
+        _ => {
+            let program =
+                Program::compile(&spec).map_err(|e| fail_model(file.unwrap_or(here), e))?;
+            rnn::emit::rust(&program, &name)
+        }
+    }
+    .map_err(|e| fail(here, e))?;
     say(code.trim_end())
 }
 

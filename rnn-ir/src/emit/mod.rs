@@ -104,40 +104,54 @@ pub fn expand(kind: &str, input: TokenStream) -> TokenStream {
             Ok(model) => model,
             Err(e) => return report(e),
         };
-        let ty = format_ident!("{}Stack", head.name);
-        let doc = format!(
-            " A model around a recurrent stack: {}{}{}; {} parameters.",
-            spec.vocab
-                .map_or(String::new(), |v| format!("an embedding of {v} ids, ")),
-            format_args!("the stack [`{ty}`]"),
-            match (spec.attention.is_some(), spec.head) {
-                (_, Some(n)) => format!(", a head of {n} classes"),
-                _ => String::new(),
-            },
-            model.parameter_count()
-        );
-        let part = composite::Part {
-            field: "rnn",
-            ty,
-            prefix: model.stack_prefix().to_string(),
-            program: &model.stack,
-            doc: format!(" The recurrent stack of [`{}`].", head.name),
-        };
         let text = format!("{kind} {} {{ {} }}", head.name, head.body);
-        return composite::emit(
-            &head.name,
-            &head.vis,
-            &head.attrs,
-            &doc,
-            &[part],
-            &model.parameters(),
-            &composite::Runtime::Model { text },
-        );
+        return emit_around(&model, &head.name, &head.vis, &head.attrs, &text);
     }
     match Program::compile(&spec) {
         Ok(program) => emit_model(&program, &head.name, &head.vis, &head.attrs),
         Err(e) => report(e),
     }
+}
+
+/// The Rust a declaration with an embedding, an attention or a head expands to: `vis struct
+/// name` (with `attrs`) around `nameStack`, the stack `model.stack` emitted as [`emit_model`]
+/// emits it. `text` is the declaration in the `.rnn` language, which the emitted model compiles
+/// at run time for its layers' graphs (it must declare `model`).
+pub fn emit_around(
+    model: &crate::model::Model,
+    name: &Ident,
+    vis: &TokenStream,
+    attrs: &[TokenStream],
+    text: &str,
+) -> TokenStream {
+    let spec = &model.spec;
+    let ty = format_ident!("{}Stack", name);
+    let doc = format!(
+        " A model around a recurrent stack: {}the stack [`{ty}`]{}; {} parameters.",
+        spec.vocab
+            .map_or(String::new(), |v| format!("an embedding of {v} ids, ")),
+        spec.head
+            .map_or(String::new(), |n| format!(", a head of {n} classes")),
+        model.parameter_count()
+    );
+    let part = composite::Part {
+        field: "rnn",
+        ty,
+        prefix: model.stack_prefix().to_string(),
+        program: &model.stack,
+        doc: format!(" The recurrent stack of [`{name}`]."),
+    };
+    composite::emit(
+        name,
+        vis,
+        attrs,
+        &doc,
+        &[part],
+        &model.parameters(),
+        &composite::Runtime::Model {
+            text: text.to_string(),
+        },
+    )
 }
 
 /// Expands `seq2seq! { [#[attr]] [vis] struct Name { encoder: kind { .. }, decoder: kind { .. } } }`:
