@@ -168,6 +168,8 @@ pub use rnn_macros::gru;
 ///          | head: N                      (the decoder's vocabulary head: N classes)
 ///          | attention: dot | general | additive   (the decoder's, over the encoder's outputs)
 ///          | attention_units: N           (of an additive score; 64 when not given)
+///          | attention_placement: output | input   (after the stack, Luong's; or in the step,
+///                                                   Bahdanau's: the context joins the input)
 /// ```
 /// The encoder needs `vocab`; the decoder `vocab` and `head` (at most `vocab` classes), one
 /// direction, and the encoder's number of layers and `batch_first`. The decoder starts from the

@@ -1785,6 +1785,12 @@ fn rnnc_train_resumes_from_a_checkpoint_to_the_same_bytes() {
         ),
         ("copy", "jit", vec!["--cell", "gru"]),
         ("charlm", "jit", vec!["--seq-len", "16"]),
+        // The attention in the decoder's step.
+        (
+            "reverse",
+            "jit",
+            vec!["--attention", "general", "--attention-placement", "input"],
+        ),
     ] {
         let _ = std::fs::remove_dir_all(&a);
         let _ = std::fs::remove_dir_all(&b);
@@ -1956,6 +1962,10 @@ fn rnnc_train_bad_inputs_exit_2_naming_the_culprit() {
         (
             vec!["--text".into(), path_str(&not_utf8).into()],
             "only `--task charlm` reads a text",
+        ),
+        (
+            vec!["--attention-placement".into(), "input".into()],
+            "--attention-placement: it places an attention",
         ),
     ];
     for (extra, message) in cases {

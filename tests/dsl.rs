@@ -66,7 +66,7 @@ fn unknown_setting_names_the_valid_ones() {
     let e = errors("lstm {\n  input: 128,\n  hiden: 256\n}");
     assert_eq!(
         e[0],
-        "3:3: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj, vocab, head, attention, attention_units"
+        "3:3: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj, vocab, head, attention, attention_units, attention_placement"
     );
 }
 
@@ -369,7 +369,7 @@ fn misspelt_model_kinds_are_suggested_and_the_body_still_checked() {
         errors("lstn { input: 3, hiden: 4 }"),
         vec![
             "1:1: unknown model kind `lstn`: did you mean `lstm`? expected `rnn`, `lstm`, `gru` or `cell`",
-            "1:18: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj, vocab, head, attention, attention_units",
+            "1:18: unknown setting `hiden` for `lstm`: did you mean `hidden`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, proj, vocab, head, attention, attention_units, attention_placement",
         ]
     );
     assert_eq!(
@@ -403,7 +403,7 @@ fn misspelt_settings_and_setting_values_are_suggested() {
     assert_eq!(
         errors("gru { input: 3, hidden: 4, bidirectonal: ture }"),
         vec![
-            "1:28: unknown setting `bidirectonal` for `gru`: did you mean `bidirectional`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset, vocab, head, attention, attention_units"
+            "1:28: unknown setting `bidirectonal` for `gru`: did you mean `bidirectional`? expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset, vocab, head, attention, attention_units, attention_placement"
         ]
     );
     assert_eq!(
@@ -424,7 +424,7 @@ fn misspelt_settings_and_setting_values_are_suggested() {
     assert_eq!(
         errors("gru { input: 3, hidden: 4, proj: 2 }"),
         vec![
-            "1:28: unknown setting `proj` for `gru`: it is a setting of `lstm` only; expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset, vocab, head, attention, attention_units"
+            "1:28: unknown setting `proj` for `gru`: it is a setting of `lstm` only; expected one of: input, hidden, layers, bidirectional, bias, batch_first, bias_convention, reset, vocab, head, attention, attention_units, attention_placement"
         ]
     );
     // A misspelt size is not also reported missing; a missing one is.
@@ -720,12 +720,13 @@ fn an_attention_is_declared_by_its_score_and_sized_by_its_encoder() {
     .unwrap();
     let a = spec.attention.unwrap();
     assert_eq!((a.score, a.memory), (Score::Additive(5), 0));
-    // The units given before the score are an error, and so is a score that does not exist.
+    // The units may come first; without an additive score they are an error, and so is a
+    // score that does not exist.
+    let spec = parse_str("gru { input: 4, hidden: 8, attention_units: 5, attention: additive }");
+    assert_eq!(spec.unwrap().attention.unwrap().score, Score::Additive(5));
     assert_eq!(
-        errors("gru { input: 4, hidden: 8, attention_units: 5, attention: additive }"),
-        vec![
-            "1:28: `attention_units` sizes an additive score: declare `attention: additive` before it"
-        ]
+        errors("gru { input: 4, hidden: 8, attention_units: 5, attention: general }"),
+        vec!["1:28: `attention_units` sizes an additive score: declare `attention: additive` too"]
     );
     assert_eq!(
         errors("gru { input: 4, hidden: 8, attention: genral }"),
@@ -742,5 +743,25 @@ fn an_attention_is_declared_by_its_score_and_sized_by_its_encoder() {
         e.to_string()
             .contains("declare it in the decoder of an encoder-decoder"),
         "{e}"
+    );
+}
+
+#[test]
+fn an_attention_is_placed_after_the_stack_or_in_the_step() {
+    use rnn::ir::spec::Placement;
+    let text = "gru { vocab: 9, input: 4, hidden: 8, head: 9, attention: general, attention_placement: input }";
+    let spec = parse_str(text).unwrap();
+    assert_eq!(spec.attention.unwrap().placement, Placement::Input);
+    // The stack reads the embedding and the context once the memory is sized.
+    let mut sized = spec.clone();
+    sized.attention.as_mut().unwrap().memory = 6;
+    assert_eq!(sized.stack().input_size, 4 + 6);
+    assert_eq!(
+        errors("gru { input: 4, hidden: 8, attention_placement: input }"),
+        vec!["1:28: `attention_placement` places an attention: declare `attention` too"]
+    );
+    assert_eq!(
+        errors("gru { input: 4, hidden: 8, attention: dot, attention_placement: inside }")[0],
+        "1:65: `attention_placement` takes `output` (after the stack, Luong) or `input` (in the step, Bahdanau), found `inside`"
     );
 }

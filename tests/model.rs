@@ -6,7 +6,7 @@
 
 use rnn::ir::model::{BoundModel, Ids, Input, Model, Recurrent, Run};
 use rnn::ir::seq2seq::{BoundSeq2Seq, Decode, Seq2Seq};
-use rnn::ir::spec::Score;
+use rnn::ir::spec::{Placement, Score};
 use rnn::ir::{Error, Exec, Program, Tensor, Weights, npy, weights};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -139,12 +139,15 @@ fn language_models_match_pytorch_on_the_jit() {
     }
 }
 
-const SEQ2SEQ_CASES: [&str; 5] = [
+const SEQ2SEQ_CASES: [&str; 8] = [
     "seq2seq_gru_bidir",
     "seq2seq_lstm_2layer_packed",
     "seq2seq_attn_general_lstm_packed",
     "seq2seq_attn_additive_gru_bidir",
     "seq2seq_attn_dot_rnn",
+    "seq2seq_input_attn_additive_gru_bidir",
+    "seq2seq_input_attn_general_lstm_2layer",
+    "seq2seq_input_attn_dot_rnn",
 ];
 
 /// Checks the teacher-forced loss of `case` and its gradients on `backend` (`interp`, `jit`).
@@ -161,6 +164,17 @@ fn check_seq2seq(case: &str, backend: &str) {
         Some(_) => Some(Score::Additive(m["units"].as_u64().unwrap() as usize)),
     };
     assert_eq!(score, want, "{case}: the attention inferred from the names");
+    let placement = model.decoder.spec.attention.map(|a| a.placement);
+    let want = m["attention"]
+        .as_str()
+        .map(|_| match m["placement"].as_str() {
+            Some("input") => Placement::Input,
+            _ => Placement::Output,
+        });
+    assert_eq!(
+        placement, want,
+        "{case}: the placement inferred from the shapes"
+    );
     match backend {
         "interp" => compare_seq2seq(
             case,
@@ -279,6 +293,33 @@ mod declared {
         }
     }
     rnn::seq2seq! {
+        pub struct InputAttnAdditiveGruBidir {
+            encoder: gru { vocab: 11, input: 4, hidden: 4, bidirectional: true, batch_first: true },
+            decoder: gru {
+                vocab: 9, input: 4, hidden: 8, head: 9, batch_first: true,
+                attention: additive, attention_units: 5, attention_placement: input,
+            },
+        }
+    }
+    rnn::seq2seq! {
+        pub struct InputAttnGeneralLstm2Layer {
+            encoder: lstm { vocab: 12, input: 3, hidden: 6, layers: 2, batch_first: true },
+            decoder: lstm {
+                vocab: 10, input: 3, hidden: 6, layers: 2, head: 10, batch_first: true,
+                attention: general, attention_placement: input,
+            },
+        }
+    }
+    rnn::seq2seq! {
+        pub struct InputAttnDotRnn {
+            encoder: rnn { vocab: 10, input: 3, hidden: 6, batch_first: true },
+            decoder: rnn {
+                vocab: 8, input: 3, hidden: 6, head: 8, batch_first: true,
+                attention: dot, attention_placement: input,
+            },
+        }
+    }
+    rnn::seq2seq! {
         pub struct AttnDotRnn {
             encoder: rnn { vocab: 10, input: 3, hidden: 6, batch_first: true },
             decoder: rnn { vocab: 8, input: 3, hidden: 6, head: 8, batch_first: true, attention: dot },
@@ -350,6 +391,15 @@ fn teacher_forced_seq2seq_matches_pytorch_on_the_macros() {
         declared::AttnAdditiveGruBidir
     );
     check!("seq2seq_attn_dot_rnn", declared::AttnDotRnn);
+    check!(
+        "seq2seq_input_attn_additive_gru_bidir",
+        declared::InputAttnAdditiveGruBidir
+    );
+    check!(
+        "seq2seq_input_attn_general_lstm_2layer",
+        declared::InputAttnGeneralLstm2Layer
+    );
+    check!("seq2seq_input_attn_dot_rnn", declared::InputAttnDotRnn);
 }
 
 #[test]
@@ -455,7 +505,14 @@ fn an_attention_seq2seq_models_gradients_match_finite_differences() {
     // A small encoder-decoder with additive attention over a bidirectional GRU encoder and
     // packed sources: every parameter's gradient (three entries of each) against central
     // differences of the loss. The model computes in float32; the loss is summed in float64
-    // and the step is large enough that float32 rounding stays below the tolerance.
+    // and the step is large enough that float32 rounding stays below the tolerance. The
+    // attention after the stack, then in the step.
+    for placement in [Placement::Output, Placement::Input] {
+        attention_gradients_match_finite_differences(placement);
+    }
+}
+
+fn attention_gradients_match_finite_differences(placement: Placement) {
     use rnn::ir::spec::Attention;
     let mut enc = rnn::ModelSpec::new(rnn::CellKind::Gru, 3, 4);
     enc.vocab = Some(7);
@@ -468,6 +525,7 @@ fn an_attention_seq2seq_models_gradients_match_finite_differences() {
     dec.attention = Some(Attention {
         score: Score::Additive(5),
         memory: 1,
+        placement,
     });
     let model = Seq2Seq::new(&enc, &dec).unwrap();
     let weights = model.init(3).unwrap();
@@ -496,7 +554,7 @@ fn an_attention_seq2seq_models_gradients_match_finite_differences() {
             let a = analytic[&name].data[k] as f64;
             assert!(
                 (a - numeric).abs() <= 2e-4 + 2e-2 * numeric.abs(),
-                "d loss / d {name}[{k}]: {a} by autodiff, {numeric} by finite differences"
+                "{placement:?}: d loss / d {name}[{k}]: {a} by autodiff, {numeric} by finite differences"
             );
         }
     }
@@ -556,4 +614,85 @@ fn a_prepared_memory_decodes_to_the_same_bits_and_is_checked() {
             .unwrap_err();
         assert!(err.to_string().contains("memory"), "{err}");
     }
+}
+
+#[test]
+fn an_attention_in_the_step_decodes_by_beam_as_greedily_and_refuses_what_it_cannot_run() {
+    use rnn::ir::model::MemoryRef;
+    use rnn::ir::seq2seq::Beam;
+    let case = "seq2seq_input_attn_general_lstm_2layer";
+    let w = weights_of(case);
+    let model = Seq2Seq::from_state_dict(&w, None).unwrap();
+    let bound = model.bind_interp(&w, Exec::default()).unwrap();
+    let src = ids(case, "src.npy");
+    let lengths = npy::read_i64(&read(case, "src_lengths.npy")).unwrap().1;
+    // A beam of one is greedy decoding, through the steps' attention.
+    let decode = Decode {
+        steps: 6,
+        sos: 1,
+        eos: None,
+    };
+    let greedy = bound.greedy(&src, Some(&lengths), &decode).unwrap();
+    assert_eq!(greedy, ids(case, "greedy_tokens.npy"));
+    let (beam, _) = bound
+        .beam(
+            &src,
+            Some(&lengths),
+            &decode,
+            &Beam {
+                width: 1,
+                alpha: 0.0,
+            },
+        )
+        .unwrap();
+    assert_eq!(beam, greedy);
+    // Lengths for the decoder's own rows: refused, with what to do instead.
+    let (states, memory) = bound.encode_all(&src, Some(&lengths)).unwrap();
+    let memory = memory.unwrap();
+    let tgt = ids(case, "tgt_in.npy");
+    let run = Run {
+        lengths: Some(&[4, 4, 4]),
+        initial_states: states.iter().map(Some).collect(),
+        memory: Some(MemoryRef {
+            values: &memory,
+            lengths: Some(&lengths),
+            prepared: None,
+        }),
+        ..Run::new(Input::Ids(&tgt))
+    };
+    let err = bound.decoder.forward(&run).unwrap_err();
+    assert!(err.to_string().contains("give no `lengths`"), "{err}");
+    // No memory at all.
+    let run = Run {
+        initial_states: states.iter().map(Some).collect(),
+        ..Run::new(Input::Ids(&tgt))
+    };
+    let err = bound.decoder.forward(&run).unwrap_err();
+    assert!(err.to_string().contains("give it with the run"), "{err}");
+    // A bidirectional stack cannot run one step after another.
+    let mut spec = model.decoder.spec.clone();
+    spec.bidirectional = true;
+    let err = Model::compile(&spec).unwrap_err();
+    assert!(
+        matches!(err, Error::Spec(ref m) if m.contains("cannot be bidirectional")),
+        "{err}"
+    );
+    // A custom cell whose output is not one of its states has no first query.
+    let text =
+        "cell { vocab: 5, input: 2, hidden: 3, head: 5, attention: dot, attention_placement: input,
+        param W: [hidden, input], param V: [hidden, hidden], state h, h = tanh(W @ x + V @ h),
+        output y = 2 * h }";
+    let mut dec = rnn::parse_str(text).unwrap();
+    let mut enc = rnn::parse_str("rnn { vocab: 5, input: 2, hidden: 3 }").unwrap();
+    (dec.batch_first, enc.batch_first) = (true, true);
+    let s2s = Seq2Seq::new(&enc, &dec).unwrap();
+    let bound = s2s
+        .bind_interp(&s2s.init(0).unwrap(), Exec::default())
+        .unwrap();
+    let one = Ids::new(vec![1, 2], vec![1, 2]).unwrap();
+    let err = bound.greedy(&one, None, &decode).unwrap_err();
+    assert!(
+        err.to_string().contains("is not one of its states"),
+        "{err}"
+    );
 }

@@ -25,10 +25,7 @@ fn reversal_accuracy(len: usize, attention: bool, steps: u64, hidden: usize) -> 
     enc.batch_first = true;
     let mut dec = enc.clone();
     dec.head = Some(v);
-    dec.attention = attention.then_some(Attention {
-        score: Score::General,
-        memory: hidden,
-    });
+    dec.attention = attention.then_some(Attention::new(Score::General, hidden));
     let model = Seq2Seq::new(&enc, &dec).unwrap();
     let mut w = model.init(1).unwrap();
     let runner = Seq2SeqRunner::new(&model, Backend::Jit).unwrap();

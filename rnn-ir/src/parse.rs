@@ -115,7 +115,7 @@
 use crate::error::{Diagnostic, Error, suggest};
 use crate::spec::{
     Attention, BiasConvention, BinOp, CellKind, CustomCell, CustomParam, Dim, Expr, GruReset, Loc,
-    ModelSpec, Range, Score,
+    ModelSpec, Placement, Range, Score,
 };
 use proc_macro2::{Delimiter, Group, Span, TokenStream, TokenTree};
 use std::cell::Cell;
@@ -147,6 +147,7 @@ fn settings_of(kind: &str) -> &'static [&'static str] {
             "head",
             "attention",
             "attention_units",
+            "attention_placement",
         ],
         "gru" => &[
             "input",
@@ -161,6 +162,7 @@ fn settings_of(kind: &str) -> &'static [&'static str] {
             "head",
             "attention",
             "attention_units",
+            "attention_placement",
         ],
         "rnn" => &[
             "input",
@@ -175,6 +177,7 @@ fn settings_of(kind: &str) -> &'static [&'static str] {
             "head",
             "attention",
             "attention_units",
+            "attention_placement",
         ],
         _ => &[
             "input",
@@ -186,6 +189,7 @@ fn settings_of(kind: &str) -> &'static [&'static str] {
             "head",
             "attention",
             "attention_units",
+            "attention_placement",
         ],
     }
 }
@@ -1198,7 +1202,10 @@ impl Parser {
             }),
         };
         let mut spec = ModelSpec::new(cell.clone(), 0, 0);
-        for (key, value, vspan, kspan) in &b.settings {
+        // The attention's units and placement refine its score, wherever they are written.
+        let refines = |key: &str| matches!(key, "attention_units" | "attention_placement");
+        let (first, then): (Vec<_>, Vec<_>) = b.settings.iter().partition(|s| !refines(&s.0));
+        for (key, value, vspan, kspan) in first.into_iter().chain(then) {
             let _ = self.setting(kind, &mut spec, &mut cell, key, value, *vspan, *kspan);
         }
         if let Some(s) = b
@@ -1455,7 +1462,25 @@ impl Parser {
                         }
                     },
                     memory: 0,
+                    placement: spec.attention.map_or(Placement::Output, |a| a.placement),
                 });
+            }
+            "attention_placement" => {
+                let takes = "`output` (after the stack, Luong) or `input` (in the step, Bahdanau)";
+                let placement = match choice(self, ["output", "input"], takes)? {
+                    0 => Placement::Output,
+                    _ => Placement::Input,
+                };
+                match &mut spec.attention {
+                    Some(a) => a.placement = placement,
+                    None => {
+                        return self.error(
+                            kspan,
+                            "`attention_placement` places an attention: declare `attention` too"
+                                .to_string(),
+                        );
+                    }
+                }
             }
             "attention_units" => {
                 let u = size(self, 1)?;
@@ -1467,7 +1492,7 @@ impl Parser {
                     _ => {
                         return self.error(
                             kspan,
-                            "`attention_units` sizes an additive score: declare `attention: additive` before it".to_string(),
+                            "`attention_units` sizes an additive score: declare `attention: additive` too".to_string(),
                         );
                     }
                 }

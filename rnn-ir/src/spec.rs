@@ -159,16 +159,45 @@ pub enum Score {
     Additive(usize),
 }
 
-/// An attention after the stack (Luong et al.'s global attention): at every step the stack's
-/// output `h` scores each memory row, a softmax over the source positions (those past a
-/// sequence's source length weigh 0) weighs them into a context `c`, and
-/// `tanh(W_c [c; h])` replaces `h` as what the head reads.
+/// An attention over a memory (an encoder's outputs): a query scores each memory row, a
+/// softmax over the source positions (those past a sequence's source length weigh 0) weighs
+/// them into a context `c`. Where the query comes from and where the context goes is its
+/// [`Placement`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attention {
     /// The score.
     pub score: Score,
     /// Features of a memory row (an encoder's outputs, both directions).
     pub memory: usize,
+    /// Where the attention sits.
+    pub placement: Placement,
+}
+
+impl Attention {
+    /// An attention of `score` over rows of `memory` features, after the stack (Luong's
+    /// placement).
+    pub fn new(score: Score, memory: usize) -> Attention {
+        Attention {
+            score,
+            memory,
+            placement: Placement::Output,
+        }
+    }
+}
+
+/// Where an attention sits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// After the stack (Luong et al.'s global attention): at every step the stack's output `h`
+    /// is the query, and `tanh(W_c [c; h])` replaces `h` as what the head reads
+    /// (`combine.weight`).
+    #[default]
+    Output,
+    /// In the step (Bahdanau et al.'s placement, the decoder of PyTorch's seq2seq tutorial):
+    /// the previous step's output (at the first step, the initial value of the top layer's
+    /// output state) is the query, and the context joins the step's input, `x_t = [e_t; c_t]`;
+    /// the head reads the stack's output. The stack's input is then `input + memory` features.
+    Input,
 }
 
 impl ModelSpec {
@@ -198,12 +227,18 @@ impl ModelSpec {
         self.vocab.is_some() || self.head.is_some() || self.attention.is_some()
     }
 
-    /// The recurrent stack alone: this declaration without its embedding and head.
+    /// The recurrent stack alone: this declaration without its embedding and head. An
+    /// attention in the step widens the stack's input by the context (the memory's features).
     pub fn stack(&self) -> ModelSpec {
+        let context = match self.attention {
+            Some(a) if a.placement == Placement::Input => a.memory,
+            _ => 0,
+        };
         ModelSpec {
             vocab: None,
             head: None,
             attention: None,
+            input_size: self.input_size + context,
             ..self.clone()
         }
     }

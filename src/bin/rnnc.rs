@@ -133,6 +133,16 @@ enum AttentionScore {
     Additive,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+enum AttentionPlacement {
+    /// After the decoder's stack, the combined context replacing its output (Luong).
+    #[default]
+    Output,
+    /// In the decoder's step: the previous output queries, the context joins the input
+    /// (Bahdanau, PyTorch's seq2seq tutorial).
+    Input,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum OptimizerKind {
     /// Adam (PyTorch's defaults but `--lr`).
@@ -173,6 +183,9 @@ struct TrainArgs {
     /// Units of the additive score.
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     attention_units: usize,
+    /// Where the attention sits (copy and reverse, with `--attention`).
+    #[arg(long, value_enum, default_value_t = AttentionPlacement::Output)]
+    attention_placement: AttentionPlacement,
     /// Distinct symbols of copy and reverse.
     #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     symbols: usize,
@@ -964,7 +977,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
     use rnn::ir::model::Model;
     use rnn::ir::optim::{Adam, Optimizer, Rule, Sgd};
     use rnn::ir::seq2seq::Seq2Seq;
-    use rnn::ir::spec::{Attention, Score};
+    use rnn::ir::spec::{Attention, Placement, Score};
     use rnn::train::{
         Backend as TrainBackend, CharText, LmRunner, Seq2SeqRunner, SeqTask, TaskKind,
         token_accuracy, train_step,
@@ -979,6 +992,12 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
                 "--bidirectional"
             },
             "a character language model has no encoder: attention and a bidirectional encoder are for `copy` and `reverse`",
+        ));
+    }
+    if args.attention.is_none() && args.attention_placement != AttentionPlacement::Output {
+        return Err(fail_at(
+            "--attention-placement",
+            "it places an attention: give `--attention dot|general|additive` too",
         ));
     }
     if seq_task && args.text.is_some() {
@@ -1044,6 +1063,10 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
                 AttentionScore::Additive => Score::Additive(args.attention_units),
             },
             memory: 1,
+            placement: match args.attention_placement {
+                AttentionPlacement::Output => Placement::Output,
+                AttentionPlacement::Input => Placement::Input,
+            },
         });
         let m = Seq2Seq::new(&enc, &dec).map_err(|e| fail_at("--hidden", e))?;
         params = m.parameters();
@@ -1105,6 +1128,10 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
             "attention".into(),
             format!("{:?}", args.attention).to_lowercase(),
         );
+        // Recorded only when not the default, so that earlier runs resume as they were.
+        if args.attention_placement != AttentionPlacement::Output {
+            settings.insert("attention-placement".into(), "input".into());
+        }
     } else {
         settings.insert("seq-len".into(), args.seq_len.to_string());
         // The text by a 64-bit FNV-1a hash of its characters' ids and its vocabulary.

@@ -39,7 +39,7 @@ use crate::autodiff;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op, OutRole, Role, Shape, Value, verify};
 use crate::program::Program;
-use crate::spec::{Attention, ModelSpec, Score};
+use crate::spec::{Attention, ModelSpec, Placement, Score};
 
 #[cfg(feature = "runtime")]
 mod run;
@@ -114,7 +114,8 @@ fn head_graph(features: usize, classes: usize) -> Result<Layer> {
 /// The attention's graph (see [`Attention`]): the stack's output `h` (`features`) and the
 /// memory in, `tanh(W_c [c; h])` out. Its parameters, in order: the score's (`score.weight`
 /// for `general`; `key.weight`, `query.weight`, `v.weight` for `additive`), then
-/// `combine.weight`; none has a bias.
+/// `combine.weight`; none has a bias. In the step ([`Placement::Input`]) the query `h` is the
+/// previous step's output and the graph's output is the context `c`, with no `combine`.
 fn attention_graph(features: usize, a: Attention) -> Result<Layer> {
     let mut g = Graph::new();
     let h = g.x(features);
@@ -142,6 +143,11 @@ fn attention_graph(features: usize, a: Attention) -> Result<Layer> {
     };
     let weights = g.push(Op::SoftmaxPositions, &[scores])?;
     let context = g.push(Op::Context, &[weights, m])?;
+    if a.placement == Placement::Input {
+        // In the step: the context itself joins the next input.
+        g.set_output(OutRole::Output, context);
+        return Layer::new(g);
+    }
     let joined = g.push(Op::Concat, &[context, h])?;
     let wc = g.param(
         "combine.weight",
@@ -172,6 +178,15 @@ impl Model {
     /// Compiles `spec`: the stack as [`Program::compile`] does, and the layers around it.
     pub fn compile(spec: &ModelSpec) -> Result<Model> {
         spec.validate().map_err(Error::Spec)?;
+        if spec.bidirectional
+            && spec
+                .attention
+                .is_some_and(|a| a.placement == Placement::Input)
+        {
+            return Err(Error::Spec(
+                "an attention in the step runs the stack one step after another, forward: the stack cannot be bidirectional".into(),
+            ));
+        }
         if spec.attention.is_some_and(|a| a.memory == 0) {
             return Err(Error::Spec(
                 "the attention's memory has no size: an attention reads an encoder's outputs, so declare it in the decoder of an encoder-decoder (`seq2seq!`, `Seq2Seq::new`), whose encoder sizes it".into(),

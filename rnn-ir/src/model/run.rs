@@ -3,6 +3,8 @@
 
 use super::*;
 
+mod stepped;
+
 use crate::driver::{Gradients, Request, Response};
 use crate::interp::{
     Bound, Exec, Extent, Tape as InterpTape, eval_graph_borrowed, eval_graph_partial,
@@ -124,6 +126,45 @@ impl Layer {
         })
     }
 
+    /// [`Layer::run_with`] given the values `given` holds (by value; empty where the run
+    /// computes them), which it does not compute again: an attention's per-sequence values at
+    /// each step of a decoder.
+    fn run_given(
+        &self,
+        rows: usize,
+        inputs: HashMap<Role, Vec<f32>>,
+        params: &[Vec<f32>],
+        extent: Span,
+        given: &[Vec<f32>],
+    ) -> Result<LayerRun> {
+        let values = {
+            let e = extent.extent();
+            let lookup = |role: Role| fed(&inputs, params, role);
+            let mut values = eval_graph_partial::<f32>(
+                &self.forward,
+                rows,
+                lookup,
+                |v| {
+                    given
+                        .get(v.index())
+                        .filter(|x| !x.is_empty())
+                        .map(Vec::as_slice)
+                },
+                |_| false,
+                &Exec::default(),
+                Some(&e),
+            )?;
+            fill_outputs(&self.forward, &mut values, lookup);
+            values
+        };
+        Ok(LayerRun {
+            rows,
+            inputs,
+            values,
+            extent: Some(extent),
+        })
+    }
+
     /// Runs the backward graph of forward run `run` (with the same `params`) with `cotangent`
     /// flowing into the output; every value of the backward graph.
     fn back(
@@ -132,14 +173,30 @@ impl Layer {
         cotangent: &[f32],
         params: &[Vec<f32>],
     ) -> Result<Vec<Vec<f32>>> {
+        self.back_given(run, cotangent, params, &[])
+    }
+
+    /// [`Layer::back`] of a run that was given some values (`given`, by value; empty where
+    /// the run computed them: [`Layer::run_given`]).
+    fn back_given(
+        &self,
+        run: &LayerRun,
+        cotangent: &[f32],
+        params: &[Vec<f32>],
+        given: &[Vec<f32>],
+    ) -> Result<Vec<Vec<f32>>> {
         let (f, b) = (&self.forward, &self.backward);
         let lookup = |role: Role| -> Option<&[f32]> {
             match role {
                 Role::Cotangent(OutRole::Output) => Some(cotangent),
-                // A saved forward value: an input as it was fed, or what the run computed.
+                // A saved forward value: an input as it was fed, or what the run computed or
+                // was given.
                 Role::Saved(s) => match f.data(s).op {
                     Op::Input(r) => fed(&run.inputs, params, r),
-                    _ => run.values.get(s.index()).map(Vec::as_slice),
+                    _ => match given.get(s.index()) {
+                        Some(g) if !g.is_empty() => Some(g.as_slice()),
+                        _ => run.values.get(s.index()).map(Vec::as_slice),
+                    },
                 },
                 other => fed(&run.inputs, params, other),
             }
@@ -756,10 +813,17 @@ struct Front {
     x: Tensor,
 }
 
+/// The stack's part of a [`ModelTape`]: one tape of the whole run, or one per step (an
+/// attention in the step).
+enum StackTape<T> {
+    Whole(T),
+    Steps(stepped::Steps<T>),
+}
+
 /// What [`BoundModel::forward_train`] keeps for [`BoundModel::backward`].
 pub struct ModelTape<T> {
     embedding: Option<LayerRun>,
-    stack: T,
+    stack: StackTape<T>,
     /// The stack's output's shape.
     stack_shape: Vec<usize>,
     /// The attention's run, and the memory's shape.
@@ -1075,6 +1139,8 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         keep: bool,
     ) -> Result<(Option<(LayerRun, Vec<usize>)>, Option<LayerRun>)> {
         let attention = match (&self.model.attention, memory) {
+            // In the step: it ran with the stack.
+            (Some(_), _) if self.in_step() => None,
             (Some(a), memory) => {
                 let y = std::mem::take(&mut response.output.data);
                 let (run, out) = self.attend(a, dims, y, memory, keep)?;
@@ -1093,7 +1159,11 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             return Ok((attention, None));
         };
         let classes = self.model.features();
-        if let (false, true, Some(panels)) = (keep, rows <= PANEL_ROWS, self.head_panels()) {
+        // Checked in order: the panels are packed only for an inference over a few rows.
+        if !keep
+            && rows <= PANEL_ROWS
+            && let Some(panels) = self.head_panels()
+        {
             // Inference over a few rows (decoding): the head's product on its packed weight,
             // then its bias; the head graph's values, summed in another order.
             let features = response.output.data.len() / rows.max(1);
@@ -1144,6 +1214,11 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
     /// The forward pass: the output is the head's logits `(T, B, classes)` (or batch-first),
     /// or the stack's output without a head; the final states are the stack's.
     pub fn forward(&self, run: &Run<'_>) -> Result<Response> {
+        if self.in_step() {
+            let (mut response, front, _) = self.forward_steps(run, false)?;
+            self.after_stack(front.rows, front.dims, &mut response, run.memory, false)?;
+            return Ok(response);
+        }
         let front = self.front(run.input)?;
         let mut response = self.stack.forward(&self.request(run, &front.x))?;
         self.after_stack(front.rows, front.dims, &mut response, run.memory, false)?;
@@ -1152,8 +1227,15 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
 
     /// [`BoundModel::forward`], keeping what [`BoundModel::backward`] needs.
     pub fn forward_train(&self, run: &Run<'_>) -> Result<(Response, ModelTape<R::Tape>)> {
-        let front = self.front(run.input)?;
-        let (mut response, stack) = self.stack.forward_train(&self.request(run, &front.x))?;
+        let (mut response, front, stack) = if self.in_step() {
+            let (response, front, steps) = self.forward_steps(run, true)?;
+            let steps = steps.expect("kept");
+            (response, front, StackTape::Steps(steps))
+        } else {
+            let front = self.front(run.input)?;
+            let (response, stack) = self.stack.forward_train(&self.request(run, &front.x))?;
+            (response, front, StackTape::Whole(stack))
+        };
         let stack_shape = response.output.shape.clone();
         let (attention, head) =
             self.after_stack(front.rows, front.dims, &mut response, run.memory, true)?;
@@ -1257,9 +1339,16 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             }
             _ => (d_output, None),
         };
-        let stack = self
-            .stack
-            .backward(tape.stack, &d_output, grad_final_states)?;
+        let (stack, memory) = match tape.stack {
+            StackTape::Whole(t) => (
+                self.stack.backward(t, &d_output, grad_final_states)?,
+                memory,
+            ),
+            StackTape::Steps(steps) => {
+                let (g, m) = self.back_steps(steps, &d_output, grad_final_states, &mut params)?;
+                (g, Some(m))
+            }
+        };
         let prefix = self.model.stack_prefix();
         for (name, g) in stack.params {
             params.insert(format!("{prefix}{name}"), g);

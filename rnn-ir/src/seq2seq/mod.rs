@@ -14,11 +14,14 @@
 //! (`[h_fwd; h_bwd]`), so the decoder's sizes are twice the encoder's. The decoder itself is
 //! unidirectional: it runs forward in time, one token after another.
 //!
-//! **Attention.** A decoder declared with an [`Attention`](crate::spec::Attention) attends over the encoder's outputs
-//! (both directions, the memory's size set by [`Seq2Seq::new`]) after its stack, at every
-//! step, masked past each source's length; its parameters are `decoder.attention.*`. Decoding
-//! and training pass the memory along; in training, its gradient flows back into the encoder's
-//! outputs.
+//! **Attention.** A decoder declared with an [`Attention`](crate::spec::Attention) attends over
+//! the encoder's outputs (both directions, the memory's size set by [`Seq2Seq::new`]) at every
+//! step, masked past each source's length; its parameters are `decoder.attention.*`. After the
+//! stack ([`Placement::Output`](crate::spec::Placement), Luong's) it replaces the stack's
+//! output; in the step ([`Placement::Input`](crate::spec::Placement), Bahdanau's, as the decoder
+//! of PyTorch's seq2seq tutorial) the previous output (at the first step, the bridged initial
+//! state) queries the memory and the context joins the step's input. Decoding and training
+//! pass the memory along; in training, its gradient flows back into the encoder's outputs.
 //!
 //! **Greedy decoding** starts every row from the start token, and at each step feeds back the
 //! arg-max of the head's logits (the first of equals, as `torch.argmax`). With an end token, a

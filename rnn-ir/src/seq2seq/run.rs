@@ -9,7 +9,7 @@ use crate::model::{
     BoundModel, Ids, Input, Interpreted, Loss, MemoryRef, ModelGrads, Recurrent, Run,
 };
 use crate::program::Program;
-use crate::spec::{Attention, CellKind, ModelSpec, Score};
+use crate::spec::{Attention, CellKind, ModelSpec, Placement, Score};
 use crate::tensor::Tensor;
 use crate::weights::{Weights, infer_spec};
 use std::collections::BTreeMap;
@@ -50,7 +50,11 @@ impl Seq2Seq {
                 .tensors
                 .contains_key(&format!("decoder.attention.{n}"))
         };
-        if has("combine.weight") {
+        // The attention after the stack has `combine.weight`; one in the step has none, and
+        // its stack reads more features than its embedding gives (the context).
+        let (_, embedded) = matrix("decoder.embedding.weight")?;
+        let in_step = decoder.input_size > embedded;
+        if has("combine.weight") || in_step {
             let score = if has("score.weight") {
                 Score::General
             } else if has("key.weight") {
@@ -59,7 +63,18 @@ impl Seq2Seq {
                 Score::Dot
             };
             // The memory's size is the encoder's; `Seq2Seq::new` sets it.
-            decoder.attention = Some(Attention { score, memory: 1 });
+            decoder.attention = Some(Attention {
+                score,
+                memory: 1,
+                placement: if in_step {
+                    Placement::Input
+                } else {
+                    Placement::Output
+                },
+            });
+            if in_step {
+                decoder.input_size = embedded;
+            }
         }
         let s = Seq2Seq::new(&encoder, &decoder)?;
         s.check(weights)?;
