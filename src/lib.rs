@@ -161,7 +161,7 @@ pub use rnn_macros::gru;
 /// seq2seq! { [#[attr]]* [pub] struct Name {
 ///     encoder: kind { setting, ... },
 ///     decoder: kind { setting, ... },
-/// } }
+/// } }                                    (the parts in either order, `,` or `;` after each)
 /// kind    := rnn | lstm | gru            (an `rnn` with equations is a custom cell)
 /// setting := those of `rnn!`, `lstm!`, `gru!`, and
 ///            vocab: N                     (the part's embedding: ids below N)
@@ -178,7 +178,9 @@ pub use rnn_macros::gru;
 /// beam decoding. The checks are [`ir::seq2seq::Seq2Seq::new`]'s, at compile time.
 ///
 /// It declares `Name`, and the two stacks as `lstm!` (or `rnn!`, `gru!`) declares them,
-/// `NameEncoder` and `NameDecoder` (with their `step`, `forward`, `backward`). `Name` holds them
+/// `NameEncoder` and `NameDecoder` (with their `forward`, `backward`, and for a unidirectional
+/// stack `step` and its state type `NameEncoderState` / `NameDecoderState`); the declaration's
+/// `#[derive(..)]`s go on the stacks too. `Name` holds them
 /// as the fields `encoder` and `decoder`, and every other parameter as an array named after its
 /// PyTorch name (`decoder.fc.weight` is `decoder_fc_weight`); `PARAMETERS`, `parameters()`,
 /// `parameters_mut()`. With the `std` feature: `init(seed)`, `zeroed()`, `from_weights`,

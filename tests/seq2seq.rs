@@ -73,6 +73,7 @@ fn the_fixture_decodes_to_pytorchs_tokens_on_the_jit() {
 
 rnn::seq2seq! {
     /// The shared fixture's model (`seq2seq_greedy/meta.json`).
+    #[derive(Clone, Debug, PartialEq)]
     struct Greedy {
         encoder: lstm { vocab: 50, input: 8, hidden: 16, batch_first: true },
         decoder: lstm { vocab: 60, input: 8, hidden: 16, head: 60, batch_first: true },
@@ -104,6 +105,8 @@ fn the_fixture_decodes_to_pytorchs_tokens_on_the_macros() {
     // The same weights through the other door, and the model's own checks.
     let from_weights = Greedy::from_weights(&f.weights).unwrap();
     assert_eq!(from_weights.to_weights().tensors, f.weights.tensors);
+    // The declaration's derives reach its stacks.
+    assert_eq!((*from_weights).clone(), *model);
     let mut other = f.weights.clone();
     other.tensors.remove("decoder.fc.bias");
     match Greedy::from_weights(&other) {
@@ -461,5 +464,35 @@ fn custom_cells_encode_and_decode_alike_on_every_backend() {
                 1e-6,
             );
         }
+    }
+}
+
+#[test]
+fn binding_stacks_checks_the_layers_it_is_given() {
+    let model = CustomCells::init(1).unwrap();
+    let runtime = CustomCells::compiled().unwrap();
+    let table = model.encoder_embedding_weight.as_flattened();
+    let nan = vec![f32::NAN; table.len()];
+    for (layers, wanted) in [
+        (vec![("encoder.embedding.weight", table)], "missing tensor"),
+        (
+            vec![("encoder.embedding.weight", &table[1..])],
+            "holds 20 elements",
+        ),
+        (vec![("encoder.embedding.weight", &nan[..])], "holds NaN"),
+        (
+            vec![("encoder.rnn.W_z_l0", table)],
+            "missing tensor `encoder.embedding.weight`",
+        ),
+    ] {
+        let (enc, dec) = (
+            rnn::rt::Emitted(&model.encoder),
+            rnn::rt::Emitted(&model.decoder),
+        );
+        let err = runtime
+            .bind_stacks(&layers, enc, dec)
+            .map(drop)
+            .unwrap_err();
+        assert!(err.to_string().contains(wanted), "{wanted}: {err}");
     }
 }

@@ -122,20 +122,19 @@ pub trait Real:
     fn slice_from_f32(x: &[f32]) -> std::borrow::Cow<'_, [Self]>;
     /// These values as `f32`s: moved as they are for `f32`, converted (rounding) otherwise.
     fn vec_into_f32(x: Vec<Self>) -> Vec<f32>;
-    /// `n` zeros: for `f32` in a buffer this thread gave back ([`crate::pool::zeros`]), so that
-    /// a large value (a vocabulary's logits) is not paged in afresh at every call.
+    /// `n` zeros: for `f32` in a buffer this thread gave back ([`crate::pool::zeros`], after
+    /// [`crate::pool::recycle`]), so that a large value (a vocabulary's logits) is not paged
+    /// in afresh at every call.
     fn zeros(n: usize) -> Vec<Self>;
     /// `n` elements whose values are unspecified, for a value every element of which is
     /// written before it is read (a product's): [`crate::pool::scratch`] for `f32`.
     fn scratch(n: usize) -> Vec<Self>;
-    /// Gives buffers back for [`Real::zeros`] to reuse (`f32`; others are freed).
-    fn recycle(buffers: impl IntoIterator<Item = Vec<Self>>);
 }
 
 /// `Real` for a primitive float: every function is the type's own, and conversions are `as`
 /// casts (exact widening, round-to-nearest narrowing).
 macro_rules! real {
-    ($t:ty, $x:ident => $from:expr, $v:ident => $into:expr, $zeros:expr, $scratch:expr, $recycle:expr) => {
+    ($t:ty, $x:ident => $from:expr, $v:ident => $into:expr, $zeros:expr, $scratch:expr) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -188,9 +187,6 @@ macro_rules! real {
             fn scratch(n: usize) -> Vec<Self> {
                 $scratch(n)
             }
-            fn recycle(buffers: impl IntoIterator<Item = Vec<Self>>) {
-                $recycle(buffers)
-            }
         }
     };
 }
@@ -200,16 +196,14 @@ real!(
     x => std::borrow::Cow::Borrowed(x),
     v => v,
     crate::pool::zeros,
-    crate::pool::scratch,
-    crate::pool::recycle
+    crate::pool::scratch
 );
 real!(
     f64,
     x => std::borrow::Cow::Owned(x.iter().map(|&v| v as f64).collect()),
     v => v.iter().map(|&v| v as f32).collect(),
     |n| vec![0.0; n],
-    |n| vec![0.0; n],
-    drop
+    |n| vec![0.0; n]
 );
 
 /// A strided view of a matrix: element `(i, j)` is at `data[i * row_stride + j * col_stride]`.

@@ -181,7 +181,7 @@ struct TrainArgs {
     #[arg(long, value_enum)]
     attention: Option<AttentionScore>,
     /// Units of the additive score.
-    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    #[arg(long, default_value_t = rnn::ir::parse::DEFAULT_ATTENTION_UNITS, value_parser = at_least_one)]
     attention_units: usize,
     /// Where the attention sits (copy and reverse, with `--attention`).
     #[arg(long, value_enum, default_value_t = AttentionPlacement::Output)]

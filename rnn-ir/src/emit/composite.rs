@@ -64,14 +64,16 @@ pub(super) fn emit(
     runtime: &Runtime,
 ) -> TokenStream {
     let mut out = TokenStream::new();
+    // The model's derives hold only if its stacks have them too.
+    let derives: Vec<&TokenStream> = attrs
+        .iter()
+        .filter(|a| a.to_string().replace(' ', "").starts_with("#[derive("))
+        .collect();
     for part in parts {
         let doc = &part.doc;
-        out.extend(super::emit_model(
-            part.program,
-            &part.ty,
-            vis,
-            &[quote!(#[doc = #doc])],
-        ));
+        let mut stack_attrs = vec![quote!(#[doc = #doc])];
+        stack_attrs.extend(derives.iter().map(|a| (*a).clone()));
+        out.extend(super::emit_model(part.program, &part.ty, vis, &stack_attrs));
     }
     let mut list = Vec::new();
     for (pname, dims) in params {
@@ -156,6 +158,10 @@ pub(super) fn emit(
     let slices_mut: Vec<TokenStream> = list.iter().map(|p| access(p, &this, true)).collect();
     let loads: Vec<TokenStream> = list.iter().map(|p| access(p, &model, true)).collect();
 
+    // The layers' own parameters: what `bind` hands the runtime (the stacks hold theirs).
+    let own: Vec<&Param> = list.iter().filter(|p| p.part.is_none()).collect();
+    let own_names: Vec<&str> = own.iter().map(|p| p.name.as_str()).collect();
+    let own_slices: Vec<TokenStream> = own.iter().map(|p| access(p, &this, false)).collect();
     let (compiled_ty, compiled_body, bound_ty, bind_body) = match runtime {
         Runtime::Model { text } => {
             let f = format_ident!("{}", parts[0].field);
@@ -164,9 +170,10 @@ pub(super) fn emit(
                 quote!(::rnn::rt::compiled_model(&COMPILED, #text)),
                 quote!(::rnn::rt::BoundModel<'static, ::rnn::rt::Emitted<'_>>),
                 quote! {
-                    Self::compiled()?.bind(&self.to_weights(), |_, _| {
-                        ::core::result::Result::Ok(::rnn::rt::Emitted(&self.#f))
-                    })
+                    Self::compiled()?.bind_layers(
+                        &[#((#own_names, #own_slices)),*],
+                        ::rnn::rt::Emitted(&self.#f),
+                    )
                 },
             )
         }
@@ -176,7 +183,7 @@ pub(super) fn emit(
             quote!(::rnn::rt::BoundSeq2Seq<'static, ::rnn::rt::Emitted<'_>>),
             quote! {
                 Self::compiled()?.bind_stacks(
-                    &self.to_weights(),
+                    &[#((#own_names, #own_slices)),*],
                     ::rnn::rt::Emitted(&self.encoder),
                     ::rnn::rt::Emitted(&self.decoder),
                 )

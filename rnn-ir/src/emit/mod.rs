@@ -33,9 +33,11 @@
 //! Output is deterministic (the program's orders, never a hash map's), names every outside item
 //! by an absolute path (`::core::`, `::rnn::`), marks its impls `#[automatically_derived]`,
 //! and keeps its helpers inside `const _: () = { ... };` blocks, so that nothing but the
-//! declared struct and its state type enters the user's namespace.
+//! declared struct and its state type enters the user's namespace (for a model around a stack,
+//! also the stack's struct and state, `NameStack`; for `seq2seq!`, `NameEncoder` and
+//! `NameDecoder` and their states: see [`composite`]).
 
-mod composite;
+pub mod composite;
 pub mod kernel;
 
 use crate::error::{Diagnostic, Error};

@@ -594,6 +594,57 @@ impl Model {
         })
     }
 
+    /// The parameters of the layers around the stack (the embedding's, the attention's, the
+    /// head's), full names and shapes, in [`Model::parameters`]' order.
+    pub fn layer_parameters(&self) -> Vec<(String, Vec<usize>)> {
+        let stack = self.stack_prefix();
+        self.parameters()
+            .into_iter()
+            .filter(|(n, _)| stack.is_empty() || !n.starts_with(stack))
+            .collect()
+    }
+
+    /// Binds a stack bound already (an emitted model's, which holds its own weights) with the
+    /// layers around it: `layers` holds each of [`Model::layer_parameters`] by full name, as
+    /// its elements (row-major, the shape's count, finite), and nothing else. Nothing of the
+    /// stack is copied or checked again.
+    pub fn bind_layers<'m, R: Recurrent>(
+        &'m self,
+        layers: &[(&str, &[f32])],
+        stack: R,
+    ) -> Result<BoundModel<'m, R>> {
+        check_slices(layers, &self.layer_parameters(), "")?;
+        Ok(self.bound_with(stack, |name| slice_of(layers, name)))
+    }
+
+    /// The model bound to `stack`, each layer's parameters copied (into this thread's pool)
+    /// from `get(full name)`, present and checked.
+    pub(crate) fn bound_with<'m, 'w, R>(
+        &'m self,
+        stack: R,
+        get: impl Fn(&str) -> &'w [f32],
+    ) -> BoundModel<'m, R> {
+        let layer = |prefix: &str, l: &Option<Layer>| -> Vec<Vec<f32>> {
+            l.iter()
+                .flat_map(|l| l.forward.params())
+                .map(|p| {
+                    let data = get(&format!("{prefix}{}", p.name));
+                    let mut copy = crate::pool::scratch(data.len());
+                    copy.copy_from_slice(data);
+                    copy
+                })
+                .collect()
+        };
+        BoundModel {
+            model: self,
+            stack,
+            embedding: layer("embedding.", &self.embedding),
+            attention: layer("attention.", &self.attention),
+            head: layer("fc.", &self.head),
+            head_panels: std::sync::OnceLock::new(),
+        }
+    }
+
     /// [`Model::bind`] with the interpreter running the stack.
     pub fn bind_interp(
         &self,
@@ -604,6 +655,60 @@ impl Model {
             Interpreted::bind_with(program, w, exec)
         })
     }
+}
+
+/// The elements `layers` holds for `name` (checked present by [`check_slices`]).
+pub(crate) fn slice_of<'w>(layers: &[(&str, &'w [f32])], name: &str) -> &'w [f32] {
+    layers
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, d)| *d)
+        .expect("checked present")
+}
+
+/// Checks that `layers` holds exactly `params` (names under `prefix`), each once, with its
+/// shape's count of elements, all finite.
+pub(crate) fn check_slices(
+    layers: &[(&str, &[f32])],
+    params: &[(String, Vec<usize>)],
+    prefix: &str,
+) -> Result<()> {
+    for (name, dims) in params {
+        let full = format!("{prefix}{name}");
+        let mut found = layers.iter().filter(|(n, _)| *n == full);
+        let Some((_, data)) = found.next() else {
+            return Err(Error::MissingTensor {
+                name: full,
+                expected: dims.clone(),
+            });
+        };
+        if found.next().is_some() {
+            return Err(Error::WeightsMismatch(format!("`{full}` is given twice")));
+        }
+        let n: usize = dims.iter().product();
+        if data.len() != n {
+            return Err(Error::WeightsMismatch(format!(
+                "`{full}` has shape {dims:?} but holds {} elements",
+                data.len()
+            )));
+        }
+        if let Some(index) = data.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                name: full,
+                index,
+                found: data[index],
+            });
+        }
+    }
+    if let Some((extra, _)) = layers
+        .iter()
+        .find(|(n, _)| !params.iter().any(|(p, _)| format!("{prefix}{p}") == *n))
+    {
+        return Err(Error::UnexpectedTensor {
+            name: extra.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// A model's weights split by part ([`Model::split`]).

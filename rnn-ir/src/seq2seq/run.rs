@@ -125,21 +125,30 @@ impl Seq2Seq {
         Ok(BoundSeq2Seq { encoder, decoder })
     }
 
-    /// Binds `weights` with two stacks bound already (an emitted model's, which hold their
-    /// own weights): `weights` is still the whole model's, checked as [`Seq2Seq::bind`] checks
-    /// it, and gives the layers around the stacks.
+    /// Binds two stacks bound already (an emitted model's, which hold their own weights) with
+    /// the layers around them: `layers` holds the parameters of the parts' layers by full name
+    /// (`encoder.embedding.weight`, `decoder.attention.*`, `decoder.fc.*`: each part's
+    /// [`Model::layer_parameters`] under its prefix), as [`Model::bind_layers`] takes them.
+    /// Nothing of the stacks is copied or checked again.
     pub fn bind_stacks<'m, R: Recurrent>(
         &'m self,
-        weights: &Weights,
+        layers: &[(&str, &[f32])],
         encoder: R,
         decoder: R,
     ) -> Result<BoundSeq2Seq<'m, R>> {
-        // `bind` binds the encoder, then the decoder.
-        let mut stacks = [encoder, decoder].into_iter();
-        self.bind(weights, |_, _| {
-            stacks
-                .next()
-                .ok_or_else(|| Error::Argument("an encoder-decoder has two stacks".into()))
+        let mut params = Vec::new();
+        for (prefix, m) in [("encoder.", &self.encoder), ("decoder.", &self.decoder)] {
+            for (n, d) in m.layer_parameters() {
+                params.push((format!("{prefix}{n}"), d));
+            }
+        }
+        crate::model::check_slices(layers, &params, "")?;
+        let part = |prefix: &'static str| {
+            move |name: &str| crate::model::slice_of(layers, &format!("{prefix}{name}"))
+        };
+        Ok(BoundSeq2Seq {
+            encoder: self.encoder.bound_with(encoder, part("encoder.")),
+            decoder: self.decoder.bound_with(decoder, part("decoder.")),
         })
     }
 

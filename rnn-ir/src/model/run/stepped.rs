@@ -55,11 +55,7 @@ impl<R: Recurrent> BoundModel<'_, R> {
     /// The stack's forward pass, one step at a time, with the attention in the step: the
     /// stack's outputs `(d0, d1, out)` in the model's layout and its final states, the
     /// embedding's run, and (with `keep`) what the backward pass needs.
-    pub(super) fn forward_steps(
-        &self,
-        run: &Run<'_>,
-        keep: bool,
-    ) -> Result<Stepped<R::Tape>> {
+    pub(super) fn forward_steps(&self, run: &Run<'_>, keep: bool) -> Result<Stepped<R::Tape>> {
         let layer = self
             .model
             .attention
