@@ -439,6 +439,38 @@ pub fn argmax_f32(row: &[f32]) -> usize {
     row.iter().position(|&x| x == m).unwrap_or(0)
 }
 
+impl<T: Copy> ViewMut<'_, T> {
+    fn mat(&mut self, rows: usize, cols: usize) -> MatMut<'_, T> {
+        MatMut {
+            data: &mut self.data[self.offset..],
+            rows,
+            cols,
+            row_stride: self.stride,
+        }
+    }
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// The `rows × cols` matrix stored contiguously from the start of the view (a weight).
+    fn dense(self, cols: usize) -> Self {
+        MatRef {
+            row_stride: cols,
+            col_stride: 1,
+            ..self
+        }
+    }
+
+    /// The transpose of the dense matrix stored from the start of the view.
+    fn t_dense(self, cols: usize) -> Self {
+        self.dense(cols).t()
+    }
+
+    /// The transpose (no copy).
+    fn transposed(self) -> Self {
+        self.t()
+    }
+}
+
 #[cfg(test)]
 mod argmax_tests {
     use super::*;
@@ -470,37 +502,5 @@ mod argmax_tests {
             }
         }
         assert_eq!(argmax_f32(&[f32::NEG_INFINITY; 20]), 0);
-    }
-}
-
-impl<T: Copy> ViewMut<'_, T> {
-    fn mat(&mut self, rows: usize, cols: usize) -> MatMut<'_, T> {
-        MatMut {
-            data: &mut self.data[self.offset..],
-            rows,
-            cols,
-            row_stride: self.stride,
-        }
-    }
-}
-
-impl<'a, T> MatRef<'a, T> {
-    /// The `rows × cols` matrix stored contiguously from the start of the view (a weight).
-    fn dense(self, cols: usize) -> Self {
-        MatRef {
-            row_stride: cols,
-            col_stride: 1,
-            ..self
-        }
-    }
-
-    /// The transpose of the dense matrix stored from the start of the view.
-    fn t_dense(self, cols: usize) -> Self {
-        self.dense(cols).t()
-    }
-
-    /// The transpose (no copy).
-    fn transposed(self) -> Self {
-        self.t()
     }
 }
