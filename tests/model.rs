@@ -677,6 +677,32 @@ fn an_attention_in_the_step_decodes_by_beam_as_greedily_and_refuses_what_it_cann
         matches!(err, Error::Spec(ref m) if m.contains("cannot be bidirectional")),
         "{err}"
     );
+    // Features without an embedding are read by the steps: their shape is checked there.
+    let mut spec =
+        rnn::parse_str("gru { input: 2, hidden: 3, attention: dot, attention_placement: input }")
+            .unwrap();
+    spec.attention.as_mut().unwrap().memory = 3;
+    let features = Model::compile(&spec).unwrap();
+    let fb = features
+        .bind_interp(&features.init(0).unwrap(), Exec::default())
+        .unwrap();
+    let values = Tensor::zeros(vec![4, 1, 3]);
+    let with = |x| Run {
+        memory: Some(MemoryRef {
+            values: &values,
+            lengths: None,
+            prepared: None,
+        }),
+        ..Run::new(Input::Features(x))
+    };
+    let wide = Tensor::zeros(vec![2, 1, 5]);
+    let err = fb.forward(&with(&wide)).unwrap_err();
+    assert!(
+        matches!(err, Error::TensorShape { ref name, .. } if name == "input"),
+        "{err}"
+    );
+    let x = Tensor::zeros(vec![2, 1, 2]);
+    assert_eq!(fb.forward(&with(&x)).unwrap().output.shape, vec![2, 1, 3]);
     // A custom cell whose output is not one of its states has no first query.
     let text =
         "cell { vocab: 5, input: 2, hidden: 3, head: 5, attention: dot, attention_placement: input,

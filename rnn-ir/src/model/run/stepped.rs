@@ -88,6 +88,15 @@ impl<R: Recurrent> BoundModel<'_, R> {
             None => std::borrow::Cow::Owned(self.prepare(memory)?),
         };
         let e = self.model.spec.input_size;
+        // Features given without an embedding are read here, not by the stack: checked here.
+        let x = &front.x;
+        if x.shape != [d0, d1, e] || x.data.len() != d0 * d1 * e || d0 * d1 == 0 {
+            return Err(Error::TensorShape {
+                name: "input".into(),
+                expected: vec![d0.max(1), d1.max(1), e],
+                found: x.shape.clone(),
+            });
+        }
         let m = layer.forward.shape(layer.output()).row_len();
         let out = self.model.stack.output_size();
         let layers = self.model.spec.num_layers;
