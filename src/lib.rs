@@ -180,7 +180,8 @@ pub use rnn_macros::gru;
 /// It declares `Name`, and the two stacks as `lstm!` (or `rnn!`, `gru!`) declares them,
 /// `NameEncoder` and `NameDecoder` (with their `forward`, `backward`, and for a unidirectional
 /// stack `step` and its state type `NameEncoderState` / `NameDecoderState`); the declaration's
-/// `#[derive(..)]`s go on the stacks too. `Name` holds them
+/// `#[derive(..)]`s go on the stacks too (with `attention_placement: input`, `NameDecoder`
+/// reads `input + memory` features: the embedding and the context). `Name` holds them
 /// as the fields `encoder` and `decoder`, and every other parameter as an array named after its
 /// PyTorch name (`decoder.fc.weight` is `decoder_fc_weight`); `PARAMETERS`, `parameters()`,
 /// `parameters_mut()`. With the `std` feature: `init(seed)`, `zeroed()`, `from_weights`,

@@ -711,14 +711,91 @@ fn an_attention_in_the_step_decodes_by_beam_as_greedily_and_refuses_what_it_cann
     let mut dec = rnn::parse_str(text).unwrap();
     let mut enc = rnn::parse_str("rnn { vocab: 5, input: 2, hidden: 3 }").unwrap();
     (dec.batch_first, enc.batch_first) = (true, true);
-    let s2s = Seq2Seq::new(&enc, &dec).unwrap();
-    let bound = s2s
-        .bind_interp(&s2s.init(0).unwrap(), Exec::default())
-        .unwrap();
-    let one = Ids::new(vec![1, 2], vec![1, 2]).unwrap();
-    let err = bound.greedy(&one, None, &decode).unwrap_err();
+    // Refused when the model is compiled (so `seq2seq!` refuses it at compile time).
+    let err = Seq2Seq::new(&enc, &dec).map(drop).unwrap_err();
     assert!(
-        err.to_string().contains("is not one of its states"),
+        matches!(err, Error::Spec(ref m) if m.contains("is not one of its states")),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_attention_in_the_step_runs_time_major_as_batch_first_and_checks_its_memory() {
+    // The same model and data in both layouts: the same loss and gradients.
+    use rnn::ir::model::MemoryRef;
+    use rnn::ir::spec::Attention;
+    let specs = |batch_first: bool| {
+        let mut enc = rnn::ModelSpec::new(rnn::CellKind::Lstm, 3, 4);
+        enc.vocab = Some(7);
+        enc.num_layers = 2;
+        enc.batch_first = batch_first;
+        let mut dec = enc.clone();
+        dec.vocab = Some(6);
+        dec.head = Some(6);
+        dec.attention = Some(Attention {
+            score: Score::Additive(5),
+            memory: 1,
+            placement: Placement::Input,
+        });
+        Seq2Seq::new(&enc, &dec).unwrap()
+    };
+    let (bf, tm) = (specs(true), specs(false));
+    let weights = bf.init(2).unwrap();
+    let transpose = |x: &Ids| {
+        let (a, b) = (x.shape[0], x.shape[1]);
+        let data = (0..a * b).map(|i| x.data[(i % a) * b + i / a]).collect();
+        Ids::new(vec![b, a], data).unwrap()
+    };
+    let src = Ids::new(vec![3, 4], vec![1, 5, 6, 2, 3, 0, 4, 4, 6, 6, 1, 2]).unwrap();
+    let tgt_in = Ids::new(vec![3, 2], vec![1, 2, 1, 5, 1, 3]).unwrap();
+    let tgt_out = Ids::new(vec![3, 2], vec![2, 3, 5, -100, 4, 4]).unwrap();
+    let lengths = [4i64, 2, 3];
+    let a = bf
+        .bind_interp(&weights, Exec::default())
+        .unwrap()
+        .loss(&src, Some(&lengths), &tgt_in, &tgt_out, -100)
+        .unwrap();
+    let b = tm
+        .bind_interp(&weights, Exec::default())
+        .unwrap()
+        .loss(
+            &transpose(&src),
+            Some(&lengths),
+            &transpose(&tgt_in),
+            &transpose(&tgt_out),
+            -100,
+        )
+        .unwrap();
+    assert!(
+        (a.loss - b.loss).abs() <= 1e-6 * a.loss.abs(),
+        "{} {}",
+        a.loss,
+        b.loss
+    );
+    for (name, g) in &a.grads.params {
+        assert_close(name, &b.grads.params[name], g, 1e-5, 1e-6);
+    }
+    // A memory of another batch than the decoder's rows: refused.
+    let bound = bf.bind_interp(&weights, Exec::default()).unwrap();
+    let (states, memory) = bound.encode_all(&src, Some(&lengths)).unwrap();
+    let memory = memory.unwrap();
+    let one = Tensor::new(
+        vec![1, memory.shape[1], memory.shape[2]],
+        memory.data[..memory.shape[1] * memory.shape[2]].to_vec(),
+    )
+    .unwrap();
+    let run = Run {
+        initial_states: states.iter().map(Some).collect(),
+        memory: Some(MemoryRef {
+            values: &one,
+            lengths: None,
+            prepared: None,
+        }),
+        ..Run::new(Input::Ids(&tgt_in))
+    };
+    let err = bound.decoder.forward(&run).unwrap_err();
+    assert!(
+        matches!(err, Error::TensorShape { ref name, .. } if name == "memory"),
         "{err}"
     );
 }

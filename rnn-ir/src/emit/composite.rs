@@ -15,7 +15,8 @@
 //! [`crate::seq2seq::BoundSeq2Seq`] with the stacks on the emitted kernels (through
 //! `rnn::rt::Emitted`) and the layers around them (embedding, attention, head, loss) on the
 //! shared kernels, as the JIT runs them: the layers run once over all rows around the stacks'
-//! time loops, so they are a handful of calls to the shared products. The layers' graphs come
+//! time loops, so they are a handful of calls to the shared products (an attention in the
+//! decoder's step runs once per step, the stack one step per call). The layers' graphs come
 //! from compiling the declaration's text once per process (`compiled()`), the text the macro
 //! itself compiled; every check and every error is the runtime's.
 

@@ -46,7 +46,8 @@ mod run;
 #[cfg(feature = "runtime")]
 pub use run::*;
 
-/// A layer around the stack: its graph, run once over all rows, and its backward graph.
+/// A layer around the stack: its graph, run once over all rows (an attention in the step:
+/// once per step, over its rows), and its backward graph.
 #[derive(Clone, Debug)]
 pub struct Layer {
     /// The forward graph.
@@ -186,6 +187,15 @@ impl Model {
             return Err(Error::Spec(
                 "an attention in the step runs the stack one step after another, forward: the stack cannot be bidirectional".into(),
             ));
+        }
+        if let (Some(a), crate::spec::CellKind::Custom(c)) = (spec.attention, &spec.cell)
+            && a.placement == Placement::Input
+            && !c.states.iter().any(|(n, _, _)| *n == c.output.0)
+        {
+            return Err(Error::Spec(format!(
+                "an attention in the step queries with the cell's previous output, and this cell's output `{}` is not one of its states: make the output a state",
+                c.output.0
+            )));
         }
         if spec.attention.is_some_and(|a| a.memory == 0) {
             return Err(Error::Spec(

@@ -597,10 +597,13 @@ impl Model {
     /// The parameters of the layers around the stack (the embedding's, the attention's, the
     /// head's), full names and shapes, in [`Model::parameters`]' order.
     pub fn layer_parameters(&self) -> Vec<(String, Vec<usize>)> {
+        if !self.has_layers() {
+            return Vec::new();
+        }
         let stack = self.stack_prefix();
         self.parameters()
             .into_iter()
-            .filter(|(n, _)| stack.is_empty() || !n.starts_with(stack))
+            .filter(|(n, _)| !n.starts_with(stack))
             .collect()
     }
 
@@ -1096,6 +1099,17 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
         Ok((positions, lengths, rows))
     }
 
+    /// Refuses a prepared memory that is not `memory`'s for `batch` sequences.
+    fn check_prepared(&self, p: &Prepared, memory: MemoryRef<'_>, batch: usize) -> Result<()> {
+        if p.span.batch != batch || p.shape != memory.values.shape {
+            return Err(Error::Argument(format!(
+                "the prepared memory is of shape {:?} for {} sequences; this run gives {:?} for {batch}",
+                p.shape, p.span.batch, memory.values.shape
+            )));
+        }
+        Ok(())
+    }
+
     /// Makes `memory` ready for many inference runs (decoding): checked, time-major, and the
     /// attention's per-sequence values (the projected memory) computed once.
     pub fn prepare(&self, memory: MemoryRef<'_>) -> Result<Prepared> {
@@ -1182,12 +1196,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             }
         };
         if let (false, Some(p)) = (keep, memory.prepared) {
-            if p.span.batch != batch || p.shape != memory.values.shape {
-                return Err(Error::Argument(format!(
-                    "the prepared memory is of shape {:?} for {} sequences; this run gives {:?} for {batch}",
-                    p.shape, p.span.batch, memory.values.shape
-                )));
-            }
+            self.check_prepared(p, memory, batch)?;
             let x = tm(y, batch, steps, features);
             let extent = p.span.extent();
             let lookup = |role: Role| match role {

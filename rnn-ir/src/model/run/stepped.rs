@@ -15,7 +15,7 @@ use super::*;
 pub(super) struct Steps<T> {
     steps: Vec<(T, LayerRun)>,
     prepared: Prepared,
-    /// The stack's output per step `(B, out)` and the shape one step's output has.
+    /// The shape of one step's output of the stack (`(1, B, out)`, or `(B, 1, out)`).
     step_shape: Vec<usize>,
     /// The index of the state the query starts from (the cell's output state).
     query_state: usize,
@@ -32,6 +32,15 @@ impl<R: Recurrent> BoundModel<'_, R> {
             .spec
             .attention
             .is_some_and(|a| a.placement == Placement::Input)
+    }
+
+    /// The attention's layer (a model built by hand may declare one it does not have).
+    fn attention_layer(&self) -> Result<&Layer> {
+        self.model.attention.as_ref().ok_or_else(|| {
+            Error::Spec(
+                "the model declares an attention in the step but has no attention layer: compile it with `Model::compile`".into(),
+            )
+        })
     }
 
     /// The index of the cell's state that is also its output: the query of the first step.
@@ -56,11 +65,7 @@ impl<R: Recurrent> BoundModel<'_, R> {
     /// stack's outputs `(d0, d1, out)` in the model's layout and its final states, the
     /// embedding's run, and (with `keep`) what the backward pass needs.
     pub(super) fn forward_steps(&self, run: &Run<'_>, keep: bool) -> Result<Stepped<R::Tape>> {
-        let layer = self
-            .model
-            .attention
-            .as_ref()
-            .expect("a model with an attention in the step has one");
+        let layer = self.attention_layer()?;
         if run.lengths.is_some() {
             return Err(Error::Argument(
                 "a model with an attention in the step runs every row to its end, one step at a time: give no `lengths` (give the steps past a row's end the ignore index in its targets)".into(),
@@ -77,20 +82,36 @@ impl<R: Recurrent> BoundModel<'_, R> {
         let bf = self.model.spec.batch_first;
         let [d0, d1] = front.dims;
         let (steps, batch) = if bf { (d1, d0) } else { (d0, d1) };
-        let prepared = match memory.prepared {
-            Some(p) if p.span.batch != batch || p.shape != memory.values.shape => {
-                return Err(Error::Argument(format!(
-                    "the prepared memory is of shape {:?} for {} sequences; this run gives {:?} for {batch}",
-                    p.shape, p.span.batch, memory.values.shape
-                )));
+        // A prepared memory serves inference; training prepares its own from the weights bound
+        // now (as the attention after the stack ignores it).
+        let prepared = match (keep, memory.prepared) {
+            (false, Some(p)) => {
+                self.check_prepared(p, memory, batch)?;
+                std::borrow::Cow::Borrowed(p)
             }
-            Some(p) => std::borrow::Cow::Borrowed(p),
-            None => std::borrow::Cow::Owned(self.prepare(memory)?),
+            _ => std::borrow::Cow::Owned(self.prepare(memory)?),
         };
+        if prepared.span.batch != batch {
+            let bf_shape = |s: usize| {
+                if bf {
+                    vec![batch, s, 0]
+                } else {
+                    vec![s, batch, 0]
+                }
+            };
+            let mut expected = bf_shape(prepared.span.positions);
+            expected[2] = prepared.shape[2];
+            return Err(Error::TensorShape {
+                name: "memory".into(),
+                expected,
+                found: memory.values.shape.clone(),
+            });
+        }
         let e = self.model.spec.input_size;
         // Features given without an embedding are read here, not by the stack: checked here.
         let x = &front.x;
-        if x.shape != [d0, d1, e] || x.data.len() != d0 * d1 * e || d0 * d1 == 0 {
+        let count = d0.checked_mul(d1).and_then(|n| n.checked_mul(e));
+        if x.shape != [d0, d1, e] || count != Some(x.data.len()) || d0 == 0 || d1 == 0 {
             return Err(Error::TensorShape {
                 name: "input".into(),
                 expected: vec![d0.max(1), d1.max(1), e],
@@ -198,11 +219,7 @@ impl<R: Recurrent> BoundModel<'_, R> {
         grad_final_states: &[Option<&Tensor>],
         params: &mut BTreeMap<String, Tensor>,
     ) -> Result<(Gradients, Tensor)> {
-        let layer = self
-            .model
-            .attention
-            .as_ref()
-            .expect("a model with an attention in the step has one");
+        let layer = self.attention_layer()?;
         let bf = self.model.spec.batch_first;
         let [d0, d1, out] = [d_output.shape[0], d_output.shape[1], d_output.shape[2]];
         let (steps, batch) = if bf { (d1, d0) } else { (d0, d1) };
