@@ -1408,11 +1408,11 @@ impl Parser {
             Ok(n)
         };
         // `value` as one of `options`, else an error saying `takes` and what was probably meant.
-        let choice = |p: &mut Parser, options: [&'static str; 2], takes: &str| -> PResult<usize> {
+        let choice = |p: &mut Parser, options: &[&'static str], takes: &str| -> PResult<usize> {
             match options.iter().position(|o| *o == value) {
                 Some(k) => Ok(k),
                 None => {
-                    let hint = did_you_mean(value, options);
+                    let hint = did_you_mean(value, options.iter().copied());
                     p.error(
                         vspan,
                         format!("`{key}` takes {takes}, found `{value}`{hint}"),
@@ -1421,7 +1421,7 @@ impl Parser {
             }
         };
         let boolean = |p: &mut Parser| -> PResult<bool> {
-            Ok(choice(p, ["true", "false"], "`true` or `false`")? == 0)
+            Ok(choice(p, &["true", "false"], "`true` or `false`")? == 0)
         };
         if kind == "cell"
             && let Some(why) = refused_in_cell(key)
@@ -1438,36 +1438,18 @@ impl Parser {
             "vocab" => spec.vocab = Some(size(self, 1)?),
             "head" => spec.head = Some(size(self, 1)?),
             "attention" => {
-                let options = ["dot", "general", "additive"];
-                let units = match spec.attention {
-                    Some(Attention {
-                        score: Score::Additive(u),
-                        ..
-                    }) => u,
-                    _ => DEFAULT_ATTENTION_UNITS,
+                // Its units and placement are applied after it (`build`), wherever written.
+                let takes = "`dot`, `general` (Luong) or `additive` (Bahdanau)";
+                let score = match choice(self, &["dot", "general", "additive"], takes)? {
+                    0 => Score::Dot,
+                    1 => Score::General,
+                    _ => Score::Additive(DEFAULT_ATTENTION_UNITS),
                 };
-                spec.attention = Some(Attention {
-                    score: match options.iter().position(|o| *o == value) {
-                        Some(0) => Score::Dot,
-                        Some(1) => Score::General,
-                        Some(_) => Score::Additive(units),
-                        None => {
-                            let hint = did_you_mean(value, options);
-                            return self.error(
-                                vspan,
-                                format!(
-                                    "`attention` takes `dot`, `general` (Luong) or `additive` (Bahdanau), found `{value}`{hint}"
-                                ),
-                            );
-                        }
-                    },
-                    memory: 0,
-                    placement: spec.attention.map_or(Placement::Output, |a| a.placement),
-                });
+                spec.attention = Some(Attention::new(score, 0));
             }
             "attention_placement" => {
                 let takes = "`output` (after the stack, Luong) or `input` (in the step, Bahdanau)";
-                let placement = match choice(self, ["output", "input"], takes)? {
+                let placement = match choice(self, &["output", "input"], takes)? {
                     0 => Placement::Output,
                     _ => Placement::Input,
                 };
@@ -1500,20 +1482,20 @@ impl Parser {
             "proj" | "proj_size" if kind == "lstm" => spec.proj_size = size(self, 0)?,
             "reset" if kind == "gru" => {
                 let takes = "`after` (PyTorch) or `before` (Cho et al.)";
-                spec.gru_reset = match choice(self, ["after", "before"], takes)? {
+                spec.gru_reset = match choice(self, &["after", "before"], takes)? {
                     0 => GruReset::AfterMatmul,
                     _ => GruReset::BeforeMatmul,
                 }
             }
             "nonlinearity" if kind == "rnn" => {
-                *cell = match choice(self, ["tanh", "relu"], "`tanh` or `relu`")? {
+                *cell = match choice(self, &["tanh", "relu"], "`tanh` or `relu`")? {
                     0 => CellKind::RnnTanh,
                     _ => CellKind::RnnRelu,
                 }
             }
             "bias_convention" => {
                 let takes = "`two` (PyTorch) or `one` (Keras)";
-                spec.bias_convention = match choice(self, ["two", "one"], takes)? {
+                spec.bias_convention = match choice(self, &["two", "one"], takes)? {
                     0 => BiasConvention::Two,
                     _ => BiasConvention::One,
                 }

@@ -70,15 +70,7 @@ pub fn expand(kind: &str, input: TokenStream) -> TokenStream {
     } else {
         kind
     };
-    let fail = |errors: Vec<(Span, String)>| {
-        let mut out: TokenStream = errors
-            .iter()
-            .map(|(span, m)| compile_error(*span, m))
-            .collect();
-        let (attrs, vis, name) = (&head.attrs, &head.vis, &head.name);
-        out.extend(quote!(#(#attrs)* #vis struct #name;));
-        out
-    };
+    let fail = |errors: Vec<(Span, String)>| head.fail(&errors);
     // What the body lacks as a whole (a size, a state) is reported at the model's name.
     let spec = parse_body(
         kind,
@@ -165,15 +157,7 @@ pub fn expand_seq2seq(input: TokenStream) -> TokenStream {
         Ok(head) => head,
         Err((span, message)) => return compile_error(span, &message),
     };
-    let fail = |errors: Vec<(Span, String)>| {
-        let mut out: TokenStream = errors
-            .iter()
-            .map(|(span, m)| compile_error(*span, m))
-            .collect();
-        let (attrs, vis, name) = (&head.attrs, &head.vis, &head.name);
-        out.extend(quote!(#(#attrs)* #vis struct #name;));
-        out
-    };
+    let fail = |errors: Vec<(Span, String)>| head.fail(&errors);
     let parts = match seq2seq_parts(&head) {
         Ok(parts) => parts,
         Err(e) => return fail(vec![e]),
@@ -394,6 +378,18 @@ struct Head {
 }
 
 impl Head {
+    /// The expansion of a declaration with mistakes: a `compile_error!` at each, beside an
+    /// empty struct of the declared name (so that its other uses add no errors of their own).
+    fn fail(&self, errors: &[(Span, String)]) -> TokenStream {
+        let mut out: TokenStream = errors
+            .iter()
+            .map(|(span, m)| compile_error(*span, m))
+            .collect();
+        let (attrs, vis, name) = (&self.attrs, &self.vis, &self.name);
+        out.extend(quote!(#(#attrs)* #vis struct #name;));
+        out
+    }
+
     /// Parses `[#[attr]]* [pub [(..)]] struct Name { body }`.
     fn parse(input: TokenStream) -> Result<Head, (Span, String)> {
         let mut it = input.into_iter().peekable();

@@ -418,6 +418,18 @@ pub fn argmax<T: Real>(row: &[T]) -> usize {
 /// the first index holding the maximum, or the first NaN): a greedy decoding step's arg-max
 /// over a vocabulary. The same index as [`argmax`] for every row.
 pub fn argmax_f32(row: &[f32]) -> usize {
+    let (m, nan) = lane_max(row);
+    if nan {
+        return row.iter().position(|x| x.is_nan()).unwrap_or(0);
+    }
+    row.iter().position(|&x| x == m).unwrap_or(0)
+}
+
+/// The largest of `row`'s non-NaN elements (−∞ for none), and whether any element is NaN: in
+/// 16 independent lanes a compiler keeps in vector registers (a sequential fold waits on each
+/// comparison). [`argmax_f32`] and the fused cross-entropy's maximum.
+#[inline(always)]
+pub fn lane_max(row: &[f32]) -> (f32, bool) {
     const LANES: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut nan = [false; LANES];
@@ -429,14 +441,11 @@ pub fn argmax_f32(row: &[f32]) -> usize {
         }
     }
     let rest = chunks.remainder();
-    if nan.contains(&true) || rest.iter().any(|x| x.is_nan()) {
-        return row.iter().position(|x| x.is_nan()).unwrap_or(0);
-    }
     let m = rest
         .iter()
         .chain(&lanes)
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-    row.iter().position(|&x| x == m).unwrap_or(0)
+    (m, nan.contains(&true) || rest.iter().any(|x| x.is_nan()))
 }
 
 impl<T: Copy> ViewMut<'_, T> {

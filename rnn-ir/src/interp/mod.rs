@@ -12,7 +12,7 @@
 mod attend;
 mod executor;
 mod kernels;
-pub use kernels::{argmax, argmax_f32};
+pub use kernels::{argmax, argmax_f32, lane_max};
 
 use crate::driver::{
     self, Backward, Forward, Gradients, RawResponse, Request, Response, Seq, SequenceExecutor,
@@ -658,28 +658,9 @@ pub fn eval_graph_with<T: Real>(
 }
 
 /// Whether the kernel of `op` writes every element of its result (so its buffer need not be
-/// zeroed first): the products and the element-wise ops.
+/// zeroed first): the products and the element-wise ops ([`Op::is_elementwise`]).
 fn writes_all(op: Op) -> bool {
-    matches!(
-        op,
-        Op::MatMul
-            | Op::MatMulT
-            | Op::OuterSum
-            | Op::Add
-            | Op::Sub
-            | Op::Mul
-            | Op::Div
-            | Op::Neg
-            | Op::Exp
-            | Op::Log
-            | Op::Sqrt
-            | Op::Softplus
-            | Op::Abs
-            | Op::Sigmoid
-            | Op::Tanh
-            | Op::Relu
-            | Op::Step
-    )
+    op.is_elementwise() || matches!(op, Op::MatMul | Op::MatMulT | Op::OuterSum)
 }
 
 /// [`eval_graph_with`] reading each input where `input(role)` has it, without copying it: the

@@ -176,6 +176,20 @@ impl Layer {
         self.back_given(run, cotangent, params, &[])
     }
 
+    /// Puts `grads` (one per parameter, in the graph's order) into `params`, each named
+    /// `prefix` and the parameter's name, shaped as the parameter.
+    fn insert_grads(
+        &self,
+        params: &mut BTreeMap<String, Tensor>,
+        prefix: &str,
+        grads: Vec<Vec<f32>>,
+    ) {
+        for (info, data) in self.forward.params().iter().zip(grads) {
+            let shape = info.dims();
+            params.insert(format!("{prefix}{}", info.name), Tensor { shape, data });
+        }
+    }
+
     /// [`Layer::back`] of a run that was given some values (`given`, by value; empty where
     /// the run computed them: [`Layer::run_given`]).
     fn back_given(
@@ -409,18 +423,7 @@ fn cross_entropy_rows(
             row.fill(0.0);
             continue;
         }
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        let mut chunks = row.chunks_exact(LANES);
-        for c in &mut chunks {
-            for (m, &x) in lanes.iter_mut().zip(c) {
-                *m = if x > *m { x } else { *m };
-            }
-        }
-        let m = chunks
-            .remainder()
-            .iter()
-            .chain(&lanes)
-            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+        let (m, _) = crate::interp::lane_max(row);
         let picked = row[t as usize];
         // The exponentials in place, summed in f64 lanes.
         let mut sums = [0.0f64; LANES];
@@ -543,18 +546,8 @@ impl Model {
     pub fn split(&self, weights: &Weights) -> Result<Split> {
         let params = self.parameters();
         weights.check_params(params.iter().map(|(n, s)| (n.as_str(), s.as_slice())))?;
-        let layer = |prefix: &str, l: &Option<Layer>| -> Vec<Vec<f32>> {
-            l.iter()
-                .flat_map(|l| l.forward.params())
-                .map(|p| {
-                    // In a buffer of this thread's pool: a training loop binds at every step.
-                    let data = &weights.tensors[&format!("{prefix}{}", p.name)].data;
-                    let mut copy = crate::pool::scratch(data.len());
-                    copy.copy_from_slice(data);
-                    copy
-                })
-                .collect()
-        };
+        let [embedding, attention, head] =
+            self.layer_copies(|name| weights.tensors[name].data.as_slice());
         let prefix = self.stack_prefix();
         let stack = Weights {
             tensors: self
@@ -569,9 +562,9 @@ impl Model {
         };
         Ok(Split {
             stack,
-            embedding: layer("embedding.", &self.embedding),
-            attention: layer("attention.", &self.attention),
-            head: layer("fc.", &self.head),
+            embedding,
+            attention,
+            head,
         })
     }
 
@@ -627,7 +620,27 @@ impl Model {
         stack: R,
         get: impl Fn(&str) -> &'w [f32],
     ) -> BoundModel<'m, R> {
-        let layer = |prefix: &str, l: &Option<Layer>| -> Vec<Vec<f32>> {
+        let [embedding, attention, head] = self.layer_copies(get);
+        BoundModel {
+            model: self,
+            stack,
+            embedding,
+            attention,
+            head,
+            head_panels: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The embedding's, the attention's and the head's parameters, each in its graph's order,
+    /// copied from `get(full name)` into buffers of this thread's pool (a training loop binds
+    /// at every step).
+    fn layer_copies<'w>(&self, get: impl Fn(&str) -> &'w [f32]) -> [Vec<Vec<f32>>; 3] {
+        [
+            ("embedding.", &self.embedding),
+            ("attention.", &self.attention),
+            ("fc.", &self.head),
+        ]
+        .map(|(prefix, l)| {
             l.iter()
                 .flat_map(|l| l.forward.params())
                 .map(|p| {
@@ -637,15 +650,7 @@ impl Model {
                     copy
                 })
                 .collect()
-        };
-        BoundModel {
-            model: self,
-            stack,
-            embedding: layer("embedding.", &self.embedding),
-            attention: layer("attention.", &self.attention),
-            head: layer("fc.", &self.head),
-            head_panels: std::sync::OnceLock::new(),
-        }
+        })
     }
 
     /// [`Model::bind`] with the interpreter running the stack.
@@ -1393,15 +1398,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                 let wanted = grad_values(h, &[OutRole::InputGrad])?;
                 let mut back = take_values(h.back(run, &grad_output.data, &self.head)?, &wanted);
                 let dx = back.pop().expect("the input's gradient was wanted");
-                for (info, data) in h.forward.params().iter().zip(back) {
-                    params.insert(
-                        format!("fc.{}", info.name),
-                        Tensor {
-                            shape: info.dims(),
-                            data,
-                        },
-                    );
-                }
+                h.insert_grads(&mut params, "fc.", back);
                 Tensor {
                     shape: tape.stack_shape.clone(),
                     data: dx,
@@ -1426,15 +1423,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
                 let mut back = take_values(back, &wanted);
                 let dm = back.pop().expect("the memory's gradient was wanted");
                 let dy = back.pop().expect("the input's gradient was wanted");
-                for (info, data) in a.forward.params().iter().zip(back) {
-                    params.insert(
-                        format!("attention.{}", info.name),
-                        Tensor {
-                            shape: info.dims(),
-                            data,
-                        },
-                    );
-                }
+                a.insert_grads(&mut params, "attention.", back);
                 let (positions, size) = if bf {
                     (memory_shape[1], memory_shape[2])
                 } else {
@@ -1471,14 +1460,7 @@ impl<'m, R: Recurrent> BoundModel<'m, R> {
             (Some(e), Some(run)) => {
                 let wanted = grad_values(e, &[])?;
                 let back = e.back(run, &stack.input.data, &self.embedding)?;
-                let data = take_values(back, &wanted).pop().expect("one parameter");
-                params.insert(
-                    "embedding.weight".into(),
-                    Tensor {
-                        shape: e.forward.params()[0].dims(),
-                        data,
-                    },
-                );
+                e.insert_grads(&mut params, "embedding.", take_values(back, &wanted));
                 None
             }
             _ => Some(stack.input),

@@ -281,15 +281,7 @@ impl<R: Recurrent> BoundModel<'_, R> {
             }
             d_query = Some(dq);
         }
-        for (info, data) in layer.forward.params().iter().zip(attention_params) {
-            params.insert(
-                format!("attention.{}", info.name),
-                Tensor {
-                    shape: info.dims(),
-                    data,
-                },
-            );
-        }
+        layer.insert_grads(params, "attention.", attention_params);
         // The first step's query was the top layer's initial output state.
         if let (Some(dq), Some(Some(state))) = (d_query, d_states.get_mut(tape.query_state)) {
             let layers = self.model.spec.num_layers;
