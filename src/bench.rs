@@ -256,7 +256,7 @@ fn random_ids(shape: Vec<usize>, vocab: usize, seed: u64) -> crate::ir::model::I
 
 /// The workloads' models declared with the macros at the workloads' sizes: the `macro`
 /// backend runs the code they emit.
-mod models {
+pub(crate) mod models {
     crate::lstm! { pub struct Lstm256 { input: 256, hidden: 256 } }
     crate::gru! { pub struct Gru64x128 { input: 64, hidden: 128 } }
     crate::rnn! { pub struct Rnn32x64 { input: 32, hidden: 64 } }
@@ -273,6 +273,25 @@ mod models {
 /// repetitions (after one warm-up). Zero repetitions or threads, an unknown backend, or a
 /// workload the backend does not run are an [`Error::Argument`](crate::Error::Argument).
 pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Result<Measurement> {
+    measure_at(w, backend, threads, reps, 512)
+}
+
+/// [`measure`] with W1, W2 and W6 at sequence length `steps` (their own is 512; the tour
+/// times the sequential cost against the length). Other workloads ignore it. A length of 0
+/// is an [`Error::Argument`](crate::Error::Argument).
+pub fn measure_at(
+    w: Workload,
+    backend: &str,
+    threads: usize,
+    reps: usize,
+    steps: usize,
+) -> Result<Measurement> {
+    if steps == 0 || steps > crate::ModelSpec::MAX_SIZE {
+        return Err(crate::Error::Argument(format!(
+            "a sequence length of {steps}: it must be 1 ..= {}",
+            crate::ModelSpec::MAX_SIZE
+        )));
+    }
     if !BACKENDS.contains(&backend) {
         return Err(crate::Error::Argument(format!(
             "unknown backend `{backend}`: expected one of {}",
@@ -311,7 +330,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
     let exec = Exec { threads };
     let (times, flops, per_step) = match w.id {
         "W1" | "W2" => {
-            let (i, h, b, t) = (256, 256, 32, 512);
+            let (i, h, b, t) = (256, 256, 32, steps);
             let program = Program::compile(&spec(CellKind::Lstm, i, h))?;
             let weights = Weights::init(&program, 1)?;
             let bound = program.bind::<f32>(&weights)?;
@@ -410,7 +429,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
             (times, 3.0 * cell_flops(1, i, h, b, t), 1)
         }
         "W6" => {
-            let (rows, n) = (32 * 512, 256);
+            let (rows, n) = (32 * steps, 256);
             let mut g = Graph::new();
             let x = g.x(n);
             let wt = g.param("weight", Shape::Matrix(n, n));
@@ -424,7 +443,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
             inputs.insert(Role::Param(1), random_tensor(vec![n], 3).data);
             let times = if jit {
                 // The same Linear layer as a cell whose state does not feed back: its one
-                // product runs over all 16,384 rows before the loop.
+                // product runs over all the rows (16,384 at length 512) before the loop.
                 let text = format!(
                     "cell Linear {{ input: {n}, hidden: {n}, param weight: [hidden, input], \
                      param bias: [hidden], state y, y = weight @ x + bias }}"
@@ -432,7 +451,7 @@ pub fn measure(w: Workload, backend: &str, threads: usize, reps: usize) -> Resul
                 let program = Program::compile(&crate::parse_str(&text)?)?;
                 let weights = Weights::init(&program, 1)?;
                 let model = compiled(&program, &weights)?;
-                let x = random_tensor(vec![512, 32, n], 1);
+                let x = random_tensor(vec![steps, 32, n], 1);
                 let req = Request {
                     input: Some(&x),
                     ..Default::default()

@@ -34,6 +34,8 @@ pub mod bench;
 pub mod emit;
 #[doc(hidden)]
 pub mod rt;
+#[cfg(feature = "cli")]
+pub mod tour;
 #[cfg(feature = "jit")]
 pub mod train;
 

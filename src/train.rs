@@ -434,6 +434,30 @@ impl<'m> LmRunner<'m> {
         on_backend!(self, weights, |b| go(b, batches))
     }
 
+    /// The most likely id at every position of `inputs` (time-major ids): the arg-max of the
+    /// head's logits, shaped like `inputs` (the first of equal maxima).
+    pub fn predict(&self, weights: &Weights, inputs: &Ids) -> Result<Ids> {
+        fn go<R: Recurrent>(b: &BoundModel<'_, R>, x: &Ids) -> Result<Ids> {
+            let out = b.forward(&Run::new(Input::Ids(x)))?.output;
+            let classes = out.shape[2];
+            let data = out
+                .data
+                .chunks(classes)
+                .map(|row| {
+                    let mut best = 0;
+                    for (i, &v) in row.iter().enumerate() {
+                        if v > row[best] {
+                            best = i;
+                        }
+                    }
+                    best as i64
+                })
+                .collect();
+            Ids::new(x.shape.clone(), data)
+        }
+        on_backend!(self, weights, |b| go(b, inputs))
+    }
+
     /// `n` ids sampled after `prompt` (at least one id), each drawn from the softmax of the
     /// logits divided by `temperature` (> 0).
     pub fn sample(

@@ -108,6 +108,9 @@ enum Command {
     /// `encoder.embedding`, `encoder.rnn`, `decoder.embedding`, `decoder.rnn`, `decoder.fc`):
     /// greedy, or beam search with `--beam`; the tokens are written as int64 (batch, steps).
     Seq2seq(Seq2seqArgs),
+    /// The chapter, measured: one experiment per section, a report folder with plots, a
+    /// summary on the terminal (what `cargo run --release` runs).
+    Tour(TourArgs),
     /// Train a model on a task: `copy` or `reverse` (an encoder-decoder) or `charlm` (a
     /// character language model); writes `loss.csv` and checkpoints into `--out`.
     Train(TrainArgs),
@@ -424,6 +427,44 @@ struct EmitArgs {
 }
 
 #[derive(Args)]
+struct TourArgs {
+    /// Seconds instead of minutes: every training and timing cut short (for CI; its verdicts
+    /// on learning mean little).
+    #[arg(long)]
+    quick: bool,
+    /// Only these sections, by name or the chapter's number: cell (2), gradients (3),
+    /// properties (4), bidirectional (5), seq2seq (6, 8), sequential (7), packing, charlm.
+    #[arg(long, value_delimiter = ',', value_parser = parse_section)]
+    only: Vec<rnn::tour::Section>,
+    /// The seed of every weight, datum and batch.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The report folder: `report.md`, the PNG plots and `summary.json` (a new or empty
+    /// folder, or one an earlier tour wrote).
+    #[arg(long, default_value = "tour-report")]
+    out: PathBuf,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl Default for TourArgs {
+    fn default() -> Self {
+        TourArgs {
+            quick: false,
+            only: Vec::new(),
+            seed: 1,
+            out: PathBuf::from("tour-report"),
+            quiet: false,
+        }
+    }
+}
+
+fn parse_section(s: &str) -> Result<rnn::tour::Section, String> {
+    s.parse()
+}
+
+#[derive(Args)]
 struct BenchArgs {
     /// Workloads by id or name (W1 … W8, lstm_fwd_seed …).
     workloads: Vec<String>,
@@ -505,7 +546,7 @@ fn main() -> ExitCode {
         Err(e) => return usage_failure(e),
     };
     let result = match cli.command {
-        None => demo(),
+        None => tour(&TourArgs::default()),
         Some(Command::Run(args)) => run(&args),
         Some(Command::Init(args)) => init(&args),
         Some(Command::Inspect(args)) => inspect(&args),
@@ -513,6 +554,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(args)) => run_bench(&args),
         Some(Command::Seq2seq(args)) => seq2seq(&args),
         Some(Command::Train(args)) => train(&args),
+        Some(Command::Tour(args)) => tour(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -1606,38 +1648,42 @@ fn run_bench(args: &BenchArgs) -> Result<(), Failure> {
 
 /// `rnnc` with no command: the chapter's parameter counts and its vanishing-gradient experiment,
 /// on this project's compiler and interpreter.
-fn demo() -> Result<(), Failure> {
-    let here = Path::new("");
-    say("rnn: a compiler for recurrent networks (see `rnnc --help`).\n\n")?;
-    say(
-        "Parameters for input 128, hidden 256, one layer (PyTorch's two biases; one bias as the chapter counts):\n",
-    )?;
-    for (cell, label) in [
-        (CellKind::RnnTanh, "rnn"),
-        (CellKind::Lstm, "lstm"),
-        (CellKind::Gru, "gru"),
-    ] {
-        let mut spec = ModelSpec::new(cell, 128, 256);
-        let two = Program::compile(&spec)
-            .map_err(|e| fail(here, e))?
-            .parameter_count();
-        spec.bias_convention = BiasConvention::One;
-        let one = Program::compile(&spec)
-            .map_err(|e| fail(here, e))?
-            .parameter_count();
-        say(&format!("  {label:<9} {two:>8}  (one bias: {one})\n"))?;
-    }
-    say(
-        "\nVanishing gradients: tanh RNN, input 32, hidden 64, length 100, loss = sum of the last output.\n",
-    )?;
-    say("Norm of d(loss)/d(x_t), computed by BPTT through the compiled backward step:\n")?;
-    let program =
-        Program::compile(&ModelSpec::new(CellKind::RnnTanh, 32, 64)).map_err(|e| fail(here, e))?;
-    let weights = Weights::init(&program, 7).map_err(|e| fail(here, e))?;
-    let x = bench::random_tensor(vec![100, 1, 32], 8);
-    let norms = bench::gradient_norms(&program, &weights, &x).map_err(|e| fail(here, e))?;
-    for t in [99, 90, 75, 50, 25, 10, 0] {
-        say(&format!("  t = {t:>2}: {:.3e}\n", norms[t]))?;
-    }
-    Ok(())
+fn tour(args: &TourArgs) -> Result<(), Failure> {
+    use rnn::tour::{Options, TourError, run, summary_table};
+    let opts = Options {
+        quick: args.quick,
+        seed: args.seed,
+        out: args.out.clone(),
+        only: args.only.clone(),
+        progress: !args.quiet,
+    };
+    say(&format!(
+        "rnn: the chapter, measured{} (seed {}); the report goes to {}\n",
+        if args.quick { " (quick)" } else { "" },
+        args.seed,
+        args.out.display()
+    ))?;
+    let mut printed = Ok(());
+    let findings = run(&opts, |f| {
+        if printed.is_ok() {
+            printed = say(&format!(
+                "  {:<8} {:<14} {:>6.1} s  {}: {}\n",
+                f.section.place(),
+                f.section.name(),
+                f.seconds,
+                f.verdict,
+                f.measured
+            ));
+        }
+    })
+    .map_err(|e| match e {
+        TourError::Out(p, e) => fail(&p, e),
+        TourError::Model(s, e) => fail_at(&format!("tour {s}"), e),
+    })?;
+    printed?;
+    say(&format!(
+        "\n{}\nThe report: {}\n",
+        summary_table(&findings),
+        args.out.join("report.md").display()
+    ))
 }
