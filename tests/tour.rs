@@ -166,6 +166,36 @@ fn bad_input_is_a_clear_error_and_nothing_is_overwritten() {
         std::fs::read_to_string(mine.join("report.md")).unwrap(),
         "my notes"
     );
+    // A folder an earlier tour wrote: its report is replaced, a file of the user's stays.
+    let earlier = dir.path().join("earlier");
+    let o = tour(&[
+        "--quick",
+        "--quiet",
+        "--only",
+        "2",
+        "--out",
+        earlier.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    std::fs::write(earlier.join("my-plot.png"), "mine").unwrap();
+    let o = tour(&[
+        "--quick",
+        "--quiet",
+        "--only",
+        "3",
+        "--out",
+        earlier.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(earlier.join("my-plot.png")).unwrap(),
+        "mine"
+    );
+    assert!(
+        !earlier.join("cell_state_norms.png").exists(),
+        "the old run's plot went"
+    );
+    assert!(earlier.join("gradients.png").exists());
     // A file where the folder should be.
     let file = dir.path().join("file");
     std::fs::write(&file, "x").unwrap();

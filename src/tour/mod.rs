@@ -217,10 +217,41 @@ impl std::error::Error for TourError {}
 /// one) is written into, so nothing the user keeps there is overwritten.
 pub const MARKER: &str = ".rnn-tour";
 
+/// Every plot the tour draws, by file name: what a new tour replaces in a folder an earlier
+/// one wrote (and nothing else there).
+pub const PLOTS: [&str; 8] = [
+    "cell_state_norms.png",
+    "gradients.png",
+    "properties_recall.png",
+    "bidirectional.png",
+    "seq2seq_bottleneck.png",
+    "sequential.png",
+    "packing.png",
+    "charlm_loss.png",
+];
+
+/// The files besides the plots that the tour writes.
+const FILES: [&str; 2] = ["report.md", "summary.json"];
+
 /// Prepares the report folder: creates it, or accepts an empty one or one the tour wrote
-/// before (whose report, plots and summary are then replaced).
+/// before (whose report, plots and summary are then replaced; nothing else there is touched).
 fn prepare(out: &Path) -> Result<(), TourError> {
     let fail = |e: &dyn fmt::Display| TourError::Out(out.to_path_buf(), e.to_string());
+    if out.as_os_str().is_empty() {
+        return Err(fail(&"the report folder's path is empty"));
+    }
+    // A symbolic link where a file of the report goes would write elsewhere.
+    for name in PLOTS.iter().chain(&FILES).chain(&[MARKER]) {
+        let p = out.join(name);
+        if p.symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            return Err(TourError::Out(
+                p,
+                "is a symbolic link: the tour writes only files of its own; remove it or choose another `--out`".into(),
+            ));
+        }
+    }
     if out.exists() {
         if !out.is_dir() {
             return Err(fail(&"exists and is not a folder: choose another `--out`"));
@@ -237,10 +268,10 @@ fn prepare(out: &Path) -> Result<(), TourError> {
         }
         if marked {
             // The previous tour's plots go, so that none is left over from a section not
-            // run this time.
-            for entry in std::fs::read_dir(out).map_err(|e| fail(&e))? {
-                let p = entry.map_err(|e| fail(&e))?.path();
-                if p.extension().is_some_and(|x| x == "png") {
+            // run this time; any other file stays.
+            for name in PLOTS {
+                let p = out.join(name);
+                if p.is_file() {
                     std::fs::remove_file(&p).map_err(|e| fail(&e))?;
                 }
             }
@@ -276,6 +307,10 @@ pub fn run(opts: &Options, mut done: impl FnMut(&Finding)) -> Result<Vec<Finding
             sections::Failure::Out(p, e) => TourError::Out(p, e),
         })?;
         f.seconds = start.elapsed().as_secs_f64();
+        debug_assert!(
+            f.plots.iter().all(|p| PLOTS.contains(&p.as_str())),
+            "every plot is listed in PLOTS"
+        );
         done(&f);
         findings.push(f);
     }
