@@ -11,7 +11,8 @@
 //!   checkpoints and `--resume`.
 //! - `rnnc seq2seq`: decode source token ids with an encoder-decoder's PyTorch state dict
 //!   (greedy, or beam search), tokens out as int64 `.npy`.
-//! - `rnnc` alone: a short demonstration (parameter counts and vanishing gradients).
+//! - `rnnc tour` (and `rnnc` alone, what `cargo run --release` runs): the chapter's experiments,
+//!   measured, with a summary table and a report folder of Markdown and PNG plots.
 //!
 //! Any bad input (command-line mistakes included) exits with code 2 and one line on stderr
 //! naming the file, flag or tensor at fault. `--out` never overwrites an input. Output to a pipe

@@ -2,6 +2,7 @@
 //! that ships in the repository (`assets/fonts`), so nothing depends on the machine's fonts.
 
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -238,8 +239,10 @@ where
         } else {
             ctx.draw_series(LineSeries::new(points.clone(), style))?
         };
+        // The legend's swatch is dashed like its line (a long dash is a solid swatch).
+        let (dash, gap) = if s.dashed { (6, 4) } else { (24, 1) };
         drawn.label(&s.name).legend(move |(x, y)| {
-            PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+            DashedPathElement::new(vec![(x, y), (x + 24, y)], dash, gap, color.stroke_width(3))
         });
         if !s.dashed && points.len() <= 40 {
             ctx.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
