@@ -93,6 +93,14 @@ pub fn run(
     let p = body.plan;
     let (steps, batch, lengths) = (seq.steps, seq.batch, seq.lengths);
     let states = g.states();
+    // A run whose rows are packed by decreasing length runs each step on the rows still
+    // running only (`Lowered::step_shift`), forward and backward: a finished row's state (or
+    // its gradient) is held as before, and it would contribute nothing to the step's
+    // gradients. The buffers the steps then write in part start at zero, so that nothing
+    // unwritten is read as a number (a backward pass reads the forward pass's, and sums over
+    // all the rows after the loop).
+    let shift = plan.lowered.step_shift.as_deref();
+    let shrinks = shift.is_some() && lengths.iter().take(batch).any(|&len| len < steps);
     let mut bufs: Vec<Vec<f32>> = p
         .buffers
         .iter()
@@ -106,7 +114,7 @@ pub fn run(
             if b.storage == Storage::Bound {
                 // The model's, computed once (`inputs.bound`).
                 Vec::new()
-            } else if p.written_whole(g, i) {
+            } else if p.written_whole(g, i) && !shrinks {
                 scratch(rows * b.width)
             } else {
                 zeros(rows * b.width)
@@ -190,6 +198,7 @@ pub fn run(
     // executor, which runs after the driver's checks, and `JitModel::step`, which checks the
     // sizes itself) pass inputs, states and tapes of those sizes.
     unsafe { (plan.pre)(table.as_ptr(), steps, batch, 0) };
+    let mut shifted: Vec<*mut f32> = if shrinks { table.clone() } else { Vec::new() };
     for i in 0..steps {
         let t = if reverse { steps - 1 - i } else { i };
         let partial = driver::any_finished(t, lengths);
@@ -212,8 +221,28 @@ pub fn run(
                 _ => {}
             }
         }
-        // SAFETY: as above.
-        unsafe { (plan.step)(table.as_ptr(), steps, batch, t) };
+        let rows = match shift {
+            Some(shift) if partial => {
+                let running = running_prefix(t, lengths, batch);
+                if running < batch {
+                    for (j, (&p, &s)) in table.iter().zip(shift).enumerate() {
+                        shifted[j] = p.wrapping_add(t * batch * s);
+                    }
+                }
+                running
+            }
+            _ => batch,
+        };
+        if rows == batch {
+            // SAFETY: as above.
+            unsafe { (plan.step)(table.as_ptr(), steps, batch, t) };
+        } else if rows > 0 {
+            // SAFETY: as above, on the first `rows` rows: every address the step reads or
+            // writes at the step's rows is moved to step `t`'s block (the rows' stride times
+            // `t · batch`), and with `t = 0` and `batch = rows` it covers rows `0..rows` of
+            // that block, which lie inside it.
+            unsafe { (plan.step)(shifted.as_ptr(), steps, rows, 0) };
+        }
         if partial {
             for (k, &(_, n)) in states.iter().enumerate() {
                 driver::restore_finished(t, lengths, n, &mut nxt[k], &hold[k]);
@@ -307,6 +336,18 @@ pub fn run(
         grads,
         finals: cur,
         buffers: bufs,
+    }
+}
+
+/// The number of leading rows still running at step `t` when every row after them has ended
+/// (a batch packed by decreasing length); `batch` when a running row follows an ended one.
+fn running_prefix(t: usize, lengths: &[usize], batch: usize) -> usize {
+    let lengths = &lengths[..batch.min(lengths.len())];
+    let running = lengths.iter().take_while(|&&len| len > t).count();
+    if lengths[running..].iter().all(|&len| len <= t) {
+        running
+    } else {
+        batch
     }
 }
 

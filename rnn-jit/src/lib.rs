@@ -202,6 +202,19 @@ impl Jit {
         &self.program
     }
 
+    /// Whether every layer's steps (inference, training and backward) run on the rows still
+    /// running when a packed batch is ordered by decreasing length, as PyTorch packs one: then
+    /// a packed batch costs its sequences' own steps, not the longest one's at every row. A
+    /// batch in another order, or a plan whose step reads a buffer both per step and whole,
+    /// runs every row at every step and holds the finished rows' states (the same results).
+    pub fn shrinks_packed_batches(&self) -> bool {
+        self.cells.iter().all(|c| {
+            [&c.inference, &c.training, &c.backward]
+                .iter()
+                .all(|p| p.lowered.step_shift.is_some())
+        })
+    }
+
     /// Every compiled function's CLIF, by name, in compilation order.
     pub fn clif(&self) -> &[(String, String)] {
         &self.clif

@@ -170,6 +170,13 @@ pub struct Lowered {
     pub tmps: Vec<TmpInfo>,
     /// The functions' CLIF, before compilation.
     pub clif: Vec<(String, String)>,
+    /// How the step function can run on the first `r` rows of a batch only (the rows still
+    /// running in a batch packed by decreasing length): called with `batch = r` and `t = 0`,
+    /// each slot's address moved on by `t · batch · shift[slot]` elements (its stride when the
+    /// step reads or writes it at the step's rows, 0 when it reads it whole or per row).
+    /// `None` when a slot is read both ways, or the step counts all the steps' rows: such a
+    /// step runs every row.
+    pub step_shift: Option<Vec<usize>>,
 }
 
 /// The code generator of one function.
@@ -183,6 +190,10 @@ struct Gen<'a, 'f> {
     batch: CValue,
     t: CValue,
     callees: Callees,
+    /// Every slot, row selection and stride the function addresses.
+    uses: Vec<Use>,
+    /// Whether it counts all the steps' rows.
+    counts_all: bool,
 }
 
 /// Rows of at most this many vectors are unrolled.
@@ -217,12 +228,18 @@ impl Gen<'_, '_> {
         match rows {
             RowSel::Once => self.iconst(1),
             RowSel::Step | RowSel::AtStep => self.batch,
-            RowSel::All => self.b.ins().imul(self.steps, self.batch),
+            RowSel::All => {
+                self.counts_all = true;
+                self.b.ins().imul(self.steps, self.batch)
+            }
         }
     }
 
     /// The address of element `i` (a constant) of row `r` of `a`.
     fn addr(&mut self, a: &Access, base: CValue, r: CValue, i: usize) -> CValue {
+        if !self.uses.contains(&(a.slot, a.rows, a.stride)) {
+            self.uses.push((a.slot, a.rows, a.stride));
+        }
         let row = match a.rows {
             RowSel::Once => None,
             RowSel::Step | RowSel::All => Some(r),
@@ -792,6 +809,7 @@ pub fn lower(module: &mut JITModule, body: Body<'_>, name: &str) -> Result<Lower
     let mut tmps = Vec::new();
     let mut clif = Vec::new();
     let mut ids = Vec::new();
+    let mut step_uses = None;
     for part in [Part::Bound, Part::Pre, Part::Step, Part::Post] {
         let fname = format!(
             "{name}_{}",
@@ -802,10 +820,14 @@ pub fn lower(module: &mut JITModule, body: Body<'_>, name: &str) -> Result<Lower
                 Part::Post => "post",
             }
         );
-        let (id, text) = lower_part(module, body, part, &fname, &mut slots, &mut tmps)?;
+        let (id, text, uses) = lower_part(module, body, part, &fname, &mut slots, &mut tmps)?;
+        if part == Part::Step {
+            step_uses = uses;
+        }
         clif.push((fname, text));
         ids.push(id);
     }
+    let step_shift = step_uses.and_then(|uses| shifts(&slots, &uses));
     Ok(Lowered {
         bound: ids[0],
         pre: ids[1],
@@ -814,7 +836,37 @@ pub fn lower(module: &mut JITModule, body: Body<'_>, name: &str) -> Result<Lower
         slots,
         tmps,
         clif,
+        step_shift,
     })
+}
+
+/// A slot a function addresses, with the rows it selects and their stride.
+type Use = (Slot, RowSel, usize);
+
+/// [`Lowered::step_shift`] from the step function's uses: `None` when a slot is addressed
+/// at the step's rows and also otherwise (or with two strides).
+fn shifts(slots: &[Slot], uses: &[Use]) -> Option<Vec<usize>> {
+    let mut shift = vec![0; slots.len()];
+    for (i, slot) in slots.iter().enumerate() {
+        let mine: Vec<(RowSel, usize)> = uses
+            .iter()
+            .filter(|u| u.0 == *slot)
+            .map(|u| (u.1, u.2))
+            .collect();
+        let at_step: Vec<usize> = mine
+            .iter()
+            .filter(|u| u.0 == RowSel::AtStep)
+            .map(|u| u.1)
+            .collect();
+        if at_step.is_empty() {
+            continue;
+        }
+        if at_step.len() != mine.len() || at_step.iter().any(|&s| s != at_step[0]) {
+            return None;
+        }
+        shift[i] = at_step[0];
+    }
+    Some(shift)
 }
 
 fn lower_part(
@@ -824,7 +876,7 @@ fn lower_part(
     name: &str,
     slots: &mut Vec<Slot>,
     tmps: &mut Vec<TmpInfo>,
-) -> Result<(FuncId, String), String> {
+) -> Result<(FuncId, String, Option<Vec<Use>>), String> {
     let mut ctx = module.make_context();
     let config = module.target_config();
     for _ in 0..4 {
@@ -832,6 +884,7 @@ fn lower_part(
     }
     let callees = symbols::declare(module, &mut ctx.func)?;
     let mut fbc = FunctionBuilderContext::new();
+    let uses;
     {
         let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
         let entry = b.create_block();
@@ -848,6 +901,8 @@ fn lower_part(
             batch: p[2],
             t: p[3],
             callees,
+            uses: Vec::new(),
+            counts_all: false,
         };
         match part {
             Part::Bound => {
@@ -902,6 +957,7 @@ fn lower_part(
         }
         g.b.ins().return_(&[]);
         g.b.seal_all_blocks();
+        uses = (!g.counts_all).then(|| std::mem::take(&mut g.uses));
         g.b.finalize(config);
     }
     let text = ctx.func.display().to_string();
@@ -912,7 +968,7 @@ fn lower_part(
         .define_function(id, &mut ctx)
         .map_err(|e| format!("{name}: {e:?}"))?;
     module.clear_context(&mut ctx);
-    Ok((id, text))
+    Ok((id, text, uses))
 }
 
 /// Whether `role`'s output is produced per step (the output, the input's gradient).

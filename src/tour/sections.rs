@@ -1433,7 +1433,9 @@ fn packing(ctx: &Ctx) -> R<Finding> {
     let reps = ctx.pick(5, 1);
     let program = Program::compile(&spec(&CellKind::Lstm, i, h))?;
     let weights = Weights::init(&program, ctx.seed(60))?;
-    let model = jit_model(&program, &weights)?;
+    let jit = Arc::new(Jit::compile(&program)?);
+    let shrinks = jit.shrinks_packed_batches();
+    let model = jit.bind(&weights)?;
     let mut rng = Rng::new(ctx.seed(61));
     let x = Tensor::new(vec![t, b, i], normals(&mut rng, t * b * i)).expect("an input");
     let gy = Tensor::new(vec![t, b, h], normals(&mut rng, t * b * h)).expect("a seed");
@@ -1446,9 +1448,10 @@ fn packing(ctx: &Ctx) -> R<Finding> {
         "An LSTM (64 → 128, JIT, one thread), batch {b}, training step (forward and backward). \
          Lengths drawn as ⌈{t}·u^k⌉ with u uniform on (0, 1): the larger k, the more short \
          sequences; one sequence of each batch has the full length {t}, to which the padded \
-         batch is padded. Padded: every sequence runs {t} steps. Packed: each runs its own \
-         length (PyTorch's packed semantics: outputs zero past each length, final states at \
-         each sequence's last step).\n\n| k | padding | padded ms | packed ms | time saved |\n|---|---|---|---|---|\n"
+         batch is padded, and the batch is ordered by decreasing length, as PyTorch packs one. \
+         Padded: every sequence runs {t} steps. Packed: each runs its own length (PyTorch's \
+         packed semantics: outputs zero past each length, final states at each sequence's last \
+         step).\n\n| k | padding | padded ms | packed ms | time saved |\n|---|---|---|---|---|\n"
     );
     let bar = ctx.bar(skews.len() as u64, "packing: padded against packed");
     let (mut pts, mut ideal) = (Vec::new(), Vec::new());
@@ -1458,6 +1461,8 @@ fn packing(ctx: &Ctx) -> R<Finding> {
             .map(|_| ((t as f64 * rng.uniform().powf(k)).ceil() as i64).clamp(1, t as i64))
             .collect();
         lengths[0] = t as i64;
+        // By decreasing length, as PyTorch packs a batch (it sorts one that is not).
+        lengths.sort_unstable_by(|a, b| b.cmp(a));
         let padding = 1.0 - lengths.iter().sum::<i64>() as f64 / (b * t) as f64;
         let padded = median_time(reps, || {
             model.run(&Request {
@@ -1510,11 +1515,12 @@ fn packing(ctx: &Ctx) -> R<Finding> {
         hi * 100.0
     );
     // Judged on the batches with at least 30% padding (the chapter's "highly variable"):
-    // their mean saving, so that the noise of one timing does not decide.
+    // their mean saving against the chapter's 20 to 40%, so that the noise of one timing does
+    // not decide.
     let mean_high = saved_at_high.iter().sum::<f64>() / saved_at_high.len().max(1) as f64;
     f.numbers
         .push(("mean_saved_at_30pct_padding_or_more".into(), mean_high));
-    f.verdict = if !saved_at_high.is_empty() && saved_at_high.iter().all(|&s| s >= 0.2) {
+    f.verdict = if !saved_at_high.is_empty() && mean_high >= 0.2 {
         Verdict::Holds
     } else if mean_high >= 0.1 {
         Verdict::Partly
@@ -1522,22 +1528,21 @@ fn packing(ctx: &Ctx) -> R<Finding> {
         Verdict::Differs
     };
     f.why = if mean_high >= 0.1 {
-        "The saving follows the padding: what packing skips is the padded positions' work, \
-         so a batch that is 30% padding saves up to 30% (less the per-step overhead that does \
-         not shrink with the rows). The chapter's 20 to 40% is one range of padding; the plot \
-         gives the whole curve."
-            .to_string()
+        format!(
+            "Packing saves {:.0}% on average where a third of the batch or more is padding. The \
+             JIT runs each step, forward and backward, on the rows still running (the batch is \
+             ordered by decreasing length, as PyTorch packs one), so the recurrent steps cost \
+             the sequences' own lengths. The saving stays below the padding (the ideal line) \
+             because the input projection before the loop and the weight gradients after it \
+             are each one product over all the padded rows. The chapter's 20 to 40% is one \
+             range of padding; the plot gives the whole curve. (The interpreter and the emitted \
+             code still run every row and hold the finished ones: the same results, the padded \
+             cost.)",
+            mean_high * 100.0
+        )
     } else {
         format!(
-            "Here packing {} where a third of the batch or more is padding, and the reason is \
-         this compiler, not the chapter: every \
-         backend (the interpreter, the JIT and the emitted code) runs a packed batch as a \
-         masked one. Each step computes all the batch's rows and then holds the finished \
-         rows' states, so the results are PyTorch's packed results (outputs zero past each \
-         length, final states at each sequence's last step) but the work is the padded \
-         batch's. PyTorch's packed kernels shrink the batch at each step instead (rows sorted \
-         by length, each step's products over the running rows only), which is where its 20 \
-         to 40% comes from; the ideal line in the plot is what that would save here.",
+            "Here packing {} where a third of the batch or more is padding. {}",
             if mean_high >= 0.0 {
                 format!(
                     "saves {:.0}% on average, nothing beyond the timings' noise,",
@@ -1548,6 +1553,17 @@ fn packing(ctx: &Ctx) -> R<Finding> {
                     "costs {:.0}% more on average (the copies that hold the finished rows' states),",
                     -mean_high * 100.0
                 )
+            },
+            if shrinks {
+                "The JIT ran each step on the running rows only, so what is left is the work \
+                 that does not shrink with them (the input projection and the weight \
+                 gradients over all the padded rows, and the per-step overhead)."
+            } else {
+                "This model's JIT plan cannot run a step on the running rows alone \
+                 (`Jit::shrinks_packed_batches`), so each step computed every row and held the \
+                 finished ones: PyTorch's packed results at the padded batch's cost. PyTorch's \
+                 packed kernels shrink the batch at each step instead, which is where its 20 to \
+                 40% comes from; the ideal line is what that would save here."
             }
         )
     };
