@@ -16,6 +16,11 @@ fn a_batch_packed_by_decreasing_length_runs_on_its_running_rows_and_agrees() {
         "lstm { input: 4, hidden: 6, batch_first: true }",
         "cell MinGru { input: 4, hidden: 5, param W_z: [hidden, input], param W_h: [hidden, input], \
          state h, z = sigmoid(W_z @ x), h = (1 - z) * h + z * (W_h @ x) }",
+        // A value of the loop on the tape divided by in the output: a finished row's positions
+        // past its length hold its last step's numbers, never a 0 to divide by.
+        "cell DivOut { input: 3, hidden: 4, param W: [hidden, input], param U: [hidden, hidden], \
+         param V: [hidden, input], param W_y: [2, hidden], state h, \
+         z = sigmoid(W @ x + U @ h), h = z * tanh(V @ x), output y = W_y @ (h / z) }",
     ];
     let mut rng = common::Rng(7);
     for text in declarations {

@@ -101,6 +101,23 @@ pub fn run(
     // all the rows after the loop).
     let shift = plan.lowered.step_shift.as_deref();
     let shrinks = shift.is_some() && lengths.iter().take(batch).any(|&len| len < steps);
+    // The buffers a shrunk step writes at the step's rows: those start at zero, and after a
+    // forward pass each finished row's positions past its length repeat its last step's
+    // values, so that what runs over all the rows after the loop (here and in the backward
+    // pass, which reads them as the tape) reads the numbers of a real step, never 0/0.
+    let partial: Vec<u32> = match shift {
+        Some(shift) if shrinks => plan
+            .lowered
+            .slots
+            .iter()
+            .zip(shift)
+            .filter_map(|(slot, &s)| match *slot {
+                Slot::Buf(b) if s > 0 && p.buffers[b as usize].storage != Storage::Bound => Some(b),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     let mut bufs: Vec<Vec<f32>> = p
         .buffers
         .iter()
@@ -114,7 +131,7 @@ pub fn run(
             if b.storage == Storage::Bound {
                 // The model's, computed once (`inputs.bound`).
                 Vec::new()
-            } else if p.written_whole(g, i) && !shrinks {
+            } else if p.written_whole(g, i) && !partial.contains(&(i as u32)) {
                 scratch(rows * b.width)
             } else {
                 zeros(rows * b.width)
@@ -257,6 +274,21 @@ pub fn run(
             _ => {}
         }
     }
+    if body.forward.is_none() {
+        for &b in &partial {
+            let buf = &mut bufs[b as usize];
+            let width = p.buffers[b as usize].width;
+            if buf.len() != steps * batch * width {
+                continue;
+            }
+            for (r, &len) in lengths.iter().enumerate().take(batch) {
+                let last = ((len.max(1) - 1) * batch + r) * width;
+                for t in len..steps {
+                    buf.copy_within(last..last + width, (t * batch + r) * width);
+                }
+            }
+        }
+    }
     // SAFETY: as above.
     unsafe { (plan.post)(table.as_ptr(), steps, batch, 0) };
 
@@ -342,7 +374,10 @@ pub fn run(
 /// The number of leading rows still running at step `t` when every row after them has ended
 /// (a batch packed by decreasing length); `batch` when a running row follows an ended one.
 fn running_prefix(t: usize, lengths: &[usize], batch: usize) -> usize {
-    let lengths = &lengths[..batch.min(lengths.len())];
+    if lengths.len() < batch {
+        return batch;
+    }
+    let lengths = &lengths[..batch];
     let running = lengths.iter().take_while(|&&len| len > t).count();
     if lengths[running..].iter().all(|&len| len <= t) {
         running
