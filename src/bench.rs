@@ -181,7 +181,8 @@ pub fn cell_flops(gates: usize, input: usize, hidden: usize, batch: usize, steps
         * steps as f64
 }
 
-fn time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+/// `reps` timed calls of `f` after one untimed call, in seconds, in the order they ran.
+pub(crate) fn time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     f()?; // warm-up
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {

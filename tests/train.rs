@@ -4,48 +4,22 @@
 
 use rnn::ir::model::Model;
 use rnn::ir::optim::{Adam, Optimizer, Rule};
-use rnn::ir::seq2seq::Seq2Seq;
-use rnn::ir::spec::{Attention, Score};
-use rnn::train::{
-    Backend, CharText, LmRunner, Seq2SeqRunner, SeqTask, TaskKind, token_accuracy, train_step,
-};
+use rnn::train::{Backend, CharText, LmRunner, Reversal, SeqTask, TaskKind, train_step};
 
 /// Trains a reversal model on sources of exactly `len` symbols for `steps` steps and returns
 /// the greedy token accuracy on 256 held-out sources.
 fn reversal_accuracy(len: usize, attention: bool, steps: u64, hidden: usize) -> f64 {
-    let task = SeqTask {
-        kind: TaskKind::Reverse,
-        symbols: 10,
-        min_len: len,
-        max_len: len,
-    };
-    let v = task.vocab();
-    let mut enc = rnn::ModelSpec::new(rnn::CellKind::Lstm, 32, hidden);
-    enc.vocab = Some(v);
-    enc.batch_first = true;
-    let mut dec = enc.clone();
-    dec.head = Some(v);
-    dec.attention = attention.then_some(Attention::new(Score::General, hidden));
-    let model = Seq2Seq::new(&enc, &dec).unwrap();
-    let mut w = model.init(1).unwrap();
-    let runner = Seq2SeqRunner::new(&model, Backend::Jit).unwrap();
-    let mut opt = Optimizer::new(Rule::Adam(Adam {
-        lr: 3e-3,
-        ..Adam::default()
-    }))
-    .unwrap();
-    for step in 0..steps {
-        let loss = runner.loss(&w, &task.batch(11, step, 32).unwrap()).unwrap();
-        train_step(&mut w, &mut opt, loss, Some(1.0)).unwrap();
+    Reversal {
+        len,
+        attention,
+        steps,
+        hidden,
+        init_seed: 1,
+        data_seed: 11,
+        held_seed: 999,
     }
-    let (mut right, mut total) = (0, 0);
-    for e in 0..4 {
-        let b = task.batch(999, e, 64).unwrap();
-        let (r, t) = token_accuracy(&runner.greedy(&w, &b).unwrap(), &b);
-        right += r;
-        total += t;
-    }
-    right as f64 / total as f64
+    .accuracy(|| ())
+    .unwrap()
 }
 
 #[test]

@@ -258,6 +258,26 @@ impl SeededUniform {
     }
 }
 
+/// `n` standard normal numbers from `seed` (Box–Muller on [`SeededUniform`]'s numbers, two
+/// per pair): what `torch.randn` and `nn.Embedding`'s initialisation draw, from this
+/// project's generator.
+pub fn seeded_normals(seed: u64, n: usize) -> Vec<f32> {
+    let mut u = SeededUniform::new(seed);
+    let mut data = Vec::with_capacity(n);
+    while data.len() < n {
+        // Box–Muller on two uniforms in (0, 1].
+        let a = (u.next().unwrap_or(0.0) + 1.0) / 2.0;
+        let b = (u.next().unwrap_or(0.0) + 1.0) / 2.0;
+        let r = (-2.0 * (1.0 - a).max(f64::MIN_POSITIVE).ln()).sqrt();
+        let t = std::f64::consts::TAU * b;
+        data.push((r * t.cos()) as f32);
+        if data.len() < n {
+            data.push((r * t.sin()) as f32);
+        }
+    }
+    data
+}
+
 impl Iterator for SeededUniform {
     type Item = f64;
     fn next(&mut self) -> Option<f64> {

@@ -5,18 +5,14 @@ use super::{Finding, Section, Verdict};
 use crate::bench::{self, measure_at, workload};
 use crate::ir::model::{Ids, Model};
 use crate::ir::optim::{Adam, Optimizer, Rule};
-use crate::ir::seq2seq::{Decode, Seq2Seq};
+use crate::ir::seq2seq::Decode;
 use crate::ir::spec::BiasConvention;
-use crate::ir::spec::{Attention, Score};
+use crate::ir::weights::seeded_normals;
 use crate::jit::Jit;
-use crate::train::{
-    Backend, CharText, IGNORE, LmRunner, Rng, Seq2SeqRunner, SeqTask, TaskKind, token_accuracy,
-    train_step,
-};
+use crate::train::{Backend, CharText, IGNORE, LmRunner, Reversal, Rng, Seq2SeqRunner, train_step};
 use crate::{CellKind, Error, ModelSpec, Program, Request, Tensor, Weights};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// What every section reads: the budget, the seed, where plots go.
 pub(crate) struct Ctx {
@@ -111,26 +107,10 @@ fn finding(section: Section, backend: &str) -> Finding {
     }
 }
 
-/// `n` standard normal numbers (Box-Muller).
-fn normals(rng: &mut Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u = rng.uniform().max(1e-300);
-            let v = rng.uniform();
-            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-        })
-        .collect()
-}
-
-/// The median of `reps` timed calls of `f` (after one untimed call), in seconds.
-fn median_time(reps: usize, mut f: impl FnMut() -> R<()>) -> R<f64> {
-    f()?;
-    let mut t: Vec<f64> = (0..reps.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            f().map(|()| start.elapsed().as_secs_f64())
-        })
-        .collect::<R<_>>()?;
+/// The median of `reps` timed calls of `f` (after one untimed call), in seconds: the lower
+/// of the two middle ones for an even count.
+fn median_time(reps: usize, f: impl FnMut() -> crate::Result<()>) -> R<f64> {
+    let mut t = bench::time(reps.max(1), f)?;
     t.sort_by(f64::total_cmp);
     Ok(t[(t.len() - 1) / 2])
 }
@@ -203,8 +183,7 @@ fn cell(ctx: &Ctx) -> R<Finding> {
     let program = Program::compile(&spec(&CellKind::RnnTanh, 10, 20))?;
     let weights = Weights::init(&program, ctx.seed(1))?;
     let cell = models::ChapterCell::from_weights(&weights)?;
-    let mut rng = Rng::new(ctx.seed(2));
-    let xs = normals(&mut rng, 5 * 10);
+    let xs = seeded_normals(ctx.seed(2), 5 * 10);
     let mut state = models::ChapterCellState::ZERO;
     let mut hs = Vec::new();
     for t in 0..5 {
@@ -413,9 +392,11 @@ fn gradients(ctx: &Ctx) -> R<Finding> {
     let mut f = finding(Section::Gradients, "JIT (Cranelift)");
     let scale = EXPLODING_SCALE;
     let (input, hidden, steps) = (32, 64, 100);
-    let mut rng = Rng::new(ctx.seed(3));
-    let x = Tensor::new(vec![steps, 1, input], normals(&mut rng, steps * input))
-        .expect("a (100, 1, 32) input");
+    let x = Tensor::new(
+        vec![steps, 1, input],
+        seeded_normals(ctx.seed(3), steps * input),
+    )
+    .expect("a (100, 1, 32) input");
     let mut series = Vec::new();
     let mut body = format!(
         "Input 32, hidden 64, one sequence of {steps} standard-normal steps, loss = the sum of \
@@ -678,9 +659,8 @@ fn properties(ctx: &Ctx) -> R<Finding> {
     let (i, h, b) = (128, 256, 32);
     let t = ctx.pick(64, 16);
     let reps = ctx.pick(5, 2);
-    let mut x_rng = Rng::new(ctx.seed(20));
-    let x = Tensor::new(vec![t, b, i], normals(&mut x_rng, t * b * i)).expect("an input");
-    let gy = Tensor::new(vec![t, b, h], normals(&mut x_rng, t * b * h)).expect("a seed");
+    let x = Tensor::new(vec![t, b, i], seeded_normals(ctx.seed(20), t * b * i)).expect("an input");
+    let gy = Tensor::new(vec![t, b, h], seeded_normals(ctx.seed(22), t * b * h)).expect("a seed");
     let mut body = format!(
         "Input 128, hidden 256, batch 32, {t} steps, one thread: the time of one step, forward \
          and forward + backward (BPTT, every weight's gradient).\n\n| cell | parameters \
@@ -1065,23 +1045,6 @@ fn bidirectional(ctx: &Ctx) -> R<Finding> {
 /// Trains a reversal model on sources of exactly `len` symbols; the greedy token accuracy on
 /// 256 held-out sources.
 fn reversal(ctx: &Ctx, len: usize, attention: bool, steps: u64) -> R<f64> {
-    let task = SeqTask {
-        kind: TaskKind::Reverse,
-        symbols: 10,
-        min_len: len,
-        max_len: len,
-    };
-    let v = task.vocab();
-    let mut enc = spec(&CellKind::Lstm, 32, 64);
-    enc.vocab = Some(v);
-    enc.batch_first = true;
-    let mut dec = enc.clone();
-    dec.head = Some(v);
-    dec.attention = attention.then_some(Attention::new(Score::General, 64));
-    let model = Seq2Seq::new(&enc, &dec)?;
-    let mut w = model.init(ctx.seed(50))?;
-    let runner = Seq2SeqRunner::new(&model, Backend::Jit)?;
-    let mut opt = adam(3e-3)?;
     let bar = ctx.bar(
         steps,
         &format!(
@@ -1089,21 +1052,18 @@ fn reversal(ctx: &Ctx, len: usize, attention: bool, steps: u64) -> R<f64> {
             if attention { "attention" } else { "plain" }
         ),
     );
-    let data_seed = ctx.seed(51);
-    for step in 0..steps {
-        let loss = runner.loss(&w, &task.batch(data_seed, step, 32)?)?;
-        train_step(&mut w, &mut opt, loss, Some(1.0))?;
-        bar.inc(1);
-    }
+    let run = Reversal {
+        len,
+        attention,
+        steps,
+        hidden: 64,
+        init_seed: ctx.seed(50),
+        data_seed: ctx.seed(51),
+        held_seed: ctx.seed(51) ^ 0xe7a1,
+    };
+    let accuracy = run.accuracy(|| bar.inc(1))?;
     bar.finish_and_clear();
-    let (mut right, mut total) = (0, 0);
-    for e in 0..4 {
-        let b = task.batch(data_seed ^ 0xe7a1, e, 64)?;
-        let (r, t) = token_accuracy(&runner.greedy(&w, &b)?, &b);
-        right += r;
-        total += t;
-    }
-    Ok(right as f64 / total.max(1) as f64)
+    Ok(accuracy)
 }
 
 fn seq2seq(ctx: &Ctx) -> R<Finding> {
@@ -1250,11 +1210,14 @@ fn sequential(ctx: &Ctx) -> R<Finding> {
     let reps = ctx.pick(5, 1);
     let w1 = workload("W1").ok_or_else(|| Error::Argument("W1".into()))?;
     let w6 = workload("W6").ok_or_else(|| Error::Argument("W6".into()))?;
+    // The arithmetic of each, by the workloads' own count: the LSTM's over the Linear's.
+    let lstm_flops = bench::cell_flops(4, 256, 256, 32, t);
+    let arithmetic = lstm_flops / (2.0 * 256.0 * 256.0 * (32 * t) as f64);
     let mut body = format!(
         "The chapter's Code Fragment 3.1.4: an LSTM (256 → 256) against a Linear layer (256 → \
          256) over a (32, {t}, 256) batch, forward only, one thread, median of {reps}. At these \
-         shapes the LSTM does exactly 8× the Linear's arithmetic (4 gates, each reading 256 \
-         inputs and 256 states), so a ratio above 8 is the price of order: the LSTM's {t} \
+         shapes the LSTM does {arithmetic}× the Linear's arithmetic (4 gates, each reading 256 \
+         inputs and 256 states), so a ratio above {arithmetic} is the price of order: the LSTM's {t} \
          steps are {t} small products one after another, the Linear one large product.\n\n\
          | backend | LSTM ms | LSTM GFLOP/s | Linear ms | Linear GFLOP/s | LSTM / Linear |\n\
          |---|---|---|---|---|---|\n"
@@ -1301,8 +1264,8 @@ fn sequential(ctx: &Ctx) -> R<Finding> {
     let agreement = {
         let program = Program::compile(&spec(&CellKind::Lstm, 256, 256))?;
         let weights = Weights::init(&program, ctx.seed(80))?;
-        let mut rng = Rng::new(ctx.seed(81));
-        let x = Tensor::new(vec![8, 32, 256], normals(&mut rng, 8 * 32 * 256)).expect("an input");
+        let x = Tensor::new(vec![8, 32, 256], seeded_normals(ctx.seed(81), 8 * 32 * 256))
+            .expect("an input");
         let req = Request {
             input: Some(&x),
             ..Default::default()
@@ -1332,7 +1295,7 @@ fn sequential(ctx: &Ctx) -> R<Finding> {
     } else {
         (lin_interp.median_s, "interp", lin_interp.gflops())
     };
-    let lstm_gflops = 2.0 * 4.0 * 256.0 * 512.0 * 32.0 * t as f64 / lstm_best / 1e9;
+    let lstm_gflops = lstm_flops / lstm_best / 1e9;
     let ratio = lstm_best / lin_best;
     f.numbers.push(("linear_ms".into(), lin_best * 1e3));
     f.numbers.push(("fastest_ratio".into(), ratio));
@@ -1367,7 +1330,7 @@ fn sequential(ctx: &Ctx) -> R<Finding> {
         lstm_best * 1e3,
         lin_best * 1e3
     );
-    f.verdict = if (14.2 / 2.0..=14.2 * 2.0).contains(&ratio) && ratio / 8.0 >= 1.15 {
+    f.verdict = if (14.2 / 2.0..=14.2 * 2.0).contains(&ratio) && ratio / arithmetic >= 1.15 {
         Verdict::Holds
     } else if ratio > 1.0 {
         Verdict::Partly
@@ -1375,10 +1338,10 @@ fn sequential(ctx: &Ctx) -> R<Finding> {
         Verdict::Differs
     };
     // The chapter's LSTM at its own shapes: (32, 512, 256).
-    let flops = 2.0 * 4.0 * 256.0 * 512.0 * 32.0 * 512.0;
-    let order_cost = ratio / 8.0;
+    let flops = bench::cell_flops(4, 256, 256, 32, 512);
+    let order_cost = ratio / arithmetic;
     f.why = format!(
-        "The LSTM is {ratio:.1}× slower, and it does 8× the Linear's arithmetic, so per \
+        "The LSTM is {ratio:.1}× slower, and it does {arithmetic}× the Linear's arithmetic, so per \
          FLOP it runs at {:.2}× the Linear's speed. {} The chapter's absolute times are not one \
          CPU core's: its 12.8 ms would be {:.0} GFLOP/s for the LSTM, far beyond the 103 GFLOP/s \
          single-core limit of the machine `docs/workloads.md` describes (a GPU's figure, or an \
@@ -1437,8 +1400,8 @@ fn packing(ctx: &Ctx) -> R<Finding> {
     let shrinks = jit.shrinks_packed_batches();
     let model = jit.bind(&weights)?;
     let mut rng = Rng::new(ctx.seed(61));
-    let x = Tensor::new(vec![t, b, i], normals(&mut rng, t * b * i)).expect("an input");
-    let gy = Tensor::new(vec![t, b, h], normals(&mut rng, t * b * h)).expect("a seed");
+    let x = Tensor::new(vec![t, b, i], seeded_normals(ctx.seed(62), t * b * i)).expect("an input");
+    let gy = Tensor::new(vec![t, b, h], seeded_normals(ctx.seed(63), t * b * h)).expect("a seed");
     let skews: Vec<f64> = if ctx.quick {
         vec![1.0, 4.0]
     } else {

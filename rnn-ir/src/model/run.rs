@@ -10,7 +10,7 @@ use crate::interp::{
     Bound, Exec, Extent, Tape as InterpTape, eval_graph_borrowed, eval_graph_partial,
 };
 use crate::tensor::Tensor;
-use crate::weights::{SeededUniform, Weights};
+use crate::weights::{Weights, seeded_normals};
 use std::collections::{BTreeMap, HashMap};
 
 /// PyTorch's default `ignore_index` of `cross_entropy`: a target equal to it counts nowhere.
@@ -494,19 +494,7 @@ impl Model {
         if let Some(e) = &self.embedding {
             let dims = e.forward.params()[0].dims();
             let n: usize = dims.iter().product();
-            let mut u = SeededUniform::new(seed ^ 0x656d_6265_6464_696e);
-            let mut data = Vec::with_capacity(n);
-            while data.len() < n {
-                // Box–Muller on two uniforms in (0, 1].
-                let a = (u.next().unwrap_or(0.0) + 1.0) / 2.0;
-                let b = (u.next().unwrap_or(0.0) + 1.0) / 2.0;
-                let r = (-2.0 * (1.0 - a).max(f64::MIN_POSITIVE).ln()).sqrt();
-                let t = std::f64::consts::TAU * b;
-                data.push((r * t.cos()) as f32);
-                if data.len() < n {
-                    data.push((r * t.sin()) as f32);
-                }
-            }
+            let data = seeded_normals(seed ^ 0x656d_6265_6464_696e, n);
             tensors.insert("embedding.weight".into(), Tensor { shape: dims, data });
         }
         if let Some(a) = &self.attention {
@@ -1579,7 +1567,7 @@ mod tests {
     #[test]
     fn the_fused_cross_entropy_is_the_loss_graph_and_its_backward() {
         let (rows, classes, ignore) = (7, 13, -100i64);
-        let mut u = SeededUniform::new(3);
+        let mut u = crate::weights::SeededUniform::new(3);
         let logits: Vec<f32> = (0..rows * classes)
             .map(|_| (u.next().unwrap_or(0.0) * 8.0) as f32)
             .collect();
